@@ -1,0 +1,133 @@
+"""Generation: prefill the prompt into a static KV cache, then one token per step until EOS or the budget.
+
+`stream_tokens` is the loop (a generator of one new token per row per step); `generate` collects it and
+`stream_text` turns it into text pieces that are safe for multi-byte characters split across tokens.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+from .llama import LlamaForCausalLM, positions_from_mask
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next token ids [B] from last-position logits [B, V]: greedy at temperature 0, else temperature/top-k/top-p sampling."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # [B, 1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and 0 < top_p < 1:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop_sorted = cum - sorted_logits.softmax(dim=-1) >= top_p  # mass before this token already reaches p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _eos_tensor(eos_token_id, device) -> torch.Tensor | None:
+    if eos_token_id is None:
+        return None
+    ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    return torch.tensor(ids, device=device) if ids else None
+
+
+@torch.inference_mode()
+def stream_tokens(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                  max_new_tokens: int = 32, temperature: float = 0.0, top_k: int | None = None,
+                  top_p: float | None = None, eos_token_id: int | list[int] | None = "config",
+                  pad_token_id: int | None = None, seed: int | None = None,
+                  inputs_embeds: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
+    """Yield the next token of every row [B] once per step; a finished row (after EOS) yields `pad_token_id`.
+
+    Left-padded batches: `attention_mask [B, T]` marks real tokens with 1. `inputs_embeds [B, T, D]` replaces
+    the prompt's token embeddings (multimodal prompts); `input_ids` then only gives the shape and device.
+    """
+    cfg = model.config
+    if inputs_embeds is None:
+        model.check_ids(input_ids)
+    B, T = input_ids.shape[:2]
+    if T == 0:
+        raise ValueError("empty prompt: give at least one token (e.g. the BOS token)")
+    room = cfg.max_position_embeddings - T
+    if room <= 0:
+        raise ValueError(f"prompt of {T} tokens leaves no room to generate in the context window of {cfg.max_position_embeddings}")
+    max_new_tokens = min(max_new_tokens, room)
+    if max_new_tokens <= 0:
+        return
+    device = model.device
+    eos = _eos_tensor(cfg.eos_token_id if eos_token_id == "config" else eos_token_id, device)
+    if pad_token_id is None:
+        pad_token_id = cfg.pad_token_id if cfg.pad_token_id is not None else (int(eos[0]) if eos is not None else 0)
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(seed)
+
+    mask = torch.ones(B, T + max_new_tokens, dtype=torch.long, device=device)  # slot mask, grows into the new tokens
+    if attention_mask is not None:
+        if attention_mask.shape != (B, T):
+            raise ValueError(f"attention_mask must have the prompt's shape {(B, T)}, got {tuple(attention_mask.shape)}")
+        mask[:, :T] = attention_mask.to(device)
+    positions = positions_from_mask(mask[:, :T])  # [B, T]
+    cache = model.new_kv_cache(B, T + max_new_tokens)
+    has_pad = not bool(mask[:, :T].all())
+    logits = model(input_ids.to(device), mask[:, :T] if has_pad else None, inputs_embeds=inputs_embeds,
+                   position_ids=positions, kv_cache=cache, last_only=True)  # [B, 1, V]
+    next_pos = positions[:, -1:] + 1  # [B, 1]
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    for step in range(max_new_tokens):
+        token = sample_next(logits[:, -1], temperature, top_k, top_p, generator)  # [B]
+        token = torch.where(done, torch.full_like(token, pad_token_id), token)
+        yield token
+        if eos is not None:
+            done |= torch.isin(token, eos)
+            if bool(done.all()):
+                return
+        if step + 1 == max_new_tokens:
+            return
+        S = T + step + 1
+        logits = model(token[:, None], mask[:, :S] if has_pad else None, position_ids=next_pos, kv_cache=cache)
+        next_pos = next_pos + 1
+
+
+def generate(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+             max_new_tokens: int = 32, **kwargs) -> torch.Tensor:
+    """Prompt followed by the generated tokens [B, T + new] (see `stream_tokens` for the options)."""
+    new = list(stream_tokens(model, input_ids, attention_mask, max_new_tokens=max_new_tokens, **kwargs))
+    out = [input_ids.to(model.device)] + [t[:, None] for t in new]
+    return torch.cat(out, dim=1)
+
+
+def stream_text(model: LlamaForCausalLM, tokenizer, input_ids: torch.Tensor, stats: dict | None = None,
+                **kwargs) -> Iterator[str]:
+    """Yield decoded text pieces of a single prompt as tokens arrive; stops at the tokenizer's stop ids.
+
+    `stats`, if given, receives `new_tokens`: how many tokens were generated (a stop token included).
+    """
+    from .tokenizer import StreamDecoder
+
+    if input_ids.shape[0] != 1:
+        raise ValueError(f"stream_text streams one prompt; got a batch of {input_ids.shape[0]}")
+    kwargs.setdefault("eos_token_id", sorted(tokenizer.stop_ids))
+    stops = set(kwargs["eos_token_id"] or [])
+    decoder = StreamDecoder(tokenizer)
+    stats = {} if stats is None else stats
+    stats["new_tokens"] = 0
+    for token in stream_tokens(model, input_ids, **kwargs):
+        stats["new_tokens"] += 1
+        t = int(token[0])
+        if t in stops:
+            break
+        piece = decoder.push(t)
+        if piece:
+            yield piece
+    tail = decoder.flush()
+    if tail:
+        yield tail

@@ -1,0 +1,482 @@
+"""The Llama decoder (Llama 1, 2 and 3): RMSNorm, RoPE, grouped-query attention, SwiGLU, static KV cache.
+
+One image of the model from top to bottom, nanoGPT style. Weights live fused (q/k/v in one matrix, gate/up in
+another) because that halves the number of matmuls per layer; the converters at the bottom map Hugging Face
+and Meta checkpoints to and from this layout, so users only ever see the reference formats on disk.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .checkpoint import CheckpointError, load_state_dict_strict, read_hf_weights, read_json, read_torch, write_hf_weights
+from .kv_cache import KVCache
+
+
+@dataclass
+class LlamaConfig:
+    """Hyper-parameters of a Llama decoder; reads and writes Hugging Face `config.json`.
+
+    Attention heads share key/value heads in groups::
+
+        MHA  n_kv_heads == n_heads     q q q q      GQA  n_kv_heads == 2     q q q q      MQA  n_kv_heads == 1
+                                       | | | |                               \\ / \\ /                         \\ \\/ /
+                                       k k k k                                k   k                            k
+    """
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None  # None: same as num_attention_heads (MHA)
+    head_dim: int | None = None  # None: hidden_size // num_attention_heads
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    pad_token_id: int | None = None
+
+    def __post_init__(self):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_key_value_heads={self.num_key_value_heads} must divide num_attention_heads={self.num_attention_heads}"
+            )
+        if self.rope_scaling is not None and self.rope_scaling.get("rope_type", "default") not in ("default", "llama3"):
+            raise ValueError(f"unsupported rope_scaling type {self.rope_scaling.get('rope_type')!r} (supported: default, llama3)")
+
+    @classmethod
+    def from_hf(cls, d: dict) -> "LlamaConfig":
+        """Build from a Hugging Face `config.json` dict (transformers 4.x `rope_scaling` or 5.x `rope_parameters`)."""
+        if d.get("model_type", "llama") != "llama":
+            raise ValueError(f"config model_type is {d.get('model_type')!r}, expected 'llama'")
+        for flag in ("attention_bias", "mlp_bias"):
+            if d.get(flag):
+                raise ValueError(f"config sets {flag}=True; Llama checkpoints with biases are not supported")
+        if d.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"config hidden_act is {d.get('hidden_act')!r}; Llama uses 'silu'")
+        known = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in d.items() if k in known}
+        rope = d.get("rope_parameters") or d.get("rope_scaling") or None  # 5.x keeps theta inside rope_parameters
+        if rope is not None:
+            rope = dict(rope)
+            if "type" in rope and "rope_type" not in rope:  # transformers < 4.45 spelling
+                rope["rope_type"] = rope.pop("type")
+            if "rope_theta" in rope:
+                kw["rope_theta"] = rope.pop("rope_theta")
+            kw["rope_scaling"] = rope if rope.get("rope_type", "default") != "default" else None
+        return cls(**kw)
+
+    def to_hf(self) -> dict:
+        """The Hugging Face `config.json` dict (transformers 5 layout, with the 4.x keys too)."""
+        d = asdict(self)
+        rope = {"rope_type": "default", **(self.rope_scaling or {}), "rope_theta": self.rope_theta}
+        d.update(
+            model_type="llama", architectures=["LlamaForCausalLM"], hidden_act="silu", attention_bias=False,
+            mlp_bias=False, rope_parameters=rope, rope_scaling=self.rope_scaling,
+        )
+        return d
+
+
+# ----------------------------------------------------------------------------------------------- layers
+
+
+class RMSNorm(nn.Module):
+    """x * rsqrt(mean(x^2) + eps) * weight, computed in float32 and cast back (as Llama does)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
+    """Inverse frequencies [head_dim/2] of RoPE, with Llama 3 frequency scaling when configured."""
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device="cpu").float() / d))
+    s = cfg.rope_scaling
+    if not s or s.get("rope_type", "default") == "default":
+        return inv_freq
+    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_ctx = s["original_max_position_embeddings"]
+    low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)  # long waves: slowed down
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return torch.where(medium, blended, scaled)
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [B, 1, T, head_dim] for integer `positions [B, T]` (halves layout, as Hugging Face)."""
+    freqs = positions[..., None].float() * inv_freq  # [B, T, D/2], in float32
+    emb = torch.cat((freqs, freqs), dim=-1)  # [B, T, D]
+    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate `x [B, H, T, D]`: pairs are (i, i + D/2), the Hugging Face layout."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class Attention(nn.Module):
+    """Causal grouped-query self-attention through `scaled_dot_product_attention`, fused q/k/v projection."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.qkv_proj = nn.Linear(cfg.hidden_size, (self.n_heads + 2 * self.n_kv_heads) * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, mask, is_causal, kv_cache: KVCache | None, layer: int, start: int):
+        B, T, _ = x.shape
+        H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
+        q, k, v = self.qkv_proj(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
+        q = apply_rope(q.view(B, T, H, D).transpose(1, 2), cos, sin)  # [B, H, T, D]
+        k = apply_rope(k.view(B, T, Hkv, D).transpose(1, 2), cos, sin)  # [B, Hkv, T, D]
+        v = v.view(B, T, Hkv, D).transpose(1, 2)
+        if kv_cache is not None:
+            k, v = kv_cache.update(layer, start, k, v)  # [B, Hkv, S, D]
+        G = H // Hkv
+        if is_causal:  # square prefill: SDPA's own causal kernels, GQA without repeating K/V
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=G > 1)
+        else:
+            # Fold each KV group's query heads into the query length: [B, Hkv, G*T, D]. Query head h uses kv
+            # head h // G (the order Hugging Face's repeat_kv gives), and K/V are never copied G times.
+            q = q.reshape(B, Hkv, G * T, D)
+            if mask is not None and G > 1:
+                mask = mask.repeat(1, 1, G, 1)  # [B, 1, G*T, S]
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = y.reshape(B, H, T, D).transpose(1, 2).reshape(B, T, H * D)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)), gate and up fused in one matmul."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, is_causal, kv_cache, layer, start):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, is_causal, kv_cache, layer, start)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def attention_mask_4d(attention_mask: torch.Tensor | None, start: int, T: int) -> tuple[torch.Tensor | None, bool]:
+    """Turn a key padding mask [B, start+T] (1 = token, 0 = pad) into (SDPA mask [B, 1, T, start+T], is_causal).
+
+    Slot i of the query block sits at absolute slot start+i and sees keys at slots <= start+i that are not
+    padding. A padding query sees itself only, so its row is never empty (no NaN); its output is unused.
+    Without padding, a square block uses SDPA's causal kernels and a single new token needs no mask at all.
+    """
+    if attention_mask is None or bool(attention_mask.all()):
+        if start == 0:
+            return None, True
+        if T == 1:
+            return None, False
+        attention_mask = None
+    S = start + T
+    device = attention_mask.device if attention_mask is not None else None
+    q_slot = torch.arange(start, S, device=device)[:, None]  # [T, 1]
+    k_slot = torch.arange(S, device=device)[None, :]  # [1, S]
+    mask = (k_slot <= q_slot)[None, None]  # [1, 1, T, S]
+    if attention_mask is not None:
+        mask = (mask & attention_mask.bool()[:, None, None, :]) | (k_slot == q_slot)
+    return mask, False
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """RoPE positions [B, S] counting only real tokens, so left padding does not shift a sequence."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+# ------------------------------------------------------------------------------------------------ model
+
+
+class LlamaForCausalLM(nn.Module):
+    """Llama decoder with its language-model head: token ids [B, T] -> logits [B, T, V]."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    def check_ids(self, input_ids: torch.Tensor) -> None:
+        """Raise a clear error for empty input, ids outside the vocabulary, or more tokens than the context window."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, tokens], got shape {tuple(input_ids.shape)}")
+        if input_ids.shape[1] == 0:
+            raise ValueError("empty prompt: give at least one token (e.g. the BOS token)")
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= self.config.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
+        if input_ids.shape[1] > self.config.max_position_embeddings:
+            raise ValueError(
+                f"prompt of {input_ids.shape[1]} tokens exceeds the context window of "
+                f"{self.config.max_position_embeddings} (max_position_embeddings)"
+            )
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings [B, T, D]; checks the ids first."""
+        self.check_ids(input_ids)
+        return self.embed_tokens(input_ids)
+
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, *,
+                inputs_embeds: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                kv_cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
+        """Logits [B, T, V] (or [B, 1, V] with `last_only`).
+
+        attention_mask [B, past+T]: 1 for tokens, 0 for (left) padding, covering cached slots too.
+        position_ids [B, T]: RoPE positions; by default counted over real tokens of the mask.
+        kv_cache: a static cache; the new keys/values are written at slots `kv_cache.length...`.
+        """
+        h = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # [B, T, D]
+        B, T, _ = h.shape
+        start = kv_cache.length if kv_cache is not None else 0
+        if start + T > self.config.max_position_embeddings:
+            raise ValueError(f"{start + T} tokens exceed the context window of {self.config.max_position_embeddings}")
+        if attention_mask is not None and attention_mask.shape != (B, start + T):
+            raise ValueError(f"attention_mask must be [batch, past + new] = {(B, start + T)}, got {tuple(attention_mask.shape)}")
+        if position_ids is None:
+            if attention_mask is not None:
+                position_ids = positions_from_mask(attention_mask)[:, start:]
+            else:
+                position_ids = torch.arange(start, start + T, device=h.device).expand(B, T)
+        cos, sin = rope_cos_sin(self.inv_freq, position_ids, h.dtype)
+        mask, is_causal = attention_mask_4d(attention_mask, start, T)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, mask, is_causal, kv_cache, i, start)
+        if kv_cache is not None:
+            kv_cache.length = start + T
+        if last_only:
+            h = h[:, -1:]
+        h = self.norm(h)
+        return F.linear(h, self.embed_tokens.weight) if self.lm_head is None else self.lm_head(h)
+
+    def new_kv_cache(self, batch_size: int, max_tokens: int) -> KVCache:
+        """A static cache for `batch_size` rows of up to `max_tokens` tokens, in the model's dtype and device."""
+        c = self.config
+        return KVCache(c.num_hidden_layers, batch_size, c.num_key_value_heads, c.head_dim, max_tokens, self.dtype, self.device)
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 32,
+                 **kwargs) -> torch.Tensor:
+        """Prompt + new tokens [B, T + new]; greedy unless `temperature` > 0 (see `decoders.generate.generate`)."""
+        from .generate import generate
+
+        return generate(self, input_ids, attention_mask, max_new_tokens=max_new_tokens, **kwargs)
+
+    # ----------------------------------------------------------------------------------- checkpoints
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32,
+                        device: torch.device | str = "cpu") -> "LlamaForCausalLM":
+        """Load a Hugging Face Llama directory (`config.json` + safetensors, single or sharded)."""
+        path = Path(path)
+        if not path.is_dir():
+            raise CheckpointError(f"{path}: not a model directory")
+        cfg = LlamaConfig.from_hf(read_json(path / "config.json"))
+        state_dict = convert_hf_state_dict(read_hf_weights(path), cfg, source=str(path))
+        return cls.from_state_dict(cfg, state_dict, dtype, device, source=str(path))
+
+    @classmethod
+    def from_meta(cls, path: str | Path, dtype: torch.dtype = torch.float32,
+                  device: torch.device | str = "cpu") -> "LlamaForCausalLM":
+        """Load Meta's `params.json` + `consolidated.*.pth` directory (weights_only; q/k rows permuted to halves)."""
+        path = Path(path)
+        shards = sorted(path.glob("consolidated.*.pth"))
+        if not shards:
+            raise CheckpointError(f"{path}: no consolidated.*.pth files")
+        params = read_json(path / "params.json")
+        state_dicts = [read_torch(p) for p in shards]
+        state_dict = merge_meta_shards(state_dicts, source=str(path))
+        cfg = config_from_meta_params(params, state_dict)
+        return cls.from_state_dict(cfg, convert_meta_state_dict(state_dict, cfg), dtype, device, source=str(path))
+
+    @classmethod
+    def from_state_dict(cls, cfg: LlamaConfig, state_dict: dict[str, torch.Tensor], dtype=torch.float32,
+                        device="cpu", source: str = "state dict") -> "LlamaForCausalLM":
+        """Build a model from one of our state dicts without a throwaway random initialisation."""
+        with torch.device("meta"):
+            model = cls(cfg)
+        state_dict = {k: v.to(device=device, dtype=dtype) for k, v in state_dict.items()}
+        load_state_dict_strict(model, state_dict, source, assign=True)
+        model.inv_freq = rope_inv_freq(cfg).to(device)
+        return model.eval()
+
+    def save_pretrained(self, path: str | Path, max_shard_bytes: int = 5 * 2**30) -> None:
+        """Write a Hugging Face directory (`config.json`, `generation_config.json`, safetensors) transformers can load."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        hf = self.config.to_hf()
+        hf["dtype"] = str(self.dtype).removeprefix("torch.")
+        (path / "config.json").write_text(json.dumps(hf, indent=2))
+        gen = {"bos_token_id": self.config.bos_token_id, "eos_token_id": self.config.eos_token_id}
+        (path / "generation_config.json").write_text(json.dumps(gen, indent=2))
+        write_hf_weights(path, to_hf_state_dict(self.state_dict(), self.config), max_shard_bytes)
+
+
+# ------------------------------------------------------------------------------------------- converters
+
+
+def convert_hf_state_dict(sd: dict[str, torch.Tensor], cfg: LlamaConfig, source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """Hugging Face Llama keys (`model.layers.N.self_attn.q_proj.weight`, ...) -> ours (q/k/v and gate/up fused)."""
+    out = {k.removeprefix("model."): v for k, v in sd.items()
+           if not k.endswith("rotary_emb.inv_freq")}  # a buffer old checkpoints saved; recomputed from the config
+    if cfg.tie_word_embeddings:
+        out.pop("lm_head.weight", None)  # some tied checkpoints store the shared matrix twice
+    problems = []
+    for i in range(cfg.num_hidden_layers):
+        for fused, parts in ((f"layers.{i}.self_attn.qkv_proj.weight", ("q_proj", "k_proj", "v_proj")),
+                             (f"layers.{i}.mlp.gate_up_proj.weight", ("gate_proj", "up_proj"))):
+            mod = "self_attn" if "self_attn" in fused else "mlp"
+            names = [f"layers.{i}.{mod}.{p}.weight" for p in parts]
+            if all(n in out for n in names):
+                try:
+                    out[fused] = torch.cat([out.pop(n) for n in names], dim=0)
+                except RuntimeError as e:
+                    problems.append(f"{', '.join(names)}: cannot be stacked ({e})")
+    if problems:
+        raise CheckpointError(f"{source}: " + "; ".join(problems))
+    return out
+
+
+def to_hf_state_dict(sd: dict[str, torch.Tensor], cfg: LlamaConfig) -> dict[str, torch.Tensor]:
+    """Our keys -> Hugging Face Llama keys (fused projections split back)."""
+    H, Hkv, D, I = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size
+    out = {}
+    for k, v in sd.items():
+        if k.endswith("qkv_proj.weight"):
+            base = k.removesuffix("qkv_proj.weight")
+            for name, t in zip(("q_proj", "k_proj", "v_proj"), v.split([H * D, Hkv * D, Hkv * D])):
+                out[f"model.{base}{name}.weight"] = t
+        elif k.endswith("gate_up_proj.weight"):
+            base = k.removesuffix("gate_up_proj.weight")
+            for name, t in zip(("gate_proj", "up_proj"), v.split([I, I])):
+                out[f"model.{base}{name}.weight"] = t
+        elif k == "lm_head.weight":
+            out[k] = v
+        else:
+            out[f"model.{k}"] = v
+    return out
+
+
+META_TO_HF = {
+    "tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight", "output.weight": "lm_head.weight",
+    "attention.wq.weight": "self_attn.q_proj.weight", "attention.wk.weight": "self_attn.k_proj.weight",
+    "attention.wv.weight": "self_attn.v_proj.weight", "attention.wo.weight": "self_attn.o_proj.weight",
+    "feed_forward.w1.weight": "mlp.gate_proj.weight", "feed_forward.w3.weight": "mlp.up_proj.weight",
+    "feed_forward.w2.weight": "mlp.down_proj.weight", "attention_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+}
+# Model-parallel shards: column-parallel weights split on dim 0, row-parallel on dim 1, norms replicated.
+_META_SHARD_DIM = {"tok_embeddings": 1, "output": 0, "wq": 0, "wk": 0, "wv": 0, "wo": 1, "w1": 0, "w3": 0, "w2": 1}
+
+
+def merge_meta_shards(state_dicts: list[dict[str, torch.Tensor]], source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """Join Meta's model-parallel `consolidated.NN.pth` shards into one state dict."""
+    if len(state_dicts) == 1:
+        return state_dicts[0]
+    merged = {}
+    for k in state_dicts[0]:
+        parts = [sd.get(k) for sd in state_dicts]
+        if any(p is None for p in parts):
+            raise CheckpointError(f"{source}: key {k} is missing from some consolidated shards")
+        dim = _META_SHARD_DIM.get(k.split(".")[-2])
+        merged[k] = parts[0] if dim is None else torch.cat(parts, dim=dim)
+    return merged
+
+
+def config_from_meta_params(params: dict, sd: dict[str, torch.Tensor]) -> LlamaConfig:
+    """A LlamaConfig from Meta's `params.json`; vocab and MLP sizes are read off the weights."""
+    dim, n_heads = params["dim"], params["n_heads"]
+    scaling = None
+    if params.get("use_scaled_rope"):  # Llama 3.1 constants (meta-llama/llama-models apply_scaling)
+        scaling = {"rope_type": "llama3", "factor": params.get("rope_scaling_factor", 8.0), "low_freq_factor": 1.0,
+                   "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    try:
+        vocab, inter = sd["tok_embeddings.weight"].shape[0], sd["layers.0.feed_forward.w1.weight"].shape[0]
+    except KeyError as e:
+        raise CheckpointError(f"Meta checkpoint lacks {e.args[0]}") from e
+    return LlamaConfig(
+        vocab_size=vocab, hidden_size=dim, intermediate_size=inter, num_hidden_layers=params["n_layers"],
+        num_attention_heads=n_heads, num_key_value_heads=params.get("n_kv_heads") or n_heads,
+        rms_norm_eps=params.get("norm_eps", 1e-5), rope_theta=params.get("rope_theta", 10000.0), rope_scaling=scaling,
+        max_position_embeddings=params.get("max_seq_len", 8192 if scaling else 4096),
+        tie_word_embeddings="output.weight" not in sd,
+    )
+
+
+def convert_meta_state_dict(sd: dict[str, torch.Tensor], cfg: LlamaConfig) -> dict[str, torch.Tensor]:
+    """Meta keys -> ours: rename, and permute q/k rows from interleaved-pair RoPE to the halves layout."""
+    D = cfg.head_dim
+
+    def permute(w, n_heads):  # rows (pair i, member j) -> (member j, pair i) within each head
+        return w.view(n_heads, D // 2, 2, w.shape[1]).transpose(1, 2).reshape(n_heads * D, w.shape[1])
+
+    hf = {}
+    for k, v in sd.items():
+        if k.startswith("layers."):
+            _, i, rest = k.split(".", 2)
+            if rest not in META_TO_HF:
+                hf[k] = v  # left for the strict check to report as unexpected
+                continue
+            if rest == "attention.wq.weight":
+                v = permute(v, cfg.num_attention_heads)
+            elif rest == "attention.wk.weight":
+                v = permute(v, cfg.num_key_value_heads)
+            hf[f"model.layers.{i}.{META_TO_HF[rest]}"] = v
+        elif k == "rope.freqs":
+            continue
+        else:
+            hf[META_TO_HF.get(k, k)] = v
+    return convert_hf_state_dict(hf, cfg, source="Meta checkpoint")

@@ -1,0 +1,70 @@
+"""The `mm` command line: `mm generate`, ... (one function per subcommand)."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+def cmd_generate(args) -> int:
+    """Stream a continuation of `--prompt` from a Llama checkpoint directory, then a one-line summary."""
+    import torch
+
+    from decoders import LlamaForCausalLM, stream_text
+    from decoders.tokenizer import load_tokenizer
+
+    from .assets import default_model_dir
+
+    model_dir = Path(args.model) if args.model else default_model_dir()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, args.dtype))
+    tokenizer = load_tokenizer(model_dir)
+    ids = torch.tensor([tokenizer.encode(args.prompt, bos=True)])
+    t0 = time.perf_counter()
+    stats = {}
+    sys.stdout.write(args.prompt)
+    for piece in stream_text(model, tokenizer, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                             top_k=args.top_k, top_p=args.top_p, seed=args.seed, stats=stats):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    dt = time.perf_counter() - t0
+    n_new = stats["new_tokens"]
+    print(f"\n[prompt tokens: {ids.shape[1]}, new tokens: {n_new}, {n_new / dt:.1f} tokens/s]")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of `mm` with all subcommands."""
+    p = argparse.ArgumentParser(prog="mm", description="Multimodal vision-speech-language models.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="continue a text prompt with a Llama checkpoint (streams to stdout)")
+    g.add_argument("--model", help="Hugging Face Llama directory (default: the shipped model)")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    g.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
+    g.set_defaults(func=cmd_generate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `mm` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:  # our errors already say what and where
+        print(f"mm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
