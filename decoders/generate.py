@@ -43,11 +43,13 @@ def stream_tokens(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_ma
                   max_new_tokens: int = 32, temperature: float = 0.0, top_k: int | None = None,
                   top_p: float | None = None, eos_token_id: int | list[int] | None = "config",
                   pad_token_id: int | None = None, seed: int | None = None,
-                  inputs_embeds: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
+                  inputs_embeds: torch.Tensor | None = None, compile: bool = False) -> Iterator[torch.Tensor]:
     """Yield the next token of every row [B] once per step; a finished row (after EOS) yields `pad_token_id`.
 
     Left-padded batches: `attention_mask [B, T]` marks real tokens with 1. `inputs_embeds [B, T, D]` replaces
     the prompt's token embeddings (multimodal prompts); `input_ids` then only gives the shape and device.
+    Decoding runs `model.decode_step` on a static cache; `compile=True` (or an earlier `model.compile_decode()`)
+    runs it through `torch.compile`, which pays for itself after a few hundred tokens.
     """
     cfg = model.config
     if inputs_embeds is None:
@@ -70,16 +72,17 @@ def stream_tokens(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_ma
         generator = torch.Generator(device=device)
         generator.manual_seed(seed)
 
-    mask = torch.ones(B, T + max_new_tokens, dtype=torch.long, device=device)  # slot mask, grows into the new tokens
-    if attention_mask is not None:
-        if attention_mask.shape != (B, T):
-            raise ValueError(f"attention_mask must have the prompt's shape {(B, T)}, got {tuple(attention_mask.shape)}")
-        mask[:, :T] = attention_mask.to(device)
-    positions = positions_from_mask(mask[:, :T])  # [B, T]
-    cache = model.new_kv_cache(B, T + max_new_tokens)
-    has_pad = not bool(mask[:, :T].all())
-    logits = model(input_ids.to(device), mask[:, :T] if has_pad else None, inputs_embeds=inputs_embeds,
-                   position_ids=positions, kv_cache=cache, last_only=True)  # [B, 1, V]
+    S_max = T + max_new_tokens
+    if compile or model.compiled_decode_step is not None:
+        S_max = -(-S_max // 256) * 256  # round up so the compiled step's shapes repeat across calls
+    key_mask = torch.zeros(B, S_max, dtype=torch.bool, device=device)  # which cache slots hold real tokens
+    key_mask[:, :T] = True if attention_mask is None else attention_mask.to(device).bool()
+    positions = positions_from_mask(key_mask[:, :T])  # [B, T]
+    cache = model.new_kv_cache(B, S_max)
+    prompt_mask = None if bool(key_mask[:, :T].all()) else key_mask[:, :T]
+    logits = model(input_ids.to(device), prompt_mask, inputs_embeds=inputs_embeds, position_ids=positions,
+                   kv_cache=cache, last_only=True)  # [B, 1, V]
+    step_fn = model.compile_decode() if compile else (model.compiled_decode_step or model.decode_step)
     next_pos = positions[:, -1:] + 1  # [B, 1]
     done = torch.zeros(B, dtype=torch.bool, device=device)
     for step in range(max_new_tokens):
@@ -92,8 +95,9 @@ def stream_tokens(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_ma
                 return
         if step + 1 == max_new_tokens:
             return
-        S = T + step + 1
-        logits = model(token[:, None], mask[:, :S] if has_pad else None, position_ids=next_pos, kv_cache=cache)
+        slot = T + step
+        key_mask[:, slot] = True
+        logits = step_fn(token[:, None], next_pos, torch.tensor([slot], device=device), key_mask, cache)
         next_pos = next_pos + 1
 
 

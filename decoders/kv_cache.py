@@ -29,8 +29,16 @@ class KVCache:
         """Bytes held: 2 x layers x batch x kv_heads x head_dim x max_tokens x element size."""
         return self.k.nbytes + self.v.nbytes
 
-    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write `k, v [B, H_kv, T, D]` at slots `start..start+T` of `layer`; return that layer's keys/values so far."""
+    def update(self, layer: int, start: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write `k, v [B, H_kv, T, D]` at slots `start..start+T` of `layer`; return that layer's keys/values so far.
+
+        With `start` a tensor of slot indices [T] (the compiled decode step), the write is an in-place
+        `index_copy_` and every slot is returned, so shapes never change; the caller masks unused slots.
+        """
+        if isinstance(start, torch.Tensor):
+            self.k[layer].index_copy_(2, start, k)
+            self.v[layer].index_copy_(2, start, v)
+            return self.k[layer], self.v[layer]  # [B, H_kv, S_max, D]
         end = start + k.shape[2]
         if end > self.max_tokens:
             raise ValueError(f"KV cache holds {self.max_tokens} tokens; writing slots {start}..{end} overflows it")

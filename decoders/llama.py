@@ -241,6 +241,7 @@ class LlamaForCausalLM(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.compiled_decode_step = None
 
     @property
     def device(self) -> torch.device:
@@ -292,16 +293,38 @@ class LlamaForCausalLM(nn.Module):
                 position_ids = positions_from_mask(attention_mask)[:, start:]
             else:
                 position_ids = torch.arange(start, start + T, device=h.device).expand(B, T)
-        cos, sin = rope_cos_sin(self.inv_freq, position_ids, h.dtype)
         mask, is_causal = attention_mask_4d(attention_mask, start, T)
-        for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, mask, is_causal, kv_cache, i, start)
+        logits = self.run_layers(h, position_ids, mask, is_causal, kv_cache, start, last_only)
         if kv_cache is not None:
             kv_cache.length = start + T
+        return logits
+
+    def run_layers(self, h, position_ids, mask, is_causal, kv_cache, start, last_only=False) -> torch.Tensor:
+        """The layers, final norm and head on embeddings h [B, T, D]; no checks (see `forward`)."""
+        cos, sin = rope_cos_sin(self.inv_freq, position_ids, h.dtype)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, mask, is_causal, kv_cache, i, start)
         if last_only:
             h = h[:, -1:]
         h = self.norm(h)
         return F.linear(h, self.embed_tokens.weight) if self.lm_head is None else self.lm_head(h)
+
+    def decode_step(self, token: torch.Tensor, position: torch.Tensor, slot: torch.Tensor, key_mask: torch.Tensor,
+                    kv_cache: KVCache) -> torch.Tensor:
+        """One new token per row with static shapes, for `torch.compile`: logits [B, 1, V].
+
+        token, position [B, 1]; slot [1]: the cache slot written; key_mask [B, S_max] bool: slots to attend to
+        (this one included). Attends over the whole cache, so shapes never change from step to step.
+        """
+        h = self.embed_tokens(token)  # [B, 1, D]
+        mask = key_mask[:, None, None, :]  # [B, 1, 1, S_max]
+        return self.run_layers(h, position, mask, False, kv_cache, slot)
+
+    def compile_decode(self):
+        """Compile `decode_step` once with `torch.compile` (whole graph, static shapes) and keep it for `generate`."""
+        if self.compiled_decode_step is None:
+            self.compiled_decode_step = torch.compile(self.decode_step, fullgraph=True, dynamic=False)
+        return self.compiled_decode_step
 
     def new_kv_cache(self, batch_size: int, max_tokens: int) -> KVCache:
         """A static cache for `batch_size` rows of up to `max_tokens` tokens, in the model's dtype and device."""

@@ -37,6 +37,21 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    """Benchmark our decoder and ViT against transformers and timm on the same weights."""
+    import torch
+
+    from . import bench
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = "cuda" if args.cuda else "cpu"
+    bench.run(sizes=args.sizes.split(","), dtypes=args.dtypes.split(","), batches=[int(b) for b in args.batches.split(",")],
+              new_tokens=args.new_tokens, repeats=args.repeats, compile=not args.no_compile, vit=not args.no_vit,
+              device=device, out=args.out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `mm` with all subcommands."""
     p = argparse.ArgumentParser(prog="mm", description="Multimodal vision-speech-language models.")
@@ -53,6 +68,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=list(DTYPES), default="float32")
     g.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
     g.set_defaults(func=cmd_generate)
+
+    b = sub.add_parser("bench", help="benchmark against transformers/timm on the same weights (prints a table, writes JSON)")
+    b.add_argument("--sizes", default="10m,125m", help="comma list of 10m, 125m, 1b")
+    b.add_argument("--dtypes", default="float32,bfloat16")
+    b.add_argument("--batches", default="1,8")
+    b.add_argument("--new-tokens", type=int, default=128)
+    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--no-compile", action="store_true", help="eager decode step instead of torch.compile")
+    b.add_argument("--no-vit", action="store_true")
+    b.add_argument("--cuda", action="store_true", help="run on the GPU")
+    b.add_argument("--threads", type=int, default=0)
+    b.add_argument("--out", default="bench.json")
+    b.set_defaults(func=cmd_bench)
     return p
 
 

@@ -1,0 +1,498 @@
+"""Tokenizers for the Llama decoder: sentencepiece (Llama 1/2) and tiktoken BPE (Llama 3) behind one interface.
+
+Both classes offer:
+    encode(text, bos=False, eos=False, allowed_special=()) -> list[int]
+    decode(ids) -> str              # == decode_bytes(ids).decode("utf-8", errors="replace")
+    decode_bytes(ids) -> bytes      # exact bytes, so a stream can wait for a whole UTF-8 character
+    vocab_size, bos_id, eos_id, pad_id (None when absent), stop_ids, special_tokens ({text: id})
+    token_to_id(token), id_to_token(id), save(directory)
+and `load_tokenizer(path)` picks the class from the content of `tokenizer.model`.
+
+Special-token text inside user text is NOT turned into special ids by default: "<|eot_id|>" or "<image>" typed by
+a user is encoded as ordinary characters (as meta-llama's `encode(..., allowed_special=set())` does), so a user
+cannot forge turn boundaries or media slots. Templates that need them pass `allowed_special="all"` or a set of
+special strings; those are then cut out of the text and replaced by their ids.
+
+Sentencepiece whitespace: models trained here (and Llama's) use the identity normaliser, keep repeated spaces and
+add one dummy-prefix space ("▁") in front of the text, which decoding removes again. With that, `decode(encode(s))
+== s` for every string without the character U+2581 ("▁"), which sentencepiece cannot tell apart from a space.
+"""
+
+import base64
+import codecs
+import json
+import os
+import re
+from collections import Counter
+from pathlib import Path
+
+import sentencepiece as spm
+import tiktoken
+
+# Llama 3 pre-tokenizer split pattern (meta-llama/llama3 `tokenizer.py`, same as cl100k).
+LLAMA3_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+LLAMA3_NUM_SPECIAL = 256
+MODEL_FILE = "tokenizer.model"
+SPECIALS_FILE = "tokenizer_specials.json"  # only written for tiktoken tokenizers whose specials differ from Llama 3's
+
+# meta-llama/llama3 splits input so the Rust BPE never sees pathological inputs (stack / time blow-ups).
+TIKTOKEN_MAX_ENCODE_CHARS = 400_000
+MAX_NO_WHITESPACES_CHARS = 25_000
+
+
+class TokenizerError(ValueError):
+    """A tokenizer file or a token id that cannot be used; the message names the file or the id."""
+
+
+def llama3_special_tokens(num_special: int = LLAMA3_NUM_SPECIAL) -> list[str]:
+    """The Llama 3 special tokens in id order (id = number of ranks + index), as meta-llama/llama3 numbers them."""
+    named = [
+        "<|begin_of_text|>",
+        "<|end_of_text|>",
+        "<|reserved_special_token_0|>",
+        "<|reserved_special_token_1|>",
+        "<|reserved_special_token_2|>",
+        "<|reserved_special_token_3|>",
+        "<|start_header_id|>",
+        "<|end_header_id|>",
+        "<|reserved_special_token_4|>",
+        "<|eot_id|>",  # end of turn
+    ]
+    return named + [f"<|reserved_special_token_{i}|>" for i in range(5, num_special - 5)]
+
+
+def _special_set(allowed_special, specials: dict[str, int]) -> set[str]:
+    """Normalise allowed_special ("all" or an iterable of special strings) and reject unknown strings."""
+    if allowed_special == "all":
+        return set(specials)
+    allowed = set(allowed_special)
+    unknown = allowed - set(specials)
+    if unknown:
+        raise TokenizerError(f"allowed_special has strings that are not special tokens: {sorted(unknown)}")
+    return allowed
+
+
+def _check_ids(ids, vocab_size: int) -> list[int]:
+    """Ids as a list of Python ints, each in [0, vocab_size)."""
+    ids = [int(i) for i in ids]
+    for i in ids:
+        if not 0 <= i < vocab_size:
+            raise TokenizerError(f"token id {i} is out of range for a vocabulary of {vocab_size} tokens")
+    return ids
+
+
+# --------------------------------------------------------------------------------------------------------------
+# sentencepiece (Llama 1/2)
+
+
+class SentencePieceTokenizer:
+    """A sentencepiece model (Llama 1/2 style: BPE or unigram, byte fallback, bos=1, eos=2)."""
+
+    def __init__(self, model_file: str | os.PathLike):
+        path = Path(model_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"sentencepiece model not found: {path}")
+        self.path = path
+        self.sp = spm.SentencePieceProcessor()
+        try:
+            self.sp.LoadFromSerializedProto(path.read_bytes())
+        except (RuntimeError, OSError) as e:
+            raise TokenizerError(f"{path} is not a valid sentencepiece model: {e}") from None
+        n = self.sp.get_piece_size()
+        self.vocab_size = n
+        self.bos_id = self._id_or_none(self.sp.bos_id())
+        self.eos_id = self._id_or_none(self.sp.eos_id())
+        self.pad_id = self._id_or_none(self.sp.pad_id())
+        self.unk_id = self._id_or_none(self.sp.unk_id())
+        self.stop_ids = {self.eos_id} if self.eos_id is not None else set()
+        # Control pieces (<s>, </s>, and our <image>-style specials) are never produced from text by sentencepiece;
+        # they are what `allowed_special` may cut out of the text.
+        self.special_tokens = {self.sp.id_to_piece(i): i for i in range(n) if self.sp.is_control(i)}
+        self._piece_bytes = [self._bytes_of(i) for i in range(n)]
+        # A leading "▁" on the first text piece is the dummy prefix and is dropped by sentencepiece's decoder.
+        spaced = [i for i in range(n) if self._is_text(i) and self.sp.id_to_piece(i).startswith("▁")]
+        self._strip_first_space = bool(spaced) and not self.sp.decode([spaced[0]]).startswith(" ")
+        self._sp_no_prefix = None  # built on demand: same model without the dummy prefix
+
+    @staticmethod
+    def _id_or_none(i: int) -> int | None:
+        return None if i < 0 else i
+
+    def _is_text(self, i: int) -> bool:
+        """A piece whose text is printed (normal or user-defined), as opposed to byte / control / unknown."""
+        sp = self.sp
+        return not (sp.is_byte(i) or sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i))
+
+    def _bytes_of(self, i: int) -> bytes:
+        sp = self.sp
+        if sp.is_control(i):
+            return b""
+        if sp.is_byte(i):
+            return bytes([int(sp.id_to_piece(i)[1:-1], 16)])  # "<0xE2>"
+        if sp.is_unknown(i):
+            return sp.decode([i]).encode("utf-8")  # the unk surface, " ⁇ " by default
+        return sp.id_to_piece(i).replace("▁", " ").encode("utf-8")
+
+    def _encode_plain(self, text: str, at_start: bool) -> list[int]:
+        """Sentencepiece ids of text; the dummy prefix is added only at the start of the whole input."""
+        if at_start:
+            return self.sp.encode(text)
+        if self._sp_no_prefix is None:
+            self._sp_no_prefix = self._without_dummy_prefix()
+        return self._sp_no_prefix.encode(text)
+
+    def _without_dummy_prefix(self) -> spm.SentencePieceProcessor:
+        # Protobuf merges a repeated embedded message into the first one, so appending
+        # `normalizer_spec { add_dummy_prefix: false }` (field 3 of ModelProto, field 3 of NormalizerSpec)
+        # switches the prefix off and keeps everything else, without needing the protobuf package.
+        return spm.SentencePieceProcessor(model_proto=self.sp.serialized_model_proto() + b"\x1a\x02\x18\x00")
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False, allowed_special=()) -> list[int]:
+        """Token ids of text; special strings are parsed only when listed in allowed_special (or it is "all")."""
+        allowed = _special_set(allowed_special, self.special_tokens)
+        ids = [self.bos_id] if bos and self.bos_id is not None else []
+        if not allowed:
+            ids += self.sp.encode(text)
+        else:
+            # Text after a special token continues the same text, so it gets no new dummy-prefix space
+            # (HF LlamaTokenizer with legacy=False does the same).
+            split = re.compile("(" + "|".join(re.escape(s) for s in sorted(allowed, key=len, reverse=True)) + ")")
+            for k, part in enumerate(split.split(text)):
+                if k % 2 == 1:
+                    ids.append(self.special_tokens[part])
+                elif part:
+                    ids += self._encode_plain(part, at_start=k == 0)
+        if eos and self.eos_id is not None:
+            ids.append(self.eos_id)
+        return ids
+
+    def decode_bytes(self, ids) -> bytes:
+        """The exact bytes of ids (byte pieces are not merged into characters; control pieces are empty)."""
+        out = []
+        first = True
+        for i in _check_ids(ids, self.vocab_size):
+            b = self._piece_bytes[i]
+            if first and b:
+                if self._strip_first_space and self._is_text(i) and b.startswith(b" "):
+                    b = b[1:]
+                first = False
+            out.append(b)
+        return b"".join(out)
+
+    def decode(self, ids) -> str:
+        """Text of ids, as sentencepiece decodes them (control pieces such as <s>, <image> print nothing).
+
+        Invalid UTF-8 from stray byte pieces becomes U+FFFD by Python's "replace" rule, which may give fewer U+FFFD
+        than sentencepiece (one per bad byte); valid byte sequences decode identically.
+        """
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def token_to_id(self, token: str) -> int:
+        """Id of a piece such as "▁the", "<0xE2>" or "<s>"; KeyError if the piece is not in the vocabulary."""
+        i = self.sp.piece_to_id(token)
+        if self.sp.id_to_piece(i) != token:  # sentencepiece maps unknown pieces to unk silently
+            raise KeyError(f"{token!r} is not a piece of {self.path}")
+        return i
+
+    def id_to_token(self, i: int) -> str:
+        """The piece string of an id (e.g. "▁the", "<0xE2>")."""
+        return self.sp.id_to_piece(_check_ids([i], self.vocab_size)[0])
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write the model as directory/tokenizer.model and return that path."""
+        out = Path(directory) / MODEL_FILE
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_bytes(self.sp.serialized_model_proto())
+        return out
+
+
+def train_sentencepiece(
+    files,
+    out_dir: str | os.PathLike,
+    vocab_size: int,
+    model_type: str = "bpe",
+    special_tokens=(),
+    user_defined_symbols=(),
+    **trainer_options,
+) -> SentencePieceTokenizer:
+    """Train a Llama-style sentencepiece model on text files; write out_dir/tokenizer.model and load it.
+
+    special_tokens become control pieces (ids 3, 4, ... after unk=0, bos=1, eos=2): never produced from plain text,
+    only through `allowed_special` or by id. user_defined_symbols are always matched in text and decode to
+    themselves. The vocabulary is exactly vocab_size pieces or training fails (it must hold the 256 byte pieces,
+    the 3 meta pieces, the specials and every character of the corpus).
+    """
+    if model_type not in ("bpe", "unigram"):
+        raise ValueError(f"model_type must be 'bpe' or 'unigram', got {model_type!r}")
+    files = [str(f) for f in ([files] if isinstance(files, (str, os.PathLike)) else files)]
+    for f in files:
+        if not Path(f).is_file():
+            raise FileNotFoundError(f"training text file not found: {f}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    options = dict(
+        input=",".join(files),
+        model_prefix=str(out_dir / "tokenizer"),
+        vocab_size=vocab_size,
+        model_type=model_type,
+        # Llama's settings: raw text in, every space kept, digits split, unknown characters as UTF-8 bytes.
+        byte_fallback=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=True,
+        split_digits=True,
+        allow_whitespace_only_pieces=True,
+        character_coverage=1.0,
+        max_sentencepiece_length=16,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        control_symbols=list(special_tokens),
+        user_defined_symbols=list(user_defined_symbols),
+        hard_vocab_limit=True,
+        minloglevel=2,
+        num_threads=1,
+    )
+    options.update(trainer_options)
+    try:
+        spm.SentencePieceTrainer.train(**options)
+    except RuntimeError as e:  # e.g. "Vocabulary size too high (420). Please set it to a value <= 387."
+        raise TokenizerError(f"sentencepiece training on {files} failed: {e}") from None
+    os.remove(out_dir / "tokenizer.vocab")
+    return SentencePieceTokenizer(out_dir / MODEL_FILE)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# tiktoken (Llama 3)
+
+
+def read_tiktoken_ranks(path: str | os.PathLike) -> dict[bytes, int]:
+    """Read a tiktoken ranks file: one `base64(token_bytes) rank` per line; ranks must be 0..n-1."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"tiktoken ranks file not found: {path}")
+    ranks = {}
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                token, rank = line.split()
+                ranks[base64.b64decode(token, validate=True)] = int(rank)
+            except ValueError:
+                raise TokenizerError(f"{path}:{lineno}: expected 'base64_token rank', got {line[:80]!r}") from None
+    _check_ranks(ranks, str(path))
+    return ranks
+
+
+def _check_ranks(ranks: dict[bytes, int], source: str) -> None:
+    if not ranks:
+        raise TokenizerError(f"{source}: no tokens")
+    if sorted(ranks.values()) != list(range(len(ranks))):
+        raise TokenizerError(f"{source}: ranks must be exactly 0..{len(ranks) - 1}, each once")
+    missing = [b for b in range(256) if bytes([b]) not in ranks]
+    if missing:
+        raise TokenizerError(f"{source}: byte-level BPE needs all 256 single bytes; missing e.g. {missing[:5]}")
+
+
+def write_tiktoken_ranks(ranks: dict[bytes, int], path: str | os.PathLike) -> Path:
+    """Write ranks in the Llama 3 `tokenizer.model` format, sorted by rank."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [f"{base64.b64encode(t).decode('ascii')} {r}\n" for t, r in sorted(ranks.items(), key=lambda kv: kv[1])]
+    path.write_text("".join(lines), encoding="ascii")
+    return path
+
+
+def train_bpe_ranks(text: str, vocab_size: int, pattern: str = LLAMA3_PATTERN) -> dict[bytes, int]:
+    """Train byte-level BPE ranks (the 256 bytes, then one merge per rank) on text split by pattern.
+
+    Small and slow (pure Python): for building test tokenizers, not for real vocabularies.
+    """
+    import regex  # tiktoken's dependency; the pattern uses \\p{L}, which `re` lacks
+
+    if vocab_size < 256:
+        raise ValueError(f"vocab_size must be >= 256 (the single bytes), got {vocab_size}")
+    ranks = {bytes([b]): b for b in range(256)}
+    words = Counter(w.encode("utf-8") for w in regex.findall(pattern, text))
+    parts = {w: [bytes([b]) for b in w] for w in words}
+    while len(ranks) < vocab_size:
+        pairs = Counter()
+        for w, n in words.items():
+            p = parts[w]
+            for a, b in zip(p, p[1:]):
+                pairs[a, b] += n
+        if not pairs:
+            break  # every word is one token already
+        # Most frequent pair; ties by the smaller merged bytes, so training is deterministic.
+        (a, b), _ = max(pairs.items(), key=lambda kv: (kv[1], [-x for x in kv[0][0] + kv[0][1]]))
+        ranks[a + b] = len(ranks)
+        for w, p in parts.items():
+            i, merged = 0, []
+            while i < len(p):
+                if i + 1 < len(p) and p[i] == a and p[i + 1] == b:
+                    merged.append(a + b)
+                    i += 2
+                else:
+                    merged.append(p[i])
+                    i += 1
+            parts[w] = merged
+    return ranks
+
+
+def _split_long_runs(s: str, max_len: int):
+    """Cut s where a run of only-whitespace or only-non-whitespace characters would exceed max_len."""
+    start, run, is_space = 0, 0, s[:1].isspace()
+    for i, c in enumerate(s):
+        if c.isspace() != is_space:
+            run, is_space = 1, c.isspace()
+        else:
+            run += 1
+        if run > max_len:
+            yield s[start:i]
+            start, run = i, 1
+    yield s[start:]
+
+
+class TiktokenTokenizer:
+    """Llama 3 tokenizer: tiktoken byte-level BPE ranks plus 256 specials numbered from len(ranks)."""
+
+    def __init__(self, ranks: dict[bytes, int], special_tokens: list[str] | None = None, pattern=LLAMA3_PATTERN,
+                 path: str | os.PathLike | None = None):
+        _check_ranks(ranks, str(path) if path else "ranks")
+        specials = llama3_special_tokens() if special_tokens is None else list(special_tokens)
+        self.path = Path(path) if path else None
+        self.ranks = ranks
+        self.pattern = pattern
+        self.num_base_tokens = len(ranks)
+        self.special_tokens = {s: self.num_base_tokens + k for k, s in enumerate(specials)}
+        self.model = tiktoken.Encoding(
+            name=self.path.name if self.path else "llama3",
+            pat_str=pattern,
+            mergeable_ranks=ranks,
+            special_tokens=self.special_tokens,
+        )
+        self.vocab_size = self.num_base_tokens + len(specials)
+        self.bos_id = self.special_tokens.get("<|begin_of_text|>")
+        self.eos_id = self.special_tokens.get("<|end_of_text|>")
+        self.pad_id = None  # Llama 3 has none (meta uses -1); callers pick a reserved token if they need one
+        self.stop_ids = {self.special_tokens[s] for s in ("<|end_of_text|>", "<|eot_id|>") if s in self.special_tokens}
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, special_tokens: list[str] | None = None) -> "TiktokenTokenizer":
+        """Load a Llama 3 `tokenizer.model` ranks file (specials from tokenizer_specials.json beside it if any)."""
+        path = Path(path)
+        ranks = read_tiktoken_ranks(path)
+        extra = path.parent / SPECIALS_FILE
+        if special_tokens is None and extra.is_file():
+            special_tokens = json.loads(extra.read_text(encoding="utf-8"))
+        return cls(ranks, special_tokens, path=path)
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False, allowed_special=()) -> list[int]:
+        """Token ids of text; special strings are parsed only when listed in allowed_special (or it is "all")."""
+        allowed = _special_set(allowed_special, self.special_tokens)
+        ids = [self.bos_id] if bos and self.bos_id is not None else []
+        for i in range(0, len(text), TIKTOKEN_MAX_ENCODE_CHARS):
+            for piece in _split_long_runs(text[i : i + TIKTOKEN_MAX_ENCODE_CHARS], MAX_NO_WHITESPACES_CHARS):
+                # disallowed_special=() : special text not allowed is plain text, never an error
+                ids += self.model.encode(piece, allowed_special=allowed, disallowed_special=())
+        if eos and self.eos_id is not None:
+            ids.append(self.eos_id)
+        return ids
+
+    def decode_bytes(self, ids) -> bytes:
+        """The exact bytes of ids (special tokens as their text)."""
+        return self.model.decode_bytes(_check_ids(ids, self.vocab_size))
+
+    def decode(self, ids) -> str:
+        """Text of ids; bytes that are not valid UTF-8 become U+FFFD."""
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def token_to_id(self, token: str | bytes) -> int:
+        """Id of a special token string, or of an ordinary token given as str (UTF-8) or bytes."""
+        if isinstance(token, str) and token in self.special_tokens:
+            return self.special_tokens[token]
+        key = token.encode("utf-8") if isinstance(token, str) else token
+        if key not in self.ranks:
+            raise KeyError(f"{token!r} is not a token of this vocabulary")
+        return self.ranks[key]
+
+    def id_to_token(self, i: int) -> str:
+        """Token text of an id; a token that is only part of a UTF-8 character shows U+FFFD (see token_bytes)."""
+        return self.token_bytes(i).decode("utf-8", errors="replace")
+
+    def token_bytes(self, i: int) -> bytes:
+        """The exact bytes of one token."""
+        return self.decode_bytes([i])
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write directory/tokenizer.model (plus tokenizer_specials.json when the specials are not Llama 3's)."""
+        directory = Path(directory)
+        out = write_tiktoken_ranks(self.ranks, directory / MODEL_FILE)
+        specials = list(self.special_tokens)
+        if specials != llama3_special_tokens():
+            (directory / SPECIALS_FILE).write_text(json.dumps(specials, ensure_ascii=False), encoding="utf-8")
+        return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+
+
+Tokenizer = SentencePieceTokenizer | TiktokenTokenizer
+
+_TIKTOKEN_LINE = re.compile(rb"[A-Za-z0-9+/]+={0,2} \d+\r?\n?")
+
+
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """Load `tokenizer.model` (a file, or a directory holding one), detecting sentencepiece vs tiktoken ranks."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / MODEL_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer file not found: {path}")
+    with open(path, "rb") as f:
+        first_line = f.readline(4096)
+    if _TIKTOKEN_LINE.fullmatch(first_line):
+        return TiktokenTokenizer.from_file(path)
+    try:
+        return SentencePieceTokenizer(path)
+    except TokenizerError:
+        raise TokenizerError(
+            f"{path} is neither a sentencepiece model nor a tiktoken ranks file ('base64_token rank' lines)"
+        ) from None
+
+
+class StreamDecoder:
+    """Turns token ids, pushed one at a time, into text pieces whose concatenation is `tokenizer.decode(ids)`.
+
+    A UTF-8 character split over several tokens (sentencepiece <0xE2><0x82><0xAC>, or partial tiktoken tokens) is
+    held back until complete; sentencepiece's dummy-prefix space is dropped only at the start, as in decode.
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._anchor = None  # last visible id: decoding after it never strips a leading space
+
+    def push(self, token_id: int) -> str:
+        """Add one id; return the text completed by it (possibly "")."""
+        if self._anchor is None:
+            new = self.tokenizer.decode_bytes([token_id])
+        else:
+            before = self.tokenizer.decode_bytes([self._anchor])
+            new = self.tokenizer.decode_bytes([self._anchor, token_id])[len(before) :]
+        # A token that printed nothing may still have used up sentencepiece's leading space (a lone "▁" piece);
+        # only tokens that print nothing even when repeated (control tokens) keep us at the start.
+        if new or self.tokenizer.decode_bytes([token_id, token_id]):
+            self._anchor = token_id
+        return self._utf8.decode(new)
+
+    def flush(self) -> str:
+        """Text still held back (an unfinished UTF-8 sequence becomes U+FFFD); the decoder can then be reused."""
+        text = self._utf8.decode(b"", final=True)
+        self._utf8.reset()
+        self._anchor = None
+        return text

@@ -1,0 +1,171 @@
+"""`mm bench`: our fast paths against the reference libraries, side by side, same weights, one process.
+
+Ratios are the headline (ours / reference, higher is better); absolute numbers only describe the machine.
+The references (transformers, timm, espnet) are imported here only, never by the library itself.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+LLAMA_SIZES = {  # name: transformers LlamaConfig kwargs
+    "10m": dict(vocab_size=8000, hidden_size=256, intermediate_size=688, num_hidden_layers=6, num_attention_heads=8,
+                num_key_value_heads=2),
+    "125m": dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+                 num_attention_heads=12, num_key_value_heads=4),
+    "1b": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+               num_attention_heads=32, num_key_value_heads=4),  # TinyLlama-1.1B shape
+}
+
+
+def best_time(fn, repeats: int) -> float:
+    """Smallest wall time of `repeats` calls (after one warm-up call), waiting for the GPU if there is one."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    fn()
+    times = []
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def read_bandwidth(n_bytes: int = 2**30, repeats: int = 5, device: str = "cpu") -> float:
+    """Measured memory read bandwidth in bytes/s: summing a large float32 buffer reads each byte once."""
+    x = torch.ones(n_bytes // 4, device=device)
+    return n_bytes / best_time(lambda: x.sum(), repeats)
+
+
+def decode_bytes_per_token(model, batch: int, context: int) -> int:
+    """Bytes a decode step must read: every weight but the embedding table (one row each) plus the KV cache."""
+    c = model.config
+    weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if n != "embed_tokens.weight")
+    if model.lm_head is None:  # tied: the head reads the whole table
+        weights += model.embed_tokens.weight.numel() * model.embed_tokens.weight.element_size()
+    kv = 2 * c.num_hidden_layers * batch * c.num_key_value_heads * c.head_dim * context * model.embed_tokens.weight.element_size()
+    return weights + kv
+
+
+def bench_llama(size: str, dtype: torch.dtype, batch: int, new_tokens: int, prompt_len: int, repeats: int,
+                compile: bool, bandwidth: float | None, device: str = "cpu") -> dict:
+    """Prefill and decode tokens/s of ours vs transformers' `generate`, greedy, on the same random checkpoint."""
+    import transformers
+
+    from decoders import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(**LLAMA_SIZES[size], max_position_embeddings=2048, bos_token_id=1, eos_token_id=2)
+    ref = transformers.LlamaForCausalLM(cfg).eval()
+    with tempfile.TemporaryDirectory() as d:
+        ref.save_pretrained(d)
+        ours = LlamaForCausalLM.from_pretrained(d, dtype=dtype, device=device)
+    ref = ref.to(device=device, dtype=dtype)
+    ids = torch.randint(3, cfg.vocab_size, (batch, prompt_len), device=device)
+
+    def ref_gen(n):
+        return ref.generate(ids, max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+
+    def our_gen(n):
+        return ours.generate(ids, max_new_tokens=n, eos_token_id=None, compile=compile)
+
+    with torch.inference_mode():
+        same = torch.equal(ref_gen(new_tokens), our_gen(new_tokens))  # also warms up (and compiles) both
+        row = {"model": size, "dtype": str(dtype).removeprefix("torch."), "batch": batch, "new_tokens": new_tokens,
+               "same_tokens": same, "compiled": compile}
+        for name, gen in (("ref", ref_gen), ("ours", our_gen)):
+            prefill = best_time(lambda: gen(1), repeats)
+            total = best_time(lambda: gen(new_tokens), repeats)
+            row[f"{name}_prefill_tok_s"] = batch * prompt_len / prefill
+            row[f"{name}_decode_tok_s"] = batch * (new_tokens - 1) / max(total - prefill, 1e-9)
+    row["decode_ratio"] = row["ours_decode_tok_s"] / row["ref_decode_tok_s"]
+    row["prefill_ratio"] = row["ours_prefill_tok_s"] / row["ref_prefill_tok_s"]
+    if bandwidth:
+        per_token = decode_bytes_per_token(ours, batch, prompt_len + new_tokens // 2)
+        bound = bandwidth / per_token * batch  # tokens/s if every byte were read once at the measured rate
+        row["read_bound_tok_s"] = bound
+        row["fraction_of_bound"] = row["ours_decode_tok_s"] / bound
+    return row
+
+
+def bench_kv_cache() -> list[dict]:
+    """Measured KV cache bytes against 2 x layers x batch x kv_heads x head_dim x tokens x bytes (MHA/GQA/MQA)."""
+    from decoders import KVCache
+
+    rows = []
+    for name, kv_heads in (("MHA", 32), ("GQA", 8), ("MQA", 1)):
+        layers, batch, head_dim, tokens = 32, 1, 128, 4096
+        cache = KVCache(layers, batch, kv_heads, head_dim, tokens, dtype=torch.bfloat16, device="meta")
+        formula = 2 * layers * batch * kv_heads * head_dim * tokens * 2
+        rows.append({"attention": name, "kv_heads": kv_heads, "bytes": cache.nbytes, "formula": formula,
+                     "equal": cache.nbytes == formula, "vs_mha": cache.nbytes / (2 * layers * batch * 32 * head_dim * tokens * 2)})
+    return rows
+
+
+def bench_vit(batch: int, repeats: int) -> dict:
+    """Images/s of our ViT against timm's on the same `vit_base_patch16_224` weights (float32)."""
+    import timm
+
+    from encoders.vit import ViT, ViTConfig, convert_timm_state_dict
+
+    torch.manual_seed(0)
+    ref = timm.create_model("vit_base_patch16_224", pretrained=False).eval()
+    cfg = ViTConfig.from_timm(ref)
+    ours = ViT(cfg).eval()
+    ours.load_state_dict(convert_timm_state_dict(ref.state_dict(), cfg))
+    x = torch.randn(batch, 3, 224, 224)
+    with torch.inference_mode():
+        err = (ref.forward_features(x) - ours(x)).abs().max().item()
+        t_ref = best_time(lambda: ref.forward_features(x), repeats)
+        t_ours = best_time(lambda: ours(x), repeats)
+    return {"model": "vit_base_patch16_224", "batch": batch, "max_abs_err": err, "ref_img_s": batch / t_ref,
+            "ours_img_s": batch / t_ours, "ratio": t_ref / t_ours}
+
+
+def format_table(rows: list[dict], cols: list[str]) -> str:
+    """A plain-text table of `rows` restricted to `cols`."""
+    def fmt(v):
+        return f"{v:.3g}" if isinstance(v, float) else str(v)
+    cells = [[fmt(r.get(c, "")) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)
+
+
+def run(sizes=("10m", "125m"), dtypes=("float32", "bfloat16"), batches=(1, 8), new_tokens=128, prompt_len=16,
+        repeats=3, compile=True, vit=True, device="cpu", out: str | None = None, log=print) -> dict:
+    """Run the benchmark grid, print tables, and write JSON to `out` if given."""
+    result = {"machine": {"platform": platform.platform(), "processor": platform.processor(), "device": device,
+                          "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
+                          "threads": torch.get_num_threads(), "torch": torch.__version__}}
+    bw = read_bandwidth(device=device)
+    result["read_bandwidth_GB_s"] = bw / 1e9
+    log(f"measured read bandwidth: {bw / 1e9:.1f} GB/s, {torch.get_num_threads()} threads")
+    rows = []
+    for size in sizes:
+        for dt in dtypes:
+            for b in batches:
+                row = bench_llama(size, getattr(torch, dt), b, new_tokens, prompt_len, repeats, compile, bw, device)
+                rows.append(row)
+                log(format_table([row], ["model", "dtype", "batch", "ref_decode_tok_s", "ours_decode_tok_s",
+                                         "decode_ratio", "prefill_ratio", "fraction_of_bound", "same_tokens"]).splitlines()[-1])
+    result["llama"] = rows
+    log("\n" + format_table(rows, ["model", "dtype", "batch", "ref_decode_tok_s", "ours_decode_tok_s", "decode_ratio",
+                                   "ref_prefill_tok_s", "ours_prefill_tok_s", "prefill_ratio", "read_bound_tok_s",
+                                   "fraction_of_bound", "same_tokens"]))
+    result["kv_cache"] = bench_kv_cache()
+    log("\n" + format_table(result["kv_cache"], ["attention", "kv_heads", "bytes", "formula", "equal", "vs_mha"]))
+    if vit:
+        result["vit"] = bench_vit(batch=8, repeats=repeats)
+        log("\n" + format_table([result["vit"]], ["model", "batch", "ref_img_s", "ours_img_s", "ratio", "max_abs_err"]))
+    if out:
+        Path(out).write_text(json.dumps(result, indent=2))
+        log(f"\nwrote {out}")
+    return result
