@@ -1,0 +1,127 @@
+"""Read speech into a mono float32 waveform at 16 kHz, with clear errors for files that are not usable audio.
+
+Files are read with `soundfile` (libsndfile: wav, flac, ogg, mp3 with libsndfile >= 1.1, ...); other
+containers (m4a, ...) fall back to `librosa.load`, which needs ffmpeg through audioread. Resampling is
+soxr's "HQ" band-limited resampler, i.e. `librosa.resample(res_type="soxr_hq")` (librosa's default).
+Dolphin's own reader pipes through ffmpeg to int16, so its samples differ from ours by quantization noise.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SAMPLE_RATE = 16000
+MAX_CHANNELS = 64  # more "channels" than this means the array is laid out the wrong way round
+
+
+class AudioError(ValueError):
+    """Audio that cannot be used: unreadable, empty, or with NaN/inf samples; the message names the source."""
+
+
+def _to_float(samples: np.ndarray, source: str) -> np.ndarray:
+    """Integer PCM to [-1, 1) floats by its full scale; floats are kept as they are."""
+    if samples.dtype.kind == "f":
+        return samples.astype(np.float32, copy=False)
+    if samples.dtype.kind == "i":
+        return (samples / float(2 ** (8 * samples.dtype.itemsize - 1))).astype(np.float32)
+    if samples.dtype == np.uint8:  # 8-bit WAV convention: unsigned with 128 as zero
+        return ((samples.astype(np.float32) - 128.0) / 128.0).astype(np.float32)
+    raise AudioError(f"{source}: unsupported sample type {samples.dtype} (expected int16, int32 or float)")
+
+
+def _to_mono(samples: np.ndarray, source: str) -> np.ndarray:
+    """[S] or [S, C] / [C, S] (the shorter axis is channels) to [S] by averaging channels."""
+    if samples.ndim == 1:
+        return samples
+    if samples.ndim != 2:
+        raise AudioError(f"{source}: expected a waveform of shape [S] or [S, C], got shape {tuple(samples.shape)}")
+    channel_axis = 1 if samples.shape[1] <= samples.shape[0] else 0
+    if samples.shape[channel_axis] > MAX_CHANNELS:
+        raise AudioError(
+            f"{source}: shape {tuple(samples.shape)} has more than {MAX_CHANNELS} channels on its shorter axis; "
+            "pass [S] or [S, C]"
+        )
+    return samples.mean(axis=channel_axis, dtype=np.float64).astype(np.float32)
+
+
+def _read_file(path: Path) -> tuple[np.ndarray, int]:
+    """Samples [S, C] float32 and the file's sample rate."""
+    import soundfile as sf
+
+    source = str(path)
+    if not path.is_file():
+        raise AudioError(f"{source}: no such audio file")
+    if path.stat().st_size == 0:
+        raise AudioError(f"{source}: empty file (0 bytes)")
+    try:
+        samples, rate = sf.read(str(path), dtype="float32", always_2d=True)
+        return samples, int(rate)
+    except RuntimeError as e:  # soundfile.LibsndfileError is a RuntimeError
+        sf_error = e
+    # libsndfile did not recognise the container: try librosa's audioread (ffmpeg) path for m4a/aac/...,
+    # but only for extensions libsndfile does not own, so a broken .wav reports libsndfile's reason.
+    if path.suffix.lower().lstrip(".") in {"wav", "flac", "ogg", "oga", "opus", "mp3", "aiff", "aif", "au", "caf"}:
+        raise AudioError(f"{source}: not a readable audio file (libsndfile: {sf_error})")
+    try:
+        import librosa
+
+        with warnings.catch_warnings():  # librosa warns that soundfile failed: we know, and say so below
+            warnings.simplefilter("ignore")
+            samples, rate = librosa.load(str(path), sr=None, mono=False, dtype=np.float32)
+    except Exception as e:  # audioread raises its own family of errors (NoBackendError, ...)
+        raise AudioError(
+            f"{source}: not a readable audio file (libsndfile: {sf_error}; librosa/audioread: {e!r})"
+        ) from e
+    samples = samples.T if samples.ndim == 2 else samples[:, None]  # librosa gives [C, S]
+    return samples, int(rate)
+
+
+def resample(samples: np.ndarray, orig_rate: int, target_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """Resample a mono float32 waveform like librosa.resample(res_type="soxr_hq"); a no-op when the rates agree."""
+    if orig_rate == target_rate:
+        return samples
+    # soxr directly (librosa's own backend for soxr_hq, installed with it): importing librosa.resample
+    # pulls in numba and costs seconds, the resampling itself milliseconds
+    import soxr
+
+    out = soxr.resample(samples, orig_rate, target_rate, quality="HQ").astype(np.float32)
+    n = int(np.ceil(samples.shape[-1] * target_rate / orig_rate))  # librosa's fix_length
+    return out[:n] if out.shape[-1] >= n else np.pad(out, (0, n - out.shape[-1]))
+
+
+def load_audio(
+    path_or_array: str | os.PathLike | np.ndarray | torch.Tensor,
+    sample_rate: int | None = None,
+    target_rate: int = SAMPLE_RATE,
+) -> tuple[torch.Tensor, int]:
+    """Read a file (or take an array with its `sample_rate`) as a mono float32 tensor [S] at `target_rate`."""
+    if isinstance(path_or_array, (str, os.PathLike)):
+        path = Path(path_or_array)
+        source = str(path)
+        samples, rate = _read_file(path)
+        if sample_rate is not None and sample_rate != rate:
+            raise AudioError(f"{source}: the file says {rate} Hz but sample_rate={sample_rate} was given")
+    else:
+        source = f"array of shape {tuple(path_or_array.shape)}"
+        if sample_rate is None:
+            raise AudioError(f"{source}: a waveform array needs its sample_rate")
+        samples = path_or_array.detach().cpu().numpy() if isinstance(path_or_array, torch.Tensor) else path_or_array
+        samples = np.asarray(samples)
+        rate = int(sample_rate)
+    if rate <= 0:
+        raise AudioError(f"{source}: sample rate must be positive, got {rate}")
+    if samples.size == 0:
+        raise AudioError(f"{source}: contains no samples")
+    samples = _to_mono(_to_float(samples, source), source)
+    bad = ~np.isfinite(samples)
+    if bad.any():
+        first = int(np.flatnonzero(bad)[0])
+        raise AudioError(
+            f"{source}: {int(bad.sum())} NaN/inf samples (first at sample {first}, {first / rate:.3f} s)"
+        )
+    samples = resample(samples, rate, target_rate)
+    return torch.from_numpy(np.ascontiguousarray(samples, dtype=np.float32)), target_rate

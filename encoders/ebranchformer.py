@@ -1,0 +1,564 @@
+"""E-Branchformer speech encoder (Kim et al., SLT 2022) as used by ESPnet, OWSM v3.1 and Dolphin.
+
+One utterance flows: log-mel feats [B, T, 80] -> Conv2dSubsampling4 -> x*sqrt(d) (+ positions) [B, T', d]
+-> num_blocks x EBranchformerLayer -> after_norm -> [B, T', d], T' = ((T - 1)//2 - 1)//2.
+
+Each layer (macaron FFN halves around two parallel branches, merged by a depthwise conv):
+    x = x + 0.5 * FFN(norm_ff_macaron(x))
+    x1 = attention(norm_mha(x))             global branch (rel-pos or abs-pos multi-head attention)
+    x2 = cgMLP(norm_mlp(x))                 local branch (convolutional gating MLP)
+    c = [x1, x2];  x = x + merge_proj(c + depthwise_conv_fusion(c))
+    x = x + 0.5 * FFN(norm_ff(x));  x = norm_final(x)
+
+Weight names equal ESPnet's `EBranchformerEncoder` (minus the `encoder.` prefix), so converting an ESPnet
+checkpoint is selecting keys. Like ESPnet, the convolutions see padded frames: outputs of a padded batch
+match ESPnet's padded batch, not the same utterances run one by one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from decoders.checkpoint import CheckpointError, load_state_dict_strict
+from encoders.frontend import FrontendConfig, GlobalMVN, LogMelFrontend, SpecAugment, SpecAugmentConfig
+
+LAYER_NORM_EPS = 1e-12  # ESPnet's LayerNorm
+ACTIVATIONS = {"swish": nn.SiLU, "relu": nn.ReLU, "tanh": nn.Tanh, "hardtanh": nn.Hardtanh, "selu": nn.SELU}
+
+
+class SpeechTooShortError(ValueError):
+    """An input with fewer frames than the subsampling needs; says how many it had and the minimum."""
+
+
+@dataclass
+class EBranchformerConfig:
+    """E-Branchformer hyper-parameters, named as in ESPnet's `encoder_conf` (defaults are ESPnet's).
+
+    Dolphin: rel_pos + rel_selfattn (Transformer-XL positions), use_ffn + macaron_ffn, merge kernel 31.
+    OWSM v3.1: abs_pos + selfattn (sinusoids added to the input, plain attention).
+    """
+
+    input_size: int = 80  # mel bins from the front end
+    output_size: int = 256  # d
+    attention_heads: int = 4
+    attention_layer_type: str = "rel_selfattn"  # "rel_selfattn" | "selfattn"
+    pos_enc_layer_type: str = "rel_pos"  # "rel_pos" | "abs_pos"
+    rel_pos_type: str = "latest"  # only "latest" (ESPnet PR 2816); "legacy" is not supported
+    cgmlp_linear_units: int = 2048
+    cgmlp_conv_kernel: int = 31
+    use_linear_after_conv: bool = False
+    gate_activation: str = "identity"
+    num_blocks: int = 12
+    dropout_rate: float = 0.1
+    positional_dropout_rate: float = 0.1
+    attention_dropout_rate: float = 0.0
+    input_layer: str = "conv2d"  # 4x Conv2dSubsampling, the only one supported
+    zero_triu: bool = False
+    layer_drop_rate: float = 0.0
+    use_ffn: bool = False
+    macaron_ffn: bool = False
+    ffn_activation_type: str = "swish"
+    linear_units: int = 2048
+    merge_conv_kernel: int = 3
+
+    def __post_init__(self):
+        pairs = {("rel_selfattn", "rel_pos"), ("selfattn", "abs_pos")}
+        if (self.attention_layer_type, self.pos_enc_layer_type) not in pairs:
+            raise ValueError(
+                f"attention_layer_type={self.attention_layer_type!r} with pos_enc_layer_type="
+                f"{self.pos_enc_layer_type!r} is not supported; use rel_selfattn+rel_pos or selfattn+abs_pos"
+            )
+        if self.rel_pos_type != "latest":
+            raise ValueError(f"rel_pos_type={self.rel_pos_type!r} is not supported (only 'latest')")
+        if self.input_layer != "conv2d":
+            raise ValueError(f"input_layer={self.input_layer!r} is not supported (only 'conv2d')")
+        if self.zero_triu:
+            raise ValueError("zero_triu=True is not supported")
+        if self.output_size % 2 or self.output_size % self.attention_heads:
+            raise ValueError(
+                f"output_size {self.output_size} must be even and a multiple of {self.attention_heads} heads"
+            )
+        if self.cgmlp_linear_units % 2:
+            raise ValueError(f"cgmlp_linear_units must be even (it is split in two), got {self.cgmlp_linear_units}")
+        for name in ("cgmlp_conv_kernel", "merge_conv_kernel"):
+            if getattr(self, name) % 2 == 0:
+                raise ValueError(f"{name} must be odd to keep the length ('same' padding), got {getattr(self, name)}")
+        if self.input_size < Conv2dSubsampling4.MIN_FRAMES:
+            raise ValueError(f"input_size {self.input_size} is too small for conv2d subsampling (minimum 7)")
+        if self.gate_activation != "identity" and self.gate_activation not in ACTIVATIONS:
+            raise ValueError(f"gate_activation {self.gate_activation!r} not in identity/{'/'.join(ACTIVATIONS)}")
+        if self.ffn_activation_type not in ACTIVATIONS:
+            raise ValueError(f"ffn_activation_type {self.ffn_activation_type!r} not in {'/'.join(ACTIVATIONS)}")
+
+    # encoder_conf keys that do not change the numbers of inference
+    _ESPNET_IGNORED = (
+        "use_flash_attn", "gradient_checkpoint_layers", "padding_idx", "max_pos_emb_len",
+        "interctc_layer_idx", "positionwise_layer_type", "qk_norm", "interctc_use_conditioning",
+    )  # fmt: skip
+
+    @classmethod
+    def from_espnet(cls, encoder_conf: dict, input_size: int = 80) -> "EBranchformerConfig":
+        """Build from ESPnet's `encoder_conf` (config.yaml, encoder: e_branchformer); input_size is the mel count."""
+        conf = dict(encoder_conf or {})
+        if conf.get("positionwise_layer_type", "linear") != "linear":
+            raise ValueError(f"encoder_conf: positionwise_layer_type={conf['positionwise_layer_type']!r} unsupported")
+        if conf.get("qk_norm", False):
+            raise ValueError("encoder_conf: qk_norm=True is not supported")
+        if conf.get("interctc_use_conditioning", False):
+            raise ValueError("encoder_conf: interctc_use_conditioning=True is not supported")
+        for key in cls._ESPNET_IGNORED:
+            conf.pop(key, None)
+        conf.setdefault("input_size", input_size)
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(conf) - names)
+        if unknown:
+            raise ValueError(f"encoder_conf: unknown keys {unknown}")
+        return cls(**conf)
+
+    def to_dict(self) -> dict:
+        """Plain dict for config.json."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "EBranchformerConfig":
+        """Inverse of to_dict; unknown keys are an error."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"EBranchformerConfig: unknown keys {unknown}")
+        return cls(**d)
+
+
+# ----------------------------------------------------------------------------------------------- subsampling
+
+
+class Conv2dSubsampling4(nn.Module):
+    """[B, T, F] -> [B, T', d]: two 3x3 stride-2 convs + ReLU, channel-major flatten, linear; T' = ((T-1)//2-1)//2."""
+
+    MIN_FRAMES = 7  # the smallest T with T' >= 1
+
+    def __init__(self, input_size: int, d: int):
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv2d(1, d, 3, 2), nn.ReLU(), nn.Conv2d(d, d, 3, 2), nn.ReLU())
+        # a Sequential so the key is `embed.out.0` as in ESPnet (which keeps its positional encoding at out.1)
+        self.out = nn.Sequential(nn.Linear(d * (((input_size - 1) // 2 - 1) // 2), d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.size(1) < self.MIN_FRAMES:
+            raise SpeechTooShortError(
+                f"input has {x.size(1)} frames; conv2d subsampling needs at least {self.MIN_FRAMES} frames "
+                f"(60 ms of audio at a 10 ms hop)"
+            )
+        x = self.conv(x[:, None])  # [B, d, T', F']
+        b, c, t, f = x.shape
+        return self.out[0](x.transpose(1, 2).reshape(b, t, c * f))  # [B, T', d]
+
+    @staticmethod
+    def output_lengths(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
+        """Valid output frames per utterance of a batch padded to `max_len`, as ESPnet counts them.
+
+        ESPnet subsamples the padding mask with `[:-2:2]` twice, so an utterance shorter than the batch keeps
+        ceil(L/2) frames per stage (at most (T-1)//2): up to two more frames than its own convolution yields.
+        The longest utterance gets exactly ((L-1)//2 - 1)//2.
+        """
+        for _ in range(2):
+            max_len = (max_len - 1) // 2
+            lengths = torch.clamp((lengths + 1) // 2, max=max_len)
+        return lengths
+
+
+# ----------------------------------------------------------------------------------------------- positions
+
+
+def sinusoids(positions: torch.Tensor, d: int) -> torch.Tensor:
+    """[N] float positions -> [N, d] with sin at even and cos at odd channels (Vaswani et al. 2017)."""
+    inv_freq = torch.exp(torch.arange(0, d, 2, dtype=torch.float32, device=positions.device) * -(math.log(10000.0) / d))
+    angles = positions[:, None] * inv_freq  # [N, d/2]
+    table = torch.zeros(positions.numel(), d, device=positions.device)
+    table[:, 0::2] = torch.sin(angles)
+    table[:, 1::2] = torch.cos(angles)
+    return table
+
+
+class PositionalEncoding(nn.Module):
+    """Absolute positions (OWSM): x * sqrt(d) + sinusoids(0..T-1)."""
+
+    def __init__(self, d: int, dropout_rate: float):
+        super().__init__()
+        self.d = d
+        self.dropout = nn.Dropout(dropout_rate)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        positions = torch.arange(x.size(1), dtype=torch.float32, device=x.device)
+        x = x * math.sqrt(self.d) + sinusoids(positions, self.d).to(x.dtype)  # [B, T, d]
+        return self.dropout(x), None
+
+
+class RelPositionalEncoding(nn.Module):
+    """Relative positions (Transformer-XL, Dai et al. 2019): x * sqrt(d) and a table for offsets T-1 .. -(T-1)."""
+
+    def __init__(self, d: int, dropout_rate: float):
+        super().__init__()
+        self.d = d
+        self.dropout = nn.Dropout(dropout_rate)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        T = x.size(1)
+        # offset i - j of query i and key j, largest first: row T-1-(i-j) of the table, see rel_shift
+        offsets = torch.arange(T - 1, -T, -1, dtype=torch.float32, device=x.device)  # [2T-1]
+        pos_emb = sinusoids(offsets, self.d).to(x.dtype)[None]  # [1, 2T-1, d]
+        return self.dropout(x * math.sqrt(self.d)), self.dropout(pos_emb)
+
+
+# ----------------------------------------------------------------------------------------------- attention
+
+
+class MultiHeadedAttention(nn.Module):
+    """Multi-head self-attention with a key padding mask, through F.scaled_dot_product_attention."""
+
+    def __init__(self, d: int, heads: int, dropout_rate: float):
+        super().__init__()
+        self.heads, self.d_k = heads, d // heads
+        self.dropout_rate = dropout_rate
+        self.linear_q = nn.Linear(d, d)
+        self.linear_k = nn.Linear(d, d)
+        self.linear_v = nn.Linear(d, d)
+        self.linear_out = nn.Linear(d, d)
+
+    def split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, T, d] -> [B, H, T, d_k]."""
+        return x.view(x.size(0), x.size(1), self.heads, self.d_k).transpose(1, 2)
+
+    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys, values [B, H, T, d_k] of x [B, T, d]."""
+        q, k, v = self.linear_q(x), self.linear_k(x), self.linear_v(x)
+        return self.split_heads(q), self.split_heads(k), self.split_heads(v)
+
+    def attend(self, q, k, v, attn_mask) -> torch.Tensor:
+        """SDPA over heads, then the output projection: [B, H, T, d_k] -> [B, T, d]."""
+        dropout_p = self.dropout_rate if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)  # [B, H, T, d_k]
+        return self.linear_out(out.transpose(1, 2).reshape(q.size(0), q.size(2), -1))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, pos_emb: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, T, d], mask [B, T] (True = real frame) -> [B, T, d]."""
+        q, k, v = self.qkv(x)
+        return self.attend(q, k, v, mask[:, None, None, :])
+
+
+def rel_shift(scores: torch.Tensor) -> torch.Tensor:
+    """[B, H, T, 2T-1] scores against offsets T-1..-(T-1) -> [B, H, T, T] with out[i, j] = scores[i, T-1-i+j].
+
+    Row i starts at column T-1-i and rows are 2T-1 long, so each next row starts 2T-2 elements later in
+    memory: one strided view, no copy (the same result as Transformer-XL's pad-and-reshape trick).
+    """
+    B, H, T, P = scores.shape
+    scores = scores.contiguous()
+    return scores.as_strided((B, H, T, T), (H * T * P, T * P, P - 1, 1), scores.storage_offset() + T - 1)
+
+
+class RelPositionMultiHeadedAttention(MultiHeadedAttention):
+    """Transformer-XL attention: scores = ((q + u) k^T + rel_shift((q + v) p^T)) / sqrt(d_k)."""
+
+    def __init__(self, d: int, heads: int, dropout_rate: float):
+        super().__init__(d, heads, dropout_rate)
+        self.linear_pos = nn.Linear(d, d, bias=False)
+        self.pos_bias_u = nn.Parameter(torch.zeros(heads, d // heads))  # content bias u
+        self.pos_bias_v = nn.Parameter(torch.zeros(heads, d // heads))  # position bias v
+        nn.init.xavier_uniform_(self.pos_bias_u)
+        nn.init.xavier_uniform_(self.pos_bias_v)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, pos_emb: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, T, d], mask [B, T] (True = real frame), pos_emb [1, 2T-1, d] -> [B, T, d]."""
+        q, k, v = self.qkv(x)
+        p = self.split_heads(self.linear_pos(pos_emb))  # [1, H, 2T-1, d_k]
+        position_scores = rel_shift(torch.matmul(q + self.pos_bias_v[:, None, :], p.transpose(-2, -1)))  # [B, H, T, T]
+        # SDPA adds a float mask after scaling q k^T, so the position term enters pre-scaled, with -inf on padding
+        bias = (position_scores / math.sqrt(self.d_k)).masked_fill(~mask[:, None, None, :], float("-inf"))
+        return self.attend(q + self.pos_bias_u[:, None, :], k, v, bias)
+
+
+# ----------------------------------------------------------------------------------------------- cgMLP, FFN
+
+
+class ConvolutionalSpatialGatingUnit(nn.Module):
+    """CSGU: split channels into (x_r, x_g); gate x_r by a depthwise conv over time of norm(x_g)."""
+
+    def __init__(
+        self, units: int, kernel_size: int, dropout_rate: float, use_linear_after_conv: bool, gate_activation: str
+    ):
+        super().__init__()
+        n = units // 2
+        self.norm = nn.LayerNorm(n, eps=LAYER_NORM_EPS)
+        self.conv = nn.Conv1d(n, n, kernel_size, 1, (kernel_size - 1) // 2, groups=n)
+        self.linear = nn.Linear(n, n) if use_linear_after_conv else None
+        self.act = nn.Identity() if gate_activation == "identity" else ACTIVATIONS[gate_activation]()
+        self.dropout = nn.Dropout(dropout_rate)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, T, U] -> [B, T, U/2]."""
+        x_r, x_g = x.chunk(2, dim=-1)
+        x_g = self.conv(self.norm(x_g).transpose(1, 2)).transpose(1, 2)  # [B, T, U/2]
+        if self.linear is not None:
+            x_g = self.linear(x_g)
+        return self.dropout(x_r * self.act(x_g))
+
+
+class ConvolutionalGatingMLP(nn.Module):
+    """cgMLP (Sakuma et al. 2021): Linear(d, U) + GELU -> CSGU -> Linear(U/2, d)."""
+
+    def __init__(
+        self, d: int, units: int, kernel_size: int, dropout_rate: float, use_linear_after_conv: bool,
+        gate_activation: str,
+    ):  # fmt: skip
+        super().__init__()
+        self.channel_proj1 = nn.Sequential(nn.Linear(d, units), nn.GELU())
+        self.csgu = ConvolutionalSpatialGatingUnit(
+            units, kernel_size, dropout_rate, use_linear_after_conv, gate_activation
+        )
+        self.channel_proj2 = nn.Linear(units // 2, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, T, d] -> [B, T, d]."""
+        return self.channel_proj2(self.csgu(self.channel_proj1(x)))
+
+
+class PositionwiseFeedForward(nn.Module):
+    """FFN = w_2(dropout(act(w_1 x))), swish by default."""
+
+    def __init__(self, d: int, units: int, dropout_rate: float, activation: str):
+        super().__init__()
+        self.w_1 = nn.Linear(d, units)
+        self.w_2 = nn.Linear(units, d)
+        self.act = ACTIVATIONS[activation]()
+        self.dropout = nn.Dropout(dropout_rate)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w_2(self.dropout(self.act(self.w_1(x))))
+
+
+# ----------------------------------------------------------------------------------------------- layer, encoder
+
+
+class EBranchformerLayer(nn.Module):
+    """One E-Branchformer block: [macaron FFN/2] -> attention || cgMLP -> depthwise-conv merge -> [FFN/2] -> norm."""
+
+    def __init__(self, c: EBranchformerConfig):
+        super().__init__()
+        d = c.output_size
+        if c.attention_layer_type == "rel_selfattn":
+            self.attn = RelPositionMultiHeadedAttention(d, c.attention_heads, c.attention_dropout_rate)
+        else:
+            self.attn = MultiHeadedAttention(d, c.attention_heads, c.attention_dropout_rate)
+        self.cgmlp = ConvolutionalGatingMLP(
+            d, c.cgmlp_linear_units, c.cgmlp_conv_kernel, c.dropout_rate, c.use_linear_after_conv, c.gate_activation
+        )
+        self.feed_forward = self.feed_forward_macaron = None
+        ffn_args = (d, c.linear_units, c.dropout_rate, c.ffn_activation_type)
+        if c.use_ffn:
+            self.feed_forward = PositionwiseFeedForward(*ffn_args)
+            self.norm_ff = nn.LayerNorm(d, eps=LAYER_NORM_EPS)
+        if c.use_ffn and c.macaron_ffn:
+            self.feed_forward_macaron = PositionwiseFeedForward(*ffn_args)
+            self.norm_ff_macaron = nn.LayerNorm(d, eps=LAYER_NORM_EPS)
+        self.ff_scale = 0.5 if self.feed_forward_macaron is not None else 1.0  # two halves make one FFN
+        self.norm_mha = nn.LayerNorm(d, eps=LAYER_NORM_EPS)
+        self.norm_mlp = nn.LayerNorm(d, eps=LAYER_NORM_EPS)
+        self.norm_final = nn.LayerNorm(d, eps=LAYER_NORM_EPS)
+        k = c.merge_conv_kernel
+        self.depthwise_conv_fusion = nn.Conv1d(2 * d, 2 * d, k, 1, (k - 1) // 2, groups=2 * d)
+        self.merge_proj = nn.Linear(2 * d, d)
+        self.dropout = nn.Dropout(c.dropout_rate)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, pos_emb: torch.Tensor | None) -> torch.Tensor:
+        """x [B, T, d], mask [B, T] (True = real frame), pos_emb [1, 2T-1, d] or None -> [B, T, d]."""
+        if self.feed_forward_macaron is not None:
+            x = x + self.ff_scale * self.dropout(self.feed_forward_macaron(self.norm_ff_macaron(x)))
+        x1 = self.dropout(self.attn(self.norm_mha(x), mask, pos_emb))  # global branch
+        x2 = self.dropout(self.cgmlp(self.norm_mlp(x)))  # local branch
+        both = torch.cat([x1, x2], dim=-1)  # [B, T, 2d]
+        fused = self.depthwise_conv_fusion(both.transpose(1, 2)).transpose(1, 2)  # [B, T, 2d]
+        x = x + self.dropout(self.merge_proj(both + fused))
+        if self.feed_forward is not None:
+            x = x + self.ff_scale * self.dropout(self.feed_forward(self.norm_ff(x)))
+        return self.norm_final(x)
+
+
+class EBranchformerEncoder(nn.Module):
+    """Log-mel feats [B, T, F] with lengths -> encoder states [B, T', d] with lengths (ESPnet EBranchformerEncoder)."""
+
+    def __init__(self, config: EBranchformerConfig):
+        super().__init__()
+        self.config = c = config
+        self.embed = Conv2dSubsampling4(c.input_size, c.output_size)
+        if c.pos_enc_layer_type == "rel_pos":
+            self.pos_enc = RelPositionalEncoding(c.output_size, c.positional_dropout_rate)
+        else:
+            self.pos_enc = PositionalEncoding(c.output_size, c.positional_dropout_rate)
+        self.encoders = nn.ModuleList(EBranchformerLayer(c) for _ in range(c.num_blocks))
+        self.after_norm = nn.LayerNorm(c.output_size, eps=LAYER_NORM_EPS)
+
+    def output_size(self) -> int:
+        """d, the width of the encoder states."""
+        return self.config.output_size
+
+    def forward(self, feats: torch.Tensor, feat_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """feats [B, T, F], feat_lengths [B] -> (enc [B, T', d], enc_lengths [B]); frames past a length are padding."""
+        if feats.dim() != 3 or feats.size(-1) != self.config.input_size:
+            raise ValueError(f"feats must be [B, T, {self.config.input_size}], got shape {tuple(feats.shape)}")
+        if feat_lengths.shape != (feats.size(0),):
+            raise ValueError(f"feat_lengths must be [B]={feats.size(0)}, got shape {tuple(feat_lengths.shape)}")
+        T = feats.size(1)
+        if bool((feat_lengths < 1).any()) or bool((feat_lengths > T).any()):
+            raise ValueError(f"feat_lengths must lie in 1..{T} (the padded length), got {feat_lengths.tolist()}")
+        x = self.embed(feats)  # [B, T', d]
+        enc_lengths = Conv2dSubsampling4.output_lengths(feat_lengths.to(x.device).long(), T)
+        mask = torch.arange(x.size(1), device=x.device)[None, :] < enc_lengths[:, None]  # [B, T'] True = real
+        x, pos_emb = self.pos_enc(x)
+        for layer in self.encoders:
+            # LayerDrop (Fan et al. 2019) skips whole blocks while training
+            if self.training and self.config.layer_drop_rate > 0 and torch.rand(1).item() < self.config.layer_drop_rate:
+                continue
+            x = layer(x, mask, pos_emb)
+        return self.after_norm(x), enc_lengths
+
+
+# ----------------------------------------------------------------------------------------------- speech encoder
+
+
+@dataclass
+class SpeechEncoderConfig:
+    """Front end + SpecAugment (training) + global MVN + E-Branchformer, as in ESPnet's ASR model encode()."""
+
+    frontend: FrontendConfig = field(default_factory=FrontendConfig)
+    encoder: EBranchformerConfig = field(default_factory=EBranchformerConfig)
+    specaug: SpecAugmentConfig | None = None
+    global_mvn: bool = True  # statistics live in the state dict as normalize.mean / normalize.std
+    norm_means: bool = True
+    norm_vars: bool = True
+
+    def __post_init__(self):
+        if self.encoder.input_size != self.frontend.n_mels:
+            raise ValueError(f"encoder input_size {self.encoder.input_size} != frontend n_mels {self.frontend.n_mels}")
+
+    @classmethod
+    def from_espnet(cls, config: dict) -> "SpeechEncoderConfig":
+        """Build from a parsed ESPnet ASR/S2T `config.yaml` (frontend, specaug, normalize, encoder and their _conf)."""
+        # (key, ESPnet's default when the key is absent, what we implement)
+        choices = (
+            ("frontend", "default", ("default",)), ("encoder", "rnn", ("e_branchformer",)),
+            ("normalize", "utterance_mvn", ("global_mvn", None)), ("specaug", None, ("specaug", None)),
+            ("preencoder", None, (None,)), ("postencoder", None, (None,)),
+        )  # fmt: skip
+        for key, default, allowed in choices:
+            if config.get(key, default) not in allowed:
+                raise ValueError(
+                    f"config.yaml: {key}={config.get(key, default)!r} is not supported (expected one of {allowed})"
+                )
+        frontend = FrontendConfig.from_espnet(config.get("frontend_conf") or {})
+        normalize_conf = dict(config.get("normalize_conf") or {})
+        normalize_conf.pop("stats_file", None)  # the statistics are in the state dict
+        return cls(
+            frontend=frontend,
+            encoder=EBranchformerConfig.from_espnet(config.get("encoder_conf") or {}, input_size=frontend.n_mels),
+            specaug=SpecAugmentConfig.from_espnet(config.get("specaug_conf") or {}) if config.get("specaug") else None,
+            global_mvn=config["normalize"] == "global_mvn",
+            norm_means=bool(normalize_conf.get("norm_means", True)),
+            norm_vars=bool(normalize_conf.get("norm_vars", True)),
+        )
+
+    def to_dict(self) -> dict:
+        """Plain nested dict for config.json."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SpeechEncoderConfig":
+        """Inverse of to_dict; unknown keys are an error."""
+        d = dict(d)
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"SpeechEncoderConfig: unknown keys {unknown}")
+        if "frontend" in d:
+            d["frontend"] = FrontendConfig.from_dict(d["frontend"])
+        if "encoder" in d:
+            d["encoder"] = EBranchformerConfig.from_dict(d["encoder"])
+        if d.get("specaug") is not None:
+            d["specaug"] = SpecAugmentConfig.from_dict(d["specaug"])
+        return cls(**d)
+
+
+class SpeechEncoder(nn.Module):
+    """Waveform [B, S] at 16 kHz -> encoder states [B, T', d] (ESPnet ESPnetASRModel.encode)."""
+
+    def __init__(self, config: SpeechEncoderConfig):
+        super().__init__()
+        self.config = config
+        self.frontend = LogMelFrontend(config.frontend)
+        self.specaug = SpecAugment(config.specaug) if config.specaug is not None else None
+        self.normalize = None
+        if config.global_mvn:
+            self.normalize = GlobalMVN(config.frontend.n_mels, config.norm_means, config.norm_vars)
+        self.encoder = EBranchformerEncoder(config.encoder)
+
+    def features(self, speech: torch.Tensor, speech_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """speech [B, S], speech_lengths [B] -> normalized log-mel feats [B, T, n_mels] float32 and lengths."""
+        speech = speech[:, : int(speech_lengths.max())]  # ESPnet drops padding beyond the longest utterance
+        feats, feat_lengths = self.frontend(speech, speech_lengths)
+        if self.specaug is not None and self.training:
+            feats, feat_lengths = self.specaug(feats, feat_lengths)
+        if self.normalize is not None:
+            feats, feat_lengths = self.normalize(feats, feat_lengths)
+        return feats, feat_lengths
+
+    def encode(self, speech: torch.Tensor, speech_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """speech [B, S], speech_lengths [B] -> (enc [B, T', d], enc_lengths [B])."""
+        feats, feat_lengths = self.features(speech, speech_lengths)
+        dtype = self.encoder.after_norm.weight.dtype
+        return self.encoder(feats.to(dtype), feat_lengths)
+
+    forward = encode
+
+
+# ----------------------------------------------------------------------------------------------- ESPnet weights
+
+
+ESPNET_LEGACY_KEYS = ("embed.out.1.pe",)  # positional tables saved by ESPnet <= 0.5.2; recomputed here
+
+
+def convert_espnet_encoder_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """ESPnet ASR/S2T model state dict -> our EBranchformerEncoder's: keep `encoder.*`, strip the prefix."""
+    out = {k[len("encoder."):]: v for k, v in state_dict.items() if k.startswith("encoder.")}
+    if not out:
+        raise CheckpointError(
+            f"no `encoder.` keys in the ESPnet state dict ({len(state_dict)} keys, e.g. {sorted(state_dict)[:5]})"
+        )
+    return {k: v for k, v in out.items() if k not in ESPNET_LEGACY_KEYS}
+
+
+def convert_espnet_speech_encoder_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """ESPnet ASR/S2T model state dict -> our SpeechEncoder's: keep `frontend.*`, `normalize.*`, `encoder.*`."""
+    out = {"encoder." + k: v for k, v in convert_espnet_encoder_state_dict(state_dict).items()}
+    out.update({k: v for k, v in state_dict.items() if k.startswith(("frontend.", "normalize."))})
+    return out
+
+
+def load_espnet_encoder(
+    state_dict: dict[str, torch.Tensor], config: EBranchformerConfig, source: str = "ESPnet state dict"
+) -> EBranchformerEncoder:
+    """EBranchformerEncoder from an ESPnet model state dict; missing/extra/misshaped keys raise CheckpointError."""
+    encoder = EBranchformerEncoder(config)
+    return load_state_dict_strict(encoder, convert_espnet_encoder_state_dict(state_dict), source)
+
+
+def load_espnet_speech_encoder(
+    state_dict: dict[str, torch.Tensor], config: SpeechEncoderConfig, source: str = "ESPnet state dict"
+) -> SpeechEncoder:
+    """Build a SpeechEncoder (front end, MVN statistics, encoder) from an ESPnet model state dict."""
+    model = SpeechEncoder(config)
+    return load_state_dict_strict(model, convert_espnet_speech_encoder_state_dict(state_dict), source)
