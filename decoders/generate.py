@@ -121,7 +121,7 @@ def stream_text(model: LlamaForCausalLM, tokenizer, input_ids: torch.Tensor, sta
         raise ValueError(f"stream_text streams one prompt; got a batch of {input_ids.shape[0]}")
     kwargs.setdefault("eos_token_id", sorted(tokenizer.stop_ids))
     stops = set(kwargs["eos_token_id"] or [])
-    decoder = StreamDecoder(tokenizer)
+    decoder = StreamDecoder(tokenizer, context_ids=input_ids[0].tolist())
     stats = {} if stats is None else stats
     stats["new_tokens"] = 0
     for token in stream_tokens(model, input_ids, **kwargs):

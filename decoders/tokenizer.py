@@ -472,10 +472,15 @@ class StreamDecoder:
     held back until complete; sentencepiece's dummy-prefix space is dropped only at the start, as in decode.
     """
 
-    def __init__(self, tokenizer: Tokenizer):
+    def __init__(self, tokenizer: Tokenizer, context_ids=()):
+        """`context_ids`: tokens already shown (a prompt); the stream then continues them, leading space kept."""
         self.tokenizer = tokenizer
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._anchor = None  # last visible id: decoding after it never strips a leading space
+        for i in reversed(list(context_ids)):
+            if tokenizer.decode_bytes([i]):
+                self._anchor = i
+                break
 
     def push(self, token_id: int) -> str:
         """Add one id; return the text completed by it (possibly "")."""

@@ -52,6 +52,16 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    """Run a training recipe and save the model directory."""
+    from .train import train_text_tiny
+
+    if args.recipe != "text-tiny":
+        raise ValueError(f"unknown recipe {args.recipe!r} (available: text-tiny)")
+    train_text_tiny(args.out, steps=args.steps, seed=args.seed)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `mm` with all subcommands."""
     p = argparse.ArgumentParser(prog="mm", description="Multimodal vision-speech-language models.")
@@ -68,6 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=list(DTYPES), default="float32")
     g.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
     g.set_defaults(func=cmd_generate)
+
+    t = sub.add_parser("train", help="train a model by a recipe")
+    t.add_argument("--recipe", default="text-tiny", help="text-tiny: the shipped scene-caption text model")
+    t.add_argument("--out", required=True, help="output model directory")
+    t.add_argument("--steps", type=int, default=600)
+    t.add_argument("--seed", type=int, default=0)
+    t.set_defaults(func=cmd_train)
 
     b = sub.add_parser("bench", help="benchmark against transformers/timm on the same weights (prints a table, writes JSON)")
     b.add_argument("--sizes", default="10m,125m", help="comma list of 10m, 125m, 1b")

@@ -542,3 +542,10 @@ def test_llama2_chat_errors(tt):
     custom = TiktokenTokenizer(tt.ranks, special_tokens=["<|begin_of_text|>", "<|end_of_text|>"])
     with pytest.raises(ValueError, match="needs the special token <|start_header_id|>"):
         encode_chat(custom, CHAT, "llama3")
+
+
+def test_stream_decoder_continues_a_prompt_with_its_leading_space(sp_bpe):
+    prompt, rest = sp_bpe.encode("The quick", bos=True), sp_bpe.encode("brown fox")  # "▁brown▁fox"
+    decoder = StreamDecoder(sp_bpe, context_ids=prompt)
+    streamed = "".join(decoder.push(t) for t in rest) + decoder.flush()
+    assert streamed == " brown fox" == sp_bpe.decode(prompt + rest)[len("The quick"):]

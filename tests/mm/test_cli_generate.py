@@ -1,0 +1,56 @@
+"""`mm generate` from the installed console script on a checkpoint made here (transformers + our tokenizer trainer)."""
+import shutil
+import subprocess
+import sys
+
+import torch
+
+from decoders import LlamaForCausalLM
+from decoders.tokenizer import load_tokenizer, train_sentencepiece
+from tests.decoders.hf_llama import make_hf_llama
+
+TEXT = "a red circle is left of a blue square. a green triangle is above a small yellow star.\n" * 20
+
+
+def make_checkpoint(path):
+    corpus = path / "corpus.txt"
+    corpus.write_text(TEXT)
+    tok = train_sentencepiece([corpus], path / "tok", vocab_size=300)
+    make_hf_llama(path / "model", vocab_size=300, num_key_value_heads=2)
+    shutil.copy(path / "tok" / "tokenizer.model", path / "model" / "tokenizer.model")
+    return path / "model", tok
+
+
+def mm_command():
+    exe = shutil.which("mm")
+    return [exe] if exe else [sys.executable, "-m", "mm.cli"]
+
+
+def test_mm_generate_streams_the_greedy_continuation(tmp_path):
+    model_dir, tok = make_checkpoint(tmp_path)
+    prompt = "a red circle"
+    out = subprocess.run(mm_command() + ["generate", "--model", str(model_dir), "--prompt", prompt,
+                                         "--max-new-tokens", "12"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    # expected: the greedy tokens of our model, cut at the first stop id, decoded once as a whole
+    model = LlamaForCausalLM.from_pretrained(model_dir)
+    ids = tok.encode(prompt, bos=True)
+    new = model.generate(torch.tensor([ids]), max_new_tokens=12, eos_token_id=None)[0, len(ids):].tolist()
+    n_new = next((i + 1 for i, t in enumerate(new) if t in tok.stop_ids), len(new))
+    shown = [t for t in new[:n_new] if t not in tok.stop_ids]
+    text = tok.decode(ids + shown)[len(tok.decode(ids)):]  # the continuation, its leading space included
+    body, summary = out.stdout.rsplit("\n[", 1)
+    assert body == prompt + text
+    assert summary.startswith(f"prompt tokens: {len(ids)}, new tokens: {n_new}, ")
+    assert "tokens/s]" in summary
+
+
+def test_mm_generate_reports_bad_input_clearly(tmp_path):
+    model_dir, _ = make_checkpoint(tmp_path)
+    out = subprocess.run(mm_command() + ["generate", "--model", str(tmp_path / "missing"), "--prompt", "x"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "not a model directory" in out.stderr and "Traceback" not in out.stderr
+    long_prompt = "a red circle " * 200  # far beyond the 256-token window of the test model
+    out = subprocess.run(mm_command() + ["generate", "--model", str(model_dir), "--prompt", long_prompt],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "context window of 256" in out.stderr and "Traceback" not in out.stderr
