@@ -1,0 +1,204 @@
+"""Conversation templates with `<image>` slots, and the processor that turns prompts + images into model inputs.
+
+Messages are `[{"role": "system"|"user"|"assistant", "content": str}, ...]`; an image goes where the user text
+says `<image>`. Templates:
+
+  llava_v1 (LLaVA-1.5, `conv_vicuna_v1`):  SYSTEM USER: <image>\\nQUESTION ASSISTANT: ANSWER</s>USER: ... ASSISTANT:
+  llama3 (Llama 3 chat, `decoders.chat_template`):  <|begin_of_text|><|start_header_id|>user<|end_header_id|>\\n\\n
+           <image>\\nQUESTION<|eot_id|><|start_header_id|>assistant<|end_header_id|>\\n\\n
+  plain (LLaVA stage-1 pretraining on captions):  <image>CAPTION\\n
+
+Token ids follow original LLaVA's `tokenizer_image_token`: the prompt text is cut at each `<image>`, every piece is
+encoded on its own (so with sentencepiece each piece gets its own dummy-prefix space), BOS comes once at the start,
+and each `<image>` becomes `tokens_per_image` copies of the image token id. Turn ends (`</s>`, `<|eot_id|>`) and
+Llama 3 header tokens are inserted as ids, so user text can never forge them.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from decoders.chat_template import apply_chat_template
+from decoders.loss import IGNORE_INDEX
+from decoders.tokenizer import SentencePieceTokenizer
+
+IMAGE_PLACEHOLDER = "<image>"
+LLAVA_V1_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
+                   "The assistant gives helpful, detailed, and polite answers to the human's questions.")
+TEMPLATES = ("llava_v1", "llama3", "plain")
+LLAMA3_SPECIALS = ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+
+
+def _check(messages) -> None:
+    if not messages:
+        raise ValueError("messages is empty")
+    for k, m in enumerate(messages):
+        if not isinstance(m, dict) or set(m) != {"role", "content"} or not isinstance(m["content"], str):
+            raise ValueError(f"message {k} must be a dict with a 'role' and a str 'content', got {m!r}")
+        if m["role"] not in ("system", "user", "assistant"):
+            raise ValueError(f"message {k} has role {m['role']!r}; expected system, user or assistant")
+        if m["role"] == "system" and k:
+            raise ValueError(f"message {k} is a system message; only the first message may be one")
+
+
+def user_prompt(question: str, n_images: int = 1) -> list[dict]:
+    """The usual first turn: the image(s), a newline, then the question."""
+    return [{"role": "user", "content": IMAGE_PLACEHOLDER * n_images + "\n" + question}]
+
+
+def segments(messages, template: str = "llava_v1", add_generation_prompt: bool = True,
+             system: str | None = None) -> list[tuple[str, str | None]]:
+    """The prompt as (kind, text) pieces: kind "text" (encoded), "special" (a special token by name), "eos" (the
+    tokenizer's EOS id). Pieces that belong to assistant answers are marked by kind "answer" / "answer_eos"
+    so training can keep the loss on them only."""
+    _check(messages)
+    if messages[0]["role"] == "system":
+        system, messages = messages[0]["content"], messages[1:]
+    out: list[tuple[str, str | None]] = []
+    if template == "llava_v1":
+        text = (LLAVA_V1_SYSTEM if system is None else system) + " "
+        for m in messages:
+            role = {"user": "USER", "assistant": "ASSISTANT"}[m["role"]]
+            if m["role"] == "user":
+                text += f"{role}: {m['content']} "
+            else:  # "ASSISTANT: ANSWER</s>"; the space before the answer is added when it is encoded
+                out.append(("text", text + f"{role}:"))
+                out += [("answer", m["content"].strip()), ("answer_eos", None)]
+                text = ""
+        if add_generation_prompt:
+            text += "ASSISTANT:"
+        if text:
+            out.append(("text", text))
+    elif template == "llama3":
+        out.append(("special", "<|begin_of_text|>"))
+        turns = ([{"role": "system", "content": system}] if system is not None else []) + list(messages)
+        for m in turns:
+            out += [("special", "<|start_header_id|>"), ("text", m["role"]), ("special", "<|end_header_id|>"),
+                    ("text", "\n\n")]
+            if m["role"] == "assistant":
+                out += [("answer", m["content"].strip()), ("answer_special", "<|eot_id|>")]
+            else:
+                out += [("text", m["content"].strip()), ("special", "<|eot_id|>")]
+        if add_generation_prompt:
+            out += [("special", "<|start_header_id|>"), ("text", "assistant"), ("special", "<|end_header_id|>"),
+                    ("text", "\n\n")]
+    elif template == "plain":
+        for m in messages:
+            if m["role"] == "user":  # only the image(s) count here, as in LLaVA's preprocess_plain
+                out.append(("text", IMAGE_PLACEHOLDER * m["content"].count(IMAGE_PLACEHOLDER)))
+            else:
+                out.append(("answer", m["content"] + "\n"))
+    else:
+        raise ValueError(f"unknown conversation template {template!r}; expected one of {TEMPLATES}")
+    return [(k, t) for k, t in out if t != ""]
+
+
+def format_prompt(messages, template: str = "llava_v1", add_generation_prompt: bool = True,
+                  system: str | None = None) -> str:
+    """The prompt as text (turn ends written `</s>` / as the special token strings), for display and logs."""
+    if template == "llama3":
+        _check(messages)
+        if system is not None and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": system}] + list(messages)
+        return apply_chat_template(messages, "llama3", add_generation_prompt)
+    pieces = segments(messages, template, add_generation_prompt, system)
+    return "".join("</s>" if k == "answer_eos" else " " + t if k == "answer" and template == "llava_v1" else t
+                   for k, t in pieces)
+
+
+def encode_with_images(tokenizer, pieces: Sequence[tuple[str, str | None]], image_token_index: int,
+                       tokens_per_image: int, bos: bool = True,
+                       space_before_answer: bool = False) -> tuple[list[int], list[int], int]:
+    """(ids, labels, number of images) of prompt pieces; labels keep answer tokens and are IGNORE_INDEX elsewhere."""
+    ids = [tokenizer.bos_id] if bos and tokenizer.bos_id is not None else []
+    labels = [IGNORE_INDEX] * len(ids)
+    n_images = 0
+    # "ASSISTANT: ANSWER": sentencepiece's dummy prefix supplies the space of a separately encoded answer;
+    # byte-level BPE (tiktoken) needs it written.
+    separate_space = space_before_answer and not isinstance(tokenizer, SentencePieceTokenizer)
+    specials = getattr(tokenizer, "special_tokens", {})
+    for kind, text in pieces:
+        answer = kind.startswith("answer")
+        if kind in ("special", "answer_special"):
+            if text not in specials:
+                raise ValueError(f"the template needs the special token {text}, which this tokenizer lacks")
+            new = [specials[text]]
+        elif kind in ("eos", "answer_eos"):
+            if tokenizer.eos_id is None:
+                raise ValueError("the template ends turns with EOS, but this tokenizer has no EOS id")
+            new = [tokenizer.eos_id]
+        elif kind == "answer" and separate_space:
+            new = tokenizer.encode(" " + text)
+        else:
+            new = []
+            for k, chunk in enumerate(text.split(IMAGE_PLACEHOLDER)):
+                if k:
+                    new += [image_token_index] * tokens_per_image
+                    n_images += 1
+                if chunk:
+                    new += tokenizer.encode(chunk)
+        ids += new
+        labels += [t if answer and t != image_token_index else IGNORE_INDEX for t in new]
+    return ids, labels, n_images
+
+
+class LlavaProcessor:
+    """Prompts (raw text or messages) with `<image>` placeholders + images -> input_ids, attention_mask, pixel_values.
+
+    Batches are left-padded (pad id: the tokenizer's, else 0) with attention_mask 1 on real tokens. Images come as
+    one flat list in placeholder order over the whole batch, or one list per prompt.
+    """
+
+    def __init__(self, tokenizer, image_processor, image_token_index: int, tokens_per_image: int,
+                 template: str = "llava_v1", system: str | None = None):
+        if template not in TEMPLATES:
+            raise ValueError(f"unknown conversation template {template!r}; expected one of {TEMPLATES}")
+        self.tokenizer, self.image_processor = tokenizer, image_processor
+        self.image_token_index, self.tokens_per_image = image_token_index, tokens_per_image
+        self.template, self.system = template, system
+
+    def encode(self, prompt: str | list[dict], add_generation_prompt: bool = True) -> tuple[list[int], list[int], int]:
+        """(ids, labels, number of images) of one prompt: raw text (BOS + text) or messages (through the template)."""
+        if isinstance(prompt, str):
+            pieces = [("text", prompt)]
+        else:
+            pieces = segments(prompt, self.template, add_generation_prompt, self.system)
+        bos = not (not isinstance(prompt, str) and self.template == "llama3")  # <|begin_of_text|> is the BOS there
+        return encode_with_images(self.tokenizer, pieces, self.image_token_index, self.tokens_per_image, bos=bos,
+                                  space_before_answer=self.template == "llava_v1")
+
+    def __call__(self, prompts, images=None, add_generation_prompt: bool = True, labels: bool = False) -> dict:
+        """Model inputs for one prompt or a batch; with labels=True also `labels` (answer tokens only)."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], dict)):
+            prompts = [prompts]
+        encoded = [self.encode(p, add_generation_prompt) for p in prompts]
+        n_placeholders = [n for _, _, n in encoded]
+        if images is None:
+            images = []
+        elif not isinstance(images, (list, tuple)):
+            images = [images]
+        if images and all(isinstance(x, (list, tuple)) for x in images):  # one list per prompt
+            if len(images) != len(prompts):
+                raise ValueError(f"{len(images)} image lists for {len(prompts)} prompts")
+            for k, (n, im) in enumerate(zip(n_placeholders, images)):
+                if n != len(im):
+                    raise ValueError(f"prompt {k} has {n} '{IMAGE_PLACEHOLDER}' placeholder(s) but {len(im)} image(s)")
+            images = [x for im in images for x in im]
+        if sum(n_placeholders) != len(images):
+            raise ValueError(f"the prompts have {sum(n_placeholders)} '{IMAGE_PLACEHOLDER}' placeholder(s) "
+                             f"(per prompt: {n_placeholders}) but {len(images)} image(s) were given")
+        T = max(len(ids) for ids, _, _ in encoded)
+        pad = self.tokenizer.pad_id if getattr(self.tokenizer, "pad_id", None) is not None else 0
+        input_ids = torch.full((len(prompts), T), pad, dtype=torch.long)
+        label_ids = torch.full((len(prompts), T), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(prompts), T), dtype=torch.long)
+        for b, (ids, lab, _) in enumerate(encoded):
+            input_ids[b, T - len(ids):] = torch.tensor(ids)
+            label_ids[b, T - len(ids):] = torch.tensor(lab)
+            attention_mask[b, T - len(ids):] = 1
+        out = {"input_ids": input_ids, "attention_mask": attention_mask,
+               "pixel_values": self.image_processor(list(images)) if images else None}
+        if labels:
+            out["labels"] = label_ids
+        return out

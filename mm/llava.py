@@ -1,0 +1,446 @@
+"""LLaVA (Liu et al. 2023, arXiv 2304.08485 / 2310.03744): a ViT's patch features, projected by a small MLP into
+the decoder's embedding space, take the place of the image tokens of a Llama prompt.
+
+One image flows through: pixels [N, 3, H, W] -> ViT hidden state(s) of `vision_feature_layer` (no final norm)
+-> drop CLS ("default") or keep it ("full") -> projector (`mlp2x_gelu`: Linear -> GELU -> Linear, or `linear`)
+-> features [N, P, D] scattered, in order, into the positions of `input_ids` that hold `image_token_index`
+(one token per feature, as transformers does) -> Llama decoder -> logits.
+
+Checkpoints read by `LlavaForConditionalGeneration.from_pretrained` (one directory, told apart by config.json):
+  * llava-hf (`model_type: llava`), both key layouts: older `language_model.model.*`, `language_model.lm_head.weight`,
+    `vision_tower.[vision_model.]*`, `multi_modal_projector.*` (what transformers 5 still writes) and newer
+    `model.language_model.*`, `model.vision_tower.*`, `model.multi_modal_projector.*`, `lm_head.weight`.
+    CLIP vision towers only (SigLIP and other towers raise).
+  * original LLaVA (haotian-liu, `model_type: llava_llama` / `mm_projector_type`): Llama keys `model.*` and
+    `lm_head.weight` plus `model.mm_projector.{0,2}` (mlp2x_gelu) or `model.mm_projector` (linear). Those
+    checkpoints name their CLIP tower (`mm_vision_tower`) instead of holding it: pass `vision_tower=DIR` (an HF
+    CLIPVisionModel / CLIPModel directory), or let `mm_vision_tower` be such a directory (absolute or relative
+    to the checkpoint). Tower weights saved inside (`model.vision_tower.vision_tower.*`) are used when present;
+    their config then comes from that directory or, for the OpenAI CLIP-L towers, from their known shape.
+    `mm_use_im_start_end` / `mm_use_im_patch_token` are not supported.
+  * our own format (`model_type: mm-llava`), written by `save_pretrained`: config.json, model.safetensors with
+    this module's parameter names, tokenizer.model, preprocessor_config.json.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from decoders.checkpoint import CheckpointError, load_state_dict_strict, read_hf_weights, read_json, write_hf_weights
+from decoders.llama import LlamaConfig, LlamaForCausalLM, convert_hf_state_dict, rope_inv_freq
+from encoders.image import ImageProcessor
+from encoders.vit import ViT, ViTConfig, convert_hf_clip_vision_state_dict, quick_gelu
+
+OUR_MODEL_TYPE = "mm-llava"
+PROJECTOR_TYPES = ("mlp2x_gelu", "linear")
+PROJECTOR_ACTS = {
+    "gelu": F.gelu,  # exact erf GELU, transformers' ACT2FN["gelu"]
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "quick_gelu": quick_gelu,
+    "silu": F.silu,
+    "relu": F.relu,
+}
+# transformers' LlavaConfig fills a missing vision_config with LLaVA-1.5's CLIP ViT-L/14-336.
+LLAVA_VISION_DEFAULTS = {"hidden_size": 1024, "intermediate_size": 4096, "patch_size": 14, "image_size": 336,
+                         "num_hidden_layers": 24, "num_attention_heads": 16}
+
+
+@dataclass
+class LlavaConfig:
+    """A LLaVA model: ViT config + Llama config + how image features reach the decoder.
+
+    vision_feature_layer: ViT hidden state(s) to take (HF indexing, 0 = embeddings, -2 = before the last block);
+        a list concatenates the layers on the channel dim.
+    vision_feature_select_strategy: "default" drops the CLS token, "full" keeps it.
+    image_token_index: the id marking one image feature in input_ids; it may lie just beyond the text vocabulary.
+    template: the conversation template of `mm.conversation` the model was tuned with.
+    """
+
+    text: LlamaConfig = field(default_factory=LlamaConfig)
+    vision: ViTConfig = field(default_factory=lambda: ViTConfig.from_hf_clip_vision(LLAVA_VISION_DEFAULTS))
+    image_token_index: int = 32000
+    vision_feature_layer: int | list[int] = -2
+    vision_feature_select_strategy: str = "default"
+    projector_type: str = "mlp2x_gelu"
+    projector_hidden_act: str = "gelu"
+    projector_bias: bool = True
+    template: str = "llava_v1"
+
+    def __post_init__(self):
+        if isinstance(self.text, dict):
+            self.text = LlamaConfig.from_hf(self.text)
+        if isinstance(self.vision, dict):
+            self.vision = ViTConfig.from_dict(self.vision)
+        if isinstance(self.vision_feature_layer, (list, tuple)):
+            self.vision_feature_layer = [int(i) for i in self.vision_feature_layer]
+            if not self.vision_feature_layer:
+                raise ValueError("LlavaConfig: vision_feature_layer is an empty list")
+        n = self.vision.depth + 1
+        for i in self.feature_layers:
+            if not -n <= i < n:
+                raise ValueError(f"LlavaConfig: vision_feature_layer {i} is out of range for a ViT of "
+                                 f"{self.vision.depth} blocks (valid {-n}..{n - 1})")
+        if self.vision_feature_select_strategy not in ("default", "full"):
+            raise ValueError(f"LlavaConfig: vision_feature_select_strategy must be 'default' or 'full', "
+                             f"got {self.vision_feature_select_strategy!r}")
+        if self.projector_type not in PROJECTOR_TYPES:
+            raise ValueError(f"LlavaConfig: projector type {self.projector_type!r} is not supported {PROJECTOR_TYPES}")
+        if self.projector_hidden_act not in PROJECTOR_ACTS:
+            raise ValueError(f"LlavaConfig: projector_hidden_act {self.projector_hidden_act!r} is not supported "
+                             f"{sorted(PROJECTOR_ACTS)}")
+        if self.image_token_index < 0:
+            raise ValueError(f"LlavaConfig: image_token_index must be >= 0, got {self.image_token_index}")
+
+    @property
+    def feature_layers(self) -> list[int]:
+        """vision_feature_layer as a list."""
+        v = self.vision_feature_layer
+        return [v] if isinstance(v, int) else list(v)
+
+    @property
+    def feature_dim(self) -> int:
+        """Width of the projector's input: ViT width times the number of feature layers."""
+        return self.vision.dim * len(self.feature_layers)
+
+    def tokens_per_image(self, image_size: int | tuple[int, int] | None = None) -> int:
+        """Image tokens one image takes in input_ids: patches (+ CLS for "full"); 576 for 336/14 "default"."""
+        h, w = (image_size, image_size) if isinstance(image_size, int) else (image_size or (self.vision.image_size,) * 2)
+        p = self.vision.patch_size
+        full = self.vision_feature_select_strategy == "full" and self.vision.class_token
+        return (h // p) * (w // p) + int(full)
+
+    def to_dict(self) -> dict:
+        """Our config.json."""
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("text", "vision")}
+        return {"model_type": OUR_MODEL_TYPE, **d, "text_config": self.text.to_hf(), "vision_config": self.vision.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LlavaConfig":
+        """Inverse of `to_dict`."""
+        d = dict(d)
+        if d.pop("model_type", None) != OUR_MODEL_TYPE:
+            raise ValueError(f"config is not model_type {OUR_MODEL_TYPE!r}")
+        text, vision = d.pop("text_config"), d.pop("vision_config")
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"LlavaConfig: unknown keys {unknown}")
+        return cls(text=LlamaConfig.from_hf(text), vision=ViTConfig.from_dict(vision), **d)
+
+    @classmethod
+    def from_hf(cls, d: dict) -> "LlavaConfig":
+        """From a llava-hf `config.json` dict (transformers `LlavaConfig`)."""
+        if d.get("model_type") != "llava":
+            raise ValueError(f"config model_type is {d.get('model_type')!r}, expected 'llava'")
+        vision = d.get("vision_config") or dict(LLAVA_VISION_DEFAULTS, model_type="clip_vision_model")
+        if vision.get("model_type", "clip_vision_model") != "clip_vision_model":
+            raise ValueError(f"vision_config model_type {vision.get('model_type')!r} is not supported (clip_vision_model)")
+        text = dict(d.get("text_config") or {"model_type": "llama"})
+        if d.get("tie_word_embeddings"):
+            text["tie_word_embeddings"] = True
+        return cls(
+            text=LlamaConfig.from_hf(text),
+            vision=ViTConfig.from_hf_clip_vision(vision),
+            image_token_index=d.get("image_token_index", d.get("image_token_id", 32000)),
+            vision_feature_layer=d.get("vision_feature_layer", -2),
+            vision_feature_select_strategy=d.get("vision_feature_select_strategy", "default"),
+            projector_type="mlp2x_gelu",
+            projector_hidden_act=d.get("projector_hidden_act", "gelu"),
+            projector_bias=d.get("multimodal_projector_bias", True),
+        )
+
+    @classmethod
+    def from_original(cls, d: dict, vision: ViTConfig) -> "LlavaConfig":
+        """From an original LLaVA (`llava_llama`) config.json dict and the config of its CLIP tower."""
+        for flag in ("mm_use_im_start_end", "mm_use_im_patch_token"):
+            if d.get(flag):
+                raise ValueError(f"original LLaVA config sets {flag}=true, which is not supported")
+        select = d.get("mm_vision_select_feature", "patch")
+        if select not in ("patch", "cls_patch"):
+            raise ValueError(f"original LLaVA config: mm_vision_select_feature {select!r} is not supported (patch, cls_patch)")
+        text = LlamaConfig.from_hf(dict(d, model_type="llama"))
+        if d.get("mm_hidden_size", vision.dim) != vision.dim:
+            raise ValueError(f"original LLaVA config: mm_hidden_size {d['mm_hidden_size']} differs from the vision "
+                             f"tower's width {vision.dim}")
+        return cls(
+            text=text, vision=vision,
+            image_token_index=text.vocab_size,  # original LLaVA splices features in by position (its id is -200)
+            vision_feature_layer=d.get("mm_vision_select_layer", -2),
+            vision_feature_select_strategy="full" if select == "cls_patch" else "default",
+            projector_type=d.get("mm_projector_type", "linear"),  # LLaVA's default before 1.5 added the MLP
+        )
+
+
+class Projector(nn.Module):
+    """The LLaVA adapter: `mlp2x_gelu` = linear_1 -> act -> linear_2, or `linear` = linear_1 only."""
+
+    def __init__(self, cfg: LlavaConfig):
+        super().__init__()
+        d = cfg.text.hidden_size
+        self.linear_1 = nn.Linear(cfg.feature_dim, d, bias=cfg.projector_bias)
+        self.act = PROJECTOR_ACTS[cfg.projector_hidden_act]
+        self.linear_2 = nn.Linear(d, d, bias=cfg.projector_bias) if cfg.projector_type == "mlp2x_gelu" else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.linear_1(x)
+        return x if self.linear_2 is None else self.linear_2(self.act(x))
+
+
+class LlavaForConditionalGeneration(nn.Module):
+    """ViT + projector + Llama decoder: (input_ids with image tokens, pixel_values) -> logits [B, T, V]."""
+
+    def __init__(self, cfg: LlavaConfig):
+        super().__init__()
+        self.config = cfg
+        self.vision_tower = ViT(cfg.vision)
+        self.projector = Projector(cfg)
+        self.language_model = LlamaForCausalLM(cfg.text)
+        self.tokenizer = None  # set by from_pretrained when the directory has tokenizer.model
+        self.image_processor = ImageProcessor(size=cfg.vision.image_size, crop_size=cfg.vision.image_size)
+
+    @property
+    def device(self) -> torch.device:
+        return self.language_model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.language_model.dtype
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Projected features [N, P, D_text] of images [N, 3, H, W]."""
+        cfg = self.config
+        hidden = self.vision_tower.hidden_states(pixel_values.to(self.vision_tower.pos_embed.device), cfg.feature_layers)
+        if cfg.vision_feature_select_strategy == "default":
+            hidden = [h[:, cfg.vision.num_prefix_tokens:] for h in hidden]  # drop CLS
+        x = torch.cat(hidden, dim=-1)  # [N, P, D_vision * layers]
+        return self.projector(x.to(self.projector.linear_1.weight.dtype))
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+        """Decoder input embeddings [B, T, D]: token embeddings with image features at the image-token positions."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, tokens], got shape {tuple(input_ids.shape)}")
+        input_ids = input_ids.to(self.device)
+        is_image = input_ids == self.config.image_token_index  # [B, T]
+        n_tokens = int(is_image.sum())
+        if pixel_values is None:
+            n_images, per_image = 0, 0
+        else:
+            if pixel_values.dim() != 4:
+                raise ValueError(f"pixel_values must be [images, 3, height, width], got shape {tuple(pixel_values.shape)}")
+            n_images, per_image = pixel_values.shape[0], self.config.tokens_per_image(tuple(pixel_values.shape[-2:]))
+        if n_tokens != n_images * per_image:
+            raise ValueError(
+                f"input_ids hold {n_tokens} image tokens (id {self.config.image_token_index}) but pixel_values give "
+                f"{n_images} image(s) x {per_image} features = {n_images * per_image}; each image needs exactly "
+                f"{per_image} image tokens (use the processor to expand '<image>' placeholders)"
+            )
+        # The image id may lie beyond the text vocabulary; those rows are overwritten below anyway.
+        h = self.language_model.embed(input_ids.masked_fill(is_image, 0))  # [B, T, D]
+        if n_images:
+            features = self.image_features(pixel_values).to(h.dtype)  # [N, P, D]
+            h = h.masked_scatter(is_image.unsqueeze(-1).to(h.device), features)  # image after image, row-major
+        return h
+
+    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, T, V]; `input_ids` hold one image token per image feature, images in order."""
+        h = self.embed(input_ids, pixel_values)
+        mask = None if attention_mask is None else attention_mask.to(h.device)
+        return self.language_model(attention_mask=mask, inputs_embeds=h)
+
+    @torch.inference_mode()
+    def generate(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, max_new_tokens: int = 32, **kwargs) -> torch.Tensor:
+        """Prompt followed by new tokens [B, T + new]; options as `decoders.generate.generate` (greedy by default)."""
+        from decoders.generate import generate
+
+        h = self.embed(input_ids.to(self.device), pixel_values)
+        return generate(self.language_model, input_ids.to(self.device), attention_mask, max_new_tokens=max_new_tokens,
+                        inputs_embeds=h, **kwargs)
+
+    def stream_tokens(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                      attention_mask: torch.Tensor | None = None, **kwargs):
+        """Yield the next token of every row [B] per step (options as `decoders.generate.stream_tokens`)."""
+        from decoders.generate import stream_tokens
+
+        with torch.inference_mode():
+            h = self.embed(input_ids.to(self.device), pixel_values)
+        yield from stream_tokens(self.language_model, input_ids.to(self.device), attention_mask, inputs_embeds=h, **kwargs)
+
+    def processor(self, template: str | None = None):
+        """A `mm.conversation.LlavaProcessor` for this model's tokenizer, image processor and template."""
+        from .conversation import LlavaProcessor
+
+        if self.tokenizer is None:
+            raise ValueError("this LLaVA model has no tokenizer (its directory had no tokenizer.model); set model.tokenizer")
+        return LlavaProcessor(self.tokenizer, self.image_processor, self.config.image_token_index,
+                              self.config.tokens_per_image(self.image_processor.crop_size),
+                              template or self.config.template)
+
+    def caption(self, image, prompt: str | None = None, max_new_tokens: int = 64) -> str:
+        """Caption of one image (PIL image or path) with the model's tokenizer and template, greedy."""
+        from .caption import caption
+
+        return caption(self, [image], prompt=prompt, max_new_tokens=max_new_tokens, progress=False)[0]
+
+    # ----------------------------------------------------------------------------------- checkpoints
+
+    @classmethod
+    def from_state_dict(cls, cfg: LlavaConfig, state_dict: dict[str, torch.Tensor], dtype=torch.float32,
+                        device="cpu", source: str = "state dict") -> "LlavaForConditionalGeneration":
+        """Build a model from one of our state dicts without a throwaway random initialisation."""
+        with torch.device("meta"):
+            model = cls(cfg)
+        state_dict = {k: v.to(device=device, dtype=dtype) for k, v in state_dict.items()}
+        load_state_dict_strict(model, state_dict, source, assign=True)
+        model.language_model.inv_freq = rope_inv_freq(cfg.text).to(device)  # a non-persistent buffer
+        return model.eval()
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                        vision_tower: str | Path | None = None) -> "LlavaForConditionalGeneration":
+        """Load a llava-hf, original LLaVA or our own directory (see the module docstring); attaches tokenizer and
+        image processor when the directory has them. `vision_tower`: CLIP directory for original LLaVA checkpoints."""
+        path = Path(path)
+        if not path.is_dir():
+            raise CheckpointError(f"{path}: not a model directory")
+        raw = read_json(path / "config.json")
+        kind = raw.get("model_type")
+        processor_dir = path
+        mode = "crop"
+        if kind == OUR_MODEL_TYPE:
+            cfg = LlavaConfig.from_dict(raw)
+            sd = read_hf_weights(path)
+        elif kind == "llava":
+            cfg = LlavaConfig.from_hf(raw)
+            sd = convert_hf_llava_state_dict(read_hf_weights(path), cfg, source=str(path))
+        elif kind == "llava_llama" or "mm_projector_type" in raw or "mm_hidden_size" in raw:
+            weights = read_hf_weights(path)
+            tower_sd, vision_cfg, tower_dir = _original_vision_tower(path, raw, weights, vision_tower)
+            cfg = LlavaConfig.from_original(raw, vision_cfg)
+            sd = convert_original_llava_state_dict(weights, tower_sd, cfg, source=str(path))
+            mode = "pad" if raw.get("image_aspect_ratio") == "pad" else "crop"
+            if not (path / "preprocessor_config.json").is_file() and tower_dir is not None:
+                processor_dir = tower_dir
+        else:
+            raise CheckpointError(f"{path / 'config.json'}: model_type {kind!r} is not a LLaVA checkpoint "
+                                  f"(expected 'llava', 'llava_llama' or {OUR_MODEL_TYPE!r})")
+        model = cls.from_state_dict(cfg, sd, dtype, device, source=str(path))
+        model.image_processor = _load_image_processor(processor_dir, cfg, mode)
+        if (path / "tokenizer.model").is_file():
+            from decoders.tokenizer import load_tokenizer
+
+            model.tokenizer = load_tokenizer(path)
+        return model
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write our format: config.json, model.safetensors, tokenizer.model (if any), preprocessor_config.json."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2))
+        write_hf_weights(path, self.state_dict())
+        (path / "preprocessor_config.json").write_text(
+            json.dumps({"image_processor_type": "mm.ImageProcessor", **self.image_processor.to_dict()}, indent=2))
+        if self.tokenizer is not None:
+            self.tokenizer.save(path)
+
+
+# ------------------------------------------------------------------------------------------- converters
+
+
+def _load_image_processor(directory: Path, cfg: LlavaConfig, mode: str) -> ImageProcessor:
+    """Ours or HF's preprocessor_config.json in directory; else CLIP preprocessing at the tower's image size."""
+    f = directory / "preprocessor_config.json"
+    if not f.is_file():
+        return ImageProcessor(size=cfg.vision.image_size, crop_size=cfg.vision.image_size, mode=mode)
+    d = read_json(f)
+    try:
+        if d.get("image_processor_type") == "mm.ImageProcessor":
+            return ImageProcessor.from_dict({k: v for k, v in d.items() if k != "image_processor_type"})
+        return ImageProcessor.from_hf_preprocessor_config(d, mode=mode)
+    except ValueError as e:
+        raise CheckpointError(f"{f}: {e}") from e
+
+
+def _split(sd: dict[str, torch.Tensor], prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """Pop the tensors under any of prefixes, with the prefix removed."""
+    out = {}
+    for k in [k for k in sd if k.startswith(prefixes)]:
+        prefix = next(p for p in prefixes if k.startswith(p))
+        out[k[len(prefix):]] = sd.pop(k)
+    return out
+
+
+def _ours(vision: dict, projector: dict, language: dict) -> dict[str, torch.Tensor]:
+    """Join converted parts under this module's names."""
+    out = {f"vision_tower.{k}": v for k, v in vision.items()}
+    out.update({f"projector.{k}": v for k, v in projector.items()})
+    out.update({f"language_model.{k}": v for k, v in language.items()})
+    return out
+
+
+def convert_hf_llava_state_dict(sd: dict[str, torch.Tensor], cfg: LlavaConfig,
+                                source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """llava-hf keys (older `language_model.model.*` or newer `model.language_model.*` layout) -> ours."""
+    sd = dict(sd)
+    language = {"model." + k: v for k, v in _split(sd, ("model.language_model.", "language_model.model.")).items()}
+    for head in ("lm_head.weight", "language_model.lm_head.weight"):
+        if head in sd:
+            language["lm_head.weight"] = sd.pop(head)
+    vision = _split(sd, ("model.vision_tower.", "vision_tower."))
+    projector = _split(sd, ("model.multi_modal_projector.", "multi_modal_projector."))
+    if sd:
+        raise CheckpointError(f"{source}: unexpected keys outside the language model, vision tower and projector: "
+                              + ", ".join(sorted(sd)))
+    if not vision:
+        raise CheckpointError(f"{source}: no vision tower keys (vision_tower.* or model.vision_tower.*)")
+    return _ours(convert_hf_clip_vision_state_dict(vision), projector,
+                 convert_hf_state_dict(language, cfg.text, source=source))
+
+
+# The towers original LLaVA checkpoints name, for checkpoints that hold the tower weights but no tower config.
+KNOWN_CLIP_TOWERS = {
+    "openai/clip-vit-large-patch14-336": LLAVA_VISION_DEFAULTS,
+    "openai/clip-vit-large-patch14": dict(LLAVA_VISION_DEFAULTS, image_size=224),
+}
+
+
+def _original_vision_tower(path: Path, raw: dict, weights: dict, vision_tower) -> tuple[dict, ViTConfig, Path | None]:
+    """The CLIP tower of an original LLaVA checkpoint: (HF CLIP state dict, its config, its directory if any).
+
+    Tower weights inside the checkpoint (a tuned tower) win over the tower directory's; the config comes from the
+    directory (`vision_tower` or a local `mm_vision_tower`), else from the known OpenAI tower names."""
+    inside = _split(weights, ("model.vision_tower.vision_tower.", "model.vision_tower."))
+    name = vision_tower or raw.get("mm_vision_tower")
+    candidates = [Path(name), path / name] if name else []
+    tower_dir = next((c for c in candidates if (c / "config.json").is_file()), None)
+    if tower_dir is not None:
+        cfg = ViTConfig.from_hf_clip_vision(read_json(tower_dir / "config.json"))
+        return inside or read_hf_weights(tower_dir), cfg, tower_dir
+    if inside and name in KNOWN_CLIP_TOWERS:
+        return inside, ViTConfig.from_hf_clip_vision(KNOWN_CLIP_TOWERS[name]), None
+    raise CheckpointError(
+        f"{path}: this original LLaVA checkpoint does not hold its vision tower, and mm_vision_tower={name!r} is not "
+        f"a local CLIP directory. Pass vision_tower=DIR (an HF CLIPVisionModel or CLIPModel directory)")
+
+
+def convert_original_llava_state_dict(sd: dict[str, torch.Tensor], tower_sd: dict[str, torch.Tensor],
+                                      cfg: LlavaConfig, source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """Original LLaVA keys (`model.*` Llama, `model.mm_projector.{0,2}` or `model.mm_projector`) + HF CLIP tower -> ours."""
+    sd = dict(sd)
+    mm = _split(sd, ("model.mm_projector.",))
+    names = {"0": "linear_1", "2": "linear_2"} if cfg.projector_type == "mlp2x_gelu" else {}
+    projector = {}
+    for k, v in mm.items():
+        idx, _, param = k.rpartition(".")
+        if cfg.projector_type == "linear" and not idx:
+            projector[f"linear_1.{param}"] = v
+        elif idx in names:
+            projector[f"{names[idx]}.{param}"] = v
+        else:
+            raise CheckpointError(f"{source}: projector key model.mm_projector.{k} does not fit {cfg.projector_type!r}")
+    return _ours(convert_hf_clip_vision_state_dict(tower_sd), projector, convert_hf_state_dict(sd, cfg.text, source=source))
