@@ -1,12 +1,22 @@
 """Where the models shipped inside the package live."""
 from pathlib import Path
 
-PACKAGE_DIR = Path(__file__).resolve().parent
+MODELS_DIR = Path(__file__).resolve().parent / "models"
+
+
+def shipped(name: str) -> Path:
+    """The directory of the shipped model `name`, or a clear error if this install lacks it."""
+    path = MODELS_DIR / name
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"no shipped model {name!r} in {path}; pass --model DIR (a checkpoint directory)")
+    return path
 
 
 def default_model_dir() -> Path:
     """The shipped default text model (trained by `mm train --recipe text-tiny`)."""
-    path = PACKAGE_DIR / "models" / "text-tiny"
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"the shipped model is missing from {path}; reinstall the package or pass --model")
-    return path
+    return shipped("text-tiny")
+
+
+def default_llava_dir() -> Path:
+    """The shipped default image-captioning model."""
+    return shipped("llava-tiny")

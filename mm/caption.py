@@ -66,13 +66,9 @@ def run_caption(argv: list[str] | None = None) -> int:
     for f in args.images:
         if not Path(f).is_file():
             raise FileNotFoundError(f"image not found: {f}")
-    model_dir = args.model
-    if model_dir is None:
-        from . import assets
+    from .assets import default_llava_dir
 
-        if not hasattr(assets, "default_llava_dir"):
-            raise ValueError("no default LLaVA model is shipped; pass --model DIR")
-        model_dir = assets.default_llava_dir()
+    model_dir = args.model or default_llava_dir()
     model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=getattr(torch, args.dtype),
                                                           device=args.device, vision_tower=args.vision_tower)
     captions = caption(model, args.images, prompt=args.prompt, batch_size=args.batch_size,

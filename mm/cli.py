@@ -62,6 +62,13 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_caption(args) -> int:
+    """`mm caption IMAGE...`: see `mm caption --help`."""
+    from .caption import run_caption
+
+    return run_caption(args.args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `mm` with all subcommands."""
     p = argparse.ArgumentParser(prog="mm", description="Multimodal vision-speech-language models.")
@@ -78,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=list(DTYPES), default="float32")
     g.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
     g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("caption", help="caption images with a LLaVA model (mm caption --help)", add_help=False)
+    c.set_defaults(func=cmd_caption, delegated=True)
 
     t = sub.add_parser("train", help="train a model by a recipe")
     t.add_argument("--recipe", default="text-tiny", help="text-tiny: the shipped scene-caption text model")
@@ -103,10 +113,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `mm` console script."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if getattr(args, "delegated", False):
+        args.args = rest  # the subcommand's own parser reads these
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:  # our errors already say what and where
+    except (ValueError, FileNotFoundError, OSError) as e:  # our errors already say what and where
         print(f"mm {args.command}: error: {e}", file=sys.stderr)
         return 2
 
