@@ -80,6 +80,7 @@ def stream_tokens(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_ma
     positions = positions_from_mask(key_mask[:, :T])  # [B, T]
     cache = model.new_kv_cache(B, S_max)
     prompt_mask = None if bool(key_mask[:, :T].all()) else key_mask[:, :T]
+    use_lens = prompt_mask is None and device.type == "cuda"
     logits = model(input_ids.to(device), prompt_mask, inputs_embeds=inputs_embeds, position_ids=positions,
                    kv_cache=cache, last_only=True)  # [B, 1, V]
     step_fn = model.compile_decode() if compile else (model.compiled_decode_step or model.decode_step)
@@ -97,7 +98,9 @@ def stream_tokens(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_ma
             return
         slot = T + step
         key_mask[:, slot] = True
-        logits = step_fn(token[:, None], next_pos, torch.tensor([slot], device=device), key_mask, cache)
+        # Without padding each row's tokens are a cache prefix: on CUDA that lets attention use FlashDecoding.
+        cache_lens = torch.full((B,), slot + 1, device=device) if use_lens else None
+        logits = step_fn(token[:, None], next_pos, torch.tensor([slot], device=device), key_mask, cache, cache_lens)
         next_pos = next_pos + 1
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import CheckpointError, load_state_dict_strict, read_hf_weights, read_json, read_torch, write_hf_weights
+from .flash_decoding import decode_attention
 from .kv_cache import KVCache
 
 
@@ -148,7 +149,7 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(cfg.hidden_size, (self.n_heads + 2 * self.n_kv_heads) * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, mask, is_causal, kv_cache: KVCache | None, layer: int, start: int):
+    def forward(self, x, cos, sin, mask, is_causal, kv_cache: KVCache | None, layer: int, start, cache_lens=None):
         B, T, _ = x.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
         q, k, v = self.qkv_proj(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
@@ -158,14 +159,16 @@ class Attention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.update(layer, start, k, v)  # [B, Hkv, S, D]
         G = H // Hkv
-        if is_causal:  # square prefill: SDPA's own causal kernels, GQA without repeating K/V
+        if cache_lens is not None:  # one token per row over a cache prefix: FlashDecoding on long CUDA caches
+            y = decode_attention(q, k, v, cache_lens)  # [B, H, 1, D]
+        elif is_causal:  # square prefill: SDPA's own causal kernels, GQA without repeating K/V
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=G > 1)
         else:
             # Fold each KV group's query heads into the query length: [B, Hkv, G*T, D]. Query head h uses kv
             # head h // G (the order Hugging Face's repeat_kv gives), and K/V are never copied G times.
             q = q.reshape(B, Hkv, G * T, D)
-            if mask is not None and G > 1:
-                mask = mask.repeat(1, 1, G, 1)  # [B, 1, G*T, S]
+            if mask is not None and G > 1 and T > 1:
+                mask = mask.repeat(1, 1, G, 1)  # [B, 1, G*T, S]; a single query row broadcasts as it is
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         y = y.reshape(B, H, T, D).transpose(1, 2).reshape(B, T, H * D)
         return self.o_proj(y)
@@ -194,8 +197,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, is_causal, kv_cache, layer, start):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, is_causal, kv_cache, layer, start)
+    def forward(self, x, cos, sin, mask, is_causal, kv_cache, layer, start, cache_lens=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, is_causal, kv_cache, layer, start, cache_lens)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -299,26 +302,30 @@ class LlamaForCausalLM(nn.Module):
             kv_cache.length = start + T
         return logits
 
-    def run_layers(self, h, position_ids, mask, is_causal, kv_cache, start, last_only=False) -> torch.Tensor:
+    def run_layers(self, h, position_ids, mask, is_causal, kv_cache, start, last_only=False, cache_lens=None) -> torch.Tensor:
         """The layers, final norm and head on embeddings h [B, T, D]; no checks (see `forward`)."""
         cos, sin = rope_cos_sin(self.inv_freq, position_ids, h.dtype)
+        if mask is not None:  # once here rather than inside SDPA in every layer: 0 where seen, -inf where masked
+            mask = torch.zeros(mask.shape, dtype=h.dtype, device=h.device).masked_fill_(~mask, float("-inf"))
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, mask, is_causal, kv_cache, i, start)
+            h = layer(h, cos, sin, mask, is_causal, kv_cache, i, start, cache_lens)
         if last_only:
             h = h[:, -1:]
         h = self.norm(h)
         return F.linear(h, self.embed_tokens.weight) if self.lm_head is None else self.lm_head(h)
 
     def decode_step(self, token: torch.Tensor, position: torch.Tensor, slot: torch.Tensor, key_mask: torch.Tensor,
-                    kv_cache: KVCache) -> torch.Tensor:
+                    kv_cache: KVCache, cache_lens: torch.Tensor | None = None) -> torch.Tensor:
         """One new token per row with static shapes, for `torch.compile`: logits [B, 1, V].
 
         token, position [B, 1]; slot [1]: the cache slot written; key_mask [B, S_max] bool: slots to attend to
         (this one included). Attends over the whole cache, so shapes never change from step to step.
+        cache_lens [B]: when every row's real tokens are a prefix of the cache (no padding), their lengths; then
+        attention runs through `decode_attention` (FlashDecoding's split-KV kernel on long CUDA caches).
         """
         h = self.embed_tokens(token)  # [B, 1, D]
-        mask = key_mask[:, None, None, :]  # [B, 1, 1, S_max]
-        return self.run_layers(h, position, mask, False, kv_cache, slot)
+        mask = None if cache_lens is not None else key_mask[:, None, None, :]  # [B, 1, 1, S_max]
+        return self.run_layers(h, position, mask, False, kv_cache, slot, cache_lens=cache_lens)
 
     def compile_decode(self):
         """Compile `decode_step` once with `torch.compile` (whole graph, static shapes) and keep it for `generate`."""

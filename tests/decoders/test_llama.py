@@ -344,3 +344,23 @@ def test_config_reads_transformers_4_and_5_rope_layouts():
         LlamaConfig(num_attention_heads=4, num_key_value_heads=3)
     with pytest.raises(ValueError, match="yarn"):
         LlamaConfig.from_hf(dict(TINY, rope_scaling={"rope_type": "yarn", "factor": 4.0}))
+
+
+def test_decode_step_with_cache_lengths_equals_masked_step():
+    """The FlashDecoding entry (`cache_lens`, used on CUDA without padding) gives the masked step's logits."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**{**TINY, "num_key_value_heads": 2})).eval()
+    ids = torch.randint(3, 97, (2, 9))
+    with torch.no_grad():
+        full = model(ids)
+        for use_lens in (False, True):
+            cache = model.new_kv_cache(2, 16)
+            model(ids[:, :6], kv_cache=cache)
+            key_mask = torch.zeros(2, 16, dtype=torch.bool)
+            key_mask[:, :6] = True
+            for slot in range(6, 9):
+                key_mask[:, slot] = True
+                lens = torch.full((2,), slot + 1) if use_lens else None
+                logits = model.decode_step(ids[:, slot:slot + 1], torch.full((2, 1), slot), torch.tensor([slot]),
+                                           key_mask, cache, lens)
+                assert (logits[:, 0] - full[:, slot]).abs().max().item() < 1e-4
