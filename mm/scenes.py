@@ -1,10 +1,13 @@
 """Procedural scenes described in words: the project's own data, deterministic from a seed, nothing downloaded.
 
 A scene is a few objects (shape, colour, size, position on a 3x3 grid); `describe` turns it into a caption.
-The text model shipped with the package is trained on these captions.
+The text model shipped with the package is trained on these captions. `render` draws a scene, `questions` asks
+everything about it that has one answer, and `scene_examples` gives rendered scenes of the train or held-out
+split (rule above `heldout_pairs`).
 """
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 
@@ -62,3 +65,256 @@ def captions(n: int, seed: int = 0) -> list[str]:
     """`n` captions of random scenes, the same for the same seed."""
     rng = random.Random(seed)
     return [describe(sample_scene(rng)) for _ in range(n)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Images, questions and the train/held-out split. Everything below is new; the functions above keep their outputs
+# (the shipped text model was trained on them).
+
+COUNT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+QUESTION_KINDS = ["colour", "shape", "count", "position"]
+
+# Object colours far apart (the closest pair, yellow/orange, is 85 apart in RGB) and background colours at
+# least 90 from every object colour, so a pixel's nearest palette colour always names what is drawn there.
+COLOUR_RGB = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 70),
+    "blue": (40, 90, 230),
+    "yellow": (245, 215, 40),
+    "purple": (140, 60, 190),
+    "orange": (245, 130, 25),
+    "white": (250, 250, 250),
+    "black": (20, 20, 20),
+}
+BACKGROUND_RGB = {
+    "grey": (128, 128, 128),
+    "light grey": (190, 190, 195),
+    "beige": (200, 185, 150),
+    "slate": (70, 85, 105),
+    "sky": (150, 190, 215),
+    "sage": (130, 160, 120),
+}
+COLOUR_JITTER = 12  # per channel, added to an object's colour
+NOISE_STD = 6.0  # per pixel, on noisy backgrounds only
+SUPERSAMPLE = 4  # draw at 4x and box-filter down: smooth edges, interiors keep their exact colour
+BIG_RADIUS, SMALL_RADIUS = 0.40, 0.24  # circumradius as a fraction of a grid cell
+MAX_ROTATION = 12.0  # degrees; small enough that a square never looks like a diamond
+
+
+def _polygon(shape: str, cx: float, cy: float, r: float, degrees: float) -> list[tuple[float, float]]:
+    """Vertices of a polygonal shape centred (centroid) at (cx, cy) with circumradius r, rotated by `degrees`."""
+    if shape == "square":
+        radii, angles = [r * 0.9] * 4, [45 + 90 * k for k in range(4)]
+    elif shape == "diamond":  # taller than wide, so it is not a square turned by 45 degrees
+        radii, angles = [r, r * 0.65, r, r * 0.65], [-90, 0, 90, 180]
+    elif shape == "triangle":  # point up
+        radii, angles = [r] * 3, [-90 + 120 * k for k in range(3)]
+    elif shape == "hexagon":
+        radii, angles = [r] * 6, [60 * k for k in range(6)]
+    elif shape == "star":  # five points, inner radius 0.45 r
+        radii, angles = [r if k % 2 == 0 else 0.45 * r for k in range(10)], [-90 + 36 * k for k in range(10)]
+    else:
+        raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+    return [
+        (cx + rad * math.cos(math.radians(a + degrees)), cy + rad * math.sin(math.radians(a + degrees)))
+        for rad, a in zip(radii, angles)
+    ]
+
+
+def object_centres(
+    scene: list[Obj], size: int = 64, rng: random.Random | int = 0, background: str | None = None,
+    noisy: bool | None = None,
+) -> list[tuple[float, float, float]]:
+    """(x, y, radius) in pixels of every object as `render` with the same arguments (a seed, or a copy of the
+    Random: both functions draw from it) draws it."""
+    return [(x, y, r) for x, y, r, _, _ in _plan(scene, size, _as_rng(rng), background, noisy)[3]]
+
+
+def _as_rng(rng: random.Random | int) -> random.Random:
+    return rng if isinstance(rng, random.Random) else random.Random(rng)
+
+
+def _plan(scene: list[Obj], size: int, rng: random.Random, background: str | None, noisy: bool | None):
+    """All of an image's random draws, in order: background name, noisy or not, noise seed, object layout."""
+    if size < 24:
+        raise ValueError(f"image size {size} is too small to draw a 3x3 grid of shapes (at least 24)")
+    if len(set((o.row, o.col) for o in scene)) != len(scene):
+        raise ValueError("two objects share a grid cell")
+    if background is None:
+        background = rng.choice(sorted(BACKGROUND_RGB))
+    if background not in BACKGROUND_RGB:
+        raise ValueError(f"unknown background {background!r}; expected one of {sorted(BACKGROUND_RGB)}")
+    coin = rng.random() < 0.5  # drawn even when `noisy` is given, so the layout does not depend on it
+    noisy = coin if noisy is None else noisy
+    noise_seed = rng.getrandbits(32)
+    return background, noisy, noise_seed, _layout(scene, size, rng)
+
+
+def _layout(scene: list[Obj], size: int, rng: random.Random):
+    """Per object: centre x, y and radius in pixels, rotation in degrees, jittered RGB; draws from `rng` in order."""
+    cell = size / 3
+    out = []
+    for o in scene:
+        if o.shape not in SHAPES or o.colour not in COLOUR_RGB or o.size not in SIZES:
+            raise ValueError(f"bad object {o}: shape, colour and size must come from SHAPES, COLOURS and SIZES")
+        if not (0 <= o.row <= 2 and 0 <= o.col <= 2):
+            raise ValueError(f"bad object {o}: row and col must be 0, 1 or 2")
+        r = cell * (BIG_RADIUS * rng.uniform(0.95, 1.05) if o.size == "big" else SMALL_RADIUS * rng.uniform(0.9, 1.1))
+        slack = max(0.0, cell / 2 - r - 0.03 * cell)  # keep the whole shape inside its cell
+        x = (o.col + 0.5) * cell + rng.uniform(-slack, slack)
+        y = (o.row + 0.5) * cell + rng.uniform(-slack, slack)
+        degrees = rng.uniform(-MAX_ROTATION, MAX_ROTATION)
+        rgb = tuple(min(255, max(0, c + rng.randint(-COLOUR_JITTER, COLOUR_JITTER))) for c in COLOUR_RGB[o.colour])
+        out.append((x, y, r, degrees, rgb))
+    return out
+
+
+def render(
+    scene: list[Obj], size: int = 64, rng: random.Random | int = 0, background: str | None = None,
+    noisy: bool | None = None,
+):
+    """Draw a scene as a `size` x `size` RGB PIL image; the same scene and seed give the same pixels.
+
+    The background is one of BACKGROUND_RGB, plain or with Gaussian pixel noise (both chosen by `rng` unless given);
+    each object is drawn flat in its (slightly jittered) colour, a little off its cell centre and turned a little.
+    """
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    background, noisy, noise_seed, layout = _plan(scene, size, _as_rng(rng), background, noisy)
+
+    base = np.empty((size, size, 3), dtype=np.float32)  # [H, W, 3]
+    base[:] = BACKGROUND_RGB[background]
+    if noisy:
+        base += np.random.default_rng(noise_seed).normal(0.0, NOISE_STD, size=base.shape).astype(np.float32)
+    base = np.clip(np.rint(base), 0, 255).astype(np.uint8)
+    s = SUPERSAMPLE
+    # nearest-neighbour upsampling, so after the box filter each background pixel is exactly what it was
+    canvas = Image.fromarray(base.repeat(s, axis=0).repeat(s, axis=1), "RGB")
+    draw = ImageDraw.Draw(canvas)
+    for o, (x, y, r, degrees, rgb) in zip(scene, layout):
+        if o.shape == "circle":
+            draw.ellipse([(x - r) * s, (y - r) * s, (x + r) * s, (y + r) * s], fill=rgb)
+        else:
+            draw.polygon([(px * s, py * s) for px, py in _polygon(o.shape, x, y, r, degrees)], fill=rgb)
+    return canvas.resize((size, size), Image.BOX)
+
+
+@dataclass(frozen=True)
+class QA:
+    """A question about a scene with its one correct answer."""
+
+    kind: str  # one of QUESTION_KINDS
+    question: str
+    answer: str
+
+
+def questions(scene: list[Obj]) -> list[QA]:
+    """Every question of the grammar whose answer the scene fixes uniquely, in a fixed order.
+
+    colour: "what colour is the star?" (only if one star), "what colour is the big star?", "what colour is the
+    shape at the top left?"; shape: "what shape is at the top left?", "what shape is red?" (only if one red
+    object); count: "how many shapes are there?", "how many circles are there?", "how many red shapes are
+    there?" (answers "zero" .. "nine"); position: "where is the star?", "where is the red star?" (only if unique),
+    answered like the captions: "at the top left", "on the right", "in the middle".
+    """
+    out: list[QA] = []
+    objs = sorted(scene, key=lambda o: (o.row, o.col))
+
+    def only(pred) -> Obj | None:
+        hits = [o for o in objs if pred(o)]
+        return hits[0] if len(hits) == 1 else None
+
+    for shape in SHAPES:
+        if o := only(lambda o: o.shape == shape):
+            out.append(QA("colour", f"what colour is the {shape}?", o.colour))
+        else:
+            for size in SIZES:
+                if o := only(lambda o: (o.size, o.shape) == (size, shape)):
+                    out.append(QA("colour", f"what colour is the {size} {shape}?", o.colour))
+    for o in objs:
+        out.append(QA("colour", f"what colour is the shape {o.place()}?", o.colour))
+    for o in objs:
+        out.append(QA("shape", f"what shape is {o.place()}?", o.shape))
+    for colour in COLOURS:
+        if o := only(lambda o: o.colour == colour):
+            out.append(QA("shape", f"what shape is {colour}?", o.shape))
+    out.append(QA("count", "how many shapes are there?", COUNT_WORDS[len(objs)]))
+    for shape in SHAPES:
+        out.append(QA("count", f"how many {shape}s are there?", COUNT_WORDS[sum(o.shape == shape for o in objs)]))
+    for colour in COLOURS:
+        if any(o.colour == colour for o in objs):
+            n = sum(o.colour == colour for o in objs)
+            out.append(QA("count", f"how many {colour} shapes are there?", COUNT_WORDS[n]))
+    for shape in SHAPES:
+        if o := only(lambda o: o.shape == shape):
+            out.append(QA("position", f"where is the {shape}?", o.place()))
+    for o in objs:
+        if only(lambda p: (p.colour, p.shape) == (o.colour, o.shape)):
+            out.append(QA("position", f"where is the {o.colour} {o.shape}?", o.place()))
+    return out
+
+
+def sample_question(scene: list[Obj], rng: random.Random) -> QA:
+    """One question: a kind uniformly among QUESTION_KINDS, then a question of that kind uniformly."""
+    qas = questions(scene)
+    kinds = [k for k in QUESTION_KINDS if any(q.kind == k for q in qas)]  # every scene has all four kinds
+    kind = rng.choice(kinds)
+    return rng.choice([q for q in qas if q.kind == kind])
+
+
+# The split. Rule: each shape gets one held-out colour, no two shapes the same one (a seeded draw of 6 of the 8
+# colours), e.g. "red star". A scene is held out when any of its objects is a held-out (shape, colour) pair, and
+# a training scene has none. So training images, captions and questions never show or name a held-out pair,
+# while every shape and every colour word still occurs in training: held-out figures measure composition.
+
+SPLITS = ("train", "heldout")
+
+
+def heldout_pairs(split_seed: int = 0) -> frozenset[tuple[str, str]]:
+    """The held-out (shape, colour) pairs: one colour per shape, all colours different, fixed by `split_seed`."""
+    colours = random.Random(f"heldout-pairs/{split_seed}").sample(COLOURS, len(SHAPES))
+    return frozenset(zip(SHAPES, colours))
+
+
+def scene_split(scene: list[Obj], split_seed: int = 0) -> str:
+    """'heldout' if any object is a held-out (shape, colour) pair, else 'train'."""
+    pairs = heldout_pairs(split_seed)
+    return "heldout" if any((o.shape, o.colour) in pairs for o in scene) else "train"
+
+
+def sample_split_scene(rng: random.Random, split: str, max_objects: int = 3, split_seed: int = 0) -> list[Obj]:
+    """A scene from `sample_scene` that belongs to `split` (rejection sampling, so the mix stays natural)."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    while True:
+        scene = sample_scene(rng, max_objects)
+        if scene_split(scene, split_seed) == split:
+            return scene
+
+
+def item_rng(seed: int, split: str, kind: str, index: int) -> random.Random:
+    """The random stream of item `index`: items do not depend on how many others are drawn."""
+    return random.Random(f"{kind}/{split}/{seed}/{index}")
+
+
+@dataclass
+class SceneExample:
+    """A rendered scene with its caption and every unique-answer question about it."""
+
+    scene: list[Obj]
+    image: object  # PIL.Image.Image
+    caption: str
+    qa: list[QA]
+
+
+def scene_examples(
+    n: int, split: str = "train", seed: int = 0, size: int = 64, max_objects: int = 3, split_seed: int = 0
+) -> list[SceneExample]:
+    """`n` rendered scenes of `split` with captions and questions, the same for the same arguments."""
+    out = []
+    for i in range(n):
+        rng = item_rng(seed, split, "scene", i)
+        scene = sample_split_scene(rng, split, max_objects, split_seed)
+        out.append(SceneExample(scene, render(scene, size, rng), describe(scene), questions(scene)))
+    return out

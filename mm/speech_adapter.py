@@ -1,0 +1,511 @@
+"""Speech into the shared Llama decoder: E-Branchformer encoder + CTC head + speech adapter + Llama, and joint
+CTC/LLM beam search that keeps an LLM transcript on the audio.
+
+One utterance flows through:
+    waveform [S] -> SpeechEncoder (log-mel, 4x conv subsampling, E-Branchformer) -> enc [T', d]
+    -> SpeechAdapter: k-fold downsampling (frame stacking [T'/k, k*d], or a stride-k Conv1d) -> MLP (Linear, GELU,
+       Linear) -> features [N, D_llama]
+    -> scattered, in order, into the N positions of `input_ids` that hold `audio_token_id` (one token per feature,
+       the convention of `mm.llava` for images) -> Llama decoder -> logits.
+The CTC head stays on the encoder: its loss regularises training and its prefix score steers decoding.
+
+Feature counts are fixed per utterance, whatever the batch: the frontend gives F = S // hop + 1 frames, the
+subsampling T' = ((F - 1) // 2 - 1) // 2 (each utterance's own convolution length; ESPnet's `enc_lengths` of a
+shorter utterance in a padded batch can be up to 2 frames longer, those frames are not used here), and the adapter
+N = ceil(T' / k) (tail="pad": the last group is completed with zero frames) or floor(T' / k) (tail="drop": the
+incomplete last group is dropped). `SpeechLlama.feature_lengths(speech_lengths)` gives N without running anything.
+
+Joint decoding needs ONE vocabulary: the CTC head is trained over the Llama tokenizer's ids (its output size is
+the Llama vocab size), with id 0 as the CTC blank. For a SentencePiece Llama tokenizer id 0 is `<unk>`, which never
+occurs in a transcript, so the ids line up. Tokenizers whose id 0 is a real token (Llama 3's tiktoken) would need a
+mapping table between the two vocabularies; that is not implemented.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from decoders.beam_search import Hypothesis
+from decoders.ctc import CTC, CTCPrefixScorer
+from decoders.kv_cache import KVCache
+from decoders.llama import LlamaConfig, LlamaForCausalLM
+from decoders.loss import IGNORE_INDEX, next_token_loss
+from encoders.ebranchformer import Conv2dSubsampling4, SpeechEncoder, SpeechEncoderConfig, SpeechTooShortError
+
+ADAPTER_MODES = ("stack", "conv")
+ADAPTER_TAILS = ("pad", "drop")
+
+
+@dataclass
+class SpeechAdapterConfig:
+    """k-fold downsampling of encoder frames, then an MLP to the Llama hidden size.
+
+    mode: "stack" concatenates k consecutive frames ([T, d] -> [T/k, k*d]); "conv" is a Conv1d(d, d, k, stride=k).
+    tail: what to do with T not divisible by k: "pad" completes the last group with zero frames (N = ceil(T/k)),
+        "drop" discards it (N = floor(T/k); an utterance shorter than k frames is an error).
+    """
+
+    input_size: int = 256  # encoder output size d
+    hidden_size: int = 4096  # Llama hidden size
+    downsample: int = 4  # k
+    mode: str = "stack"
+    tail: str = "pad"
+    mlp_hidden_size: int | None = None  # None: hidden_size
+
+    def __post_init__(self):
+        if self.mode not in ADAPTER_MODES:
+            raise ValueError(f"adapter mode {self.mode!r} is not one of {ADAPTER_MODES}")
+        if self.tail not in ADAPTER_TAILS:
+            raise ValueError(f"adapter tail {self.tail!r} is not one of {ADAPTER_TAILS}")
+        if self.downsample < 1:
+            raise ValueError(f"adapter downsample must be >= 1, got {self.downsample}")
+        if self.mlp_hidden_size is None:
+            self.mlp_hidden_size = self.hidden_size
+
+
+def stack_frames(x: torch.Tensor, lengths: torch.Tensor, k: int, tail: str = "pad") -> torch.Tensor:
+    """Concatenate k consecutive frames: x [B, T, D] -> [B, ceil(T/k) or floor(T/k), k*D].
+
+    Frames past each utterance's length are zeroed first, so a group straddling the end holds zeros, not another
+    utterance's padding, and an utterance's features do not depend on the batch it is in.
+    """
+    B, T, D = x.shape
+    valid = torch.arange(T, device=x.device)[None, :] < lengths.to(x.device)[:, None]  # [B, T]
+    x = x.masked_fill(~valid[..., None], 0.0)
+    if tail == "pad":
+        x = F.pad(x, (0, 0, 0, -T % k))
+    else:
+        x = x[:, : T - T % k]
+    return x.reshape(B, x.shape[1] // k, k * D)
+
+
+class SpeechAdapter(nn.Module):
+    """Encoder states [B, T, d] with lengths -> Llama-space features [B, N, D] with lengths N (see the config)."""
+
+    def __init__(self, cfg: SpeechAdapterConfig):
+        super().__init__()
+        self.config = cfg
+        k, d = cfg.downsample, cfg.input_size
+        self.conv = nn.Conv1d(d, d, kernel_size=k, stride=k) if cfg.mode == "conv" else None
+        self.linear_1 = nn.Linear(d if cfg.mode == "conv" else k * d, cfg.mlp_hidden_size)
+        self.linear_2 = nn.Linear(cfg.mlp_hidden_size, cfg.hidden_size)
+
+    def output_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
+        """Features per utterance: ceil(T/k) with tail="pad", floor(T/k) with tail="drop"."""
+        k = self.config.downsample
+        return (lengths + k - 1) // k if self.config.tail == "pad" else lengths // k
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, T, d], lengths [B] -> (features [B, N_max, D], feature lengths [B]); rows past a length are padding."""
+        cfg = self.config
+        if x.dim() != 3 or x.shape[-1] != cfg.input_size:
+            raise ValueError(f"adapter input must be [B, T, {cfg.input_size}], got {tuple(x.shape)}")
+        out_lengths = self.output_lengths(lengths)
+        if bool((out_lengths < 1).any()):
+            short = lengths[out_lengths < 1].tolist()
+            raise SpeechTooShortError(f"encoder lengths {short} give no speech features with downsample="
+                                      f"{cfg.downsample} and tail='drop' (need at least {cfg.downsample} frames)")
+        stacked = stack_frames(x, lengths, cfg.downsample, cfg.tail)  # [B, N, k*d]
+        if self.conv is not None:  # a stride-k conv of kernel k reads exactly the stacked groups
+            B, N, _ = stacked.shape
+            w = stacked.view(B, N, cfg.downsample, cfg.input_size).permute(0, 3, 1, 2).reshape(B, cfg.input_size, -1)
+            stacked = self.conv(w).transpose(1, 2)  # [B, N, d]
+        return self.linear_2(F.gelu(self.linear_1(stacked))), out_lengths
+
+
+# ------------------------------------------------------------------------------------------- prompts
+
+
+def expand_audio_placeholder(ids: list[int], n_features: int, audio_token_id: int) -> list[int]:
+    """Replace the single `audio_token_id` placeholder of a prompt's ids by `n_features` copies of it."""
+    count = ids.count(audio_token_id)
+    if count != 1:
+        raise ValueError(f"a prompt must hold exactly one <audio> placeholder (id {audio_token_id}) per utterance; "
+                         f"this one holds {count}")
+    at = ids.index(audio_token_id)
+    return ids[:at] + [audio_token_id] * int(n_features) + ids[at + 1:]
+
+
+def build_speech_batch(prompts: list[list[int]], feature_lengths, audio_token_id: int, pad_id: int = 0,
+                       answers: list[list[int]] | None = None) -> dict[str, torch.Tensor]:
+    """Left-padded model inputs from prompt ids with one `<audio>` placeholder each and the utterances' feature counts.
+
+    Returns input_ids [B, T], attention_mask [B, T] (1 = token); with `answers` (ids appended after each prompt,
+    EOS included if wanted) also labels [B, T]: the answer ids, IGNORE_INDEX on prompt, audio and padding.
+    """
+    feature_lengths = [int(n) for n in torch.as_tensor(feature_lengths).tolist()]
+    if len(prompts) != len(feature_lengths):
+        raise ValueError(f"{len(prompts)} prompts but {len(feature_lengths)} utterances: one utterance per prompt")
+    if answers is not None and len(answers) != len(prompts):
+        raise ValueError(f"{len(answers)} answers for {len(prompts)} prompts")
+    rows, label_rows = [], []
+    for b, (ids, n) in enumerate(zip(prompts, feature_lengths)):
+        try:
+            ids = expand_audio_placeholder(list(ids), n, audio_token_id)
+        except ValueError as e:
+            raise ValueError(f"prompt {b}: {e}") from None
+        answer = list(answers[b]) if answers is not None else []
+        if audio_token_id in answer:
+            raise ValueError(f"answer {b} holds the <audio> id {audio_token_id}")
+        rows.append(ids + answer)
+        label_rows.append([IGNORE_INDEX] * len(ids) + answer)
+    T = max(len(r) for r in rows)
+    out = {
+        "input_ids": torch.full((len(rows), T), pad_id, dtype=torch.long),
+        "attention_mask": torch.zeros((len(rows), T), dtype=torch.long),
+    }
+    if answers is not None:
+        out["labels"] = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)
+    for b, (r, lab) in enumerate(zip(rows, label_rows)):
+        out["input_ids"][b, T - len(r):] = torch.tensor(r)
+        out["attention_mask"][b, T - len(r):] = 1
+        if answers is not None:
+            out["labels"][b, T - len(r):] = torch.tensor(lab)
+    return out
+
+
+# ------------------------------------------------------------------------------------------- model
+
+
+@dataclass
+class SpeechLlamaConfig:
+    """Speech encoder + adapter + Llama decoder; the CTC head has the Llama vocabulary (blank = id 0).
+
+    audio_token_id: the id marking one speech feature in input_ids; it may lie just beyond the text vocabulary.
+    ctc_weight: weight of the encoder's CTC loss added to the answer-only next-token loss in training.
+    """
+
+    speech: SpeechEncoderConfig = field(default_factory=SpeechEncoderConfig)
+    text: LlamaConfig = field(default_factory=LlamaConfig)
+    adapter: SpeechAdapterConfig | None = None  # None: stacking by 4, sizes from speech and text
+    audio_token_id: int = 32000
+    ctc_weight: float = 0.3
+
+    def __post_init__(self):
+        d, D = self.speech.encoder.output_size, self.text.hidden_size
+        if self.adapter is None:
+            self.adapter = SpeechAdapterConfig(input_size=d, hidden_size=D)
+        if (self.adapter.input_size, self.adapter.hidden_size) != (d, D):
+            raise ValueError(f"adapter maps {self.adapter.input_size} -> {self.adapter.hidden_size}, but the encoder "
+                             f"gives {d} and the Llama hidden size is {D}")
+        if self.audio_token_id < 0:
+            raise ValueError(f"audio_token_id must be >= 0, got {self.audio_token_id}")
+
+    def to_dict(self) -> dict:
+        """Plain nested dict for config.json (the text part in Hugging Face layout)."""
+        return {"speech": self.speech.to_dict(), "text": self.text.to_hf(), "adapter": asdict(self.adapter),
+                "audio_token_id": self.audio_token_id, "ctc_weight": self.ctc_weight}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SpeechLlamaConfig":
+        """Inverse of to_dict; unknown keys are an error."""
+        unknown = sorted(set(d) - {"speech", "text", "adapter", "audio_token_id", "ctc_weight"})
+        if unknown:
+            raise ValueError(f"SpeechLlamaConfig: unknown keys {unknown}")
+        d = dict(d)
+        d["speech"] = SpeechEncoderConfig.from_dict(d["speech"])
+        d["text"] = LlamaConfig.from_hf(d["text"])
+        if d.get("adapter") is not None:
+            extra = sorted(set(d["adapter"]) - set(SpeechAdapterConfig.__dataclass_fields__))
+            if extra:
+                raise ValueError(f"SpeechLlamaConfig: unknown adapter keys {extra}")
+            d["adapter"] = SpeechAdapterConfig(**d["adapter"])
+        return cls(**d)
+
+
+@dataclass
+class SpeechLlamaOutput:
+    """Logits [B, T, V] and, when targets were given, loss = lm_loss + ctc_weight * ctc_loss and its parts."""
+
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+    lm_loss: torch.Tensor | None = None
+    ctc_loss: torch.Tensor | None = None
+
+
+class SpeechLlama(nn.Module):
+    """SpeechEncoder + CTC head + SpeechAdapter + Llama: (input_ids with audio tokens, speech) -> logits [B, T, V]."""
+
+    def __init__(self, cfg: SpeechLlamaConfig):
+        super().__init__()
+        self.config = cfg
+        self.encoder = SpeechEncoder(cfg.speech)
+        self.ctc = CTC(cfg.text.vocab_size, cfg.speech.encoder.output_size)
+        self.adapter = SpeechAdapter(cfg.adapter)
+        self.language_model = LlamaForCausalLM(cfg.text)
+
+    @property
+    def audio_token_id(self) -> int:
+        """The id that marks one speech feature in input_ids."""
+        return self.config.audio_token_id
+
+    @property
+    def device(self) -> torch.device:
+        """Where the decoder's weights live (inputs are moved there)."""
+        return self.language_model.device
+
+    def encoder_lengths(self, speech_lengths: torch.Tensor) -> torch.Tensor:
+        """Each utterance's own subsampled length T' = ((F - 1)//2 - 1)//2 of its F = S // hop + 1 frames."""
+        frames = self.encoder.frontend.output_lengths(torch.as_tensor(speech_lengths))
+        if bool((frames < Conv2dSubsampling4.MIN_FRAMES).any()):
+            hop = self.config.speech.frontend.hop_length
+            raise SpeechTooShortError(
+                f"speech lengths {torch.as_tensor(speech_lengths).tolist()} samples give {frames.tolist()} frames; "
+                f"every utterance needs at least {Conv2dSubsampling4.MIN_FRAMES} frames "
+                f"({(Conv2dSubsampling4.MIN_FRAMES - 1) * hop} samples)")
+        return ((frames - 1) // 2 - 1) // 2
+
+    def feature_lengths(self, speech_lengths: torch.Tensor) -> torch.Tensor:
+        """Audio tokens each utterance needs in the prompt (one per adapted feature), computed without the model."""
+        return self.adapter.output_lengths(self.encoder_lengths(speech_lengths))
+
+    def encode_speech(self, speech: torch.Tensor, speech_lengths: torch.Tensor):
+        """speech [B, S] -> enc [B, T', d], enc_lengths [B] (ESPnet's), features [B, N, D], feature lengths [B]."""
+        speech_lengths = torch.as_tensor(speech_lengths, device=speech.device)
+        own = self.encoder_lengths(speech_lengths).to(speech.device)
+        enc, enc_lengths = self.encoder.encode(speech, speech_lengths)  # [B, T', d]
+        feats, feat_lengths = self.adapter(enc, own.to(enc.device))  # [B, N, D]
+        return enc, enc_lengths, feats, feat_lengths
+
+    def embed(self, input_ids: torch.Tensor, features: torch.Tensor | None = None,
+              feature_lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """Decoder input embeddings [B, T, D]: token embeddings, row b's audio tokens replaced by its features."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, tokens], got shape {tuple(input_ids.shape)}")
+        input_ids = input_ids.to(self.device)
+        is_audio = input_ids == self.audio_token_id  # [B, T]
+        counts = is_audio.sum(1).tolist()
+        if features is None:
+            expected = [0] * input_ids.shape[0]
+        else:
+            expected = [int(n) for n in feature_lengths.tolist()]
+        if len(expected) != len(counts) or counts != expected:
+            raise ValueError(
+                f"input_ids hold {counts} audio tokens (id {self.audio_token_id}) per row but the speech gives "
+                f"{expected} adapted features per utterance; each utterance needs exactly as many audio tokens as "
+                f"features (expand the '<audio>' placeholder with expand_audio_placeholder / build_speech_batch "
+                f"and SpeechLlama.feature_lengths)")
+        # The audio id may lie beyond the text vocabulary; those rows are overwritten below anyway.
+        h = self.language_model.embed(input_ids.masked_fill(is_audio, 0))  # [B, T, D]
+        if features is not None:
+            n = feature_lengths.to(features.device)
+            valid = torch.arange(features.shape[1], device=features.device)[None, :] < n[:, None]  # [B, N]
+            h = h.masked_scatter(is_audio.unsqueeze(-1), features[valid].to(h.device, h.dtype))  # row-major order
+        return h
+
+    def forward(self, input_ids: torch.Tensor, speech: torch.Tensor | None, speech_lengths: torch.Tensor | None,
+                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                ctc_targets: torch.Tensor | None = None, ctc_target_lengths: torch.Tensor | None = None,
+                ctc_weight: float | None = None) -> SpeechLlamaOutput:
+        """Logits, and with `labels` [B, T] (IGNORE_INDEX except the answer) and/or transcripts as CTC targets
+        (`ctc_targets` [B, L] Llama ids, no blank 0, padded past `ctc_target_lengths`) the combined loss.
+        speech=None: a text-only batch (no audio tokens allowed)."""
+        enc = enc_lengths = feats = feat_lengths = None
+        if speech is not None:
+            enc, enc_lengths, feats, feat_lengths = self.encode_speech(speech, speech_lengths)
+        h = self.embed(input_ids, feats, feat_lengths)
+        mask = None if attention_mask is None else attention_mask.to(h.device)
+        logits = self.language_model(attention_mask=mask, inputs_embeds=h)  # [B, T, V]
+        out = SpeechLlamaOutput(logits)
+        w = self.config.ctc_weight if ctc_weight is None else ctc_weight
+        if labels is not None:
+            is_audio = input_ids.to(logits.device) == self.audio_token_id
+            labels = labels.to(logits.device).masked_fill(is_audio, IGNORE_INDEX)
+            out.lm_loss = next_token_loss(logits, labels)
+        if ctc_targets is not None and w > 0:
+            if enc is None:
+                raise ValueError("ctc_targets need speech")
+            if ctc_target_lengths is None:
+                raise ValueError("ctc_targets need ctc_target_lengths")
+            ys, ys_lengths = ctc_targets.to(enc.device), torch.as_tensor(ctc_target_lengths, device=enc.device)
+            real = torch.arange(ys.shape[1], device=enc.device)[None, :] < ys_lengths[:, None]
+            if bool(((ys == 0) & real).any()):
+                raise ValueError("ctc_targets contain id 0, the CTC blank; transcripts must not hold token id 0")
+            out.ctc_loss = self.ctc.loss(enc, enc_lengths, ys, ys_lengths)
+        parts = [p for p in (out.lm_loss, None if out.ctc_loss is None else w * out.ctc_loss) if p is not None]
+        if parts:
+            out.loss = sum(parts)
+        return out
+
+    @torch.inference_mode()
+    def generate(self, input_ids: torch.Tensor, speech: torch.Tensor, speech_lengths: torch.Tensor,
+                 attention_mask: torch.Tensor | None = None, max_new_tokens: int = 32, **kwargs) -> torch.Tensor:
+        """Prompt followed by new tokens [B, T + new]; options as `decoders.generate.generate` (greedy by default)."""
+        from decoders.generate import generate
+
+        _, _, feats, feat_lengths = self.encode_speech(speech.to(self.device), speech_lengths)
+        h = self.embed(input_ids, feats, feat_lengths)
+        return generate(self.language_model, input_ids.to(self.device), attention_mask, max_new_tokens=max_new_tokens,
+                        inputs_embeds=h, **kwargs)
+
+    def stream_tokens(self, input_ids: torch.Tensor, speech: torch.Tensor, speech_lengths: torch.Tensor,
+                      attention_mask: torch.Tensor | None = None, **kwargs):
+        """Yield the next token of every row [B] per step (options as `decoders.generate.stream_tokens`)."""
+        from decoders.generate import stream_tokens
+
+        with torch.inference_mode():
+            _, _, feats, feat_lengths = self.encode_speech(speech.to(self.device), speech_lengths)
+            h = self.embed(input_ids, feats, feat_lengths)
+        yield from stream_tokens(self.language_model, input_ids.to(self.device), attention_mask, inputs_embeds=h,
+                                 **kwargs)
+
+
+# ------------------------------------------------------------------------------------------- joint decoding
+
+
+def reorder_kv_cache(cache: KVCache, index: torch.Tensor) -> KVCache:
+    """Keep rows `index` [N'] of the cache's batch (the hypotheses a beam step selected), in that order."""
+    cache.k = cache.k.index_select(1, index)  # [L, N', H_kv, S, D]
+    cache.v = cache.v.index_select(1, index)
+    return cache
+
+
+@torch.no_grad()
+def joint_beam_search(llm: LlamaForCausalLM, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None,
+                      ctc_log_probs: torch.Tensor | None, ctc_lengths: torch.Tensor | None, *, eos_token_id: int,
+                      beam_size: int = 4, ctc_weight: float = 0.3, max_new_tokens: int = 64,
+                      pre_beam_ratio: float = 1.5, length_bonus: float = 0.0) -> list[list[Hypothesis]]:
+    """Beam search over the Llama decoder's next-token log-probs joined with the CTC prefix score, per prompt.
+
+        score(h + c) = score(h) + (1 - ctc_weight) * log p_llm(c | prompt, h)
+                                + ctc_weight * [log psi_ctc(h + c) - log psi_ctc(h)] + length_bonus
+
+    inputs_embeds [B, T, D] (left-padded prompts, attention_mask [B, T]); ctc_log_probs [B, T', V] over the SAME
+    ids as the LLM (blank 0), ctc_lengths [B]. As in ESPnet: with 0 < ctc_weight < 1 only the int(pre_beam_ratio *
+    beam) best LLM tokens get a CTC score (the others cannot be chosen); EOS always does, and its CTC score is the
+    probability of the whole hypothesis (psi of exactly h); ctc_weight = 1 scores the full vocabulary. Each step
+    keeps the `beam_size` best extensions of each prompt's running hypotheses; those ending in EOS leave the beam.
+    The beams of all prompts run as one batch of B * beam rows over one static KV cache, reordered on selection.
+    A prompt stops when its best ended hypothesis beats all running ones (exact for the best when length_bonus
+    <= 0, as every term is <= 0) or at max_new_tokens, where the running hypotheses end without EOS.
+    Returns each prompt's ended hypotheses, best first (tokens without EOS; scores: unweighted "llm", "ctc" sums).
+    """
+    if inputs_embeds.dim() != 3:
+        raise ValueError(f"inputs_embeds must be [B, T, D], got {tuple(inputs_embeds.shape)}")
+    if not 0.0 <= ctc_weight <= 1.0:
+        raise ValueError(f"ctc_weight must lie in [0, 1], got {ctc_weight}")
+    if beam_size < 1:
+        raise ValueError(f"beam_size must be >= 1, got {beam_size}")
+    B, T, _ = inputs_embeds.shape
+    V, K, dev = llm.config.vocab_size, beam_size, inputs_embeds.device
+    N = B * K
+    use_ctc, use_llm = ctc_weight > 0, ctc_weight < 1
+    if use_ctc:
+        if ctc_log_probs is None or ctc_lengths is None:
+            raise ValueError(f"ctc_weight={ctc_weight} needs ctc_log_probs and ctc_lengths")
+        if ctc_log_probs.dim() != 3 or ctc_log_probs.shape[0] != B or ctc_log_probs.shape[2] != V:
+            raise ValueError(
+                f"ctc_log_probs must be [B={B}, T', V={V}] over the LLM's token ids (the CTC head is trained over "
+                f"the Llama tokenizer's ids), got {tuple(ctc_log_probs.shape)}")
+    if not 0 < eos_token_id < V:
+        raise ValueError(f"eos_token_id {eos_token_id} must lie in [1, {V}) (id 0 is the CTC blank)")
+    max_new_tokens = min(max_new_tokens, llm.config.max_position_embeddings - T)
+    if max_new_tokens <= 0:
+        raise ValueError(f"prompt of {T} tokens leaves no room in the context window of "
+                         f"{llm.config.max_position_embeddings}")
+    pre_beam = int(pre_beam_ratio * K)
+    do_pre_beam = use_ctc and use_llm and pre_beam < V
+
+    # prefill the B prompts once, then give each prompt K rows (rows b*K .. b*K+K-1)
+    key_mask = torch.ones(B, T + max_new_tokens, dtype=torch.bool, device=dev)  # cache slots to attend to
+    if attention_mask is not None:
+        key_mask[:, :T] = attention_mask.to(dev).bool()
+    cache = llm.new_kv_cache(B, T + max_new_tokens)
+    logits = llm(None, key_mask[:, :T], inputs_embeds=inputs_embeds, kv_cache=cache, last_only=True)  # [B, 1, V]
+    rows = torch.arange(B, device=dev).repeat_interleave(K)  # [N]
+    reorder_kv_cache(cache, rows)
+    key_mask = key_mask[rows]
+    lp_llm = torch.log_softmax(logits[rows, -1].float(), dim=-1)  # [N, V]
+
+    # only the first row of each prompt is alive at the start; dead rows carry score -inf
+    score = torch.full((B, K), -math.inf, device=dev)
+    score[:, 0] = 0.0
+    score = score.view(N)
+    sums = {"llm": torch.zeros(N, device=dev), "ctc": torch.zeros(N, device=dev)}
+    yseq = torch.zeros(N, 0, dtype=torch.long, device=dev)
+    if use_ctc:
+        scorer = CTCPrefixScorer(ctc_log_probs, ctc_lengths, eos_token_id)
+        ctc_state = scorer.init_state(rows)
+    last = torch.full((N,), -1, dtype=torch.long, device=dev)  # no token yet: never equals a candidate
+    ended: list[list[Hypothesis]] = [[] for _ in range(B)]
+    done = torch.zeros(B, dtype=torch.bool, device=dev)
+
+    for i in range(max_new_tokens):
+        weighted = torch.full((N, V), length_bonus, device=dev)
+        if use_llm:
+            weighted += (1 - ctc_weight) * lp_llm
+        ctc_scores = torch.zeros(N, V, device=dev)
+        if use_ctc:
+            ids = torch.topk(lp_llm, pre_beam, dim=-1)[1] if do_pre_beam else None  # [N, pre_beam]
+            ctc_scores, scored = scorer.score(last, ctc_state, ids)
+            weighted += ctc_weight * ctc_scores
+        weighted += score[:, None]
+
+        # best K extensions of each prompt's hypotheses
+        top_score, top = weighted.view(B, K * V).topk(K, dim=-1)  # [B, K]
+        prev = (torch.arange(B, device=dev)[:, None] * K + top // V).view(N)
+        tok = (top % V).view(N)
+        score = top_score.view(N)
+        sums = {"llm": sums["llm"][prev] + lp_llm[prev, tok], "ctc": sums["ctc"][prev] + ctc_scores[prev, tok]}
+        yseq = torch.cat([yseq[prev], tok[:, None]], dim=1)
+
+        alive = torch.isfinite(score)
+        finishing = alive & ((tok == eos_token_id) | (i == max_new_tokens - 1))
+        for j in finishing.nonzero().squeeze(1).tolist():
+            tokens = yseq[j].tolist()
+            if tokens[-1] == eos_token_id:
+                tokens = tokens[:-1]
+            ended[j // K].append(Hypothesis(tokens, yseq[j].tolist(), float(score[j]),
+                                            {k: float(v[j]) for k, v in sums.items()}))
+        score = score.masked_fill(finishing, -math.inf)
+        if length_bonus <= 0:  # every term is <= 0: no running hypothesis can overtake a better ended one
+            best_running = score.view(B, K).max(1).values.tolist()
+            for b in range(B):
+                if ended[b] and max(h.score for h in ended[b]) >= best_running[b]:
+                    done[b] = True
+        score = score.view(B, K).masked_fill(done[:, None], -math.inf).view(N)
+        if not bool(torch.isfinite(score).any()) or i == max_new_tokens - 1:
+            break
+
+        reorder_kv_cache(cache, prev)
+        if use_ctc:
+            ctc_state = scorer.select(scored, prev, tok)
+        last = tok
+        key_mask[:, T + i] = True
+        logits = llm(tok[:, None], key_mask[:, : T + i + 1], kv_cache=cache)  # [N, 1, V]
+        lp_llm = torch.log_softmax(logits[:, -1].float(), dim=-1)
+
+    return [sorted(h, key=lambda h: h.score, reverse=True) for h in ended]
+
+
+@torch.no_grad()
+def joint_transcribe(model: SpeechLlama, input_ids: torch.Tensor, speech: torch.Tensor, speech_lengths: torch.Tensor,
+                     attention_mask: torch.Tensor | None = None, *, beam_size: int = 4, ctc_weight: float = 0.3,
+                     max_new_tokens: int = 64, eos_token_id: int | None = None, pre_beam_ratio: float = 1.5,
+                     length_bonus: float = 0.0) -> list[list[Hypothesis]]:
+    """Transcribe (or answer about) speech with joint CTC/LLM beam search; prompts hold the expanded audio tokens.
+
+    Runs the encoder once: its CTC log-probs feed the prefix scorer, its adapted features the prompt. eos_token_id
+    defaults to the Llama config's (the first one when it lists several). See `joint_beam_search`.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        speech = speech.to(model.device)
+        enc, enc_lengths, feats, feat_lengths = model.encode_speech(speech, speech_lengths)
+        h = model.embed(input_ids, feats, feat_lengths)
+        log_probs = model.ctc.log_softmax(enc) if ctc_weight > 0 else None  # [B, T', V]
+    finally:
+        model.train(was_training)
+    if eos_token_id is None:
+        eos = model.config.text.eos_token_id
+        if eos is None:
+            raise ValueError("the Llama config has no eos_token_id; pass eos_token_id")
+        eos_token_id = eos if isinstance(eos, int) else list(eos)[0]
+    return joint_beam_search(model.language_model, h, attention_mask, log_probs, enc_lengths,
+                             eos_token_id=eos_token_id, beam_size=beam_size, ctc_weight=ctc_weight,
+                             max_new_tokens=max_new_tokens, pre_beam_ratio=pre_beam_ratio, length_bonus=length_bonus)
