@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Iterator
 
 import torch
@@ -29,6 +30,21 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | Non
         logits = logits.masked_fill(drop, float("-inf"))
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@contextlib.contextmanager
+def gemv_flags(model):
+    """oneDNN's bf16/fp16 matmul is slow for the one-row products of a CPU decode step (it re-lays out the weight);
+    ATen's own kernel streams weights at memory speed, so oneDNN is switched off around the step there."""
+    if model.device.type != "cpu" or model.dtype not in (torch.bfloat16, torch.float16):
+        yield
+        return
+    before = torch._C._get_mkldnn_enabled()
+    torch._C._set_mkldnn_enabled(False)
+    try:
+        yield
+    finally:
+        torch._C._set_mkldnn_enabled(before)
 
 
 def _eos_tensor(eos_token_id, device) -> torch.Tensor | None:
@@ -100,7 +116,8 @@ def stream_tokens(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_ma
         key_mask[:, slot] = True
         # Without padding each row's tokens are a cache prefix: on CUDA that lets attention use FlashDecoding.
         cache_lens = torch.full((B,), slot + 1, device=device) if use_lens else None
-        logits = step_fn(token[:, None], next_pos, torch.tensor([slot], device=device), key_mask, cache, cache_lens)
+        with gemv_flags(model):
+            logits = step_fn(token[:, None], next_pos, torch.tensor([slot], device=device), key_mask, cache, cache_lens)
         next_pos = next_pos + 1
 
 
