@@ -1,11 +1,13 @@
-"""Decoders: the shared Llama decoder, KV cache, generation, tokenizers and kernels."""
+"""Decoders: the shared Llama decoder, KV cache, generation, tokenizers and kernels; the ASR decoder, CTC, beam search."""
 from .checkpoint import CheckpointError
 from .generate import generate, sample_next, stream_text, stream_tokens
 from .kv_cache import KVCache
 from .llama import LlamaConfig, LlamaForCausalLM
 from .loss import IGNORE_INDEX, next_token_loss
+from .tokenizer import SentencePieceTokenizer, StreamDecoder, TiktokenTokenizer, load_tokenizer, train_sentencepiece
 
 __all__ = [
-    "CheckpointError", "IGNORE_INDEX", "KVCache", "LlamaConfig", "LlamaForCausalLM", "generate", "next_token_loss",
-    "sample_next", "stream_text", "stream_tokens",
+    "CheckpointError", "IGNORE_INDEX", "KVCache", "LlamaConfig", "LlamaForCausalLM", "SentencePieceTokenizer",
+    "StreamDecoder", "TiktokenTokenizer", "generate", "load_tokenizer", "next_token_loss", "sample_next",
+    "stream_text", "stream_tokens", "train_sentencepiece",
 ]
