@@ -89,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("caption", help="caption images with a LLaVA model (mm caption --help)", add_help=False)
     c.set_defaults(func=cmd_caption, delegated=True)
 
+    from .transcribe import add_arguments, cmd_transcribe
+
+    tr = sub.add_parser("transcribe", help="transcribe audio files with an ASR model (ESPnet/Dolphin or ours)")
+    add_arguments(tr)
+    tr.set_defaults(func=cmd_transcribe)
+
     t = sub.add_parser("train", help="train a model by a recipe")
     t.add_argument("--recipe", default="text-tiny", help="text-tiny: the shipped scene-caption text model")
     t.add_argument("--out", required=True, help="output model directory")

@@ -64,3 +64,29 @@ def test_mm_caption_console_command(tmp_path):
     out = subprocess.run(cmd + ["caption", str(bad), "--model", str(tmp_path / "model")], capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 2 and "notes.png" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_load_espnet_experiment_and_mm_transcribe_console_command(tmp_path):
+    import soundfile as sf
+
+    from mm.asr import ASRModel
+    from tests.mm.test_asr import make_espnet_experiment, waveforms
+
+    exp = make_espnet_experiment(tmp_path / "recipe", "rel_pos")
+    asr = mm.load(exp)
+    assert isinstance(asr, ASRModel)
+    wav = tmp_path / "utt.wav"
+    sf.write(wav, waveforms(seed=3, seconds=(1.5,))[0], 16000)
+    exe = shutil.which("mm")
+    cmd = [exe] if exe else [sys.executable, "-m", "mm.cli"]
+    out = subprocess.run(cmd + ["transcribe", str(wav), "--model", str(exp), "--decode", "joint", "--beam", "3",
+                                "--timestamps", "--format", "json", "--threads", "1"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)
+    got = got[0] if isinstance(got, list) else got
+    torch.set_num_threads(1)
+    want = asr.transcribe(str(wav), decode="joint", beam=3, timestamps=True)
+    assert got["text"] == want.text and len(want.tokens) >= 2
+    words = [w for seg in got["segments"] for w in seg["words"]]
+    assert words and all(0 <= w["start"] <= w["end"] <= 1.5 for w in words)

@@ -1,0 +1,141 @@
+"""`mm transcribe AUDIO... [--model DIR] [--decode ctc|attention|joint|rescore] [--beam N] [--timestamps]
+[--format text|json|srt]`: batch transcription of files with an ASR model (our format or an ESPnet/Dolphin
+experiment directory).
+
+Output formats (to stdout, or one file per input with `out_dir`):
+  text  one line per file (prefixed by "PATH: " when there are several); with --timestamps one line per segment,
+        "[HH:MM:SS.mmm --> HH:MM:SS.mmm] text".
+  json  one JSON document: a list with, per file, file, text, language, region, duration, tokens and segments
+        (start, end, text, words with start/end/score when --timestamps).
+  srt   SubRip cues, one per segment (segments are VAD windows, trimmed to their first and last word; --timestamps
+        is implied). Several files without out_dir: their SRT blocks follow one another, numbering restarts.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .asr import DECODE_MODES, Transcript, load_asr
+
+FORMATS = ("text", "json", "srt")
+SUFFIX = {"text": ".txt", "json": ".json", "srt": ".srt"}
+
+
+def timecode(seconds: float, sep: str = ",") -> str:
+    """Seconds -> HH:MM:SS,mmm (SRT; sep="." for the text format)."""
+    ms = int(round(max(0.0, seconds) * 1000))
+    h, ms = divmod(ms, 3_600_000)
+    m, ms = divmod(ms, 60_000)
+    s, ms = divmod(ms, 1000)
+    return f"{h:02d}:{m:02d}:{s:02d}{sep}{ms:03d}"
+
+
+def to_srt(result: Transcript) -> str:
+    """SubRip cues of the non-empty segments, numbered from 1."""
+    cues = []
+    for seg in result.segments:
+        if seg.text.strip():
+            end = max(seg.end, seg.start + 0.001)  # a cue needs a positive duration
+            cues.append(f"{len(cues) + 1}\n{timecode(seg.start)} --> {timecode(end)}\n{seg.text.strip()}\n")
+    return "\n".join(cues)
+
+
+def to_json_obj(result: Transcript, timestamps: bool) -> dict:
+    """The JSON object of one file."""
+    segments = []
+    for seg in result.segments:
+        s = {"start": seg.start, "end": seg.end, "text": seg.text.strip(), "language": seg.language,
+             "region": seg.region}
+        if timestamps:
+            s["words"] = [{"text": w.text, "start": w.start, "end": w.end, "score": round(w.score, 4)}
+                          for w in seg.words]
+        segments.append(s)
+    return {"file": result.source, "text": result.text, "language": result.language, "region": result.region,
+            "duration": result.duration, "tokens": result.tokens, "segments": segments}
+
+
+def to_text(result: Transcript, timestamps: bool) -> str:
+    """Plain text: the transcript, or one "[start --> end] text" line per segment with timestamps."""
+    if not timestamps:
+        return result.text.strip() + "\n"
+    return "".join(f"[{timecode(s.start, '.')} --> {timecode(s.end, '.')}] {s.text.strip()}\n"
+                   for s in result.segments if s.text.strip())
+
+
+def render(results: list[Transcript], fmt: str, timestamps: bool) -> str:
+    """All results in one output document of format fmt."""
+    if fmt == "json":
+        return json.dumps([to_json_obj(r, timestamps) for r in results], indent=2, ensure_ascii=False) + "\n"
+    if fmt == "srt":
+        return "\n".join(to_srt(r) for r in results)
+    if len(results) == 1:
+        return to_text(results[0], timestamps)
+    if timestamps:
+        return "".join(f"{r.source}:\n{to_text(r, True)}" for r in results)
+    return "".join(f"{r.source}: {r.text.strip()}\n" for r in results)
+
+
+def run_transcribe(files: list[str], model_dir: str | None, decode: str | None = None, beam: int = 10,
+                   timestamps: bool = False, fmt: str = "text", batch_size: int = 8, out=None,
+                   out_dir: str | None = None, progress: bool | None = None, device: str = "cpu",
+                   language: str | None = None, region: str | None = None) -> list[Transcript]:
+    """Transcribe files in batches and write them in fmt to `out` (default stdout) or to out_dir/<name><suffix>.
+
+    progress: a tqdm bar over the decoded windows on stderr (None: only when stderr is a terminal).
+    language / region: Dolphin prompt symbols such as "en" / "US" (default: detected per window).
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if not files:
+        raise ValueError("no audio files given")
+    if model_dir is None:
+        raise ValueError("no ASR model given: pass --model DIR (our format or an ESPnet/Dolphin experiment)")
+    if fmt == "srt":
+        timestamps = True  # cues are trimmed to the words
+    model = load_asr(model_dir, device=device)
+    results = model.transcribe([str(f) for f in files], decode=decode, beam=beam, timestamps=timestamps,
+                               batch_size=batch_size, progress=progress, language=language, region=region)
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for f, r in zip(files, results):
+            if fmt == "json":  # one object per file
+                text = json.dumps(to_json_obj(r, timestamps), indent=2, ensure_ascii=False) + "\n"
+            else:
+                text = render([r], fmt, timestamps)
+            (out_dir / (Path(f).stem + SUFFIX[fmt])).write_text(text, encoding="utf-8")
+    else:
+        (out or sys.stdout).write(render(results, fmt, timestamps))
+    return results
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of `mm transcribe` (for the lead's mm/cli.py)."""
+    p.add_argument("audio", nargs="+", help="audio files (wav, flac, ogg, mp3, ...)")
+    p.add_argument("--model", help="ASR model directory: ours (config.json) or an ESPnet/Dolphin experiment")
+    p.add_argument("--decode", choices=DECODE_MODES, default=None,
+                   help="ctc (greedy), attention, joint (default when the model has a decoder) or rescore")
+    p.add_argument("--beam", type=int, default=10)
+    p.add_argument("--timestamps", action="store_true", help="word and segment times from CTC alignment")
+    p.add_argument("--format", choices=FORMATS, default="text", dest="fmt")
+    p.add_argument("--batch-size", type=int, default=8, help="windows decoded together")
+    p.add_argument("--out-dir", default=None, help="write one output file per input here instead of stdout")
+    p.add_argument("--language", default=None, help="Dolphin-style models: language symbol, e.g. en (default: detect)")
+    p.add_argument("--region", default=None, help="Dolphin-style models: region symbol, e.g. US (default: detect)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads (default: torch's choice; 1 is often fastest for small models on busy machines)")
+
+
+def cmd_transcribe(args) -> int:
+    """Entry point of `mm transcribe` for a parsed namespace from add_arguments."""
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    run_transcribe(args.audio, args.model, decode=args.decode, beam=args.beam, timestamps=args.timestamps,
+                   fmt=args.fmt, batch_size=args.batch_size, out_dir=args.out_dir, device=args.device,
+                   language=args.language, region=args.region)
+    return 0

@@ -1,0 +1,313 @@
+"""ASRModel.transcribe on odd and long audio, and the `mm transcribe` path (run_transcribe / cmd_transcribe), on a
+tiny random model in our format made here (no ESPnet needed; ESPnet parity is in test_asr.py)."""
+import argparse
+import io
+import json
+import re
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+import soundfile as sf
+import torch
+
+from decoders.asr_decoder import ASRDecoderConfig
+from decoders.tokenizer import SentencePieceTokenizer
+from encoders.audio import AudioError
+from encoders.ebranchformer import EBranchformerConfig, SpeechEncoderConfig, SpeechTooShortError
+from encoders.frontend import FrontendConfig
+from mm.asr import ASRConfig, ASRModel, load_asr, speech_windows
+from mm.transcribe import add_arguments, cmd_transcribe, run_transcribe, timecode
+
+RATE = 16000
+
+
+def speechlike(seconds: float, seed: int) -> np.ndarray:
+    """A harmonic tone with moving pitch and loudness, plus a little noise (float32, 16 kHz)."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(RATE * seconds)) / RATE
+    f0 = 140 + 50 * np.sin(2 * np.pi * (0.9 + seed % 3) * t)
+    phase = 2 * np.pi * np.cumsum(f0) / RATE
+    x = sum(np.sin(h * phase) / h for h in range(1, 6)) * (0.4 + 0.6 * np.sin(2 * np.pi * (2.5 + seed % 2) * t) ** 2)
+    return (0.2 * x + 0.01 * rng.standard_normal(t.size)).astype(np.float32)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Thousands of tiny ops: with several threads on a busy 2-core machine, thread hand-offs cost 100x the work."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A random rel-pos E-Branchformer + Transformer decoder with a 40-piece BPE model, saved in our format."""
+    d = tmp_path_factory.mktemp("asr")
+    (d / "text").write_text("the cat sat on the mat\na dog ran to the park\nshe sells sea shells\nhello world\n" * 4)
+    spm.SentencePieceTrainer.train(input=str(d / "text"), vocab_size=40, model_type="bpe", model_prefix=str(d / "bpe"),
+                                   character_coverage=1.0, minloglevel=2)
+    tok = SentencePieceTokenizer(d / "bpe.model")
+    pieces = [tok.sp.id_to_piece(i) for i in range(tok.vocab_size) if not tok.sp.is_control(i) and i != tok.unk_id]
+    token_list = ["<blank>", "<unk>"] + pieces + ["<sos/eos>"]
+    enc = EBranchformerConfig(output_size=32, attention_heads=4, cgmlp_linear_units=64, num_blocks=2, use_ffn=True,
+                              macaron_ffn=True, linear_units=48, merge_conv_kernel=31)
+    speech = SpeechEncoderConfig(frontend=FrontendConfig(hop_length=160, win_length=400), encoder=enc)
+    cfg = ASRConfig(speech=speech, decoder=ASRDecoderConfig(len(token_list), 32, n_heads=4, ffn_dim=64, n_layers=2),
+                    token_list=token_list, sos=len(token_list) - 1, eos=len(token_list) - 1, ctc_weight=0.3)
+    torch.manual_seed(0)
+    model = ASRModel(cfg, tok).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+        model.speech.normalize.mean.fill_(-6.0)
+        model.speech.normalize.std.fill_(3.0)
+        # centre the CTC head on the mean frame of speech-like input (random encoders vary little over time),
+        # with blank ahead, so that the outputs have several tokens and blanks between them
+        model.ctc.ctc_lo.weight.mul_(4.0)
+        x = torch.from_numpy(speechlike(3.0, 1))[None]
+        mean_frame = model.encode(x, torch.tensor([x.shape[1]]))[0][0].mean(0)
+        model.ctc.ctc_lo.bias.copy_(-model.ctc.ctc_lo.weight @ mean_frame)
+        model.ctc.ctc_lo.bias[0] += 2.5
+        model.decoder.output_layer.weight.mul_(4.0)
+    model.save_pretrained(d / "model")
+    return d / "model"
+
+
+@pytest.fixture(scope="module")
+def model(model_dir):
+    return load_asr(model_dir)
+
+
+def write(path, samples, rate=RATE, subtype=None):
+    sf.write(str(path), samples, rate, subtype=subtype)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------- odd audio
+
+
+def test_int16_int32_float_files_and_arrays(model, tmp_path):
+    x = speechlike(1.2, 2)
+    want = model.transcribe(x, sample_rate=RATE, decode="ctc")
+    assert len(want.token_ids) >= 2
+    assert model.transcribe(write(tmp_path / "f.wav", x, subtype="FLOAT"), decode="ctc").token_ids == want.token_ids
+    pcm32 = np.round(x.astype(np.float64) * 2**31).astype(np.int32)
+    got32 = model.transcribe(write(tmp_path / "i32.wav", pcm32, subtype="PCM_32"), decode="ctc")
+    assert got32.token_ids == model.transcribe(pcm32, sample_rate=RATE, decode="ctc").token_ids == want.token_ids
+    pcm16 = np.round(x * 32767).astype(np.int16)
+    got16 = model.transcribe(write(tmp_path / "i16.wav", pcm16, subtype="PCM_16"), decode="ctc")
+    assert got16.token_ids == model.transcribe(pcm16, sample_rate=RATE, decode="ctc").token_ids
+    assert got16.duration == 1.2 and got16.source == str(tmp_path / "i16.wav")
+
+
+def test_stereo_is_mixed_to_mono(model, tmp_path):
+    left, right = speechlike(1.0, 3), speechlike(1.0, 4)
+    got = model.transcribe(write(tmp_path / "st.wav", np.stack([left, right], 1), subtype="FLOAT"), decode="ctc")
+    mono = ((left.astype(np.float64) + right) / 2).astype(np.float32)
+    assert got.token_ids == model.transcribe(mono, sample_rate=RATE, decode="ctc").token_ids
+    assert got.token_ids != model.transcribe(left, sample_rate=RATE, decode="ctc").token_ids
+
+
+@pytest.mark.parametrize("rate", [8000, 48000])
+def test_other_sample_rates_are_resampled(model, tmp_path, rate):
+    import soxr
+
+    x16 = speechlike(1.0, 5)
+    x = soxr.resample(x16, RATE, rate, quality="HQ").astype(np.float32)
+    got = model.transcribe(write(tmp_path / f"r{rate}.wav", x, rate, "FLOAT"), decode="ctc", timestamps=True)
+    assert got.duration == pytest.approx(1.0, abs=1e-3)
+    back = soxr.resample(x, rate, RATE, quality="HQ").astype(np.float32)[:RATE]
+    assert got.token_ids == model.transcribe(back, sample_rate=RATE, decode="ctc").token_ids
+    assert all(0 <= w.start <= w.end <= 1.0 + 1e-6 for w in got.words) and got.words
+
+
+def test_silence_works(model, tmp_path):
+    got = model.transcribe(write(tmp_path / "zero.wav", np.zeros(2 * RATE, np.int16)), decode="joint", beam=3,
+                           timestamps=True)
+    assert got.duration == 2.0 and len(got.segments) == 1
+    assert all(0.0 <= w.start <= w.end <= 2.0 for w in got.words)
+
+
+def test_short_inputs_follow_the_documented_rule(model, tmp_path):
+    # 0.1 s = 1600 samples -> 11 feature frames -> 2 encoder frames: decoded
+    got = model.transcribe(write(tmp_path / "short.wav", speechlike(0.1, 6)), decode="joint", beam=2)
+    assert got.duration == 0.1 and len(got.segments) == 1
+    enc, enc_lengths = model.encode(torch.from_numpy(speechlike(0.1, 6))[None], torch.tensor([1600]))
+    assert enc_lengths.tolist() == [2]
+    # under 60 ms (6 hops): the subsampling cannot run -> empty transcript from transcribe, an error from encode
+    assert model.config.min_samples == 960
+    for n in (1, 300, 959):
+        tiny = model.transcribe(speechlike(0.1, 6)[:n], sample_rate=RATE, decode="attention")
+        assert (tiny.text, tiny.token_ids, tiny.segments) == ("", [], [])
+    assert model.transcribe(speechlike(0.1, 6)[:960], sample_rate=RATE, decode="ctc").segments  # exactly 7 frames
+    with pytest.raises(SpeechTooShortError, match="has 6 frames.*at least 7"):
+        model.encode(torch.zeros(1, 959), torch.tensor([959]))
+
+
+def test_unusable_audio_gives_clear_errors(model, tmp_path):
+    (tmp_path / "empty.wav").write_bytes(b"")
+    with pytest.raises(AudioError, match=r"empty\.wav: empty file \(0 bytes\)"):
+        model.transcribe(tmp_path / "empty.wav")
+    with pytest.raises(AudioError, match=r"nosamples\.wav: contains no samples"):
+        model.transcribe(write(tmp_path / "nosamples.wav", np.zeros(0, np.int16)))
+    (tmp_path / "notes.wav").write_text("this is a text file, not audio\n")
+    with pytest.raises(AudioError, match=r"notes\.wav: not a readable audio file"):
+        model.transcribe(tmp_path / "notes.wav")
+    with pytest.raises(AudioError, match="no such audio file"):
+        model.transcribe(tmp_path / "missing.wav")
+    x = speechlike(1.0, 7)
+    x[8000] = np.nan
+    with pytest.raises(AudioError, match=r"1 NaN/inf samples \(first at sample 8000, 0\.500 s\)"):
+        model.transcribe(x, sample_rate=RATE)
+    with pytest.raises(AudioError, match=r"nan\.wav: 1 NaN/inf samples"):
+        model.transcribe(write(tmp_path / "nan.wav", x, subtype="FLOAT"))
+    with pytest.raises(AudioError, match="needs its sample_rate"):
+        model.transcribe(x)
+    # a bad file in a list fails before anything is decoded, naming that file
+    with pytest.raises(AudioError, match=r"notes\.wav"):
+        model.transcribe([write(tmp_path / "ok.wav", speechlike(1.0, 8)), tmp_path / "notes.wav"])
+    with pytest.raises(ValueError, match="decode must be one of ctc, attention, joint, rescore"):
+        model.transcribe(speechlike(1.0, 8), sample_rate=RATE, decode="greedy")
+
+
+def test_batched_files_equal_one_by_one(model, tmp_path):
+    # equal lengths: no padding in the batch, so batching must not change anything
+    waves = [speechlike(1.0, s) for s in (10, 11, 12)]
+    batched = model.transcribe(waves, sample_rate=RATE, decode="joint", beam=3, batch_size=3)
+    alone = [model.transcribe(w, sample_rate=RATE, decode="joint", beam=3) for w in waves]
+    assert [r.token_ids for r in batched] == [r.token_ids for r in alone]
+    assert len({tuple(r.token_ids) for r in batched}) == 3
+
+
+# ----------------------------------------------------------------------------------------------- long audio
+
+BURSTS = [(12.0, 13.5), (100.0, 101.2), (598.6, 599.8)]  # isolated speech, seconds
+LONG_RUN = (200.0, 270.0)  # 70 s of 2 s talk spurts with 0.5 s pauses: must be cut in the pauses
+
+
+def long_recording() -> tuple[np.ndarray, list[tuple[float, float]]]:
+    """10 minutes of digital silence with a few bursts and one long run; returns samples and the spurts."""
+    x = np.zeros(600 * RATE, np.float32)
+    spurts = list(BURSTS)
+    t = LONG_RUN[0]
+    while t + 2.0 <= LONG_RUN[1]:
+        spurts.append((t, t + 2.0))
+        t += 2.5
+    for k, (s, e) in enumerate(spurts):
+        seg = speechlike(e - s, k)
+        x[int(s * RATE): int(s * RATE) + seg.size] = seg
+    return x, sorted(spurts)
+
+
+def test_speech_windows_of_a_long_recording():
+    x, spurts = long_recording()
+    windows = [(s / RATE, e / RATE) for s, e in speech_windows(torch.from_numpy(x), RATE, max_window=30.0)]
+    assert all(e - s <= 30.0 for s, e in windows)
+    assert all(a[1] <= b[0] for a, b in zip(windows, windows[1:]))  # ordered, disjoint
+    for s, e in spurts:  # every spurt lies whole inside one window
+        assert sum(ws <= s and e <= we for ws, we in windows) == 1, (s, e)
+    cuts = [e for s, e in windows if LONG_RUN[0] < e < LONG_RUN[1]]
+    assert len(cuts) >= 2  # the 70 s run needed at least three windows ...
+    for c in cuts:  # ... cut where it is silent
+        assert not any(s < c < e for s, e in spurts), c
+    assert sum(e - s for s, e in windows) < 100  # the minutes of silence are not decoded
+    assert speech_windows(torch.zeros(40 * RATE), RATE) == []
+    # 45 s of talk with only 0.15 s pauses (bridged) is one run: it is cut at a silent frame 15-30 s in
+    talk = np.zeros(46 * RATE, np.float32)
+    for k in range(30):
+        talk[int((0.5 + 1.5 * k) * RATE): int((1.85 + 1.5 * k) * RATE)] = speechlike(1.35, k)
+    cut = [e / RATE for s, e in speech_windows(torch.from_numpy(talk), RATE)][0]
+    assert 0.3 + 15 <= cut <= 0.3 + 30 and 1.35 - 1e-6 <= (cut - 0.5) % 1.5 <= 1.5, cut  # the run starts at 0.5 - 0.2 s
+
+
+def test_long_recording_is_segmented_and_stitched(model, tmp_path):
+    x, spurts = long_recording()
+    path = write(tmp_path / "long.wav", x, subtype="PCM_16")
+    windows = speech_windows(torch.from_numpy(np.round(x * 32767) / 32768).float(), RATE)
+    got = model.transcribe(path, decode="ctc", timestamps=True, batch_size=1)
+    assert got.duration == 600.0 and len(got.segments) == len(windows)
+    words = got.words
+    assert len(words) >= 10
+    starts = [w.start for w in words]
+    assert starts == sorted(starts) and all(w.start <= w.end for w in words)
+    for seg, (s, e) in zip(got.segments, windows):  # segment times are recording times inside their window
+        assert s / RATE - 1e-6 <= seg.start <= seg.end <= e / RATE + 0.04
+        assert all(s / RATE - 1e-6 <= w.start <= w.end <= e / RATE + 0.04 for w in seg.words)
+    assert got.text == " ".join(seg.text.strip() for seg in got.segments if seg.text.strip())
+    # the window holding 100-101.2 s decoded on its own gives the same words, shifted by its offset
+    k = next(i for i, (s, e) in enumerate(windows) if s <= 100 * RATE < e)
+    s, e = windows[k]
+    clip = sf.read(str(path), dtype="float32", start=s, stop=e)[0]
+    alone = model.transcribe(clip, sample_rate=RATE, decode="ctc", timestamps=True)
+    assert alone.token_ids == got.segments[k].token_ids and alone.words
+    for a, b in zip(alone.words, got.segments[k].words):
+        assert (a.text, round(a.start + s / RATE, 3), round(a.end + s / RATE, 3)) == (b.text, b.start, b.end)
+
+
+# ----------------------------------------------------------------------------------------------- mm transcribe
+
+SRT_CUE = re.compile(r"^(\d+)\n(\d\d):([0-5]\d):([0-5]\d),(\d{3}) --> (\d\d):([0-5]\d):([0-5]\d),(\d{3})\n(.+)$")
+
+
+def seconds(h, m, s, ms):
+    return int(h) * 3600 + int(m) * 60 + int(s) + int(ms) / 1000
+
+
+def test_run_transcribe_formats(model_dir, tmp_path):
+    a = write(tmp_path / "a.wav", speechlike(2.0, 20), subtype="PCM_16")
+    b = write(tmp_path / "b.flac", speechlike(1.5, 21), subtype="PCM_16")
+
+    out = io.StringIO()
+    results = run_transcribe([a, b], str(model_dir), decode="joint", beam=3, fmt="json", timestamps=True, out=out)
+    doc = json.loads(out.getvalue())
+    assert [d["file"] for d in doc] == [str(a), str(b)]
+    for d, r in zip(doc, results):
+        assert d["text"] == r.text and d["duration"] == r.duration and d["tokens"] == r.tokens
+        words = [w for s in d["segments"] for w in s["words"]]
+        assert words and all(0 <= w["start"] <= w["end"] <= d["duration"] + 0.04 for w in words)
+
+    out = io.StringIO()
+    run_transcribe([a], str(model_dir), decode="ctc", fmt="srt", out=out)
+    cues = out.getvalue().strip().split("\n\n")
+    assert cues
+    prev_end = 0.0
+    for n, cue in enumerate(cues, 1):
+        m = SRT_CUE.match(cue)
+        assert m, cue
+        start, end = seconds(*m.group(2, 3, 4, 5)), seconds(*m.group(6, 7, 8, 9))
+        assert int(m.group(1)) == n and prev_end <= start < end <= 2.04
+        prev_end = end
+
+    out = io.StringIO()
+    res = run_transcribe([a, b], str(model_dir), decode="ctc", fmt="text", out=out)
+    assert out.getvalue() == f"{a}: {res[0].text.strip()}\n{b}: {res[1].text.strip()}\n"
+    out = io.StringIO()
+    run_transcribe([a], str(model_dir), decode="ctc", fmt="text", timestamps=True, out=out)
+    for line in out.getvalue().splitlines():
+        assert re.match(r"^\[\d\d:\d\d:\d\d\.\d{3} --> \d\d:\d\d:\d\d\.\d{3}\] \S", line), line
+
+
+def test_cli_entry_point(model_dir, tmp_path, capsys):
+    a = write(tmp_path / "talk.wav", speechlike(1.5, 30), subtype="PCM_16")
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    args = p.parse_args([str(a), "--model", str(model_dir), "--decode", "rescore", "--beam", "4", "--timestamps",
+                         "--format", "json"])
+    assert cmd_transcribe(args) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc[0]["file"] == str(a) and doc[0]["segments"][0]["words"]
+    args = p.parse_args([str(a), "--model", str(model_dir), "--format", "srt", "--out-dir", str(tmp_path / "out")])
+    assert cmd_transcribe(args) == 0
+    assert SRT_CUE.match((tmp_path / "out" / "talk.srt").read_text().strip().split("\n\n")[0])
+    with pytest.raises(ValueError, match="no ASR model given"):
+        run_transcribe([a], None)
+    with pytest.raises(ValueError, match="neither an mm-asr directory"):
+        run_transcribe([a], str(tmp_path))
+
+
+def test_timecode():
+    assert timecode(0) == "00:00:00,000"
+    assert timecode(3723.4567) == "01:02:03,457"
+    assert timecode(59.9996, ".") == "00:01:00.000"
