@@ -131,6 +131,32 @@ def bench_vit(batch: int, repeats: int) -> dict:
             "ours_img_s": batch / t_ours, "ratio": t_ref / t_ours}
 
 
+def bench_speech_encoder(seconds: float = 10.0, repeats: int = 3) -> dict:
+    """Real-time factor of our E-Branchformer encoder against ESPnet's on the same weights (Dolphin-base width)."""
+    from espnet2.asr.encoder.e_branchformer_encoder import EBranchformerEncoder as ESPnetEncoder
+
+    from encoders.ebranchformer import EBranchformerConfig, load_espnet_encoder
+
+    conf = dict(output_size=512, attention_heads=8, linear_units=2048, cgmlp_linear_units=2048, num_blocks=6,
+                input_layer="conv2d", pos_enc_layer_type="rel_pos", rel_pos_type="latest",
+                attention_layer_type="rel_selfattn", cgmlp_conv_kernel=31, use_linear_after_conv=False,
+                gate_activation="identity", merge_conv_kernel=31, dropout_rate=0.0, positional_dropout_rate=0.0,
+                attention_dropout_rate=0.0)
+    torch.manual_seed(0)
+    ref = ESPnetEncoder(input_size=80, **conf).eval()
+    ours = load_espnet_encoder({f"encoder.{k}": v for k, v in ref.state_dict().items()},
+                               EBranchformerConfig.from_espnet(conf)).eval()
+    frames = int(seconds * 100) + 1
+    feats, lengths = torch.randn(1, frames, 80), torch.tensor([frames])
+    with torch.inference_mode():
+        want, _, _ = ref(feats, lengths)
+        got, _ = ours(feats, lengths)
+        t_ref = best_time(lambda: ref(feats, lengths), repeats)
+        t_ours = best_time(lambda: ours(feats, lengths), repeats)
+    return {"model": "e_branchformer d512 x6", "audio_s": seconds, "max_abs_err": (got - want).abs().max().item(),
+            "ref_rtf": t_ref / seconds, "ours_rtf": t_ours / seconds, "speedup": t_ref / t_ours}
+
+
 def format_table(rows: list[dict], cols: list[str]) -> str:
     """A plain-text table of `rows` restricted to `cols`."""
     def fmt(v):
@@ -143,7 +169,7 @@ def format_table(rows: list[dict], cols: list[str]) -> str:
 
 
 def run(sizes=("10m", "125m"), dtypes=("float32", "bfloat16"), batches=(1, 8), new_tokens=128, prompt_len=16,
-        repeats=3, compile=True, vit=True, device="cpu", out: str | None = None, log=print) -> dict:
+        repeats=3, compile=True, vit=True, speech=True, device="cpu", out: str | None = None, log=print) -> dict:
     """Run the benchmark grid, print tables, and write JSON to `out` if given."""
     result = {"machine": {"platform": platform.platform(), "processor": platform.processor(), "device": device,
                           "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
@@ -169,6 +195,10 @@ def run(sizes=("10m", "125m"), dtypes=("float32", "bfloat16"), batches=(1, 8), n
     if vit:
         result["vit"] = bench_vit(batch=8, repeats=repeats)
         log("\n" + format_table([result["vit"]], ["model", "batch", "ref_img_s", "ours_img_s", "ratio", "max_abs_err"]))
+    if speech:
+        result["speech_encoder"] = bench_speech_encoder(repeats=repeats)
+        log("\n" + format_table([result["speech_encoder"]], ["model", "audio_s", "ref_rtf", "ours_rtf", "speedup",
+                                                             "max_abs_err"]))
     if out:
         Path(out).write_text(json.dumps(result, indent=2))
         log(f"\nwrote {out}")

@@ -48,7 +48,7 @@ def cmd_bench(args) -> int:
     device = "cuda" if args.cuda else "cpu"
     bench.run(sizes=args.sizes.split(","), dtypes=args.dtypes.split(","), batches=[int(b) for b in args.batches.split(",")],
               new_tokens=args.new_tokens, repeats=args.repeats, compile=not args.no_compile, vit=not args.no_vit,
-              device=device, out=args.out)
+              speech=not args.no_speech and not args.cuda, device=device, out=args.out)
     return 0
 
 
@@ -110,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, default=3)
     b.add_argument("--no-compile", action="store_true", help="eager decode step instead of torch.compile")
     b.add_argument("--no-vit", action="store_true")
+    b.add_argument("--no-speech", action="store_true", help="skip the speech encoder against ESPnet")
     b.add_argument("--cuda", action="store_true", help="run on the GPU")
     b.add_argument("--threads", type=int, default=0)
     b.add_argument("--out", default="bench.json")

@@ -364,3 +364,16 @@ def test_decode_step_with_cache_lengths_equals_masked_step():
                 logits = model.decode_step(ids[:, slot:slot + 1], torch.full((2, 1), slot), torch.tensor([slot]),
                                            key_mask, cache, lens)
                 assert (logits[:, 0] - full[:, slot]).abs().max().item() < 1e-4
+
+
+def test_compiled_decode_step_gives_the_eager_tokens(tiny_dir):
+    """The torch.compile'd decode step (frozen weights, inductor GEMMs) decodes exactly like the eager one."""
+    model = LlamaForCausalLM.from_pretrained(tiny_dir)
+    ids, mask = left_padded_batch(seed=4, pads=(0, 4))
+    eager = model.generate(ids, mask, max_new_tokens=12, eos_token_id=None)
+    eager_short = model.generate(ids[:, 3:], mask[:, 3:], max_new_tokens=5, eos_token_id=None)
+    compiled = model.generate(ids, mask, max_new_tokens=12, eos_token_id=None, compile=True)
+    assert model.compiled_decode_step is not None
+    assert torch.equal(compiled, eager)
+    # once compiled, generate keeps using the compiled step, also for a prompt of another length
+    assert torch.equal(model.generate(ids[:, 3:], mask[:, 3:], max_new_tokens=5, eos_token_id=None), eager_short)

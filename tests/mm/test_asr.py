@@ -123,13 +123,7 @@ def waveforms(seed: int = 0, seconds=(1.3, 0.9, 1.7)) -> list[np.ndarray]:
     return out
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Thousands of tiny ops: with several threads on a busy 2-core machine, thread hand-offs cost 100x the work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # fixture in conftest.py
 
 
 @pytest.fixture(scope="module")

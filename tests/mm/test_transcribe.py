@@ -32,13 +32,7 @@ def speechlike(seconds: float, seed: int) -> np.ndarray:
     return (0.2 * x + 0.01 * rng.standard_normal(t.size)).astype(np.float32)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Thousands of tiny ops: with several threads on a busy 2-core machine, thread hand-offs cost 100x the work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # fixture in conftest.py
 
 
 @pytest.fixture(scope="module")
