@@ -202,7 +202,8 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-def attention_mask_4d(attention_mask: torch.Tensor | None, start: int, T: int) -> tuple[torch.Tensor | None, bool]:
+def attention_mask_4d(attention_mask: torch.Tensor | None, start: int, T: int,
+                      device: torch.device | None = None) -> tuple[torch.Tensor | None, bool]:
     """Turn a key padding mask [B, start+T] (1 = token, 0 = pad) into (SDPA mask [B, 1, T, start+T], is_causal).
 
     Slot i of the query block sits at absolute slot start+i and sees keys at slots <= start+i that are not
@@ -216,7 +217,6 @@ def attention_mask_4d(attention_mask: torch.Tensor | None, start: int, T: int) -
             return None, False
         attention_mask = None
     S = start + T
-    device = attention_mask.device if attention_mask is not None else None
     q_slot = torch.arange(start, S, device=device)[:, None]  # [T, 1]
     k_slot = torch.arange(S, device=device)[None, :]  # [1, S]
     mask = (k_slot <= q_slot)[None, None]  # [1, 1, T, S]
@@ -302,7 +302,7 @@ class LlamaForCausalLM(nn.Module):
                 position_ids = positions_from_mask(attention_mask)[:, start:]
             else:
                 position_ids = torch.arange(start, start + T, device=h.device).expand(B, T)
-        mask, is_causal = attention_mask_4d(attention_mask, start, T)
+        mask, is_causal = attention_mask_4d(attention_mask, start, T, h.device)
         logits = self.run_layers(h, position_ids, mask, is_causal, kv_cache, start, last_only)
         if kv_cache is not None:
             kv_cache.length = start + T
