@@ -43,6 +43,12 @@ def cmd_bench(args) -> int:
 
     from . import bench
 
+    try:  # the references are development dependencies, not the library's
+        import espnet  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as e:
+        raise ValueError(f"mm bench compares against transformers, timm and espnet ({e}); install them with "
+                         "pip install -e '.[dev]'") from e
     if args.threads:
         torch.set_num_threads(args.threads)
     device = "cuda" if args.cuda else "cpu"
