@@ -17,11 +17,13 @@ which gives the same numbers as ESPnet's `forward_one_step` (that re-runs every 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .checkpoint import check_config_keys
 
 LAYER_NORM_EPS = 1e-12  # ESPnet's LayerNorm
 
@@ -75,10 +77,7 @@ class ASRDecoderConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "ASRDecoderConfig":
         """Inverse of `to_dict`; unknown keys are an error."""
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown ASRDecoderConfig keys: {unknown}")
+        check_config_keys(cls, d)
         return cls(**d)
 
 

@@ -5,6 +5,7 @@ files with `torch.load(weights_only=True)`. Errors name the file, the key and th
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -56,6 +57,13 @@ def read_json(path: str | os.PathLike) -> dict:
         raise CheckpointError(f"{path}: missing") from e
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not valid JSON: {e}") from e
+
+
+def check_config_keys(cls, d: dict) -> None:
+    """Raise ValueError naming the keys of `d` that the config dataclass `cls` lacks (a typo, or another format)."""
+    unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown keys {unknown}")
 
 
 def check_state_dict(expected: dict[str, torch.Size], state_dict: dict[str, torch.Tensor], source: str) -> None:

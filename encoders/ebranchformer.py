@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from decoders.checkpoint import CheckpointError, load_state_dict_strict
+from decoders.checkpoint import CheckpointError, check_config_keys, load_state_dict_strict
 from encoders.frontend import FrontendConfig, GlobalMVN, LogMelFrontend, SpecAugment, SpecAugmentConfig
 
 LAYER_NORM_EPS = 1e-12  # ESPnet's LayerNorm
@@ -127,10 +127,7 @@ class EBranchformerConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "EBranchformerConfig":
         """Inverse of to_dict; unknown keys are an error."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"EBranchformerConfig: unknown keys {unknown}")
+        check_config_keys(cls, d)
         return cls(**d)
 
 
@@ -480,10 +477,7 @@ class SpeechEncoderConfig:
     def from_dict(cls, d: dict) -> "SpeechEncoderConfig":
         """Inverse of to_dict; unknown keys are an error."""
         d = dict(d)
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"SpeechEncoderConfig: unknown keys {unknown}")
+        check_config_keys(cls, d)
         if "frontend" in d:
             d["frontend"] = FrontendConfig.from_dict(d["frontend"])
         if "encoder" in d:

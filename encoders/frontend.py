@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from decoders.checkpoint import check_config_keys
+
 
 def _parse_rate(fs) -> int:
     """ESPnet writes rates as 16000 or "16k"."""
@@ -76,10 +78,7 @@ class FrontendConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "FrontendConfig":
         """Inverse of to_dict; unknown keys are an error."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"FrontendConfig: unknown keys {unknown}")
+        check_config_keys(cls, d)
         return cls(**d)
 
 
@@ -266,10 +265,7 @@ class SpecAugmentConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "SpecAugmentConfig":
         """Inverse of to_dict; unknown keys are an error."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"SpecAugmentConfig: unknown keys {unknown}")
+        check_config_keys(cls, d)
         return cls(**d)
 
 

@@ -8,14 +8,14 @@ Weight names are timm's (`cls_token`, `pos_embed`, `patch_embed.proj`, `norm_pre
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from decoders.checkpoint import CheckpointError
+from decoders.checkpoint import CheckpointError, check_config_keys
 
 
 @dataclass
@@ -68,10 +68,7 @@ class ViTConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "ViTConfig":
         """Inverse of `to_dict`; unknown keys are an error (they usually mean a typo or another format)."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"ViTConfig: unknown keys {unknown}")
+        check_config_keys(cls, d)
         return cls(**d)
 
     @classmethod

@@ -54,7 +54,7 @@ from torch import nn
 
 from decoders.asr_decoder import ASRDecoderConfig, TransformerDecoder, convert_espnet_decoder_state_dict
 from decoders.beam_search import attention_rescoring, batch_beam_search
-from decoders.checkpoint import (CheckpointError, load_state_dict_strict, read_json, read_safetensors, read_torch,
+from decoders.checkpoint import (CheckpointError, check_config_keys, load_state_dict_strict, read_json, read_safetensors, read_torch,
                                  write_hf_weights)
 from decoders.ctc import CTC, convert_espnet_ctc_state_dict, ctc_forced_align, ctc_greedy_decode
 from decoders.tokenizer import SentencePieceTokenizer
@@ -129,10 +129,7 @@ class ASRConfig:
     def from_dict(cls, d: dict) -> "ASRConfig":
         """Inverse of to_dict; unknown keys are an error."""
         d = {k: v for k, v in d.items() if k != "model_type"}
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"ASRConfig: unknown keys {unknown}")
+        check_config_keys(cls, d)
         d["speech"] = SpeechEncoderConfig.from_dict(d["speech"])
         d["decoder"] = None if d.get("decoder") is None else ASRDecoderConfig.from_dict(d["decoder"])
         return cls(**d)

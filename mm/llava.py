@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from decoders.checkpoint import CheckpointError, load_state_dict_strict, read_hf_weights, read_json, write_hf_weights
+from decoders.checkpoint import CheckpointError, check_config_keys, load_state_dict_strict, read_hf_weights, read_json, write_hf_weights
 from decoders.llama import LlamaConfig, LlamaForCausalLM, convert_hf_state_dict, rope_inv_freq
 from encoders.image import ImageProcessor
 from encoders.vit import ViT, ViTConfig, convert_hf_clip_vision_state_dict, quick_gelu
@@ -126,9 +126,7 @@ class LlavaConfig:
         if d.pop("model_type", None) != OUR_MODEL_TYPE:
             raise ValueError(f"config is not model_type {OUR_MODEL_TYPE!r}")
         text, vision = d.pop("text_config"), d.pop("vision_config")
-        unknown = sorted(set(d) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"LlavaConfig: unknown keys {unknown}")
+        check_config_keys(cls, d)
         return cls(text=LlamaConfig.from_hf(text), vision=ViTConfig.from_dict(vision), **d)
 
     @classmethod
