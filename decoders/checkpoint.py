@@ -100,6 +100,19 @@ def load_state_dict_strict(
     return module
 
 
+def build_from_state_dict(make, state_dict: dict[str, torch.Tensor], source: str, dtype: torch.dtype,
+                          device: torch.device | str) -> nn.Module:
+    """`make()` built on the meta device, taking `state_dict`'s tensors (cast to dtype, on device): no random init.
+
+    Buffers outside the state dict (computed in `__init__`, e.g. RoPE frequencies) are moved to `device`.
+    """
+    with torch.device("meta"):
+        module = make()
+    state_dict = {k: v.to(device=device, dtype=dtype) for k, v in state_dict.items()}
+    load_state_dict_strict(module, state_dict, source, assign=True)
+    return module.to(device).eval()
+
+
 def read_hf_weights(model_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a Hugging Face directory's weights: `model.safetensors`, a sharded index, or `pytorch_model.bin`."""
     model_dir = Path(model_dir)

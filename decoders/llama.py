@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import CheckpointError, load_state_dict_strict, read_hf_weights, read_json, read_torch, write_hf_weights
+from .checkpoint import CheckpointError, build_from_state_dict, read_hf_weights, read_json, read_torch, write_hf_weights
 from .flash_decoding import decode_attention
 from .kv_cache import KVCache
 
@@ -396,12 +396,7 @@ class LlamaForCausalLM(nn.Module):
     def from_state_dict(cls, cfg: LlamaConfig, state_dict: dict[str, torch.Tensor], dtype=torch.float32,
                         device="cpu", source: str = "state dict") -> "LlamaForCausalLM":
         """Build a model from one of our state dicts without a throwaway random initialisation."""
-        with torch.device("meta"):
-            model = cls(cfg)
-        state_dict = {k: v.to(device=device, dtype=dtype) for k, v in state_dict.items()}
-        load_state_dict_strict(model, state_dict, source, assign=True)
-        model.inv_freq = rope_inv_freq(cfg).to(device)
-        return model.eval()
+        return build_from_state_dict(lambda: cls(cfg), state_dict, source, dtype, device)
 
     def save_pretrained(self, path: str | Path, max_shard_bytes: int = 5 * 2**30) -> None:
         """Write a Hugging Face directory (`config.json`, `generation_config.json`, safetensors) transformers can load."""

@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from decoders.checkpoint import CheckpointError, check_config_keys, load_state_dict_strict, read_hf_weights, read_json, write_hf_weights
-from decoders.llama import LlamaConfig, LlamaForCausalLM, convert_hf_state_dict, rope_inv_freq
+from decoders.checkpoint import CheckpointError, build_from_state_dict, check_config_keys, read_hf_weights, read_json, write_hf_weights
+from decoders.llama import LlamaConfig, LlamaForCausalLM, convert_hf_state_dict
 from encoders.image import ImageProcessor
 from encoders.vit import ViT, ViTConfig, convert_hf_clip_vision_state_dict, quick_gelu
 
@@ -291,12 +291,7 @@ class LlavaForConditionalGeneration(nn.Module):
     def from_state_dict(cls, cfg: LlavaConfig, state_dict: dict[str, torch.Tensor], dtype=torch.float32,
                         device="cpu", source: str = "state dict") -> "LlavaForConditionalGeneration":
         """Build a model from one of our state dicts without a throwaway random initialisation."""
-        with torch.device("meta"):
-            model = cls(cfg)
-        state_dict = {k: v.to(device=device, dtype=dtype) for k, v in state_dict.items()}
-        load_state_dict_strict(model, state_dict, source, assign=True)
-        model.language_model.inv_freq = rope_inv_freq(cfg.text).to(device)  # a non-persistent buffer
-        return model.eval()
+        return build_from_state_dict(lambda: cls(cfg), state_dict, source, dtype, device)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
