@@ -113,7 +113,7 @@ class LogMelFrontend(nn.Module):
             raise ValueError(f"win_length {config.win_length} exceeds n_fft {config.n_fft}")
         self.logmel = LogMel(config.sample_rate, config.n_fft, config.n_mels, config.fmin, config.fmax, config.htk)
         # periodic Hann like torch.hann_window's default; not a checkpoint tensor
-        self.register_buffer("window", torch.hann_window(config.win_length, periodic=True), persistent=False)
+        self.register_buffer("window", torch.hann_window(config.win_length, periodic=True, device="cpu"), persistent=False)
 
     def output_lengths(self, speech_lengths: torch.Tensor) -> torch.Tensor:
         """Frames per utterance: center padding of n_fft//2 on both sides, then (S + 2*(n_fft//2) - n_fft)//hop + 1."""

@@ -14,7 +14,7 @@ LLAVA_TYPES = {"llava", "llava_llama", "mm-llava"}
 def load(path: str | Path | None = None, **kwargs):
     """Load a model directory: Hugging Face Llama or LLaVA, original LLaVA, Meta Llama, ESPnet/Dolphin ASR, or ours.
 
-    Without a path, the shipped default model. Keyword arguments (dtype, device, ...) go to the loader.
+    Without a path, the shipped multimodal model (`mm train --recipe tiny`). Keyword arguments (dtype, device, ...) go to the loader.
     """
     import json
 
@@ -22,7 +22,7 @@ def load(path: str | Path | None = None, **kwargs):
 
     from . import assets
 
-    path = Path(path) if path is not None else assets.default_model_dir()
+    path = Path(path) if path is not None else assets.default_multimodal_dir()
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a model directory")
     if (path / "params.json").is_file() and any(path.glob("consolidated.*.pth")):
@@ -45,6 +45,10 @@ def load(path: str | Path | None = None, **kwargs):
         from decoders import LlamaForCausalLM
 
         return LlamaForCausalLM.from_pretrained(path, **kwargs)
+    if kind == "mm-multimodal":
+        from .multimodal import MultimodalModel
+
+        return MultimodalModel.from_pretrained(path, **kwargs)
     if kind == "mm-asr":
         from .asr import ASRModel
 

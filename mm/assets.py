@@ -17,6 +17,22 @@ def default_model_dir() -> Path:
     return shipped("text-tiny")
 
 
+def default_multimodal_dir() -> Path:
+    """The shipped multimodal model (trained by `mm train --recipe tiny`): what `mm.load()` returns."""
+    return shipped("tiny")
+
+
+EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
+
+
+def example(name: str) -> Path:
+    """A bundled example input: `scene.png` (a held-out scene), `question.wav` (a spoken question about it)."""
+    path = EXAMPLES_DIR / name
+    if not path.is_file():
+        raise FileNotFoundError(f"no bundled example {name!r} in {EXAMPLES_DIR}")
+    return path
+
+
 def default_llava_dir() -> Path:
     """The shipped default image-captioning model."""
     return shipped("llava-tiny")

@@ -25,6 +25,8 @@ def caption(model, images, prompt: str | None = None, batch_size: int = 8, max_n
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     images = list(images)
+    if hasattr(model, "speech_encoder"):  # the multimodal model: its own prompt and processor
+        return _caption_multimodal(model, images, prompt, batch_size, max_new_tokens, progress)
     processor = model.processor()
     tokenizer = processor.tokenizer
     stops = set(tokenizer.stop_ids) | ({tokenizer.eos_id} if tokenizer.eos_id is not None else set())
@@ -44,11 +46,30 @@ def caption(model, images, prompt: str | None = None, batch_size: int = 8, max_n
     return out
 
 
+def _caption_multimodal(model, images, prompt, batch_size, max_new_tokens, progress) -> list[str]:
+    from tqdm import tqdm
+
+    from .multimodal import CAPTION_PROMPT
+
+    processor = model.processor()
+    content = "<image>\n" + (prompt or CAPTION_PROMPT)
+    out = []
+    show = len(images) > batch_size if progress is None else progress
+    with tqdm(total=len(images), desc="captioning", unit="image", disable=not show, file=sys.stderr) as bar:
+        for start in range(0, len(images), batch_size):
+            batch = images[start:start + batch_size]
+            inputs = processor([[{"role": "user", "content": content}]] * len(batch), batch)
+            out += model.decode(model.generate(inputs, max_new_tokens))
+            bar.update(len(batch))
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Arguments of `mm caption`."""
-    p = argparse.ArgumentParser(prog="mm caption", description="Caption images with a LLaVA model.")
-    p.add_argument("images", nargs="+", help="image files")
-    p.add_argument("--model", default=None, help="LLaVA directory: llava-hf, original LLaVA or ours (default: the shipped one)")
+    p = argparse.ArgumentParser(prog="mm caption", description="Caption images with the multimodal or a LLaVA model.")
+    p.add_argument("images", nargs="*", help="image files (default: the bundled example scene)")
+    p.add_argument("--model", default=None, help="our multimodal directory, or LLaVA: llava-hf, original LLaVA or ours "
+                   "(default: the shipped multimodal model)")
     p.add_argument("--prompt", default=None, help=f"question asked about each image (default: {DEFAULT_PROMPT!r})")
     p.add_argument("--vision-tower", default=None, help="CLIP directory, for original LLaVA checkpoints")
     p.add_argument("--batch-size", type=int, default=8)
@@ -60,17 +81,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_caption(argv: list[str] | None = None) -> int:
     """`mm caption IMAGE... --model DIR [--prompt TEXT]`: print one caption per image; returns the exit code."""
+    from .assets import default_multimodal_dir, example
     from .llava import LlavaForConditionalGeneration
+    from .multimodal import MultimodalModel, is_multimodal_dir
 
     args = build_parser().parse_args(argv)
+    if not args.images:
+        args.images = [str(example("scene.png"))]
+        print(f"(no image given: captioning the bundled example {args.images[0]})", file=sys.stderr)
     for f in args.images:
         if not Path(f).is_file():
             raise FileNotFoundError(f"image not found: {f}")
-    from .assets import default_llava_dir
-
-    model_dir = args.model or default_llava_dir()
-    model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=getattr(torch, args.dtype),
-                                                          device=args.device, vision_tower=args.vision_tower)
+    model_dir = args.model or default_multimodal_dir()
+    dtype = getattr(torch, args.dtype)
+    if is_multimodal_dir(model_dir):
+        model = MultimodalModel.from_pretrained(model_dir, dtype=dtype, device=args.device)
+    else:
+        model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=dtype, device=args.device,
+                                                              vision_tower=args.vision_tower)
     captions = caption(model, args.images, prompt=args.prompt, batch_size=args.batch_size,
                        max_new_tokens=args.max_new_tokens)
     for path, text in zip(args.images, captions):

@@ -60,12 +60,19 @@ def cmd_bench(args) -> int:
 
 def cmd_train(args) -> int:
     """Run a training recipe and save the model directory."""
-    from .train import train_text_tiny
+    if args.recipe == "tiny":
+        from .recipe_tiny import TinyRecipe, train_tiny
 
-    if args.recipe != "text-tiny":
-        raise ValueError(f"unknown recipe {args.recipe!r} (available: text-tiny)")
-    train_text_tiny(args.out, steps=args.steps, seed=args.seed)
-    return 0
+        recipe = TinyRecipe.smoke() if args.smoke else TinyRecipe()
+        recipe.seed = args.seed
+        train_tiny(args.out or "runs/tiny", recipe, resume=not args.no_resume, threads=args.threads or None)
+        return 0
+    if args.recipe == "text-tiny":
+        from .train import train_text_tiny
+
+        train_text_tiny(args.out or "runs/text-tiny", steps=args.steps or 600, seed=args.seed)
+        return 0
+    raise ValueError(f"unknown recipe {args.recipe!r} (available: tiny, text-tiny)")
 
 
 def cmd_caption(args) -> int:
@@ -73,6 +80,20 @@ def cmd_caption(args) -> int:
     from .caption import run_caption
 
     return run_caption(args.args)
+
+
+def cmd_eval(args) -> int:
+    """`mm eval`: see `mm eval --help`."""
+    from .evaluate import run_eval
+
+    return run_eval(args.args)
+
+
+def cmd_chat(args) -> int:
+    """`mm chat`: see `mm chat --help`."""
+    from .chat_app import run_chat
+
+    return run_chat(args.args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,20 +113,28 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
     g.set_defaults(func=cmd_generate)
 
-    c = sub.add_parser("caption", help="caption images with a LLaVA model (mm caption --help)", add_help=False)
+    c = sub.add_parser("caption", help="caption images (mm caption --help)", add_help=False)
     c.set_defaults(func=cmd_caption, delegated=True)
+    e = sub.add_parser("eval", help="held-out figures of a multimodal model (mm eval --help)", add_help=False)
+    e.set_defaults(func=cmd_eval, delegated=True)
+    ch = sub.add_parser("chat", help="the Gradio multimodal chat on 127.0.0.1 (mm chat --help)", add_help=False)
+    ch.set_defaults(func=cmd_chat, delegated=True)
 
     from .transcribe import add_arguments, cmd_transcribe
 
-    tr = sub.add_parser("transcribe", help="transcribe audio files with an ASR model (ESPnet/Dolphin or ours)")
+    tr = sub.add_parser("transcribe", help="transcribe audio files (the multimodal model, ESPnet/Dolphin or ours)")
     add_arguments(tr)
     tr.set_defaults(func=cmd_transcribe)
 
     t = sub.add_parser("train", help="train a model by a recipe")
-    t.add_argument("--recipe", default="text-tiny", help="text-tiny: the shipped scene-caption text model")
-    t.add_argument("--out", required=True, help="output model directory")
-    t.add_argument("--steps", type=int, default=600)
+    t.add_argument("--recipe", default="tiny", choices=["tiny", "text-tiny"],
+                   help="tiny: the shipped multimodal model (runs under torchrun too); text-tiny: the text model")
+    t.add_argument("--out", default=None, help="output directory (default: runs/RECIPE)")
+    t.add_argument("--steps", type=int, default=0, help="text-tiny: training steps (default 600)")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--smoke", action="store_true", help="tiny: a few steps on a few examples, to check the setup")
+    t.add_argument("--no-resume", action="store_true", help="tiny: start over even if OUT/checkpoint.pt exists")
+    t.add_argument("--threads", type=int, default=0, help="CPU threads per process (default: torch's choice)")
     t.set_defaults(func=cmd_train)
 
     b = sub.add_parser("bench", help="benchmark against transformers/timm on the same weights (prints a table, writes JSON)")

@@ -15,7 +15,8 @@ Llama 3 header tokens are inserted as ids, so user text can never forge them.
 """
 from __future__ import annotations
 
-from typing import Sequence
+import re
+from typing import Callable, Sequence
 
 import torch
 
@@ -107,13 +108,17 @@ def format_prompt(messages, template: str = "llava_v1", add_generation_prompt: b
                    for k, t in pieces)
 
 
-def encode_with_images(tokenizer, pieces: Sequence[tuple[str, str | None]], image_token_index: int,
-                       tokens_per_image: int, bos: bool = True,
-                       space_before_answer: bool = False) -> tuple[list[int], list[int], int]:
-    """(ids, labels, number of images) of prompt pieces; labels keep answer tokens and are IGNORE_INDEX elsewhere."""
+def encode_pieces(tokenizer, pieces: Sequence[tuple[str, str | None]], slots: dict[str, tuple[int, Callable[[int], int]]],
+                  bos: bool = True, space_before_answer: bool = False) -> tuple[list[int], list[int], dict[str, int]]:
+    """(ids, labels, placeholders seen per kind) of prompt pieces; labels keep answer tokens, IGNORE_INDEX elsewhere.
+
+    `slots` maps a placeholder ("<image>", "<audio>") to (its token id, k -> how many copies its k-th occurrence
+    becomes); text is cut at every placeholder and each piece encoded on its own."""
     ids = [tokenizer.bos_id] if bos and tokenizer.bos_id is not None else []
     labels = [IGNORE_INDEX] * len(ids)
-    n_images = 0
+    seen = dict.fromkeys(slots, 0)
+    split = re.compile("(" + "|".join(re.escape(s) for s in slots) + ")")
+    slot_ids = {token for token, _ in slots.values()}
     # "ASSISTANT: ANSWER": sentencepiece's dummy prefix supplies the space of a separately encoded answer;
     # byte-level BPE (tiktoken) needs it written.
     separate_space = space_before_answer and not isinstance(tokenizer, SentencePieceTokenizer)
@@ -132,15 +137,25 @@ def encode_with_images(tokenizer, pieces: Sequence[tuple[str, str | None]], imag
             new = tokenizer.encode(" " + text)
         else:
             new = []
-            for k, chunk in enumerate(text.split(IMAGE_PLACEHOLDER)):
-                if k:
-                    new += [image_token_index] * tokens_per_image
-                    n_images += 1
-                if chunk:
+            for chunk in split.split(text):
+                if chunk in slots:
+                    token, count = slots[chunk]
+                    new += [token] * count(seen[chunk])
+                    seen[chunk] += 1
+                elif chunk:
                     new += tokenizer.encode(chunk)
         ids += new
-        labels += [t if answer and t != image_token_index else IGNORE_INDEX for t in new]
-    return ids, labels, n_images
+        labels += [t if answer and t not in slot_ids else IGNORE_INDEX for t in new]
+    return ids, labels, seen
+
+
+def encode_with_images(tokenizer, pieces: Sequence[tuple[str, str | None]], image_token_index: int,
+                       tokens_per_image: int, bos: bool = True,
+                       space_before_answer: bool = False) -> tuple[list[int], list[int], int]:
+    """(ids, labels, number of images) of prompt pieces; labels keep answer tokens and are IGNORE_INDEX elsewhere."""
+    ids, labels, seen = encode_pieces(tokenizer, pieces, {IMAGE_PLACEHOLDER: (image_token_index, lambda k: tokens_per_image)},
+                                      bos, space_before_answer)
+    return ids, labels, seen[IMAGE_PLACEHOLDER]
 
 
 class LlavaProcessor:

@@ -168,6 +168,39 @@ def build_speech_batch(prompts: list[list[int]], feature_lengths, audio_token_id
     return out
 
 
+# ------------------------------------------------------------------------------------------- speech features
+
+
+def encoder_lengths(encoder: SpeechEncoder, speech_lengths: torch.Tensor) -> torch.Tensor:
+    """Each utterance's own subsampled length T' = ((F - 1)//2 - 1)//2 of its F = S // hop + 1 frames."""
+    frames = encoder.frontend.output_lengths(torch.as_tensor(speech_lengths))
+    if bool((frames < Conv2dSubsampling4.MIN_FRAMES).any()):
+        hop = encoder.frontend.config.hop_length
+        raise SpeechTooShortError(
+            f"speech lengths {torch.as_tensor(speech_lengths).tolist()} samples give {frames.tolist()} frames; "
+            f"every utterance needs at least {Conv2dSubsampling4.MIN_FRAMES} frames "
+            f"({(Conv2dSubsampling4.MIN_FRAMES - 1) * hop} samples)")
+    return ((frames - 1) // 2 - 1) // 2
+
+
+def encode_speech(encoder: SpeechEncoder, adapter: SpeechAdapter, speech: torch.Tensor, speech_lengths):
+    """speech [B, S] -> enc [B, T', d], enc_lengths [B] (ESPnet's), features [B, N, D], feature lengths [B]."""
+    speech_lengths = torch.as_tensor(speech_lengths, device=speech.device)
+    own = encoder_lengths(encoder, speech_lengths).to(speech.device)
+    enc, enc_lengths = encoder.encode(speech, speech_lengths)  # [B, T', d]
+    feats, feat_lengths = adapter(enc, own.to(enc.device))  # [B, N, D]
+    return enc, enc_lengths, feats, feat_lengths
+
+
+def scatter_features(h: torch.Tensor, is_slot: torch.Tensor, features: torch.Tensor,
+                     lengths: torch.Tensor) -> torch.Tensor:
+    """h [B, T, D] with its `is_slot` [B, T] positions filled, row-major, by the first `lengths[i]` rows of
+    features [N, L, D] (padding rows past a length are skipped)."""
+    n = lengths.to(features.device)
+    valid = torch.arange(features.shape[1], device=features.device)[None, :] < n[:, None]  # [N, L]
+    return h.masked_scatter(is_slot.unsqueeze(-1).to(h.device), features[valid].to(h.device, h.dtype))
+
+
 # ------------------------------------------------------------------------------------------- model
 
 
@@ -250,14 +283,7 @@ class SpeechLlama(nn.Module):
 
     def encoder_lengths(self, speech_lengths: torch.Tensor) -> torch.Tensor:
         """Each utterance's own subsampled length T' = ((F - 1)//2 - 1)//2 of its F = S // hop + 1 frames."""
-        frames = self.encoder.frontend.output_lengths(torch.as_tensor(speech_lengths))
-        if bool((frames < Conv2dSubsampling4.MIN_FRAMES).any()):
-            hop = self.config.speech.frontend.hop_length
-            raise SpeechTooShortError(
-                f"speech lengths {torch.as_tensor(speech_lengths).tolist()} samples give {frames.tolist()} frames; "
-                f"every utterance needs at least {Conv2dSubsampling4.MIN_FRAMES} frames "
-                f"({(Conv2dSubsampling4.MIN_FRAMES - 1) * hop} samples)")
-        return ((frames - 1) // 2 - 1) // 2
+        return encoder_lengths(self.encoder, speech_lengths)
 
     def feature_lengths(self, speech_lengths: torch.Tensor) -> torch.Tensor:
         """Audio tokens each utterance needs in the prompt (one per adapted feature), computed without the model."""
@@ -265,11 +291,7 @@ class SpeechLlama(nn.Module):
 
     def encode_speech(self, speech: torch.Tensor, speech_lengths: torch.Tensor):
         """speech [B, S] -> enc [B, T', d], enc_lengths [B] (ESPnet's), features [B, N, D], feature lengths [B]."""
-        speech_lengths = torch.as_tensor(speech_lengths, device=speech.device)
-        own = self.encoder_lengths(speech_lengths).to(speech.device)
-        enc, enc_lengths = self.encoder.encode(speech, speech_lengths)  # [B, T', d]
-        feats, feat_lengths = self.adapter(enc, own.to(enc.device))  # [B, N, D]
-        return enc, enc_lengths, feats, feat_lengths
+        return encode_speech(self.encoder, self.adapter, speech, speech_lengths)
 
     def embed(self, input_ids: torch.Tensor, features: torch.Tensor | None = None,
               feature_lengths: torch.Tensor | None = None) -> torch.Tensor:
@@ -292,9 +314,7 @@ class SpeechLlama(nn.Module):
         # The audio id may lie beyond the text vocabulary; those rows are overwritten below anyway.
         h = self.language_model.embed(input_ids.masked_fill(is_audio, 0))  # [B, T, D]
         if features is not None:
-            n = feature_lengths.to(features.device)
-            valid = torch.arange(features.shape[1], device=features.device)[None, :] < n[:, None]  # [B, N]
-            h = h.masked_scatter(is_audio.unsqueeze(-1), features[valid].to(h.device, h.dtype))  # row-major order
+            h = scatter_features(h, is_audio, features, feature_lengths)
         return h
 
     def forward(self, input_ids: torch.Tensor, speech: torch.Tensor | None, speech_lengths: torch.Tensor | None,

@@ -91,12 +91,23 @@ def run_transcribe(files: list[str], model_dir: str | None, decode: str | None =
     if not files:
         raise ValueError("no audio files given")
     if model_dir is None:
-        raise ValueError("no ASR model given: pass --model DIR (our format or an ESPnet/Dolphin experiment)")
+        from .assets import default_multimodal_dir
+
+        model_dir = default_multimodal_dir()
     if fmt == "srt":
         timestamps = True  # cues are trimmed to the words
-    model = load_asr(model_dir, device=device)
-    results = model.transcribe([str(f) for f in files], decode=decode, beam=beam, timestamps=timestamps,
-                               batch_size=batch_size, progress=progress, language=language, region=region)
+    from .multimodal import MultimodalModel, is_multimodal_dir
+
+    if is_multimodal_dir(model_dir):  # the decoder writes the text, the CTC head times the words
+        model = MultimodalModel.from_pretrained(model_dir, device=device)
+        results = [model.transcript(str(f), source=str(f)) for f in files]
+        if not timestamps:
+            for r in results:
+                r.segments[0].words = []
+    else:
+        model = load_asr(model_dir, device=device)
+        results = model.transcribe([str(f) for f in files], decode=decode, beam=beam, timestamps=timestamps,
+                                   batch_size=batch_size, progress=progress, language=language, region=region)
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -113,8 +124,9 @@ def run_transcribe(files: list[str], model_dir: str | None, decode: str | None =
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of `mm transcribe` (for the lead's mm/cli.py)."""
-    p.add_argument("audio", nargs="+", help="audio files (wav, flac, ogg, mp3, ...)")
-    p.add_argument("--model", help="ASR model directory: ours (config.json) or an ESPnet/Dolphin experiment")
+    p.add_argument("audio", nargs="*", help="audio files (wav, flac, ogg, mp3, ...; default: the bundled example)")
+    p.add_argument("--model", help="our multimodal or ASR directory, or an ESPnet/Dolphin experiment "
+                   "(default: the shipped multimodal model)")
     p.add_argument("--decode", choices=DECODE_MODES, default=None,
                    help="ctc (greedy), attention, joint (default when the model has a decoder) or rescore")
     p.add_argument("--beam", type=int, default=10)
@@ -135,6 +147,11 @@ def cmd_transcribe(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if not args.audio:
+        from .assets import example
+
+        args.audio = [str(example("question.wav"))]
+        print(f"(no audio given: transcribing the bundled example {args.audio[0]})", file=sys.stderr)
     run_transcribe(args.audio, args.model, decode=args.decode, beam=args.beam, timestamps=args.timestamps,
                    fmt=args.fmt, batch_size=args.batch_size, out_dir=args.out_dir, device=args.device,
                    language=args.language, region=args.region)

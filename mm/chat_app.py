@@ -1,0 +1,222 @@
+"""A Gradio chat with the multimodal model: text, image and audio uploads, a microphone, streamed answers.
+
+`build_demo(model)` returns the `gr.Blocks` app; `launch(...)` serves it (127.0.0.1 by default); `run_chat(argv)` is
+`mm chat [--model DIR] [--host H] [--port P] [--max-upload-mb MB]`.
+
+Each user turn becomes one message of the model's format, media first (images, then audio) and the text after a
+newline, as the model was trained: "<image>\\nwhat colour is the star?", "<image><audio>" (a spoken question),
+"<audio>\\ntranscribe the audio.". Earlier turns go with their media. A turn that fails (empty, a file too large,
+of the wrong type, unreadable, more than the model takes) gets an assistant reply starting with `ERROR_MARK` that
+says why; such turns are left out of the conversation the model sees, and the server keeps serving.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Iterator
+
+from .processor import InputError
+
+ERROR_MARK = "⚠️"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".m4a", ".webm", ".opus")
+TITLE = "mm chat"
+DESCRIPTION = ("Ask about an image (upload it and type a question, or record the question with the microphone), "
+               "ask for a description (\"describe the image.\") or a transcript (\"transcribe the audio.\").")
+
+log = logging.getLogger(__name__)
+
+
+def file_kind(path: str | os.PathLike) -> str | None:
+    """"image", "audio" or None (not a type the model takes), from the file name's suffix."""
+    suffix = Path(path).suffix.lower()
+    return "image" if suffix in IMAGE_SUFFIXES else "audio" if suffix in AUDIO_SUFFIXES else None
+
+
+def user_content(text: str, files: list[str]) -> list[dict] | str:
+    """One user turn in the model's format: images, then audio, then "\\n" + text (just the text without media)."""
+    kinds = [(file_kind(f), f) for f in files]
+    parts = [{"type": "image", "image": f} for k, f in kinds if k == "image"]
+    parts += [{"type": "audio", "audio": f} for k, f in kinds if k == "audio"]
+    text = text.strip()
+    if not parts:
+        return text
+    if text:
+        parts.append({"type": "text", "text": "\n" + text})
+    return parts
+
+
+def _message_text_and_files(message: dict) -> tuple[str, list[str]]:
+    """(text, file paths) of one Gradio history message (content a string, a file dict, or a list of them)."""
+    content = message.get("content")
+    items = content if isinstance(content, (list, tuple)) else [content]
+    text, files = "", []
+    for item in items:
+        if isinstance(item, str):
+            text += item
+        elif isinstance(item, dict) and item.get("type") == "text":
+            text += item.get("text", "")
+        elif isinstance(item, dict) and item.get("type") == "file":
+            files.append(item["file"]["path"])
+        elif isinstance(item, dict) and "path" in item:
+            files.append(item["path"])
+    return text, files
+
+
+def history_to_messages(history: list[dict]) -> list[dict]:
+    """Gradio's chat history -> the model's messages, leaving out failed turns (replies starting with ERROR_MARK)."""
+    out: list[dict] = []
+    pending: list[dict] = []  # user messages of the turn not yet answered
+    for m in history:
+        text, files = _message_text_and_files(m)
+        if m.get("role") == "user":
+            pending.append({"text": text, "files": files})
+        elif m.get("role") == "assistant":
+            if text.strip().startswith(ERROR_MARK) or not pending:
+                pending = []
+                continue
+            t = "\n".join(p["text"] for p in pending if p["text"].strip())
+            out.append({"role": "user", "content": user_content(t, [f for p in pending for f in p["files"]])})
+            out.append({"role": "assistant", "content": text.strip()})
+            pending = []
+    return out
+
+
+def check_file(path: str, max_bytes: int, processor) -> str | None:
+    """Why the uploaded file cannot be used (too large, wrong type, unreadable), or None if it can."""
+    name = Path(path).name
+    if not Path(path).is_file():
+        return f"{name}: the upload is missing on the server; upload it again"
+    size = Path(path).stat().st_size
+    if size > max_bytes:
+        return (f"{name} is {size / 1e6:.2f} MB, over the upload limit of {max_bytes / 1e6:g} MB; "
+                f"upload a smaller file")
+    kind = file_kind(path)
+    if kind is None:
+        return (f"{name}: {Path(path).suffix or 'no suffix'} files are not supported; upload an image "
+                f"({', '.join(IMAGE_SUFFIXES)}) or audio ({', '.join(AUDIO_SUFFIXES)})")
+    try:  # decode it now, so a .txt renamed .png is named here rather than failing inside the model
+        processor.load_image(path) if kind == "image" else processor.load_audio(path)
+    except InputError as e:
+        return f"{name} is not a readable {kind} file ({str(e).replace(path, name)})"
+    return None
+
+
+def make_respond(model, max_upload_mb: float = 10, max_new_tokens: int = 64):
+    """The chat handler `respond(message, history)` -> iterator of the reply so far (for gr.ChatInterface).
+
+    `message` is the multimodal textbox's value {"text": str, "files": [path]}; `history` Gradio's list of
+    {"role", "content"} messages. Problems are replies starting with ERROR_MARK, never exceptions."""
+    max_bytes = int(max_upload_mb * 1e6)
+    lock = threading.Lock()  # one generation at a time: the model is not re-entrant
+
+    def respond(message: dict | str, history: list[dict]) -> Iterator[str]:
+        """Stream the model's reply to `message` after `history`."""
+        if isinstance(message, str):
+            message = {"text": message, "files": []}
+        text, files = (message.get("text") or "").strip(), list(message.get("files") or [])
+        files = [f["path"] if isinstance(f, dict) else str(f) for f in files]
+        if not text and not files:
+            yield f"{ERROR_MARK} The message is empty: type a question or upload an image or audio file."
+            return
+        processor = model.processor()
+        problems = [p for p in (check_file(f, max_bytes, processor) for f in files) if p]
+        if problems:
+            yield f"{ERROR_MARK} " + "\n".join(problems)
+            return
+        messages = history_to_messages(history) + [{"role": "user", "content": user_content(text, files)}]
+        reply = ""
+        try:
+            with lock:
+                for piece in model.chat(messages, stream=True, max_new_tokens=max_new_tokens):
+                    reply += piece
+                    yield reply.strip()
+        except ValueError as e:  # InputError, AudioError, ImageError, a prompt past the context, ...
+            yield f"{ERROR_MARK} {e}"
+            return
+        except Exception as e:  # the server must keep serving; the log has the traceback
+            log.exception("chat failed")
+            yield f"{ERROR_MARK} The model failed on this message: {type(e).__name__}: {e}"
+            return
+        if not reply.strip():
+            yield "(the model gave an empty answer)"
+
+    return respond
+
+
+def _load(model_or_path):
+    if model_or_path is None or isinstance(model_or_path, (str, os.PathLike)):
+        import torch
+
+        from .multimodal import MultimodalModel
+
+        path = model_or_path if model_or_path is not None else default_model_dir()
+        model = MultimodalModel.from_pretrained(path, dtype=torch.float32, device="cpu")
+        return model.eval()
+    return model_or_path
+
+
+def default_model_dir() -> Path:
+    """The shipped multimodal model (trained by `mm train --recipe tiny`)."""
+    from .assets import shipped
+
+    return shipped("tiny")
+
+
+def build_demo(model_or_path=None, max_upload_mb: float = 10, max_new_tokens: int = 64):
+    """The chat app (gr.Blocks) for a MultimodalModel or its directory (None: the shipped model)."""
+    import gradio as gr
+
+    model = _load(model_or_path)
+    respond = make_respond(model, max_upload_mb, max_new_tokens)
+    with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
+        gr.ChatInterface(
+            respond,
+            multimodal=True,
+            title=TITLE,
+            description=f"{DESCRIPTION} Uploads up to {max_upload_mb:g} MB.",
+            chatbot=gr.Chatbot(elem_id="chatbot", render_markdown=False, height=480, label="conversation"),
+            textbox=gr.MultimodalTextbox(elem_id="chat-input", file_count="multiple", sources=["upload", "microphone"],
+                                         placeholder="Ask about an image, or upload/record audio...",
+                                         show_label=False),
+            analytics_enabled=False,
+            autofocus=True,
+        )
+    return demo
+
+
+def launch(model_path=None, host: str = "127.0.0.1", port: int = 7860, max_upload_mb: float = 10,
+           share: bool = False, max_new_tokens: int = 64, block: bool = True):
+    """Serve the chat on host:port (loopback by default); returns the demo (with block=False, at once)."""
+    demo = build_demo(model_path, max_upload_mb, max_new_tokens)
+    demo.queue(default_concurrency_limit=1)
+    demo.launch(server_name=host, server_port=port, share=share, max_file_size=int(max_upload_mb * 1e6),
+                prevent_thread_lock=not block, ssr_mode=False, quiet=not block, footer_links=[])
+    return demo
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Arguments of `mm chat`."""
+    p = argparse.ArgumentParser(prog="mm chat", description="Chat with a multimodal model in the browser.")
+    p.add_argument("--model", default=None, help="multimodal model directory (default: the shipped one)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 serves the network: take care)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--max-upload-mb", type=float, default=10, help="largest file accepted, in MB")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--share", action="store_true", help="make a public gradio.live link")
+    return p
+
+
+def run_chat(argv: list[str] | None = None) -> int:
+    """`mm chat --model DIR [--host H] [--port P] [--max-upload-mb MB]`: serve until interrupted; the exit code."""
+    args = build_parser().parse_args(argv)
+    if args.max_upload_mb <= 0:
+        raise ValueError(f"--max-upload-mb must be > 0, got {args.max_upload_mb}")
+    if args.model is not None and not Path(args.model).is_dir():
+        raise FileNotFoundError(f"model directory not found: {args.model}")
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    launch(args.model, args.host, args.port, args.max_upload_mb, args.share, args.max_new_tokens)
+    return 0

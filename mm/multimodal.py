@@ -1,0 +1,292 @@
+"""One model that sees, hears and answers: LLaVA's ViT + projector and an E-Branchformer + CTC head + speech
+adapter, both feeding ONE Llama decoder.
+
+    image [3, H, W] -> ViT -> projector ------------------\\
+                                                          +-> features at <image>/<audio> token slots -> Llama
+    audio [S] -> log-mel -> 4x conv -> E-Branchformer -> speech adapter (k-fold stacking + MLP)
+                                                    \\-> CTC head (training loss; greedy transcript aid)
+
+It is `mm.llava.LlavaForConditionalGeneration` with a speech path added: the image side, its weight names
+(`vision_tower.*`, `projector.*`, `language_model.*`) and its processing are LLaVA's; the speech side adds
+`speech_encoder.*` (ESPnet's encoder names below it), `ctc.ctc_lo.*` and `speech_adapter.*`. The CTC head
+predicts Llama token ids with id 0 (`<unk>`, never in a transcript) as the blank.
+
+A checkpoint is one directory: config.json (`model_type: mm-multimodal`), model.safetensors, tokenizer.model,
+preprocessor_config.json. `chat`, `caption` and `transcribe` stream text with `stream=True`.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from decoders.checkpoint import CheckpointError, check_config_keys, read_hf_weights, read_json, write_hf_weights
+from decoders.ctc import CTC, ctc_greedy_decode
+from decoders.llama import LlamaConfig
+from decoders.loss import next_token_loss
+from encoders.ebranchformer import SpeechEncoder, SpeechEncoderConfig
+from encoders.vit import ViTConfig
+
+from .llava import LlavaConfig, LlavaForConditionalGeneration, _load_image_processor
+from .processor import AUDIO_PLACEHOLDER, InputError, MultimodalProcessor
+from .speech_adapter import SpeechAdapter, SpeechAdapterConfig, SpeechLlamaOutput, encode_speech, encoder_lengths, scatter_features
+
+MODEL_TYPE = "mm-multimodal"
+CAPTION_PROMPT = "describe the image."
+TRANSCRIBE_PROMPT = "transcribe the audio."
+
+
+@dataclass
+class MultimodalConfig(LlavaConfig):
+    """LlavaConfig (ViT, projector, Llama, image token, template) + the speech path.
+
+    audio_token_id: the id marking one speech feature in input_ids (beside image_token_index).
+    ctc_weight: weight of the encoder's CTC loss in training. system: the template's system text (None: its own).
+    max_audio_seconds: longest audio input accepted.
+    """
+
+    speech: SpeechEncoderConfig = field(default_factory=SpeechEncoderConfig)
+    adapter: SpeechAdapterConfig | None = None
+    audio_token_id: int = 32001
+    ctc_weight: float = 0.3
+    system: str | None = None
+    max_audio_seconds: float = 30.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        if isinstance(self.speech, dict):
+            self.speech = SpeechEncoderConfig.from_dict(self.speech)
+        if isinstance(self.adapter, dict):
+            check_config_keys(SpeechAdapterConfig, self.adapter)
+            self.adapter = SpeechAdapterConfig(**self.adapter)
+        d, D = self.speech.encoder.output_size, self.text.hidden_size
+        if self.adapter is None:
+            self.adapter = SpeechAdapterConfig(input_size=d, hidden_size=D)
+        if (self.adapter.input_size, self.adapter.hidden_size) != (d, D):
+            raise ValueError(f"MultimodalConfig: the speech adapter maps {self.adapter.input_size} -> "
+                             f"{self.adapter.hidden_size}, but the encoder gives {d} and the Llama width is {D}")
+        if self.audio_token_id == self.image_token_index:
+            raise ValueError(f"MultimodalConfig: audio_token_id and image_token_index are both {self.audio_token_id}")
+
+    def to_dict(self) -> dict:
+        """Our config.json."""
+        d = super().to_dict()
+        d.update(model_type=MODEL_TYPE, speech_config=self.speech.to_dict(), adapter=asdict(self.adapter))
+        del d["speech"]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MultimodalConfig":
+        """Inverse of `to_dict`; unknown keys are an error."""
+        d = dict(d)
+        if d.pop("model_type", None) != MODEL_TYPE:
+            raise ValueError(f"config is not model_type {MODEL_TYPE!r}")
+        text, vision, speech = d.pop("text_config"), d.pop("vision_config"), d.pop("speech_config")
+        check_config_keys(cls, d)
+        return cls(text=LlamaConfig.from_hf(text), vision=ViTConfig.from_dict(vision),
+                   speech=SpeechEncoderConfig.from_dict(speech), **d)
+
+
+class MultimodalModel(LlavaForConditionalGeneration):
+    """ViT + projector, E-Branchformer + CTC + speech adapter, one Llama: (input_ids, pixels, speech) -> logits."""
+
+    def __init__(self, cfg: MultimodalConfig):
+        super().__init__(cfg)
+        self.speech_encoder = SpeechEncoder(cfg.speech)
+        self.ctc = CTC(cfg.text.vocab_size, cfg.speech.encoder.output_size)
+        self.speech_adapter = SpeechAdapter(cfg.adapter)
+
+    def feature_lengths(self, speech_lengths: torch.Tensor) -> torch.Tensor:
+        """Audio tokens each utterance takes in the prompt (one per adapted feature), computed without the model."""
+        return self.speech_adapter.output_lengths(encoder_lengths(self.speech_encoder, speech_lengths))
+
+    def encode_speech(self, speech: torch.Tensor, speech_lengths: torch.Tensor):
+        """speech [A, S] -> enc [A, T', d], enc_lengths [A], features [A, N, D], feature lengths [A]."""
+        return encode_speech(self.speech_encoder, self.speech_adapter, speech.to(self.device), speech_lengths)
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+              speech_features: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Decoder inputs [B, T, D]: image features at image tokens, (features [A, N, D], lengths [A]) at audio
+        tokens, utterance after utterance in row-major order."""
+        input_ids = input_ids.to(self.device)
+        is_audio = input_ids == self.config.audio_token_id  # [B, T]
+        n_slots = int(is_audio.sum())
+        n_feats = 0 if speech_features is None else int(speech_features[1].sum())
+        if n_slots != n_feats:
+            raise ValueError(f"input_ids hold {n_slots} audio tokens (id {self.config.audio_token_id}) but the audio "
+                             f"gives {n_feats} features; expand each '{AUDIO_PLACEHOLDER}' with the processor")
+        h = super().embed(input_ids.masked_fill(is_audio, 0), pixel_values)  # [B, T, D]
+        if speech_features is not None:
+            h = scatter_features(h, is_audio, *speech_features)
+        return h
+
+    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                speech: torch.Tensor | None = None, speech_lengths: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                ctc_targets: torch.Tensor | None = None, ctc_target_lengths: torch.Tensor | None = None,
+                ctc_weight: float | None = None) -> SpeechLlamaOutput:
+        """Logits; with `labels` [B, T] (IGNORE_INDEX off the answers) the next-token loss, with transcripts as
+        `ctc_targets` [A, L] (Llama ids, padded past `ctc_target_lengths`) the CTC loss on the A utterances."""
+        enc = enc_lengths = feats = None
+        if speech is not None:
+            enc, enc_lengths, f, f_len = self.encode_speech(speech, speech_lengths)
+            feats = (f, f_len)
+        h = self.embed(input_ids, pixel_values, feats)
+        mask = None if attention_mask is None else attention_mask.to(h.device)
+        out = SpeechLlamaOutput(self.language_model(attention_mask=mask, inputs_embeds=h))
+        if labels is not None:
+            out.lm_loss = next_token_loss(out.logits, labels.to(h.device))
+        w = self.config.ctc_weight if ctc_weight is None else ctc_weight
+        if ctc_targets is not None and w > 0:
+            if enc is None:
+                raise ValueError("ctc_targets need speech")
+            ys = ctc_targets.to(enc.device)
+            out.ctc_loss = self.ctc.loss(enc, enc_lengths, ys, torch.as_tensor(ctc_target_lengths, device=enc.device))
+        parts = [p for p in (out.lm_loss, None if out.ctc_loss is None else w * out.ctc_loss) if p is not None]
+        out.loss = sum(parts) if parts else None
+        return out
+
+    # ----------------------------------------------------------------------------------------- inference
+
+    def processor(self, template: str | None = None) -> MultimodalProcessor:
+        """A `MultimodalProcessor` for this model's tokenizer, image processor, token ids and template."""
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer (its directory had no tokenizer.model); set model.tokenizer")
+        cfg = self.config
+        return MultimodalProcessor(self.tokenizer, self.image_processor, cfg.image_token_index,
+                                   cfg.tokens_per_image(self.image_processor.crop_size), cfg.audio_token_id,
+                                   self.feature_lengths, template or cfg.template, cfg.system, cfg.max_audio_seconds,
+                                   cfg.speech.frontend.sample_rate)
+
+    def _inputs_embeds(self, inputs: dict) -> torch.Tensor:
+        with torch.inference_mode():
+            feats = None
+            if inputs["speech"] is not None:
+                _, _, f, f_len = self.encode_speech(inputs["speech"], inputs["speech_lengths"])
+                feats = (f, f_len)
+            return self.embed(inputs["input_ids"], inputs["pixel_values"], feats)
+
+    @torch.inference_mode()
+    def generate(self, inputs: dict, max_new_tokens: int = 64, **kwargs) -> torch.Tensor:
+        """New tokens [B, new] for processor outputs (greedy by default; options as `decoders.generate.generate`)."""
+        from decoders.generate import generate
+
+        ids = inputs["input_ids"].to(self.device)
+        kwargs.setdefault("eos_token_id", sorted(self.tokenizer.stop_ids) or None)
+        out = generate(self.language_model, ids, inputs["attention_mask"], max_new_tokens=max_new_tokens,
+                       inputs_embeds=self._inputs_embeds(inputs), **kwargs)
+        return out[:, ids.shape[1]:]
+
+    def decode(self, new_tokens: torch.Tensor) -> list[str]:
+        """Text of each row of new tokens, cut at the first stop token."""
+        stops = set(self.tokenizer.stop_ids)
+        texts = []
+        for row in new_tokens.tolist():
+            cut = next((i for i, t in enumerate(row) if t in stops), len(row))
+            texts.append(self.tokenizer.decode(row[:cut]).strip())
+        return texts
+
+    def chat(self, messages, images=None, audios=None, stream: bool = False, max_new_tokens: int = 64,
+             **kwargs) -> str | Iterator[str]:
+        """The assistant's reply to a conversation (see `mm.processor` for the message format); with stream=True an
+        iterator of text pieces as they are decoded. Options as `decoders.generate.stream_tokens`."""
+        inputs = self.processor()(messages, images, audios)
+        if not stream:
+            return self.decode(self.generate(inputs, max_new_tokens, **kwargs))[0]
+        return self._stream(inputs, max_new_tokens, **kwargs)
+
+    def _stream(self, inputs: dict, max_new_tokens: int, **kwargs) -> Iterator[str]:
+        from decoders.generate import stream_text
+
+        h = self._inputs_embeds(inputs)
+        yield from stream_text(self.language_model, self.tokenizer, inputs["input_ids"].to(self.device),
+                               attention_mask=inputs["attention_mask"], inputs_embeds=h,
+                               max_new_tokens=max_new_tokens, **kwargs)
+
+    def caption(self, image, prompt: str | None = None, stream: bool = False, max_new_tokens: int = 64):
+        """Caption of one image (PIL image, path or bytes)."""
+        content = [{"type": "image", "image": image}, {"type": "text", "text": "\n" + (prompt or CAPTION_PROMPT)}]
+        return self.chat([{"role": "user", "content": content}], stream=stream, max_new_tokens=max_new_tokens)
+
+    def transcribe(self, audio, stream: bool = False, max_new_tokens: int = 96):
+        """Transcript of one utterance (path, (waveform, sampling_rate) or a tensor at the model's rate)."""
+        content = [{"type": "audio", "audio": audio}, {"type": "text", "text": "\n" + TRANSCRIBE_PROMPT}]
+        return self.chat([{"role": "user", "content": content}], stream=stream, max_new_tokens=max_new_tokens)
+
+    @torch.inference_mode()
+    def transcript(self, audio, source: str | None = None, max_new_tokens: int = 96):
+        """`mm.asr.Transcript` of one utterance: the decoder's text, and word times from a CTC forced alignment of
+        its tokens on the encoder's CTC posteriors (words the alignment cannot place get none)."""
+        from decoders.ctc import ctc_forced_align
+
+        from .asr import Segment, Transcript, Word
+
+        wave = self.processor().load_audio(audio)
+        ids = self.tokenizer.encode(self.transcribe(wave, max_new_tokens=max_new_tokens))
+        text = self.tokenizer.decode(ids).strip()
+        enc, enc_lengths, _, _ = self.encode_speech(wave[None], torch.tensor([wave.shape[0]]))
+        log_probs = self.ctc.log_softmax(enc)[0, : int(enc_lengths[0])]  # [T', V]
+        shift = self.config.speech.frontend.hop_length * 4 / self.config.speech.frontend.sample_rate
+        words: list[Word] = []
+        try:
+            spans = ctc_forced_align(log_probs, ids) if ids else []
+        except ValueError:  # more tokens than frames
+            spans = []
+        pieces = [self.tokenizer.sp.id_to_piece(i) for i in ids]
+        for i, piece, span in zip(ids, pieces, spans):
+            if piece.startswith("\u2581") or not words:
+                words.append(Word("", round(span.start * shift, 3), 0.0, 0.0))
+            w = words[-1]
+            w.text = (w.text + self.tokenizer.decode([i]) if w.text else self.tokenizer.decode([i])).strip()
+            w.end, w.score = round(span.end * shift, 3), span.score
+        duration = wave.shape[0] / self.config.speech.frontend.sample_rate
+        segment = Segment(0.0, round(duration, 3), text, pieces, ids, words)
+        return Transcript(text, pieces, ids, [segment], duration, source=source)
+
+    @torch.inference_mode()
+    def ctc_transcribe(self, audio) -> str:
+        """Greedy CTC transcript of one utterance from the encoder alone (no decoder)."""
+        wave = self.processor().load_audio(audio)
+        enc, enc_lengths, _, _ = self.encode_speech(wave[None], torch.tensor([wave.shape[0]]))
+        return self.tokenizer.decode(ctc_greedy_decode(self.ctc.log_softmax(enc), enc_lengths)[0]).strip()
+
+    # ----------------------------------------------------------------------------------------- checkpoints
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32,
+                        device: torch.device | str = "cpu") -> "MultimodalModel":
+        """Load our directory (config.json, model.safetensors, tokenizer.model, preprocessor_config.json)."""
+        path = Path(path)
+        if not path.is_dir():
+            raise CheckpointError(f"{path}: not a model directory")
+        raw = read_json(path / "config.json")
+        try:
+            cfg = MultimodalConfig.from_dict(raw)
+        except (ValueError, TypeError, KeyError) as e:
+            raise CheckpointError(f"{path / 'config.json'}: {e}") from e
+        model = cls.from_state_dict(cfg, read_hf_weights(path), dtype, device, source=str(path))
+        model.image_processor = _load_image_processor(path, cfg, "crop")
+        if (path / "tokenizer.model").is_file():
+            from decoders.tokenizer import load_tokenizer
+
+            model.tokenizer = load_tokenizer(path)
+        return model
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write config.json, model.safetensors, tokenizer.model (if any) and preprocessor_config.json."""
+        super().save_pretrained(path)
+        (Path(path) / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2))
+
+
+def is_multimodal_dir(path: str | Path) -> bool:
+    """True for a directory whose config.json says model_type mm-multimodal."""
+    f = Path(path) / "config.json"
+    try:
+        return f.is_file() and json.loads(f.read_text()).get("model_type") == MODEL_TYPE
+    except (OSError, ValueError):
+        return False
+
+

@@ -1,0 +1,188 @@
+"""Chat messages holding text, images and audio -> model inputs for `mm.multimodal.MultimodalModel`.
+
+A message's content is a string with `<image>` / `<audio>` placeholders (the media then come as `images=` /
+`audios=`, in placeholder order), or a list of parts in the Hugging Face style:
+    {"type": "text", "text": "what colour is the star?"}
+    {"type": "image", "image": PIL image | path | bytes}
+    {"type": "audio", "audio": path | waveform array/tensor, "sampling_rate": 16000 (arrays only)}
+Each `<image>` becomes `tokens_per_image` image tokens and each `<audio>` as many audio tokens as its utterance
+gives adapted features. Batches are left-padded with attention_mask 1 on real tokens; positions follow the mask.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import torch
+
+from decoders.loss import IGNORE_INDEX
+from encoders.audio import AudioError, load_audio
+from encoders.image import ImageError, load_image
+
+from .conversation import IMAGE_PLACEHOLDER, encode_pieces, segments
+
+AUDIO_PLACEHOLDER = "<audio>"
+PLACEHOLDERS = (IMAGE_PLACEHOLDER, AUDIO_PLACEHOLDER)
+
+
+class InputError(ValueError):
+    """A message, image or audio the model cannot take; the text says which and why."""
+
+
+def flatten_parts(messages) -> tuple[list[dict], list, list]:
+    """Messages with list contents -> (messages with placeholder strings, images in order, audios in order)."""
+    if isinstance(messages, dict):
+        messages = [messages]
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise InputError("messages is empty: give at least one {'role': 'user', 'content': ...} message")
+    out, images, audios = [], [], []
+    for k, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise InputError(f"message {k} must be a dict with 'role' and 'content', got {m!r:.200}")
+        content = m["content"]
+        if isinstance(content, str):
+            out.append({"role": m["role"], "content": content})
+            continue
+        if not isinstance(content, (list, tuple)):
+            raise InputError(f"message {k}: content must be a str or a list of parts, got {type(content).__name__}")
+        text = ""
+        for part in content:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text":
+                text += part.get("text", "")
+            elif kind == "image":
+                text += IMAGE_PLACEHOLDER
+                images.append(part.get("image", part.get("path")))
+            elif kind == "audio":
+                text += AUDIO_PLACEHOLDER
+                audio = part.get("audio", part.get("path"))
+                audios.append(audio if "sampling_rate" not in part else (audio, part["sampling_rate"]))
+            else:
+                raise InputError(f"message {k}: a content part must be a dict with type text, image or audio, "
+                                 f"got {part!r:.200}")
+        out.append({"role": m["role"], "content": text})
+    return out, images, audios
+
+
+class MultimodalProcessor:
+    """Conversations + images + audio -> input_ids, attention_mask, pixel_values, speech, speech_lengths (+ labels)."""
+
+    def __init__(self, tokenizer, image_processor, image_token_id: int, tokens_per_image: int, audio_token_id: int,
+                 audio_feature_lengths: Callable[[torch.Tensor], torch.Tensor], template: str = "llava_v1",
+                 system: str | None = None, max_audio_seconds: float = 30.0, sample_rate: int = 16000):
+        self.tokenizer, self.image_processor = tokenizer, image_processor
+        self.image_token_id, self.tokens_per_image = image_token_id, tokens_per_image
+        self.audio_token_id, self.audio_feature_lengths = audio_token_id, audio_feature_lengths
+        self.template, self.system = template, system
+        self.max_audio_seconds, self.sample_rate = max_audio_seconds, sample_rate
+
+    def load_audio(self, audio, index: int = 0) -> torch.Tensor:
+        """One waveform [S] at the model's rate from a path, (array, rate) or a 1-D tensor already at that rate."""
+        try:
+            if isinstance(audio, tuple):
+                wave, _ = load_audio(audio[0], sample_rate=audio[1], target_rate=self.sample_rate)
+            elif isinstance(audio, torch.Tensor):
+                wave, _ = load_audio(audio, sample_rate=self.sample_rate, target_rate=self.sample_rate)
+            elif isinstance(audio, (str, os.PathLike)):
+                wave, _ = load_audio(audio, target_rate=self.sample_rate)
+            else:
+                raise InputError(f"audio {index}: expected a path, a (waveform, sampling_rate) pair or a tensor at "
+                                 f"{self.sample_rate} Hz, got {type(audio).__name__}")
+        except AudioError as e:
+            raise InputError(f"audio {index}: {e}") from e
+        seconds = wave.shape[0] / self.sample_rate
+        if seconds > self.max_audio_seconds:
+            raise InputError(f"audio {index}: {seconds:.1f} s is longer than the limit of {self.max_audio_seconds:g} s")
+        return wave
+
+    def load_image(self, image, index: int = 0):
+        """One RGB PIL image (path, bytes, PIL image); unreadable data raises InputError naming it."""
+        try:
+            return load_image(image)
+        except (ImageError, TypeError) as e:
+            raise InputError(f"image {index}: {e}") from e
+
+    def encode(self, messages, audio_lengths: list[int], add_generation_prompt: bool = True):
+        """(ids, labels, {placeholder: count}) of one conversation whose k-th `<audio>` takes audio_lengths[k] tokens."""
+        if isinstance(messages, str):
+            pieces = [("text", messages)]
+        else:
+            try:
+                pieces = segments(messages, self.template, add_generation_prompt, self.system)
+            except ValueError as e:
+                raise InputError(str(e)) from e
+        n_audio = sum(t.count(AUDIO_PLACEHOLDER) for _, t in pieces if t)
+        if n_audio != len(audio_lengths):
+            raise InputError(f"the conversation has {n_audio} '{AUDIO_PLACEHOLDER}' placeholder(s) but "
+                             f"{len(audio_lengths)} audio input(s) were given")
+        slots = {IMAGE_PLACEHOLDER: (self.image_token_id, lambda k: self.tokens_per_image),
+                 AUDIO_PLACEHOLDER: (self.audio_token_id, lambda k: audio_lengths[k])}
+        return encode_pieces(self.tokenizer, pieces, slots, bos=True, space_before_answer=self.template == "llava_v1")
+
+    def __call__(self, conversations, images=None, audios=None, add_generation_prompt: bool = True,
+                 labels: bool = False) -> dict:
+        """Model inputs for one conversation or a batch; `images` / `audios` are flat lists over the batch, in
+        placeholder order, added after any media given as content parts."""
+        if isinstance(conversations, (str, dict)) or (conversations and isinstance(conversations[0], dict)):
+            conversations = [conversations]
+        if not conversations:
+            raise InputError("no conversation given")
+        images, audios = list(images or []), list(audios or [])
+        flat, per_images, per_audios = [], [], []
+        for c in conversations:
+            if isinstance(c, str):
+                flat.append(c)
+                per_images.append([])
+                per_audios.append([])
+                continue
+            msgs, ims, auds = flatten_parts(c)
+            flat.append(msgs)
+            per_images.append(ims)
+            per_audios.append(auds)
+        # media given as lists go to placeholders left without a part, conversation after conversation
+        counts = []
+        for c, ims, auds in zip(flat, per_images, per_audios):
+            text = c if isinstance(c, str) else "".join(m["content"] for m in c)
+            n_img, n_aud = text.count(IMAGE_PLACEHOLDER), text.count(AUDIO_PLACEHOLDER)
+            need_img, need_aud = n_img - len(ims), n_aud - len(auds)
+            if need_img < 0 or need_aud < 0:
+                raise InputError(f"a conversation has {n_img} image and {n_aud} audio placeholder(s) but "
+                                 f"{len(ims)} image and {len(auds)} audio part(s)")
+            ims += images[:need_img]
+            auds += audios[:need_aud]
+            images, audios = images[need_img:], audios[need_aud:]
+            counts.append((n_img, n_aud))
+        for name, ph, rest, per in (("image", IMAGE_PLACEHOLDER, images, per_images),
+                                    ("audio", AUDIO_PLACEHOLDER, audios, per_audios)):
+            given = sum(len(p) for p in per) + len(rest)
+            wanted = sum(c[0 if name == "image" else 1] for c in counts)
+            if given != wanted or rest:
+                raise InputError(f"the conversation(s) have {wanted} '{ph}' placeholder(s) but {given} {name}(s) "
+                                 f"were given: one {name} per placeholder")
+        all_images = [self.load_image(im, k) for k, im in enumerate(x for p in per_images for x in p)]
+        waves = [self.load_audio(a, k) for k, a in enumerate(x for p in per_audios for x in p)]
+        speech_lengths = torch.tensor([w.shape[0] for w in waves], dtype=torch.long)
+        try:
+            feature_lengths = self.audio_feature_lengths(speech_lengths).tolist() if waves else []
+        except ValueError as e:  # SpeechTooShortError
+            raise InputError(f"audio too short: {e}") from e
+        encoded, at = [], 0
+        for c, auds in zip(flat, per_audios):
+            encoded.append(self.encode(c, feature_lengths[at:at + len(auds)], add_generation_prompt))
+            at += len(auds)
+        T = max(len(ids) for ids, _, _ in encoded)
+        pad = self.tokenizer.pad_id if getattr(self.tokenizer, "pad_id", None) is not None else 0
+        B = len(encoded)
+        out = {"input_ids": torch.full((B, T), pad, dtype=torch.long),
+               "attention_mask": torch.zeros((B, T), dtype=torch.long)}
+        label_ids = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
+        for b, (ids, lab, _) in enumerate(encoded):
+            out["input_ids"][b, T - len(ids):] = torch.tensor(ids)
+            out["attention_mask"][b, T - len(ids):] = 1
+            label_ids[b, T - len(ids):] = torch.tensor(lab)
+        out["pixel_values"] = self.image_processor(all_images) if all_images else None
+        out["speech"] = torch.nn.utils.rnn.pad_sequence(waves, batch_first=True) if waves else None
+        out["speech_lengths"] = speech_lengths if waves else None
+        if labels:
+            out["labels"] = label_ids
+        return out

@@ -1,0 +1,421 @@
+"""`mm train --recipe tiny`: the shipped multimodal model, trained from nothing on the project's own data.
+
+Data (deterministic from the seed, nothing downloaded): procedural scenes with captions and questions
+(`mm.scenes`), scene sentences spoken by espeak-ng voices with noise (`mm.speech_data`), and spoken questions
+about images. Every training row is one chat turn of one of four tasks:
+    caption      <image>\\ndescribe the image.           -> the scene's caption
+    question     <image>\\nwhat colour is the star?      -> red
+    transcribe   <audio>\\ntranscribe the audio.         -> the spoken sentence (lower case, no punctuation)
+    spoken       <image><audio>                          -> the answer to the spoken question
+A step trains on one task (rows of one task pad alike), the tasks taking turns in the order of `TASK_CYCLE`.
+
+Stages (LLaVA's, preceded by a short text pretraining of the decoder since no pretrained Llama is at hand):
+    0  decoder alone, next-token loss on the answers' text (a small language model of the domain);
+    1  decoder frozen; ViT, projector, speech encoder, CTC head and speech adapter learn to feed it;
+    2  everything jointly. The speech encoder keeps its CTC loss (weight `ctc_weight`) in stages 1 and 2.
+
+Runs under `torchrun --nproc_per_node N` with DistributedDataParallel (gloo on CPU, NCCL on GPU): each rank
+draws its own rows, gradients are averaged, rank 0 logs, plots and saves. `out/checkpoint.pt` (written every
+`save_every` steps and at the end of each stage) resumes an interrupted run where it stopped; batches and
+dropout are seeded by (seed, step, rank), so a resumed run continues exactly as an uninterrupted one would.
+Outputs in `out/`: the model directory `model/`, `train.log`, `losses.jsonl`, `loss.png`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from decoders.llama import LlamaConfig
+from decoders.loss import IGNORE_INDEX, next_token_loss
+from decoders.tokenizer import train_sentencepiece
+from encoders.ebranchformer import EBranchformerConfig, SpeechEncoderConfig
+from encoders.frontend import FrontendConfig
+from encoders.image import ImageProcessor
+from encoders.vit import ViTConfig
+
+from .multimodal import CAPTION_PROMPT, TRANSCRIBE_PROMPT, MultimodalConfig, MultimodalModel
+from .scenes import COLOURS, COUNT_WORDS, NUMBERS, ROWS, COLS, SHAPES, SIZES, scene_examples
+from .speech_adapter import SpeechAdapterConfig
+from .speech_data import speech_examples, spoken_questions, transcript
+from .train import init_weights
+
+
+@dataclass
+class TinyRecipe:
+    """Sizes of data, model and schedule; the defaults make the shipped model (about 40 minutes on 2 CPU cores)."""
+
+    seed: int = 0
+    n_scenes: int = 6000  # rendered training scenes (caption + every question of each)
+    n_speech: int = 4000  # spoken captions and questions for transcription
+    n_spoken: int = 3000  # images with a spoken question
+    image_size: int = 64
+    vocab_size: int = 384
+    steps: tuple[int, int, int] = (300, 700, 1500)  # stages 0, 1, 2
+    lr: tuple[float, float, float] = (3e-3, 1.5e-3, 6e-4)
+    batch: tuple[int, int, int, int] = (24, 32, 16, 16)  # rows per step of each task: caption, question, transcribe, spoken
+    text_batch: int = 48  # stage 0 rows per step
+    ctc_weight: float = 0.3
+    save_every: int = 100
+    # model
+    vit_dim: int = 128
+    vit_depth: int = 4
+    speech_dim: int = 128
+    speech_blocks: int = 4
+    llama_dim: int = 256
+    llama_layers: int = 4
+
+    @classmethod
+    def smoke(cls) -> "TinyRecipe":
+        """A few steps on a handful of examples: checks that the whole recipe runs (tests, `--smoke`)."""
+        return cls(n_scenes=24, n_speech=12, n_spoken=12, steps=(3, 7, 7), batch=(2, 2, 2, 2), text_batch=4,
+                   save_every=2, vit_dim=32, vit_depth=1, speech_dim=32, speech_blocks=1, llama_dim=64, llama_layers=1)
+
+
+def model_config(r: TinyRecipe, vocab_size: int, bos: int, eos: int) -> MultimodalConfig:
+    """The tiny model: 64 px ViT (16 px patches: 16 image tokens), E-Branchformer, Llama, token ids for image/audio past the vocab."""
+    text = LlamaConfig(vocab_size=vocab_size, hidden_size=r.llama_dim, intermediate_size=int(r.llama_dim * 8 / 3) // 16 * 16,
+                       num_hidden_layers=r.llama_layers, num_attention_heads=max(1, r.llama_dim // 64),
+                       num_key_value_heads=max(1, r.llama_dim // 128), max_position_embeddings=512,
+                       rms_norm_eps=1e-5, bos_token_id=bos, eos_token_id=eos)
+    vision = ViTConfig(image_size=r.image_size, patch_size=16, dim=r.vit_dim, depth=r.vit_depth,
+                       num_heads=max(1, r.vit_dim // 32), mlp_dim=4 * r.vit_dim)
+    d = r.speech_dim
+    speech = SpeechEncoderConfig(frontend=FrontendConfig(n_mels=80), encoder=EBranchformerConfig(
+        input_size=80, output_size=d, attention_heads=max(1, d // 32), cgmlp_linear_units=4 * d, cgmlp_conv_kernel=15,
+        num_blocks=r.speech_blocks, use_ffn=True, macaron_ffn=True, linear_units=2 * d))
+    return MultimodalConfig(text=text, vision=vision, speech=speech, image_token_index=vocab_size,
+                            vision_feature_layer=-1, audio_token_id=vocab_size + 1, ctc_weight=r.ctc_weight,
+                            adapter=SpeechAdapterConfig(input_size=d, hidden_size=r.llama_dim, downsample=4),
+                            system="", template="llava_v1")
+
+
+# ------------------------------------------------------------------------------------------------- data
+
+
+def make_data(r: TinyRecipe, cache_dir: Path, log=print) -> dict:
+    """The training rows of the four tasks, built once (speech is cached on disk under cache_dir)."""
+    t0 = time.time()
+    scenes = scene_examples(r.n_scenes, "train", seed=r.seed, size=r.image_size)
+    speech = speech_examples(r.n_speech, "train", seed=r.seed, cache_dir=cache_dir, workers=4)
+    spoken = spoken_questions(r.n_spoken, "train", seed=r.seed, size=r.image_size, cache_dir=cache_dir, workers=4)
+    log(f"data: {len(scenes)} scenes, {len(speech)} spoken sentences, {len(spoken)} spoken questions "
+        f"({time.time() - t0:.0f} s)")
+    return {
+        "caption": [(s.image, s.caption) for s in scenes],
+        "question": [(s.image, qa.question, qa.answer) for s in scenes for qa in s.qa],
+        "transcribe": [(e.waveform, transcript(e.text)) for e in speech],
+        "spoken": [(q.image, q.waveform, q.answer, transcript(q.question)) for q in spoken],
+    }
+
+
+def corpus_lines(data: dict) -> list[str]:
+    """Every text the model reads or writes, and each vocabulary word, for the tokenizer."""
+    lines = [c for _, c in data["caption"]] + [f"{q} {a}" for _, q, a in data["question"]]
+    lines += [t for _, t in data["transcribe"]] + [f"{t} {a}" for _, _, a, t in data["spoken"]]
+    words = SHAPES + COLOURS + SIZES + ROWS + COLS + NUMBERS + COUNT_WORDS
+    lines += [CAPTION_PROMPT, TRANSCRIBE_PROMPT, "USER: ASSISTANT:"] + words + [w + "s" for w in SHAPES]
+    return lines
+
+
+def user(content: str, answer: str) -> list[dict]:
+    return [{"role": "user", "content": content}, {"role": "assistant", "content": answer}]
+
+
+TASKS = ("caption", "question", "transcribe", "spoken")
+TASK_CYCLE = ("question", "transcribe", "spoken", "caption", "question", "transcribe", "spoken")
+
+
+def sample_batch(data: dict, task: str, size: int, rng: random.Random) -> tuple[list, list, list, list[str]]:
+    """(conversations, images, audios, transcripts of the audios) of `size` rows of one task."""
+    sizes = [size if t == task else 0 for t in TASKS]
+    convs, images, audios, texts = [], [], [], []
+    for _ in range(sizes[0]):
+        im, cap = rng.choice(data["caption"])
+        convs.append(user(f"<image>\n{CAPTION_PROMPT}", cap))
+        images.append(im)
+    for _ in range(sizes[1]):
+        im, q, a = rng.choice(data["question"])
+        convs.append(user(f"<image>\n{q}", a))
+        images.append(im)
+    for _ in range(sizes[2]):
+        wave, t = rng.choice(data["transcribe"])
+        convs.append(user(f"<audio>\n{TRANSCRIBE_PROMPT}", t))
+        audios.append(wave)
+        texts.append(t)
+    for _ in range(sizes[3]):
+        im, wave, a, t = rng.choice(data["spoken"])
+        convs.append(user("<image><audio>", a))
+        images.append(im)
+        audios.append(wave)
+        texts.append(t)
+    return convs, images, audios, texts
+
+
+def ctc_targets(tokenizer, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Transcripts as Llama ids [A, L] padded with -1, and their lengths [A] (id 0, the blank, never occurs)."""
+    ids = [tokenizer.encode(t) for t in texts]
+    L = max(len(i) for i in ids)
+    out = torch.full((len(ids), L), -1, dtype=torch.long)
+    for k, i in enumerate(ids):
+        out[k, : len(i)] = torch.tensor(i)
+    return out, torch.tensor([len(i) for i in ids])
+
+
+def set_mvn(model: MultimodalModel, waves: list[torch.Tensor]) -> None:
+    """Global mean/variance normalisation statistics of the log-mel features of `waves` (ESPnet's GlobalMVN)."""
+    frontend, norm = model.speech_encoder.frontend, model.speech_encoder.normalize
+    with torch.no_grad():
+        lengths = torch.tensor([w.shape[0] for w in waves])
+        feats, feat_lengths = frontend(torch.nn.utils.rnn.pad_sequence(waves, batch_first=True), lengths)
+        valid = torch.arange(feats.shape[1])[None, :] < feat_lengths[:, None]
+        x = feats[valid]  # [frames, n_mels]
+        norm.mean.copy_(x.mean(0))
+        norm.std.copy_(x.std(0).clamp_min(1e-5))
+
+
+# ------------------------------------------------------------------------------------------------- training
+
+
+def trainable(model: MultimodalModel, stage: int) -> list[torch.nn.Parameter]:
+    """Stage 0: the decoder; stage 1: everything but the decoder; stage 2: everything."""
+    for name, p in model.named_parameters():
+        in_decoder = name.startswith("language_model.")
+        p.requires_grad_(stage == 2 or (stage == 0) == in_decoder)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def schedule(step: int, total: int, warmup: int = 30) -> float:
+    """Linear warm-up, then cosine decay to 10%."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def text_rows(data: dict, n: int, rng: random.Random, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stage-0 rows: the answers' text as plain sentences (BOS text EOS), left-padded ids and mask."""
+    texts = []
+    for _ in range(n):
+        kind = rng.random()
+        if kind < 0.3:
+            texts.append(rng.choice(data["caption"])[1])
+        elif kind < 0.7:
+            _, q, a = rng.choice(data["question"])
+            texts.append(f"{q} {a}")
+        else:
+            texts.append(rng.choice(data["transcribe"])[1])
+    ids = [tokenizer.encode(t, bos=True, eos=True) for t in texts]
+    T = max(len(i) for i in ids)
+    x = torch.zeros((n, T), dtype=torch.long)
+    mask = torch.zeros((n, T), dtype=torch.long)
+    for k, i in enumerate(ids):
+        x[k, T - len(i):] = torch.tensor(i)
+        mask[k, T - len(i):] = 1
+    return x, mask
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """sha256 of every parameter and buffer, in name order: equal digests mean equal weights."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def plot_losses(history: list[dict], path: Path) -> None:
+    """loss.png: each task's next-token loss and the CTC loss (running means) against the step, stages shaded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def smooth(pts, k=25):  # running mean over the last k points of a series
+        ys = [y for _, y in pts]
+        return [x for x, _ in pts], [sum(ys[max(0, i - k + 1):i + 1]) / (i + 1 - max(0, i - k + 1)) for i in range(len(ys))]
+
+    fig, ax = plt.subplots(figsize=(9, 5), dpi=100)
+    series = [("text", "lm_loss", "text (stage 0)")] + [(t, "lm_loss", f"{t}: next-token") for t in TASKS]
+    series.append((None, "ctc_loss", "speech encoder: CTC per token"))
+    for task, key, label in series:
+        pts = [(h["step"], h[key]) for h in history if h.get(key) is not None
+               and (task is None or h.get("task", "text") == task)]
+        if pts:
+            ax.plot(*smooth(pts), label=label, linewidth=1.2)
+    for stage in (0, 1, 2):
+        steps = [h["step"] for h in history if h["stage"] == stage]
+        if steps:
+            ax.axvspan(min(steps), max(steps), alpha=0.08, color=f"C{stage + 3}")
+            ax.text(min(steps), 1.0, f" stage {stage}", transform=ax.get_xaxis_transform(), va="top", fontsize=8)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title("mm train --recipe tiny")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def train_tiny(out_dir: str | Path, recipe: TinyRecipe | None = None, resume: bool = True, threads: int | None = None,
+               progress: bool = True, stop_after: int | None = None) -> Path | None:
+    """Run the recipe (all stages; under torchrun, data parallel); returns the saved model directory.
+
+    stop_after: leave after that many steps in all (counting from the first step of stage 0) with a checkpoint
+    saved, returning None; a later call resumes from it."""
+    r = recipe or TinyRecipe()
+    out = Path(out_dir)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    device = torch.device("cpu")
+    if world > 1:
+        if torch.cuda.is_available():
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if threads:
+        torch.set_num_threads(threads)
+    main = rank == 0
+    out.mkdir(parents=True, exist_ok=True)
+    log_file = open(out / "train.log", "a") if main else None
+
+    def log(msg: str) -> None:
+        if main:
+            line = f"[{time.strftime('%H:%M:%S')}] {msg}"
+            tqdm.write(line, file=sys.stderr)
+            log_file.write(line + "\n")
+            log_file.flush()
+
+    log(f"recipe tiny: {json.dumps(asdict(r))}, world size {world}, device {device}")
+    data = make_data(r, out / "cache" / "speech", log)
+
+    tok_dir = out / "tokenizer"
+    if main and not (tok_dir / "tokenizer.model").is_file():
+        with tempfile.TemporaryDirectory() as tmp:
+            corpus = Path(tmp) / "corpus.txt"
+            corpus.write_text("\n".join(corpus_lines(data)))
+            train_sentencepiece([corpus], Path(tmp) / "tok", vocab_size=r.vocab_size, model_type="bpe")
+            tok_dir.mkdir(exist_ok=True)
+            shutil.copy(Path(tmp) / "tok" / "tokenizer.model", tok_dir / "tokenizer.model")
+    if world > 1:
+        dist.barrier()
+    from decoders.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(tok_dir)
+    torch.manual_seed(r.seed)
+    cfg = model_config(r, tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eos_id)
+    model = MultimodalModel(cfg)
+    init_weights(model.language_model)
+    model.tokenizer = tokenizer
+    model.image_processor = ImageProcessor(size=r.image_size, crop_size=r.image_size, resample="bicubic")
+    set_mvn(model, [w for w, _ in data["transcribe"][:200]])
+    processor = model.processor()
+
+    ckpt = out / "checkpoint.pt"
+    history: list[dict] = []
+    start_stage, start_step = 0, 0
+    state = None
+    if resume and ckpt.is_file():
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        start_stage, start_step = int(state["stage"]), int(state["step"])
+        history = json.loads(state["history"])
+        log(f"resumed from {ckpt}: stage {start_stage}, step {start_step}")
+    model.to(device)
+
+    offsets = [0, r.steps[0], r.steps[0] + r.steps[1]]
+    for stage in range(start_stage, 3):
+        params = trainable(model, stage)
+        opt = torch.optim.AdamW(params, lr=r.lr[stage], weight_decay=0.05, betas=(0.9, 0.98))
+        first = start_step if stage == start_stage else 0
+        if state is not None and stage == start_stage and first > 0:
+            opt.load_state_dict(state["optimizer"])
+        ddp = model
+        if world > 1:
+            ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+        model.train()
+        stopping = False
+        bar = tqdm(range(first, r.steps[stage]), desc=f"stage {stage}", unit="step", disable=not (main and progress),
+                   file=sys.stderr, initial=first, total=r.steps[stage])
+        for step in bar:
+            for g in opt.param_groups:
+                g["lr"] = r.lr[stage] * schedule(step, r.steps[stage])
+            rng = random.Random(f"{r.seed}/{stage}/{step}/{rank}")
+            torch.manual_seed(hash((r.seed, stage, step, rank)) % 2**31)
+            row = {"stage": stage, "step": offsets[stage] + step}
+            if stage == 0:
+                x, mask = text_rows(data, r.text_batch, rng, tokenizer)
+                labels = x.masked_fill(mask == 0, IGNORE_INDEX)
+                loss = next_token_loss(ddp(x.to(device), attention_mask=mask.to(device)).logits, labels.to(device))
+                row.update(loss=loss.item(), lm_loss=loss.item())
+            else:
+                task = TASK_CYCLE[step % len(TASK_CYCLE)]
+                convs, images, audios, texts = sample_batch(data, task, r.batch[TASKS.index(task)], rng)
+                inputs = processor(convs, images, audios, add_generation_prompt=False, labels=True)
+                speech = inputs["speech"]
+                ys = ys_len = None
+                w = 0.0
+                if texts:  # CTC per target token (ESPnet sums over each utterance), so it weighs like next-token loss
+                    ys, ys_len = ctc_targets(tokenizer, texts)
+                    w = r.ctc_weight / ys_len.float().mean().item()
+                o = ddp(inputs["input_ids"].to(device), inputs["pixel_values"], None if speech is None else speech.to(device),
+                        inputs["speech_lengths"], inputs["attention_mask"].to(device), inputs["labels"].to(device),
+                        ys, ys_len, w)
+                loss = o.loss
+                row.update(task=task, loss=loss.item(), lm_loss=o.lm_loss.item())
+                if o.ctc_loss is not None:
+                    row["ctc_loss"] = o.ctc_loss.item() * w / r.ctc_weight
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            history.append(row)
+            bar.set_postfix(loss=f"{row['loss']:.3f}")
+            done_stage = step + 1 == r.steps[stage]
+            stopping = stop_after is not None and offsets[stage] + step + 1 >= stop_after
+            if main and ((step + 1) % r.save_every == 0 or done_stage or stopping):
+                save = {"model": model.state_dict(), "optimizer": opt.state_dict(), "history": json.dumps(history),
+                        "stage": stage + 1 if done_stage else stage, "step": 0 if done_stage else step + 1}
+                torch.save(save, ckpt.with_suffix(".tmp"))
+                os.replace(ckpt.with_suffix(".tmp"), ckpt)  # a kill mid-write leaves the previous checkpoint
+                recent = [h for h in history[-r.save_every:] if h["stage"] == stage]
+                log(f"stage {stage} step {step + 1}/{r.steps[stage]}: loss "
+                    f"{sum(h['loss'] for h in recent) / len(recent):.4f} (mean of the last {len(recent)} steps)")
+            if stopping:
+                break
+        bar.close()
+        state = None
+        if stopping:
+            if world > 1:
+                dist.barrier()
+                dist.destroy_process_group()
+            if log_file:
+                log_file.close()
+            return None
+    model.eval()
+    model_dir = out / "model"
+    if main:
+        with open(out / "losses.jsonl", "w") as f:
+            f.writelines(json.dumps(h) + "\n" for h in history)
+        plot_losses(history, out / "loss.png")
+        model.to("cpu").save_pretrained(model_dir)
+        log(f"saved {model_dir} and {out / 'loss.png'}")
+    if world > 1:
+        (out / f"weights-rank{rank}.sha256").write_text(weights_digest(model) + "\n")
+        dist.barrier()
+        dist.destroy_process_group()
+    if log_file:
+        log_file.close()
+    return model_dir
