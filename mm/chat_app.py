@@ -14,18 +14,25 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import threading
 from pathlib import Path
 from typing import Iterator
 
-from .processor import InputError
+from encoders.audio import AudioError, load_audio
+from encoders.image import ImageError, load_image
+
+from .assets import default_multimodal_dir
 
 ERROR_MARK = "⚠️"
+EMPTY_REPLY = "(the model gave an empty answer)"
+MB = 2**20  # bytes in the MB of upload limits, as Gradio counts them
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".m4a", ".webm", ".opus")
 TITLE = "mm chat"
 DESCRIPTION = ("Ask about an image (upload it and type a question, or record the question with the microphone), "
                "ask for a description (\"describe the image.\") or a transcript (\"transcribe the audio.\").")
+
+EXAMPLE_LABELS = ["what colour is the star?", "a spoken question about the image", "describe the image.",
+                  "transcribe the audio."]
 
 log = logging.getLogger(__name__)
 
@@ -80,28 +87,29 @@ def history_to_messages(history: list[dict]) -> list[dict]:
                 continue
             t = "\n".join(p["text"] for p in pending if p["text"].strip())
             out.append({"role": "user", "content": user_content(t, [f for p in pending for f in p["files"]])})
-            out.append({"role": "assistant", "content": text.strip()})
+            out.append({"role": "assistant", "content": "" if text.strip() == EMPTY_REPLY else text.strip()})
             pending = []
     return out
 
 
-def check_file(path: str, max_bytes: int, processor) -> str | None:
+def check_file(path: str, max_upload_mb: float) -> str | None:
     """Why the uploaded file cannot be used (too large, wrong type, unreadable), or None if it can."""
     name = Path(path).name
     if not Path(path).is_file():
         return f"{name}: the upload is missing on the server; upload it again"
     size = Path(path).stat().st_size
-    if size > max_bytes:
-        return (f"{name} is {size / 1e6:.2f} MB, over the upload limit of {max_bytes / 1e6:g} MB; "
+    if size > max_upload_mb * MB:
+        return (f"{name} is {size / MB:.2f} MB, over the upload limit of {max_upload_mb:g} MB; "
                 f"upload a smaller file")
     kind = file_kind(path)
     if kind is None:
         return (f"{name}: {Path(path).suffix or 'no suffix'} files are not supported; upload an image "
                 f"({', '.join(IMAGE_SUFFIXES)}) or audio ({', '.join(AUDIO_SUFFIXES)})")
-    try:  # decode it now, so a .txt renamed .png is named here rather than failing inside the model
-        processor.load_image(path) if kind == "image" else processor.load_audio(path)
-    except InputError as e:
-        return f"{name} is not a readable {kind} file ({str(e).replace(path, name)})"
+    try:  # decode it now, so a .txt renamed .png is named here; limits (audio length) are the processor's to tell
+        load_image(path) if kind == "image" else load_audio(path)
+    except (ImageError, AudioError) as e:
+        reason = str(e).replace(path, name)  # the upload's name, not the server's cache path
+        return reason if reason.startswith(name) else f"{name}: {reason}"
     return None
 
 
@@ -110,9 +118,6 @@ def make_respond(model, max_upload_mb: float = 10, max_new_tokens: int = 64):
 
     `message` is the multimodal textbox's value {"text": str, "files": [path]}; `history` Gradio's list of
     {"role", "content"} messages. Problems are replies starting with ERROR_MARK, never exceptions."""
-    max_bytes = int(max_upload_mb * 1e6)
-    lock = threading.Lock()  # one generation at a time: the model is not re-entrant
-
     def respond(message: dict | str, history: list[dict]) -> Iterator[str]:
         """Stream the model's reply to `message` after `history`."""
         if isinstance(message, str):
@@ -122,18 +127,16 @@ def make_respond(model, max_upload_mb: float = 10, max_new_tokens: int = 64):
         if not text and not files:
             yield f"{ERROR_MARK} The message is empty: type a question or upload an image or audio file."
             return
-        processor = model.processor()
-        problems = [p for p in (check_file(f, max_bytes, processor) for f in files) if p]
+        problems = [p for p in (check_file(f, max_upload_mb) for f in files) if p]
         if problems:
             yield f"{ERROR_MARK} " + "\n".join(problems)
             return
         messages = history_to_messages(history) + [{"role": "user", "content": user_content(text, files)}]
         reply = ""
         try:
-            with lock:
-                for piece in model.chat(messages, stream=True, max_new_tokens=max_new_tokens):
-                    reply += piece
-                    yield reply.strip()
+            for piece in model.chat(messages, stream=True, max_new_tokens=max_new_tokens):
+                reply += piece
+                yield reply.strip()
         except ValueError as e:  # InputError, AudioError, ImageError, a prompt past the context, ...
             yield f"{ERROR_MARK} {e}"
             return
@@ -142,28 +145,33 @@ def make_respond(model, max_upload_mb: float = 10, max_new_tokens: int = 64):
             yield f"{ERROR_MARK} The model failed on this message: {type(e).__name__}: {e}"
             return
         if not reply.strip():
-            yield "(the model gave an empty answer)"
+            yield EMPTY_REPLY
 
     return respond
 
 
 def _load(model_or_path):
+    """A model as given, or loaded (float32, CPU) from its directory; None: the shipped one."""
     if model_or_path is None or isinstance(model_or_path, (str, os.PathLike)):
         import torch
 
         from .multimodal import MultimodalModel
 
-        path = model_or_path if model_or_path is not None else default_model_dir()
+        path = model_or_path if model_or_path is not None else default_multimodal_dir()
         model = MultimodalModel.from_pretrained(path, dtype=torch.float32, device="cpu")
         return model.eval()
     return model_or_path
 
 
-def default_model_dir() -> Path:
-    """The shipped multimodal model (trained by `mm train --recipe tiny`)."""
-    from .assets import shipped
+def examples() -> list[dict] | None:
+    """The four tasks (EXAMPLE_LABELS) on the bundled scene and spoken question (None if this install lacks them)."""
+    from .assets import EXAMPLES_DIR
 
-    return shipped("tiny")
+    image, audio = str(EXAMPLES_DIR / "scene.png"), str(EXAMPLES_DIR / "question.wav")
+    if not (Path(image).is_file() and Path(audio).is_file()):
+        return None
+    return [{"text": "what colour is the star?", "files": [image]}, {"text": "", "files": [image, audio]},
+            {"text": "describe the image.", "files": [image]}, {"text": "transcribe the audio.", "files": [audio]}]
 
 
 def build_demo(model_or_path=None, max_upload_mb: float = 10, max_new_tokens: int = 64):
@@ -182,6 +190,9 @@ def build_demo(model_or_path=None, max_upload_mb: float = 10, max_new_tokens: in
             textbox=gr.MultimodalTextbox(elem_id="chat-input", file_count="multiple", sources=["upload", "microphone"],
                                          placeholder="Ask about an image, or upload/record audio...",
                                          show_label=False),
+            examples=examples(),
+            example_labels=EXAMPLE_LABELS if examples() else None,
+            cache_examples=False,
             analytics_enabled=False,
             autofocus=True,
         )
@@ -190,11 +201,12 @@ def build_demo(model_or_path=None, max_upload_mb: float = 10, max_new_tokens: in
 
 def launch(model_path=None, host: str = "127.0.0.1", port: int = 7860, max_upload_mb: float = 10,
            share: bool = False, max_new_tokens: int = 64, block: bool = True):
-    """Serve the chat on host:port (loopback by default); returns the demo (with block=False, at once)."""
+    """Serve the chat for a model directory (or a loaded model) on host:port, loopback by default; Gradio refuses
+    uploads over max_upload_mb. Returns the demo: with block=False at once (stop it with demo.close())."""
     demo = build_demo(model_path, max_upload_mb, max_new_tokens)
-    demo.queue(default_concurrency_limit=1)
-    demo.launch(server_name=host, server_port=port, share=share, max_file_size=int(max_upload_mb * 1e6),
-                prevent_thread_lock=not block, ssr_mode=False, quiet=not block, footer_links=[])
+    demo.queue(default_concurrency_limit=1)  # one generation at a time; others wait in Gradio's queue
+    demo.launch(server_name=host, server_port=port, share=share, max_file_size=int(max_upload_mb * MB),
+                prevent_thread_lock=not block, ssr_mode=False, quiet=not block)
     return demo
 
 
@@ -206,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--max-upload-mb", type=float, default=10, help="largest file accepted, in MB")
     p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--device", default="cpu")
     p.add_argument("--share", action="store_true", help="make a public gradio.live link")
     return p
 
@@ -217,6 +231,12 @@ def run_chat(argv: list[str] | None = None) -> int:
         raise ValueError(f"--max-upload-mb must be > 0, got {args.max_upload_mb}")
     if args.model is not None and not Path(args.model).is_dir():
         raise FileNotFoundError(f"model directory not found: {args.model}")
+    import torch
+
+    from .multimodal import MultimodalModel
+
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    launch(args.model, args.host, args.port, args.max_upload_mb, args.share, args.max_new_tokens)
+    model = MultimodalModel.from_pretrained(args.model or default_multimodal_dir(), dtype=getattr(torch, args.dtype),
+                                            device=args.device).eval()
+    launch(model, args.host, args.port, args.max_upload_mb, args.share, args.max_new_tokens)
     return 0

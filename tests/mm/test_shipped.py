@@ -1,0 +1,105 @@
+"""The shipped multimodal model (mm/models/tiny, `mm train --recipe tiny`) through the Python API, the `mm` command
+line and the demos, checked against the ground truth its bundled examples were made from (mm/examples/)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+import mm
+from mm.assets import EXAMPLES_DIR, default_multimodal_dir, example
+from mm.metrics import rouge_l, wer
+from mm.multimodal import MultimodalModel
+from mm.processor import InputError
+
+TRUTH = json.loads((EXAMPLES_DIR / "examples.json").read_text())
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def mm_cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "mm.cli", *args], capture_output=True, text=True, timeout=timeout,
+                          cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = mm.load()
+    assert isinstance(m, MultimodalModel)
+    return m
+
+
+def test_default_model_sees_hears_and_answers(model):
+    scene, question = str(example("scene.png")), str(example("question.wav"))
+    caption = model.caption(scene)
+    assert rouge_l([caption], [TRUTH["scene.png"]["caption"]]) > 0.8, caption
+    text = model.transcribe(question)
+    assert wer([text], [TRUTH["question.wav"]["text"]]) <= 0.2, text
+    spoken = [{"role": "user", "content": [{"type": "image", "image": scene}, {"type": "audio", "audio": question}]}]
+    assert model.chat(spoken) == TRUTH["question.wav"]["answer"]
+    typed = [{"role": "user", "content": "<image>\n" + TRUTH["question.wav"]["text"]}]
+    assert "".join(model.chat(typed, images=[scene], stream=True)).strip() == TRUTH["question.wav"]["answer"]
+
+
+def test_transcript_times_the_words(model):
+    t = model.transcript(str(example("question.wav")))
+    assert [w.text for w in t.words] == t.text.split()
+    times = [x for w in t.words for x in (w.start, w.end)]
+    assert times == sorted(times) and 0 <= times[0] and times[-1] <= t.duration
+
+
+def test_console_commands_on_the_bundled_examples(tmp_path):
+    done = mm_cli("caption")
+    assert done.returncode == 0, done.stderr
+    assert rouge_l([done.stdout.strip()], [TRUTH["scene.png"]["caption"]]) > 0.8
+    done = mm_cli("transcribe", "--timestamps", "--format", "json")
+    assert done.returncode == 0, done.stderr
+    doc = json.loads(done.stdout)
+    assert wer([doc[0]["text"]], [TRUTH["question.wav"]["text"]]) <= 0.2
+    assert doc[0]["segments"][0]["words"]
+    done = mm_cli("eval", "--n", "16", "--json", str(tmp_path / "eval.json"))
+    assert done.returncode == 0, done.stderr
+    figures = json.loads((tmp_path / "eval.json").read_text())
+    # 16 held-out items per task: far above chance (1 in 8 colours, 1 in 6 shapes), WER far below 100%
+    assert figures["question"]["accuracy"] >= 0.6 and figures["spoken"]["accuracy"] >= 0.5
+    assert figures["transcribe"]["wer"] < 0.3 and figures["caption"]["rouge_l"] > 0.6
+
+
+def test_bad_input_through_the_command_line_and_api(model, tmp_path):
+    fake = tmp_path / "photo.png"
+    fake.write_text("this is text, not a picture")
+    done = mm_cli("caption", str(fake))
+    assert done.returncode == 2 and "photo.png" in done.stderr and "Traceback" not in done.stderr
+    done = mm_cli("transcribe", str(fake))
+    assert done.returncode == 2 and "photo.png" in done.stderr and "Traceback" not in done.stderr
+    long = tmp_path / "long.wav"
+    sf.write(long, np.zeros(16000 * 40, np.float32), 16000)
+    done = mm_cli("transcribe", str(long))
+    assert done.returncode == 2 and "longer than the limit of 30 s" in done.stderr
+    done = mm_cli("caption", str(tmp_path / "missing.png"))
+    assert done.returncode == 2 and "missing.png" in done.stderr
+    with pytest.raises(InputError, match="photo.png"):
+        model.caption(str(fake))
+    with pytest.raises(InputError, match="placeholder"):
+        model.chat([{"role": "user", "content": "<image>"}], images=[str(example("scene.png"))] * 2)
+    with pytest.raises(InputError, match="messages is empty"):
+        model.chat([])
+
+
+def test_demos_run_on_the_shipped_model():
+    done = subprocess.run([sys.executable, str(ROOT / "demos" / "caption.py")], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert rouge_l([done.stdout.split(": ", 1)[1].strip()], [TRUTH["scene.png"]["caption"]]) > 0.8
+    done = subprocess.run([sys.executable, str(ROOT / "demos" / "transcribe.py")], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    first, *words = done.stdout.strip().splitlines()
+    assert wer([first.split(": ", 1)[1]], [TRUTH["question.wav"]["text"]]) <= 0.2 and words
+
+
+def test_shipped_model_is_small():
+    size = sum(f.stat().st_size for f in default_multimodal_dir().iterdir())
+    assert size < 40 * 2**20
