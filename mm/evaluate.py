@@ -40,7 +40,7 @@ def _answers(model, rows: list[tuple[str, list, list]], batch_size: int, max_new
 
 def evaluate(model, n: int = 300, batch_size: int = 32, cache_dir: str | Path | None = None, seed: int = EVAL_SEED,
              tasks: tuple[str, ...] = ("caption", "question", "transcribe", "spoken")) -> dict:
-    """Held-out figures of `model` (a MultimodalModel) on `n` items per task; returns a dict of numbers."""
+    """Held-out figures of `model` (a MultimodalModel) on `n` items per task, all in percent."""
     size = model.config.vision.image_size
     results: dict = {"n": n, "seed": seed}
     if "caption" in tasks or "question" in tasks:
@@ -55,9 +55,9 @@ def evaluate(model, n: int = 300, batch_size: int = 32, cache_dir: str | Path | 
         preds = _answers(model, [(f"<image>\n{qa.question}", [s.image], []) for s, qa in zip(scenes, qas)],
                          batch_size, 8, "question")
         right = [normalize_answer(p) == normalize_answer(qa.answer) for p, qa in zip(preds, qas)]
-        by_kind = {k: sum(r for r, qa in zip(right, qas) if qa.kind == k) / max(1, sum(qa.kind == k for qa in qas))
+        by_kind = {k: 100 * sum(r for r, qa in zip(right, qas) if qa.kind == k) / max(1, sum(qa.kind == k for qa in qas))
                    for k in QUESTION_KINDS}
-        results["question"] = {"accuracy": sum(right) / len(right), "by_kind": by_kind}
+        results["question"] = {"accuracy": 100 * sum(right) / len(right), "by_kind": by_kind}
     if "transcribe" in tasks:
         speech = speech_examples(n, "heldout", seed=seed, cache_dir=cache_dir, workers=4)
         preds = _answers(model, [(f"<audio>\n{TRANSCRIBE_PROMPT}", [], [e.waveform]) for e in speech],
@@ -69,7 +69,7 @@ def evaluate(model, n: int = 300, batch_size: int = 32, cache_dir: str | Path | 
         items = spoken_questions(n, "heldout", seed=seed, size=size, cache_dir=cache_dir, workers=4)
         preds = _answers(model, [("<image><audio>", [q.image], [q.waveform]) for q in items], batch_size, 8, "spoken")
         right = [normalize_answer(p) == normalize_answer(q.answer) for p, q in zip(preds, items)]
-        results["spoken"] = {"accuracy": sum(right) / len(right)}
+        results["spoken"] = {"accuracy": 100 * sum(right) / len(right)}
     return results
 
 
@@ -77,14 +77,14 @@ def format_results(r: dict) -> str:
     """The figures as a small table."""
     lines = [f"held-out figures ({r['n']} items per task, seed {r['seed']})"]
     if "caption" in r:
-        lines.append(f"  caption      BLEU-4 {100 * r['caption']['bleu4']:.1f}   ROUGE-L {100 * r['caption']['rouge_l']:.1f}")
+        lines.append(f"  caption      BLEU-4 {r['caption']['bleu4']:.1f}   ROUGE-L {r['caption']['rouge_l']:.1f}")
     if "question" in r:
-        kinds = ", ".join(f"{k} {100 * v:.1f}%" for k, v in r["question"]["by_kind"].items())
-        lines.append(f"  question     accuracy {100 * r['question']['accuracy']:.1f}%  ({kinds})")
+        kinds = ", ".join(f"{k} {v:.1f}%" for k, v in r["question"]["by_kind"].items())
+        lines.append(f"  question     accuracy {r['question']['accuracy']:.1f}%  ({kinds})")
     if "transcribe" in r:
-        lines.append(f"  transcribe   WER {100 * r['transcribe']['wer']:.2f}%   CER {100 * r['transcribe']['cer']:.2f}%")
+        lines.append(f"  transcribe   WER {r['transcribe']['wer']:.2f}%   CER {r['transcribe']['cer']:.2f}%")
     if "spoken" in r:
-        lines.append(f"  spoken       accuracy {100 * r['spoken']['accuracy']:.1f}%")
+        lines.append(f"  spoken       accuracy {r['spoken']['accuracy']:.1f}%")
     return "\n".join(lines)
 
 

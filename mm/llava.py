@@ -57,6 +57,8 @@ class LlavaConfig:
     vision_feature_layer: ViT hidden state(s) to take (HF indexing, 0 = embeddings, -2 = before the last block);
         a list concatenates the layers on the channel dim.
     vision_feature_select_strategy: "default" drops the CLS token, "full" keeps it.
+    vision_feature_norm: pass the selected features through the ViT's final LayerNorm first (SigLIP/PaliGemma
+        style; keeps a tower trained from scratch at unit scale). LLaVA's CLIP towers: False.
     image_token_index: the id marking one image feature in input_ids; it may lie just beyond the text vocabulary.
     template: the conversation template of `mm.conversation` the model was tuned with.
     """
@@ -66,6 +68,7 @@ class LlavaConfig:
     image_token_index: int = 32000
     vision_feature_layer: int | list[int] = -2
     vision_feature_select_strategy: str = "default"
+    vision_feature_norm: bool = False
     projector_type: str = "mlp2x_gelu"
     projector_hidden_act: str = "gelu"
     projector_bias: bool = True
@@ -214,6 +217,8 @@ class LlavaForConditionalGeneration(nn.Module):
         hidden = self.vision_tower.hidden_states(pixel_values.to(self.vision_tower.pos_embed.device), cfg.feature_layers)
         if cfg.vision_feature_select_strategy == "default":
             hidden = [h[:, cfg.vision.num_prefix_tokens:] for h in hidden]  # drop CLS
+        if cfg.vision_feature_norm:
+            hidden = [self.vision_tower.norm(h) for h in hidden]
         x = torch.cat(hidden, dim=-1)  # [N, P, D_vision * layers]
         return self.projector(x.to(self.projector.linear_1.weight.dtype))
 

@@ -63,8 +63,8 @@ class TinyRecipe:
     n_spoken: int = 3000  # images with a spoken question
     image_size: int = 64
     vocab_size: int = 384
-    steps: tuple[int, int, int] = (300, 700, 1500)  # stages 0, 1, 2
-    lr: tuple[float, float, float] = (3e-3, 1.5e-3, 6e-4)
+    steps: tuple[int, int, int] = (300, 600, 1600)  # stages 0, 1, 2
+    lr: tuple[float, float, float] = (3e-3, 2e-3, 1e-3)
     batch: tuple[int, int, int, int] = (24, 32, 16, 16)  # rows per step of each task: caption, question, transcribe, spoken
     text_batch: int = 48  # stage 0 rows per step
     ctc_weight: float = 0.3
@@ -97,7 +97,7 @@ def model_config(r: TinyRecipe, vocab_size: int, bos: int, eos: int) -> Multimod
         input_size=80, output_size=d, attention_heads=max(1, d // 32), cgmlp_linear_units=4 * d, cgmlp_conv_kernel=15,
         num_blocks=r.speech_blocks, use_ffn=True, macaron_ffn=True, linear_units=2 * d))
     return MultimodalConfig(text=text, vision=vision, speech=speech, image_token_index=vocab_size,
-                            vision_feature_layer=-1, audio_token_id=vocab_size + 1, ctc_weight=r.ctc_weight,
+                            vision_feature_layer=-1, vision_feature_norm=True, audio_token_id=vocab_size + 1, ctc_weight=r.ctc_weight,
                             adapter=SpeechAdapterConfig(input_size=d, hidden_size=r.llama_dim, downsample=4),
                             system="", template="llava_v1")
 

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 import mm
+import mm.assets
 from decoders import CheckpointError, LlamaForCausalLM
 from mm.caption import DEFAULT_PROMPT, caption
 from mm.llava import LlavaForConditionalGeneration
@@ -32,8 +33,11 @@ def test_load_dispatches_on_format(tmp_path):
         assert (mm.load(tmp_path / "meta")(ids) - ref(ids).logits).abs().max() < 1e-4
     make_hf_llava(tmp_path / "llava")
     assert isinstance(mm.load(tmp_path / "llava"), LlavaForConditionalGeneration)
-    default = mm.load()
-    assert isinstance(default, LlamaForCausalLM) and default.config.vocab_size == 400
+    from mm.multimodal import MultimodalModel
+
+    assert isinstance(mm.load(), MultimodalModel)  # the shipped default
+    text = mm.load(mm.assets.default_model_dir())  # the shipped text model
+    assert isinstance(text, LlamaForCausalLM) and text.config.vocab_size == 400
 
 
 def test_load_errors_name_the_path(tmp_path):

@@ -101,6 +101,9 @@ def test_features_land_at_their_tokens(model, media):
         _, _, f, f_len = model.encode_speech(out["speech"], out["speech_lengths"])
         h = model.embed(out["input_ids"], out["pixel_values"], (f, f_len))
         img = model.image_features(out["pixel_values"])[0]
+        vit = model.vision_tower
+        by_hand = model.projector(vit.norm(vit.hidden_states(out["pixel_values"], [-1])[0][:, 1:]))[0]
+    assert model.config.vision_feature_norm and torch.allclose(img, by_hand, atol=1e-6)  # final LayerNorm, no CLS
     ids = out["input_ids"][0]
     assert torch.equal(h[0, ids == model.config.audio_token_id], f[0, : int(f_len[0])])
     assert torch.equal(h[0, ids == model.config.image_token_index], img)

@@ -34,9 +34,9 @@ def model():
 def test_default_model_sees_hears_and_answers(model):
     scene, question = str(example("scene.png")), str(example("question.wav"))
     caption = model.caption(scene)
-    assert rouge_l([caption], [TRUTH["scene.png"]["caption"]]) > 0.8, caption
+    assert rouge_l([caption], [TRUTH["scene.png"]["caption"]]) > 80, caption
     text = model.transcribe(question)
-    assert wer([text], [TRUTH["question.wav"]["text"]]) <= 0.2, text
+    assert wer([text], [TRUTH["question.wav"]["text"]]) <= 20, text
     spoken = [{"role": "user", "content": [{"type": "image", "image": scene}, {"type": "audio", "audio": question}]}]
     assert model.chat(spoken) == TRUTH["question.wav"]["answer"]
     typed = [{"role": "user", "content": "<image>\n" + TRUTH["question.wav"]["text"]}]
@@ -53,18 +53,18 @@ def test_transcript_times_the_words(model):
 def test_console_commands_on_the_bundled_examples(tmp_path):
     done = mm_cli("caption")
     assert done.returncode == 0, done.stderr
-    assert rouge_l([done.stdout.strip()], [TRUTH["scene.png"]["caption"]]) > 0.8
+    assert rouge_l([done.stdout.strip()], [TRUTH["scene.png"]["caption"]]) > 80
     done = mm_cli("transcribe", "--timestamps", "--format", "json")
     assert done.returncode == 0, done.stderr
     doc = json.loads(done.stdout)
-    assert wer([doc[0]["text"]], [TRUTH["question.wav"]["text"]]) <= 0.2
+    assert wer([doc[0]["text"]], [TRUTH["question.wav"]["text"]]) <= 20
     assert doc[0]["segments"][0]["words"]
     done = mm_cli("eval", "--n", "16", "--json", str(tmp_path / "eval.json"))
     assert done.returncode == 0, done.stderr
     figures = json.loads((tmp_path / "eval.json").read_text())
     # 16 held-out items per task: far above chance (1 in 8 colours, 1 in 6 shapes), WER far below 100%
-    assert figures["question"]["accuracy"] >= 0.6 and figures["spoken"]["accuracy"] >= 0.5
-    assert figures["transcribe"]["wer"] < 0.3 and figures["caption"]["rouge_l"] > 0.6
+    assert figures["question"]["accuracy"] >= 60 and figures["spoken"]["accuracy"] >= 50
+    assert figures["transcribe"]["wer"] < 30 and figures["caption"]["rouge_l"] > 60
 
 
 def test_bad_input_through_the_command_line_and_api(model, tmp_path):
@@ -92,12 +92,12 @@ def test_demos_run_on_the_shipped_model():
     done = subprocess.run([sys.executable, str(ROOT / "demos" / "caption.py")], capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr
-    assert rouge_l([done.stdout.split(": ", 1)[1].strip()], [TRUTH["scene.png"]["caption"]]) > 0.8
+    assert rouge_l([done.stdout.split(": ", 1)[1].strip()], [TRUTH["scene.png"]["caption"]]) > 80
     done = subprocess.run([sys.executable, str(ROOT / "demos" / "transcribe.py")], capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr
     first, *words = done.stdout.strip().splitlines()
-    assert wer([first.split(": ", 1)[1]], [TRUTH["question.wav"]["text"]]) <= 0.2 and words
+    assert wer([first.split(": ", 1)[1]], [TRUTH["question.wav"]["text"]]) <= 20 and words
 
 
 def test_shipped_model_is_small():
