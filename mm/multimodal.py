@@ -32,7 +32,8 @@ from encoders.vit import ViTConfig
 
 from .llava import LlavaConfig, LlavaForConditionalGeneration, _load_image_processor
 from .processor import AUDIO_PLACEHOLDER, InputError, MultimodalProcessor
-from .speech_adapter import SpeechAdapter, SpeechAdapterConfig, SpeechLlamaOutput, encode_speech, encoder_lengths, scatter_features
+from .speech_adapter import (SpeechAdapter, SpeechAdapterConfig, SpeechLlamaOutput, encode_speech, encoder_lengths,
+                             joint_beam_search, scatter_features)
 
 MODEL_TYPE = "mm-multimodal"
 CAPTION_PROMPT = "describe the image."
@@ -211,10 +212,26 @@ class MultimodalModel(LlavaForConditionalGeneration):
         content = [{"type": "image", "image": image}, {"type": "text", "text": "\n" + (prompt or CAPTION_PROMPT)}]
         return self.chat([{"role": "user", "content": content}], stream=stream, max_new_tokens=max_new_tokens)
 
-    def transcribe(self, audio, stream: bool = False, max_new_tokens: int = 96):
-        """Transcript of one utterance (path, (waveform, sampling_rate) or a tensor at the model's rate)."""
+    def transcribe(self, audio, stream: bool = False, max_new_tokens: int = 96, ctc_weight: float = 0.5,
+                   beam_size: int = 4):
+        """Transcript of one utterance (path, (waveform, sampling_rate) or a tensor at the model's rate).
+
+        ctc_weight > 0: joint CTC/LLM beam search (`mm.speech_adapter.joint_beam_search`), the decoder's scores
+        joined with the CTC head's prefix scores, as ESPnet/Dolphin decode; the text then comes whole (stream=True
+        yields it once). ctc_weight=0: the decoder alone, greedy, streamed token by token."""
         content = [{"type": "audio", "audio": audio}, {"type": "text", "text": "\n" + TRANSCRIBE_PROMPT}]
-        return self.chat([{"role": "user", "content": content}], stream=stream, max_new_tokens=max_new_tokens)
+        messages = [{"role": "user", "content": content}]
+        if ctc_weight <= 0:
+            return self.chat(messages, stream=stream, max_new_tokens=max_new_tokens)
+        inputs = self.processor()(messages)
+        with torch.inference_mode():
+            enc, enc_lengths, f, f_len = self.encode_speech(inputs["speech"], inputs["speech_lengths"])
+            h = self.embed(inputs["input_ids"], None, (f, f_len))
+            hyps = joint_beam_search(self.language_model, h, inputs["attention_mask"].to(self.device),
+                                     self.ctc.log_softmax(enc), enc_lengths, eos_token_id=self.tokenizer.eos_id,
+                                     beam_size=beam_size, ctc_weight=ctc_weight, max_new_tokens=max_new_tokens)
+        text = self.tokenizer.decode(hyps[0][0].tokens).strip()
+        return iter([text]) if stream else text
 
     @torch.inference_mode()
     def transcript(self, audio, source: str | None = None, max_new_tokens: int = 96):

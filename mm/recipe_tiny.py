@@ -12,7 +12,9 @@ A step trains on one task (rows of one task pad alike), the tasks taking turns i
 Stages (LLaVA's, preceded by a short text pretraining of the decoder since no pretrained Llama is at hand):
     0  decoder alone, next-token loss on the answers' text (a small language model of the domain);
     1  decoder frozen; ViT, projector, speech encoder, CTC head and speech adapter learn to feed it;
-    2  everything jointly. The speech encoder keeps its CTC loss (weight `ctc_weight`) in stages 1 and 2.
+    2  everything jointly.
+In stages 1 and 2 the speech encoder keeps its CTC loss (`ctc_weight`) and the ViT has its counterpart, a
+training-only probe that must tell what is in each grid cell of the scene (`GridHead`, `grid_weight`).
 
 Runs under `torchrun --nproc_per_node N` with DistributedDataParallel (gloo on CPU, NCCL on GPU): each rank
 draws its own rows, gradients are averaged, rank 0 logs, plots and saves. `out/checkpoint.pt` (written every
@@ -36,6 +38,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from decoders.llama import LlamaConfig
@@ -63,11 +66,14 @@ class TinyRecipe:
     n_spoken: int = 3000  # images with a spoken question
     image_size: int = 64
     vocab_size: int = 384
-    steps: tuple[int, int, int] = (300, 600, 1600)  # stages 0, 1, 2
-    lr: tuple[float, float, float] = (3e-3, 2e-3, 1e-3)
+    # Stage 1 is short: a decoder that has only read text cannot yet read image features, so there the ViT learns
+    # from its grid loss and the speech encoder from CTC; the joint stage is where the decoder learns to read them.
+    steps: tuple[int, int, int] = (300, 300, 1600)  # stages 0, 1, 2
+    lr: tuple[float, float, float] = (3e-3, 1e-3, 1e-3)
     batch: tuple[int, int, int, int] = (24, 32, 16, 16)  # rows per step of each task: caption, question, transcribe, spoken
     text_batch: int = 48  # stage 0 rows per step
     ctc_weight: float = 0.3
+    grid_weight: float = 0.5  # the ViT's auxiliary loss (GridHead) in stages 1 and 2
     save_every: int = 100
     # model
     vit_dim: int = 128
@@ -113,12 +119,44 @@ def make_data(r: TinyRecipe, cache_dir: Path, log=print) -> dict:
     spoken = spoken_questions(r.n_spoken, "train", seed=r.seed, size=r.image_size, cache_dir=cache_dir, workers=4)
     log(f"data: {len(scenes)} scenes, {len(speech)} spoken sentences, {len(spoken)} spoken questions "
         f"({time.time() - t0:.0f} s)")
+    grid = {id(s.image): grid_labels(s.scene) for s in scenes} | {id(q.image): grid_labels(q.scene) for q in spoken}
     return {
+        "grid": grid,  # id(image) -> what is in each cell, for the ViT's auxiliary loss
         "caption": [(s.image, s.caption) for s in scenes],
         "question": [(s.image, qa.question, qa.answer) for s in scenes for qa in s.qa],
         "transcribe": [(e.waveform, transcript(e.text)) for e in speech],
         "spoken": [(q.image, q.waveform, q.answer, transcript(q.question)) for q in spoken],
     }
+
+
+GRID_CLASSES = (len(SHAPES) + 1, len(COLOURS) + 1, len(SIZES) + 1)  # class 0: the cell is empty
+
+
+def grid_labels(scene) -> torch.Tensor:
+    """[9, 3]: shape, colour and size class of the object in each grid cell (reading order), 0 where empty."""
+    out = torch.zeros(9, 3, dtype=torch.long)
+    for o in scene:
+        out[o.row * 3 + o.col] = torch.tensor([SHAPES.index(o.shape) + 1, COLOURS.index(o.colour) + 1,
+                                               SIZES.index(o.size) + 1])
+    return out
+
+
+class GridHead(torch.nn.Module):
+    """Training-only probe on the ViT's patch features: what is in each of the 9 cells (shape, colour, size).
+
+    The speech encoder has its CTC loss; this is the vision tower's counterpart. A ViT trained from nothing
+    learns very slowly through a language model's loss alone (the decoder must already read it to teach it);
+    this loss makes its features say what is where from the first step. Not part of the saved model."""
+
+    def __init__(self, dim: int, tokens: int):
+        super().__init__()
+        self.proj = torch.nn.Linear(dim * tokens, 9 * sum(GRID_CLASSES))
+
+    def loss(self, feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """feats [N, P, d], labels [N, 9, 3] -> the sum over shape, colour and size of the mean cross-entropy."""
+        logits = self.proj(feats.flatten(1)).view(feats.shape[0], 9, -1)  # [N, 9, classes]
+        parts = logits.split(GRID_CLASSES, dim=-1)
+        return sum(F.cross_entropy(p.flatten(0, 1), labels[..., k].flatten()) for k, p in enumerate(parts))
 
 
 def corpus_lines(data: dict) -> list[str]:
@@ -249,6 +287,7 @@ def plot_losses(history: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(9, 5), dpi=100)
     series = [("text", "lm_loss", "text (stage 0)")] + [(t, "lm_loss", f"{t}: next-token") for t in TASKS]
     series.append((None, "ctc_loss", "speech encoder: CTC per token"))
+    series.append((None, "grid_loss", "vision tower: grid cells (auxiliary)"))
     for task, key, label in series:
         pts = [(h["step"], h[key]) for h in history if h.get(key) is not None
                and (task is None or h.get("task", "text") == task)]
@@ -321,6 +360,7 @@ def train_tiny(out_dir: str | Path, recipe: TinyRecipe | None = None, resume: bo
     model.tokenizer = tokenizer
     model.image_processor = ImageProcessor(size=r.image_size, crop_size=r.image_size, resample="bicubic")
     set_mvn(model, [w for w, _ in data["transcribe"][:200]])
+    grid_head = GridHead(cfg.vision.dim, cfg.tokens_per_image())
     processor = model.processor()
 
     ckpt = out / "checkpoint.pt"
@@ -330,15 +370,20 @@ def train_tiny(out_dir: str | Path, recipe: TinyRecipe | None = None, resume: bo
     if resume and ckpt.is_file():
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
+        grid_head.load_state_dict(state["grid_head"])
         start_stage, start_step = int(state["stage"]), int(state["step"])
         history = json.loads(state["history"])
         log(f"resumed from {ckpt}: stage {start_stage}, step {start_step}")
     model.to(device)
+    grid_head.to(device)
 
     offsets = [0, r.steps[0], r.steps[0] + r.steps[1]]
     for stage in range(start_stage, 3):
-        params = trainable(model, stage)
-        opt = torch.optim.AdamW(params, lr=r.lr[stage], weight_decay=0.05, betas=(0.9, 0.98))
+        params = trainable(model, stage) + (list(grid_head.parameters()) if stage > 0 else [])
+        decay = [p for p in params if p.dim() > 1]  # matrices; norms, biases and 1-D tables keep their scale
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05},
+                                 {"params": [p for p in params if p.dim() <= 1], "weight_decay": 0.0}],
+                                lr=r.lr[stage], betas=(0.9, 0.98))
         first = start_step if stage == start_stage else 0
         if state is not None and stage == start_stage and first > 0:
             opt.load_state_dict(state["optimizer"])
@@ -374,11 +419,23 @@ def train_tiny(out_dir: str | Path, recipe: TinyRecipe | None = None, resume: bo
                         inputs["speech_lengths"], inputs["attention_mask"].to(device), inputs["labels"].to(device),
                         ys, ys_len, w)
                 loss = o.loss
-                row.update(task=task, loss=loss.item(), lm_loss=o.lm_loss.item())
+                row.update(task=task, lm_loss=o.lm_loss.item())
+                if images:
+                    vit = model.vision_tower
+                    feats = vit.norm(vit.hidden_states(inputs["pixel_values"].to(device), [-1])[0][:, vit.cfg.num_prefix_tokens:])
+                    grid = grid_head.loss(feats, torch.stack([data["grid"][id(im)] for im in images]).to(device))
+                    loss = loss + r.grid_weight * grid
+                    row["grid_loss"] = grid.item()
+                row["loss"] = loss.item()
                 if o.ctc_loss is not None:
                     row["ctc_loss"] = o.ctc_loss.item() * w / r.ctc_weight
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if world > 1 and stage > 0:  # the head is outside DDP: average its gradients by hand
+                for p in grid_head.parameters():
+                    if p.grad is not None:
+                        dist.all_reduce(p.grad)
+                        p.grad /= world
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             history.append(row)
@@ -386,7 +443,8 @@ def train_tiny(out_dir: str | Path, recipe: TinyRecipe | None = None, resume: bo
             done_stage = step + 1 == r.steps[stage]
             stopping = stop_after is not None and offsets[stage] + step + 1 >= stop_after
             if main and ((step + 1) % r.save_every == 0 or done_stage or stopping):
-                save = {"model": model.state_dict(), "optimizer": opt.state_dict(), "history": json.dumps(history),
+                save = {"model": model.state_dict(), "grid_head": grid_head.state_dict(), "optimizer": opt.state_dict(),
+                        "history": json.dumps(history),
                         "stage": stage + 1 if done_stage else stage, "step": 0 if done_stage else step + 1}
                 torch.save(save, ckpt.with_suffix(".tmp"))
                 os.replace(ckpt.with_suffix(".tmp"), ckpt)  # a kill mid-write leaves the previous checkpoint

@@ -14,8 +14,8 @@ from decoders.checkpoint import CheckpointError, read_safetensors
 from decoders.loss import IGNORE_INDEX
 from mm.multimodal import MultimodalModel, is_multimodal_dir
 from mm.processor import InputError
-from mm.recipe_tiny import TinyRecipe, train_tiny, weights_digest
-from mm.scenes import render, sample_scene
+from mm.recipe_tiny import TinyRecipe, grid_labels, train_tiny, weights_digest
+from mm.scenes import COLOURS, SHAPES, SIZES, Obj, render, sample_scene
 from mm.speech_data import synthesize
 
 import random
@@ -50,11 +50,22 @@ def test_recipe_writes_model_log_losses_and_plot(run_dir):
     assert {h["task"] for h in rows if h["stage"] > 0} == {"caption", "question", "transcribe", "spoken"}
     assert all(np.isfinite(h["loss"]) for h in rows)
     assert all("ctc_loss" in h for h in rows if h.get("task") in ("transcribe", "spoken"))
+    assert all("grid_loss" in h for h in rows if h.get("task") in ("caption", "question", "spoken"))
     with Image.open(run_dir / "loss.png") as im:
         assert im.format == "PNG" and im.size == (900, 500)
     assert "saved" in (run_dir / "train.log").read_text()
     state = torch.load(run_dir / "checkpoint.pt", weights_only=True)  # no pickled code
-    assert state["stage"] == 3
+    assert state["stage"] == 3 and set(state["grid_head"]) == {"proj.weight", "proj.bias"}
+    assert not any(k.startswith("grid") for k in state["model"])  # the probe is not part of the model
+
+
+def test_grid_labels_say_what_is_in_each_cell():
+    scene = [Obj("star", "red", "big", 2, 0), Obj("circle", "white", "small", 0, 1)]
+    labels = grid_labels(scene)
+    expected = torch.zeros(9, 3, dtype=torch.long)
+    expected[6] = torch.tensor([SHAPES.index("star") + 1, COLOURS.index("red") + 1, SIZES.index("big") + 1])
+    expected[1] = torch.tensor([SHAPES.index("circle") + 1, COLOURS.index("white") + 1, SIZES.index("small") + 1])
+    assert torch.equal(labels, expected)
 
 
 def test_resumed_run_equals_uninterrupted_run(run_dir, tmp_path):
