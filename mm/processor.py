@@ -126,7 +126,7 @@ class MultimodalProcessor:
         if isinstance(conversations, (str, dict)) or (conversations and isinstance(conversations[0], dict)):
             conversations = [conversations]
         if not conversations:
-            raise InputError("no conversation given")
+            raise InputError("messages is empty: give at least one {'role': 'user', 'content': ...} message")
         images, audios = list(images or []), list(audios or [])
         flat, per_images, per_audios = [], [], []
         for c in conversations:
