@@ -25,13 +25,16 @@ def caption(model, images, prompt: str | None = None, batch_size: int = 8, max_n
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     images = list(images)
+    show = len(images) > batch_size if progress is None else progress
     if hasattr(model, "speech_encoder"):  # the multimodal model: its own prompt and processor
-        return _caption_multimodal(model, images, prompt, batch_size, max_new_tokens, progress)
+        from .multimodal import CAPTION_PROMPT
+
+        content = "<image>\n" + (prompt or CAPTION_PROMPT)
+        return model.replies([(content, [im], []) for im in images], batch_size, max_new_tokens, "captioning", show)
     processor = model.processor()
     tokenizer = processor.tokenizer
     stops = set(tokenizer.stop_ids) | ({tokenizer.eos_id} if tokenizer.eos_id is not None else set())
     messages = user_prompt(DEFAULT_PROMPT if prompt is None else prompt)
-    show = len(images) > batch_size if progress is None else progress
     out = []
     with tqdm(total=len(images), desc="captioning", unit="image", disable=not show, file=sys.stderr) as bar:
         for start in range(0, len(images), batch_size):
@@ -42,24 +45,6 @@ def caption(model, images, prompt: str | None = None, batch_size: int = 8, max_n
             for row in ids[:, inputs["input_ids"].shape[1]:].tolist():
                 cut = next((i for i, t in enumerate(row) if t in stops), len(row))
                 out.append(tokenizer.decode(row[:cut]).strip())
-            bar.update(len(batch))
-    return out
-
-
-def _caption_multimodal(model, images, prompt, batch_size, max_new_tokens, progress) -> list[str]:
-    from tqdm import tqdm
-
-    from .multimodal import CAPTION_PROMPT
-
-    processor = model.processor()
-    content = "<image>\n" + (prompt or CAPTION_PROMPT)
-    out = []
-    show = len(images) > batch_size if progress is None else progress
-    with tqdm(total=len(images), desc="captioning", unit="image", disable=not show, file=sys.stderr) as bar:
-        for start in range(0, len(images), batch_size):
-            batch = images[start:start + batch_size]
-            inputs = processor([[{"role": "user", "content": content}]] * len(batch), batch)
-            out += model.decode(model.generate(inputs, max_new_tokens))
             bar.update(len(batch))
     return out
 

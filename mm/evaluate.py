@@ -27,18 +27,6 @@ from .speech_data import speech_examples, spoken_questions, transcript
 EVAL_SEED = 1  # the recipe trains on seed 0; the held-out split is disjoint from training whatever the seed
 
 
-def _answers(model, rows: list[tuple[str, list, list]], batch_size: int, max_new_tokens: int, desc: str) -> list[str]:
-    """Greedy replies to single-turn prompts (content, images, audios), batch by batch, with a progress bar."""
-    processor = model.processor()
-    out = []
-    for start in tqdm(range(0, len(rows), batch_size), desc=desc, unit="batch", file=sys.stderr, leave=False):
-        chunk = rows[start:start + batch_size]
-        convs = [[{"role": "user", "content": c}] for c, _, _ in chunk]
-        inputs = processor(convs, [x for _, ims, _ in chunk for x in ims], [x for _, _, auds in chunk for x in auds])
-        out += model.decode(model.generate(inputs, max_new_tokens))
-    return out
-
-
 def evaluate(model, n: int = 300, batch_size: int = 32, cache_dir: str | Path | None = None, seed: int = EVAL_SEED,
              tasks: tuple[str, ...] = ("caption", "question", "transcribe", "spoken")) -> dict:
     """Held-out figures of `model` (a MultimodalModel) on `n` items per task, all in percent."""
@@ -47,13 +35,13 @@ def evaluate(model, n: int = 300, batch_size: int = 32, cache_dir: str | Path | 
     if "caption" in tasks or "question" in tasks:
         scenes = scene_examples(n, "heldout", seed=seed, size=size)
     if "caption" in tasks:
-        preds = _answers(model, [(f"<image>\n{CAPTION_PROMPT}", [s.image], []) for s in scenes], batch_size, 64, "caption")
+        preds = model.replies([(f"<image>\n{CAPTION_PROMPT}", [s.image], []) for s in scenes], batch_size, 64, "caption")
         refs = [s.caption for s in scenes]
         results["caption"] = {"bleu4": bleu4(preds, refs), "rouge_l": rouge_l(preds, refs),
                               "examples": [{"prediction": p, "reference": r} for p, r in zip(preds[:3], refs[:3])]}
     if "question" in tasks:
         qas = [sample_question(s.scene, item_rng(seed, "heldout", "eval-question", i)) for i, s in enumerate(scenes)]
-        preds = _answers(model, [(f"<image>\n{qa.question}", [s.image], []) for s, qa in zip(scenes, qas)],
+        preds = model.replies([(f"<image>\n{qa.question}", [s.image], []) for s, qa in zip(scenes, qas)],
                          batch_size, 8, "question")
         right = [normalize_answer(p) == normalize_answer(qa.answer) for p, qa in zip(preds, qas)]
         by_kind = {k: 100 * sum(r for r, qa in zip(right, qas) if qa.kind == k) / max(1, sum(qa.kind == k for qa in qas))
@@ -64,13 +52,13 @@ def evaluate(model, n: int = 300, batch_size: int = 32, cache_dir: str | Path | 
         refs = [transcript(e.text) for e in speech]
         preds = [model.transcribe((e.waveform, 16000)) for e in tqdm(speech, desc="transcribe", unit="clip",
                                                                       file=sys.stderr, leave=False)]
-        alone = _answers(model, [(f"<audio>\n{TRANSCRIBE_PROMPT}", [], [e.waveform]) for e in speech],
+        alone = model.replies([(f"<audio>\n{TRANSCRIBE_PROMPT}", [], [e.waveform]) for e in speech],
                          batch_size, 96, "transcribe (decoder alone)")
         results["transcribe"] = {"wer": wer(preds, refs), "cer": cer(preds, refs), "decoder_alone_wer": wer(alone, refs),
                                  "examples": [{"prediction": p, "reference": r} for p, r in zip(preds[:3], refs[:3])]}
     if "spoken" in tasks:
         items = spoken_questions(n, "heldout", seed=seed, size=size, cache_dir=cache_dir, workers=4)
-        preds = _answers(model, [("<image><audio>", [q.image], [q.waveform]) for q in items], batch_size, 8, "spoken")
+        preds = model.replies([("<image><audio>", [q.image], [q.waveform]) for q in items], batch_size, 8, "spoken")
         right = [normalize_answer(p) == normalize_answer(q.answer) for p, q in zip(preds, items)]
         results["spoken"] = {"accuracy": 100 * sum(right) / len(right)}
     return results

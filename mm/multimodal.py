@@ -17,13 +17,14 @@ preprocessor_config.json. `chat`, `caption` and `transcribe` stream text with `s
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
-from decoders.checkpoint import CheckpointError, check_config_keys, read_hf_weights, read_json, write_hf_weights
+from decoders.checkpoint import CheckpointError, check_config_keys, read_hf_weights, read_json
 from decoders.ctc import CTC, ctc_greedy_decode
 from decoders.llama import LlamaConfig
 from decoders.loss import next_token_loss
@@ -31,9 +32,9 @@ from encoders.ebranchformer import SpeechEncoder, SpeechEncoderConfig
 from encoders.vit import ViTConfig
 
 from .llava import LlavaConfig, LlavaForConditionalGeneration, _load_image_processor
-from .processor import AUDIO_PLACEHOLDER, InputError, MultimodalProcessor
+from .processor import AUDIO_PLACEHOLDER, MultimodalProcessor
 from .speech_adapter import (SpeechAdapter, SpeechAdapterConfig, SpeechLlamaOutput, encode_speech, encoder_lengths,
-                             joint_beam_search, scatter_features)
+                             fit_adapter, joint_beam_search, scatter_features)
 
 MODEL_TYPE = "mm-multimodal"
 CAPTION_PROMPT = "describe the image."
@@ -63,12 +64,10 @@ class MultimodalConfig(LlavaConfig):
         if isinstance(self.adapter, dict):
             check_config_keys(SpeechAdapterConfig, self.adapter)
             self.adapter = SpeechAdapterConfig(**self.adapter)
-        d, D = self.speech.encoder.output_size, self.text.hidden_size
-        if self.adapter is None:
-            self.adapter = SpeechAdapterConfig(input_size=d, hidden_size=D)
-        if (self.adapter.input_size, self.adapter.hidden_size) != (d, D):
-            raise ValueError(f"MultimodalConfig: the speech adapter maps {self.adapter.input_size} -> "
-                             f"{self.adapter.hidden_size}, but the encoder gives {d} and the Llama width is {D}")
+        try:
+            self.adapter = fit_adapter(self.adapter, self.speech.encoder.output_size, self.text.hidden_size)
+        except ValueError as e:
+            raise ValueError(f"MultimodalConfig: speech {e}") from None
         if self.audio_token_id == self.image_token_index:
             raise ValueError(f"MultimodalConfig: audio_token_id and image_token_index are both {self.audio_token_id}")
 
@@ -190,6 +189,24 @@ class MultimodalModel(LlavaForConditionalGeneration):
             texts.append(self.tokenizer.decode(row[:cut]).strip())
         return texts
 
+    def replies(self, rows: list[tuple[str, list, list]], batch_size: int = 32, max_new_tokens: int = 64,
+                desc: str = "replies", progress: bool = True) -> list[str]:
+        """Greedy replies to single-turn prompts (content with placeholders, images, audios), `batch_size` at a
+        time, with a tqdm bar on stderr when `progress`."""
+        from tqdm import tqdm
+
+        processor = self.processor()
+        out = []
+        with tqdm(total=len(rows), desc=desc, unit="item", disable=not progress, file=sys.stderr, leave=False) as bar:
+            for start in range(0, len(rows), batch_size):
+                chunk = rows[start:start + batch_size]
+                convs = [[{"role": "user", "content": c}] for c, _, _ in chunk]
+                inputs = processor(convs, [x for _, ims, _ in chunk for x in ims],
+                                   [x for _, _, auds in chunk for x in auds])
+                out += self.decode(self.generate(inputs, max_new_tokens))
+                bar.update(len(chunk))
+        return out
+
     def chat(self, messages, images=None, audios=None, stream: bool = False, max_new_tokens: int = 64,
              **kwargs) -> str | Iterator[str]:
         """The assistant's reply to a conversation (see `mm.processor` for the message format); with stream=True an
@@ -219,33 +236,35 @@ class MultimodalModel(LlavaForConditionalGeneration):
         ctc_weight > 0: joint CTC/LLM beam search (`mm.speech_adapter.joint_beam_search`), the decoder's scores
         joined with the CTC head's prefix scores, as ESPnet/Dolphin decode; the text then comes whole (stream=True
         yields it once). ctc_weight=0: the decoder alone, greedy, streamed token by token."""
-        content = [{"type": "audio", "audio": audio}, {"type": "text", "text": "\n" + TRANSCRIBE_PROMPT}]
-        messages = [{"role": "user", "content": content}]
         if ctc_weight <= 0:
-            return self.chat(messages, stream=stream, max_new_tokens=max_new_tokens)
-        inputs = self.processor()(messages)
-        with torch.inference_mode():
-            enc, enc_lengths, f, f_len = self.encode_speech(inputs["speech"], inputs["speech_lengths"])
-            h = self.embed(inputs["input_ids"], None, (f, f_len))
-            hyps = joint_beam_search(self.language_model, h, inputs["attention_mask"].to(self.device),
-                                     self.ctc.log_softmax(enc), enc_lengths, eos_token_id=self.tokenizer.eos_id,
-                                     beam_size=beam_size, ctc_weight=ctc_weight, max_new_tokens=max_new_tokens)
-        text = self.tokenizer.decode(hyps[0][0].tokens).strip()
+            return self.chat(_transcribe_messages(audio), stream=stream, max_new_tokens=max_new_tokens)
+        ids, _, _ = self._joint_transcribe(audio, max_new_tokens, ctc_weight, beam_size)
+        text = self.tokenizer.decode(ids).strip()
         return iter([text]) if stream else text
 
     @torch.inference_mode()
-    def transcript(self, audio, source: str | None = None, max_new_tokens: int = 96):
-        """`mm.asr.Transcript` of one utterance: the decoder's text, and word times from a CTC forced alignment of
-        its tokens on the encoder's CTC posteriors (words the alignment cannot place get none)."""
+    def _joint_transcribe(self, audio, max_new_tokens: int, ctc_weight: float, beam_size: int):
+        """(best token ids, CTC log-probs [T', V] of the utterance, its length in samples): the encoder runs once."""
+        inputs = self.processor()(_transcribe_messages(audio))
+        enc, enc_lengths, f, f_len = self.encode_speech(inputs["speech"], inputs["speech_lengths"])
+        h = self.embed(inputs["input_ids"], None, (f, f_len))
+        log_probs = self.ctc.log_softmax(enc)  # [1, T', V]
+        hyps = joint_beam_search(self.language_model, h, inputs["attention_mask"].to(self.device), log_probs,
+                                 enc_lengths, eos_token_id=self.tokenizer.eos_id, beam_size=beam_size,
+                                 ctc_weight=ctc_weight, max_new_tokens=max_new_tokens)
+        return hyps[0][0].tokens, log_probs[0, : int(enc_lengths[0])], int(inputs["speech_lengths"][0])
+
+    @torch.inference_mode()
+    def transcript(self, audio, source: str | None = None, max_new_tokens: int = 96, ctc_weight: float = 0.5,
+                   beam_size: int = 4):
+        """`mm.asr.Transcript` of one utterance: the text of `transcribe`, and word times from a CTC forced
+        alignment of its tokens on the encoder's CTC posteriors (words the alignment cannot place get none)."""
         from decoders.ctc import ctc_forced_align
 
         from .asr import Segment, Transcript, Word
 
-        wave = self.processor().load_audio(audio)
-        ids = self.tokenizer.encode(self.transcribe(wave, max_new_tokens=max_new_tokens))
+        ids, log_probs, n_samples = self._joint_transcribe(audio, max_new_tokens, ctc_weight, beam_size)
         text = self.tokenizer.decode(ids).strip()
-        enc, enc_lengths, _, _ = self.encode_speech(wave[None], torch.tensor([wave.shape[0]]))
-        log_probs = self.ctc.log_softmax(enc)[0, : int(enc_lengths[0])]  # [T', V]
         shift = self.config.speech.frontend.hop_length * 4 / self.config.speech.frontend.sample_rate
         words: list[Word] = []
         try:
@@ -259,7 +278,7 @@ class MultimodalModel(LlavaForConditionalGeneration):
             w = words[-1]
             w.text = (w.text + self.tokenizer.decode([i]) if w.text else self.tokenizer.decode([i])).strip()
             w.end, w.score = round(span.end * shift, 3), span.score
-        duration = wave.shape[0] / self.config.speech.frontend.sample_rate
+        duration = n_samples / self.config.speech.frontend.sample_rate
         segment = Segment(0.0, round(duration, 3), text, pieces, ids, words)
         return Transcript(text, pieces, ids, [segment], duration, source=source)
 
@@ -296,6 +315,11 @@ class MultimodalModel(LlavaForConditionalGeneration):
         """Write config.json, model.safetensors, tokenizer.model (if any) and preprocessor_config.json."""
         super().save_pretrained(path)
         (Path(path) / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2))
+
+
+def _transcribe_messages(audio) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "audio", "audio": audio},
+                                         {"type": "text", "text": "\n" + TRANSCRIBE_PROMPT}]}]
 
 
 def is_multimodal_dir(path: str | Path) -> bool:

@@ -67,6 +67,16 @@ class SpeechAdapterConfig:
             self.mlp_hidden_size = self.hidden_size
 
 
+def fit_adapter(adapter: SpeechAdapterConfig | None, d: int, D: int) -> SpeechAdapterConfig:
+    """`adapter`, or the default (stacking by 4) for encoder width d and Llama width D; an error if it does not
+    map d -> D."""
+    adapter = adapter or SpeechAdapterConfig(input_size=d, hidden_size=D)
+    if (adapter.input_size, adapter.hidden_size) != (d, D):
+        raise ValueError(f"adapter maps {adapter.input_size} -> {adapter.hidden_size}, but the encoder gives {d} "
+                         f"and the Llama hidden size is {D}")
+    return adapter
+
+
 def stack_frames(x: torch.Tensor, lengths: torch.Tensor, k: int, tail: str = "pad") -> torch.Tensor:
     """Concatenate k consecutive frames: x [B, T, D] -> [B, ceil(T/k) or floor(T/k), k*D].
 
@@ -219,12 +229,7 @@ class SpeechLlamaConfig:
     ctc_weight: float = 0.3
 
     def __post_init__(self):
-        d, D = self.speech.encoder.output_size, self.text.hidden_size
-        if self.adapter is None:
-            self.adapter = SpeechAdapterConfig(input_size=d, hidden_size=D)
-        if (self.adapter.input_size, self.adapter.hidden_size) != (d, D):
-            raise ValueError(f"adapter maps {self.adapter.input_size} -> {self.adapter.hidden_size}, but the encoder "
-                             f"gives {d} and the Llama hidden size is {D}")
+        self.adapter = fit_adapter(self.adapter, self.speech.encoder.output_size, self.text.hidden_size)
         if self.audio_token_id < 0:
             raise ValueError(f"audio_token_id must be >= 0, got {self.audio_token_id}")
 
