@@ -1,7 +1,8 @@
 """`mm eval`: held-out figures of a multimodal model on the project's own data.
 
-Held-out means unseen in training twice over: scenes hold a (shape, colour) pair no training scene shows
-(`mm.scenes`), and speech comes from voices no training clip uses (`mm.speech_data`). Figures:
+Held-out means unseen in training twice over: scenes no training step draws (`mm.scenes`, split `heldout`: new
+combinations of objects; or `novel-pairs`: scenes holding a (shape, colour) pair that no training image or
+sentence shows), spoken by voices no training clip uses (`mm.speech_data`). Figures:
     caption      BLEU-4 (sacrebleu) and ROUGE-L (rouge-score) against the scene's caption
     question     exact-match accuracy of the answer, overall and per kind (colour, shape, count, position)
     transcribe   WER and CER (jiwer) against what was said, on noisy held-out voices: `model.transcribe` (joint
@@ -28,19 +29,21 @@ EVAL_SEED = 1  # the recipe trains on seed 0; the held-out split is disjoint fro
 
 
 def evaluate(model, n: int = 300, batch_size: int = 32, cache_dir: str | Path | None = None, seed: int = EVAL_SEED,
-             tasks: tuple[str, ...] = ("caption", "question", "transcribe", "spoken")) -> dict:
-    """Held-out figures of `model` (a MultimodalModel) on `n` items per task, all in percent."""
+             tasks: tuple[str, ...] = ("caption", "question", "transcribe", "spoken"), split: str = "heldout") -> dict:
+    """Held-out figures of `model` (a MultimodalModel) on `n` items per task of `split`, all in percent."""
+    if split not in ("heldout", "novel-pairs"):
+        raise ValueError(f"split must be 'heldout' or 'novel-pairs', got {split!r}")
     size = model.config.vision.image_size
-    results: dict = {"n": n, "seed": seed}
+    results: dict = {"n": n, "seed": seed, "split": split}
     if "caption" in tasks or "question" in tasks:
-        scenes = scene_examples(n, "heldout", seed=seed, size=size)
+        scenes = scene_examples(n, split, seed=seed, size=size)
     if "caption" in tasks:
         preds = model.replies([(f"<image>\n{CAPTION_PROMPT}", [s.image], []) for s in scenes], batch_size, 64, "caption")
         refs = [s.caption for s in scenes]
         results["caption"] = {"bleu4": bleu4(preds, refs), "rouge_l": rouge_l(preds, refs),
                               "examples": [{"prediction": p, "reference": r} for p, r in zip(preds[:3], refs[:3])]}
     if "question" in tasks:
-        qas = [sample_question(s.scene, item_rng(seed, "heldout", "eval-question", i)) for i, s in enumerate(scenes)]
+        qas = [sample_question(s.scene, item_rng(seed, split, "eval-question", i)) for i, s in enumerate(scenes)]
         preds = model.replies([(f"<image>\n{qa.question}", [s.image], []) for s, qa in zip(scenes, qas)],
                          batch_size, 8, "question")
         right = [normalize_answer(p) == normalize_answer(qa.answer) for p, qa in zip(preds, qas)]
@@ -48,7 +51,7 @@ def evaluate(model, n: int = 300, batch_size: int = 32, cache_dir: str | Path | 
                    for k in QUESTION_KINDS}
         results["question"] = {"accuracy": 100 * sum(right) / len(right), "by_kind": by_kind}
     if "transcribe" in tasks:
-        speech = speech_examples(n, "heldout", seed=seed, cache_dir=cache_dir, workers=4)
+        speech = speech_examples(n, split, seed=seed, cache_dir=cache_dir, workers=4)
         refs = [transcript(e.text) for e in speech]
         preds = [model.transcribe((e.waveform, 16000)) for e in tqdm(speech, desc="transcribe", unit="clip",
                                                                       file=sys.stderr, leave=False)]
@@ -57,7 +60,7 @@ def evaluate(model, n: int = 300, batch_size: int = 32, cache_dir: str | Path | 
         results["transcribe"] = {"wer": wer(preds, refs), "cer": cer(preds, refs), "decoder_alone_wer": wer(alone, refs),
                                  "examples": [{"prediction": p, "reference": r} for p, r in zip(preds[:3], refs[:3])]}
     if "spoken" in tasks:
-        items = spoken_questions(n, "heldout", seed=seed, size=size, cache_dir=cache_dir, workers=4)
+        items = spoken_questions(n, split, seed=seed, size=size, cache_dir=cache_dir, workers=4)
         preds = model.replies([("<image><audio>", [q.image], [q.waveform]) for q in items], batch_size, 8, "spoken")
         right = [normalize_answer(p) == normalize_answer(q.answer) for p, q in zip(preds, items)]
         results["spoken"] = {"accuracy": 100 * sum(right) / len(right)}
@@ -66,7 +69,7 @@ def evaluate(model, n: int = 300, batch_size: int = 32, cache_dir: str | Path | 
 
 def format_results(r: dict) -> str:
     """The figures as a small table."""
-    lines = [f"held-out figures ({r['n']} items per task, seed {r['seed']})"]
+    lines = [f"held-out figures, split {r.get('split', 'heldout')} ({r['n']} items per task, seed {r['seed']})"]
     if "caption" in r:
         lines.append(f"  caption      BLEU-4 {r['caption']['bleu4']:.1f}   ROUGE-L {r['caption']['rouge_l']:.1f}")
     if "question" in r:
@@ -88,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", default="caption,question,transcribe,spoken")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=EVAL_SEED)
+    p.add_argument("--split", default="heldout", choices=["heldout", "novel-pairs"],
+                   help="heldout: unseen scenes; novel-pairs: scenes with (shape, colour) pairs never seen in training")
     p.add_argument("--cache-dir", default=None, help="where synthesized speech is cached (default: none)")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     p.add_argument("--threads", type=int, default=0)
@@ -110,7 +115,7 @@ def run_eval(argv: list[str] | None = None) -> int:
         raise ValueError(f"unknown task(s) {sorted(unknown)}; choose from caption, question, transcribe, spoken")
     model = MultimodalModel.from_pretrained(args.model or default_multimodal_dir())
     t0 = time.time()
-    results = evaluate(model, args.n, args.batch_size, args.cache_dir, args.seed, tasks)
+    results = evaluate(model, args.n, args.batch_size, args.cache_dir, args.seed, tasks, args.split)
     results["model"] = str(args.model or "shipped")
     results["seconds"] = round(time.time() - t0, 1)
     print(format_results(results))

@@ -1,20 +1,26 @@
 """`mm train --recipe tiny`: the shipped multimodal model, trained from nothing on the project's own data.
 
 Data (deterministic from the seed, nothing downloaded): procedural scenes with captions and questions
-(`mm.scenes`), scene sentences spoken by espeak-ng voices with noise (`mm.speech_data`), and spoken questions
-about images. Every training row is one chat turn of one of four tasks:
+(`mm.scenes`, rendered afresh for every step: 48 px, one 16 px patch per grid cell), scene sentences spoken by
+espeak-ng voices with noise (`mm.speech_data`, cached), and spoken questions about images. Every training row is
+one chat turn of one of four tasks:
     caption      <image>\\ndescribe the image.           -> the scene's caption
-    question     <image>\\nwhat colour is the star?      -> red
+    question     <image>\\nwhat colour is the star?      -> red       (then more questions about it, one per turn)
     transcribe   <audio>\\ntranscribe the audio.         -> the spoken sentence (lower case, no punctuation)
     spoken       <image><audio>                          -> the answer to the spoken question
 A step trains on one task (rows of one task pad alike), the tasks taking turns in the order of `TASK_CYCLE`.
 
-Stages (LLaVA's, preceded by a short text pretraining of the decoder since no pretrained Llama is at hand):
-    0  decoder alone, next-token loss on the answers' text (a small language model of the domain);
+Stages (LLaVA's two, preceded by the encoders' own pretraining, which LLaVA takes from CLIP and Dolphin from ESPnet):
+    0  the ViT alone learns to tell what is in each grid cell (`GridHead`, a training-only probe: shape, colour,
+       size, row and column of each patch), on new scenes every step; on its first `speech_steps` steps the
+       speech encoder and its CTC head learn to transcribe;
     1  decoder frozen; ViT, projector, speech encoder, CTC head and speech adapter learn to feed it;
     2  everything jointly.
-In stages 1 and 2 the speech encoder keeps its CTC loss (`ctc_weight`) and the ViT has its counterpart, a
-training-only probe that must tell what is in each grid cell of the scene (`GridHead`, `grid_weight`).
+In stages 1 and 2 the speech encoder keeps its CTC loss (`ctc_weight`) and the ViT its probe (`grid_weight`).
+The decoder starts from random weights, as no pretrained Llama is at hand. It is not pretrained on the domain's
+text either, and stage 1 is short: a decoder that first learns to answer from text alone, or adapters fitted to a
+decoder that cannot read them yet, settle into answering from the language prior and ignoring the media tokens
+(measured: the answer's distribution barely changes when the image is removed).
 
 Runs under `torchrun --nproc_per_node N` with DistributedDataParallel (gloo on CPU, NCCL on GPU): each rank
 draws its own rows, gradients are averaged, rank 0 logs, plots and saves. `out/checkpoint.pt` (written every
@@ -42,7 +48,6 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from decoders.llama import LlamaConfig
-from decoders.loss import IGNORE_INDEX, next_token_loss
 from decoders.tokenizer import train_sentencepiece
 from encoders.ebranchformer import EBranchformerConfig, SpeechEncoderConfig
 from encoders.frontend import FrontendConfig
@@ -50,7 +55,8 @@ from encoders.image import ImageProcessor
 from encoders.vit import ViTConfig
 
 from .multimodal import CAPTION_PROMPT, TRANSCRIBE_PROMPT, MultimodalConfig, MultimodalModel
-from .scenes import COLOURS, COUNT_WORDS, NUMBERS, ROWS, COLS, SHAPES, SIZES, scene_examples
+from .scenes import (COLOURS, COLS, COUNT_WORDS, NUMBERS, ROWS, SHAPES, SIZES, describe, item_rng, questions,
+                     render, sample_question, sample_split_scene)
 from .speech_adapter import SpeechAdapterConfig
 from .speech_data import speech_examples, spoken_questions, transcript
 from .train import init_weights
@@ -61,17 +67,20 @@ class TinyRecipe:
     """Sizes of data, model and schedule; the defaults make the shipped model (about 40 minutes on 2 CPU cores)."""
 
     seed: int = 0
-    n_scenes: int = 6000  # rendered training scenes (caption + every question of each)
+    n_text: int = 4000  # scenes whose captions and questions make the tokenizer's corpus
     n_speech: int = 4000  # spoken captions and questions for transcription
     n_spoken: int = 3000  # images with a spoken question
-    image_size: int = 64
+    image_size: int = 48  # 3x3 grid of 16 px cells: one patch per cell
+    patch_size: int = 16
     vocab_size: int = 384
     # Stage 1 is short: a decoder that has only read text cannot yet read image features, so there the ViT learns
     # from its grid loss and the speech encoder from CTC; the joint stage is where the decoder learns to read them.
-    steps: tuple[int, int, int] = (300, 300, 1600)  # stages 0, 1, 2
-    lr: tuple[float, float, float] = (3e-3, 1e-3, 1e-3)
+    steps: tuple[int, int, int] = (3000, 100, 1800)  # stages 0, 1, 2
+    lr: tuple[float, float, float] = (1e-3, 1e-3, 1e-3)
     batch: tuple[int, int, int, int] = (24, 32, 16, 16)  # rows per step of each task: caption, question, transcribe, spoken
-    text_batch: int = 48  # stage 0 rows per step
+    question_turns: int = 4  # questions asked about each image of a question row, one chat turn each
+    grid_batch: int = 64  # stage 0 images per step
+    speech_steps: int = 300  # stage 0 steps that also train the speech encoder by CTC, `batch[2]` clips each
     ctc_weight: float = 0.3
     grid_weight: float = 0.5  # the ViT's auxiliary loss (GridHead) in stages 1 and 2
     save_every: int = 100
@@ -86,17 +95,17 @@ class TinyRecipe:
     @classmethod
     def smoke(cls) -> "TinyRecipe":
         """A few steps on a handful of examples: checks that the whole recipe runs (tests, `--smoke`)."""
-        return cls(n_scenes=24, n_speech=12, n_spoken=12, steps=(3, 7, 7), batch=(2, 2, 2, 2), text_batch=4,
-                   save_every=2, vit_dim=32, vit_depth=1, speech_dim=32, speech_blocks=1, llama_dim=64, llama_layers=1)
+        return cls(n_text=24, n_speech=12, n_spoken=12, steps=(3, 7, 7), batch=(2, 2, 2, 2),
+                   grid_batch=4, save_every=2, vit_dim=32, vit_depth=1, speech_dim=32, speech_blocks=1, llama_dim=64, llama_layers=1, speech_steps=2)
 
 
 def model_config(r: TinyRecipe, vocab_size: int, bos: int, eos: int) -> MultimodalConfig:
-    """The tiny model: 64 px ViT (16 px patches: 16 image tokens), E-Branchformer, Llama, token ids for image/audio past the vocab."""
+    """The tiny model: 48 px ViT (16 px patches: 9 image tokens), E-Branchformer, Llama, token ids for image/audio past the vocab."""
     text = LlamaConfig(vocab_size=vocab_size, hidden_size=r.llama_dim, intermediate_size=int(r.llama_dim * 8 / 3) // 16 * 16,
                        num_hidden_layers=r.llama_layers, num_attention_heads=max(1, r.llama_dim // 64),
                        num_key_value_heads=max(1, r.llama_dim // 128), max_position_embeddings=512,
                        rms_norm_eps=1e-5, bos_token_id=bos, eos_token_id=eos)
-    vision = ViTConfig(image_size=r.image_size, patch_size=16, dim=r.vit_dim, depth=r.vit_depth,
+    vision = ViTConfig(image_size=r.image_size, patch_size=r.patch_size, dim=r.vit_dim, depth=r.vit_depth,
                        num_heads=max(1, r.vit_dim // 32), mlp_dim=4 * r.vit_dim)
     d = r.speech_dim
     speech = SpeechEncoderConfig(frontend=FrontendConfig(n_mels=80), encoder=EBranchformerConfig(
@@ -112,57 +121,75 @@ def model_config(r: TinyRecipe, vocab_size: int, bos: int, eos: int) -> Multimod
 
 
 def make_data(r: TinyRecipe, cache_dir: Path, log=print) -> dict:
-    """The training rows of the four tasks, built once (speech is cached on disk under cache_dir)."""
+    """Text and speech of the four tasks, built once (speech is cached on disk under cache_dir). Images are not
+    here: each step renders new scenes (`scene_rows`)."""
     t0 = time.time()
-    scenes = scene_examples(r.n_scenes, "train", seed=r.seed, size=r.image_size)
+    scenes = [sample_split_scene(item_rng(r.seed, "train", "text", i), "train") for i in range(r.n_text)]
     speech = speech_examples(r.n_speech, "train", seed=r.seed, cache_dir=cache_dir, workers=4)
     spoken = spoken_questions(r.n_spoken, "train", seed=r.seed, size=r.image_size, cache_dir=cache_dir, workers=4)
-    log(f"data: {len(scenes)} scenes, {len(speech)} spoken sentences, {len(spoken)} spoken questions "
+    log(f"data: {len(scenes)} scene texts, {len(speech)} spoken sentences, {len(spoken)} spoken questions "
         f"({time.time() - t0:.0f} s)")
-    grid = {id(s.image): grid_labels(s.scene) for s in scenes} | {id(q.image): grid_labels(q.scene) for q in spoken}
     return {
-        "grid": grid,  # id(image) -> what is in each cell, for the ViT's auxiliary loss
-        "caption": [(s.image, s.caption) for s in scenes],
-        "question": [(s.image, qa.question, qa.answer) for s in scenes for qa in s.qa],
+        "caption": [describe(s) for s in scenes],
+        "question": [(qa.question, qa.answer) for s in scenes for qa in questions(s)],
         "transcribe": [(e.waveform, transcript(e.text)) for e in speech],
-        "spoken": [(q.image, q.waveform, q.answer, transcript(q.question)) for q in spoken],
+        "spoken": [(q.image, grid_labels(q.scene), q.waveform, q.answer, transcript(q.question)) for q in spoken],
     }
 
 
-GRID_CLASSES = (len(SHAPES) + 1, len(COLOURS) + 1, len(SIZES) + 1)  # class 0: the cell is empty
+def scene_rows(r: TinyRecipe, n: int, rng: random.Random) -> list[tuple[list, object, torch.Tensor]]:
+    """`n` new training scenes drawn from `rng`: (scene, image, grid labels)."""
+    out = []
+    for _ in range(n):
+        scene = sample_split_scene(rng, "train")
+        out.append((scene, render(scene, r.image_size, rng), grid_labels(scene)))
+    return out
+
+
+# what the probe tells of each grid cell: shape, colour and size (class 0: the cell is empty), row and column
+GRID_CLASSES = (len(SHAPES) + 1, len(COLOURS) + 1, len(SIZES) + 1, len(ROWS), len(COLS))
 
 
 def grid_labels(scene) -> torch.Tensor:
-    """[9, 3]: shape, colour and size class of the object in each grid cell (reading order), 0 where empty."""
-    out = torch.zeros(9, 3, dtype=torch.long)
+    """[9, 5]: shape, colour and size class of the object in each grid cell (reading order, 0 where empty), and
+    the cell's row and column."""
+    out = torch.zeros(9, 5, dtype=torch.long)
+    out[:, 3], out[:, 4] = torch.arange(9) // 3, torch.arange(9) % 3
     for o in scene:
-        out[o.row * 3 + o.col] = torch.tensor([SHAPES.index(o.shape) + 1, COLOURS.index(o.colour) + 1,
-                                               SIZES.index(o.size) + 1])
+        out[o.row * 3 + o.col, :3] = torch.tensor([SHAPES.index(o.shape) + 1, COLOURS.index(o.colour) + 1,
+                                                   SIZES.index(o.size) + 1])
     return out
 
 
 class GridHead(torch.nn.Module):
-    """Training-only probe on the ViT's patch features: what is in each of the 9 cells (shape, colour, size).
+    """Training-only probe on the ViT's patch features, one patch per grid cell: what is in the cell (shape,
+    colour, size) and which cell it is (row, column).
 
-    The speech encoder has its CTC loss; this is the vision tower's counterpart. A ViT trained from nothing
-    learns very slowly through a language model's loss alone (the decoder must already read it to teach it);
-    this loss makes its features say what is where from the first step. Not part of the saved model."""
+    The speech encoder has its CTC loss; this is the vision tower's counterpart, standing in for the pretraining
+    (CLIP) a LLaVA vision tower comes with. It makes each image token say what is where, which the decoder then
+    only has to look up. Not part of the saved model."""
 
-    def __init__(self, dim: int, tokens: int):
+    def __init__(self, dim: int):
         super().__init__()
-        self.proj = torch.nn.Linear(dim * tokens, 9 * sum(GRID_CLASSES))
+        self.proj = torch.nn.Linear(dim, sum(GRID_CLASSES))
 
     def loss(self, feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """feats [N, P, d], labels [N, 9, 3] -> the sum over shape, colour and size of the mean cross-entropy."""
-        logits = self.proj(feats.flatten(1)).view(feats.shape[0], 9, -1)  # [N, 9, classes]
-        parts = logits.split(GRID_CLASSES, dim=-1)
+        """feats [N, 9, d], labels [N, 9, 5] -> the sum over the five properties of the mean cross-entropy."""
+        parts = self.proj(feats).split(GRID_CLASSES, dim=-1)  # 5 x [N, 9, classes]
         return sum(F.cross_entropy(p.flatten(0, 1), labels[..., k].flatten()) for k, p in enumerate(parts))
+
+
+def vit_grid_loss(model: MultimodalModel, head: GridHead, pixel_values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The probe's loss on the normed patch features the projector reads."""
+    vit = model.vision_tower
+    feats = vit.norm(vit.hidden_states(pixel_values, [-1])[0][:, vit.cfg.num_prefix_tokens:])  # [N, 9, d]
+    return head.loss(feats, labels.to(feats.device))
 
 
 def corpus_lines(data: dict) -> list[str]:
     """Every text the model reads or writes, and each vocabulary word, for the tokenizer."""
-    lines = [c for _, c in data["caption"]] + [f"{q} {a}" for _, q, a in data["question"]]
-    lines += [t for _, t in data["transcribe"]] + [f"{t} {a}" for _, _, a, t in data["spoken"]]
+    lines = data["caption"] + [f"{q} {a}" for q, a in data["question"]]
+    lines += [t for _, t in data["transcribe"]] + [f"{t} {a}" for *_, a, t in data["spoken"]]
     words = SHAPES + COLOURS + SIZES + ROWS + COLS + NUMBERS + COUNT_WORDS
     lines += [CAPTION_PROMPT, TRANSCRIBE_PROMPT, "USER: ASSISTANT:"] + words + [w + "s" for w in SHAPES]
     return lines
@@ -173,33 +200,39 @@ def user(content: str, answer: str) -> list[dict]:
 
 
 TASKS = ("caption", "question", "transcribe", "spoken")
-TASK_CYCLE = ("question", "transcribe", "spoken", "caption", "question", "transcribe", "spoken")
+TASK_CYCLE = ("question", "transcribe", "spoken", "caption", "question", "spoken", "question")
 
 
-def sample_batch(data: dict, task: str, size: int, rng: random.Random) -> tuple[list, list, list, list[str]]:
-    """(conversations, images, audios, transcripts of the audios) of `size` rows of one task."""
-    sizes = [size if t == task else 0 for t in TASKS]
-    convs, images, audios, texts = [], [], [], []
-    for _ in range(sizes[0]):
-        im, cap = rng.choice(data["caption"])
-        convs.append(user(f"<image>\n{CAPTION_PROMPT}", cap))
-        images.append(im)
-    for _ in range(sizes[1]):
-        im, q, a = rng.choice(data["question"])
-        convs.append(user(f"<image>\n{q}", a))
-        images.append(im)
-    for _ in range(sizes[2]):
-        wave, t = rng.choice(data["transcribe"])
-        convs.append(user(f"<audio>\n{TRANSCRIBE_PROMPT}", t))
-        audios.append(wave)
-        texts.append(t)
-    for _ in range(sizes[3]):
-        im, wave, a, t = rng.choice(data["spoken"])
-        convs.append(user("<image><audio>", a))
-        images.append(im)
-        audios.append(wave)
-        texts.append(t)
-    return convs, images, audios, texts
+def sample_batch(r: TinyRecipe, data: dict, task: str, size: int, rng: random.Random):
+    """(conversations, images, their grid labels, audios, transcripts of the audios) of `size` rows of one task."""
+    convs, images, grids, audios, texts = [], [], [], [], []
+    if task in ("caption", "question"):
+        for scene, image, grid in scene_rows(r, size, rng):
+            if task == "caption":
+                convs.append(user(f"<image>\n{CAPTION_PROMPT}", describe(scene)))
+            else:  # several turns about one image: more answers per image and step, as in LLaVA's instruction data
+                conv = []
+                for turn in range(r.question_turns):
+                    qa = sample_question(scene, rng)
+                    conv += user(f"<image>\n{qa.question}" if turn == 0 else qa.question, qa.answer)
+                convs.append(conv)
+            images.append(image)
+            grids.append(grid)
+    elif task == "transcribe":
+        for _ in range(size):
+            wave, t = rng.choice(data["transcribe"])
+            convs.append(user(f"<audio>\n{TRANSCRIBE_PROMPT}", t))
+            audios.append(wave)
+            texts.append(t)
+    else:
+        for _ in range(size):
+            im, grid, wave, a, t = rng.choice(data["spoken"])
+            convs.append(user("<image><audio>", a))
+            images.append(im)
+            grids.append(grid)
+            audios.append(wave)
+            texts.append(t)
+    return convs, images, grids, audios, texts
 
 
 def ctc_targets(tokenizer, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -228,10 +261,12 @@ def set_mvn(model: MultimodalModel, waves: list[torch.Tensor]) -> None:
 
 
 def trainable(model: MultimodalModel, stage: int) -> list[torch.nn.Parameter]:
-    """Stage 0: the decoder; stage 1: everything but the decoder; stage 2: everything."""
+    """Stage 0: the ViT, the speech encoder and CTC head; stage 1: everything but the decoder; stage 2: everything."""
     for name, p in model.named_parameters():
-        in_decoder = name.startswith("language_model.")
-        p.requires_grad_(stage == 2 or (stage == 0) == in_decoder)
+        if stage == 0:
+            p.requires_grad_(name.startswith(("vision_tower.", "speech_encoder.", "ctc.")))
+        else:
+            p.requires_grad_(stage == 2 or not name.startswith("language_model."))
     return [p for p in model.parameters() if p.requires_grad]
 
 
@@ -240,28 +275,6 @@ def schedule(step: int, total: int, warmup: int = 30) -> float:
     if step < warmup:
         return (step + 1) / warmup
     return 0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-
-def text_rows(data: dict, n: int, rng: random.Random, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stage-0 rows: the answers' text as plain sentences (BOS text EOS), left-padded ids and mask."""
-    texts = []
-    for _ in range(n):
-        kind = rng.random()
-        if kind < 0.3:
-            texts.append(rng.choice(data["caption"])[1])
-        elif kind < 0.7:
-            _, q, a = rng.choice(data["question"])
-            texts.append(f"{q} {a}")
-        else:
-            texts.append(rng.choice(data["transcribe"])[1])
-    ids = [tokenizer.encode(t, bos=True, eos=True) for t in texts]
-    T = max(len(i) for i in ids)
-    x = torch.zeros((n, T), dtype=torch.long)
-    mask = torch.zeros((n, T), dtype=torch.long)
-    for k, i in enumerate(ids):
-        x[k, T - len(i):] = torch.tensor(i)
-        mask[k, T - len(i):] = 1
-    return x, mask
 
 
 def weights_digest(model: torch.nn.Module) -> str:
@@ -285,12 +298,12 @@ def plot_losses(history: list[dict], path: Path) -> None:
         return [x for x, _ in pts], [sum(ys[max(0, i - k + 1):i + 1]) / (i + 1 - max(0, i - k + 1)) for i in range(len(ys))]
 
     fig, ax = plt.subplots(figsize=(9, 5), dpi=100)
-    series = [("text", "lm_loss", "text (stage 0)")] + [(t, "lm_loss", f"{t}: next-token") for t in TASKS]
+    series = [(t, "lm_loss", f"{t}: next-token") for t in TASKS]
     series.append((None, "ctc_loss", "speech encoder: CTC per token"))
     series.append((None, "grid_loss", "vision tower: grid cells (auxiliary)"))
     for task, key, label in series:
         pts = [(h["step"], h[key]) for h in history if h.get(key) is not None
-               and (task is None or h.get("task", "text") == task)]
+               and (task is None or h.get("task") == task)]
         if pts:
             ax.plot(*smooth(pts), label=label, linewidth=1.2)
     for stage in (0, 1, 2):
@@ -360,7 +373,10 @@ def train_tiny(out_dir: str | Path, recipe: TinyRecipe | None = None, resume: bo
     model.tokenizer = tokenizer
     model.image_processor = ImageProcessor(size=r.image_size, crop_size=r.image_size, resample="bicubic")
     set_mvn(model, [w for w, _ in data["transcribe"][:200]])
-    grid_head = GridHead(cfg.vision.dim, cfg.tokens_per_image())
+    if cfg.tokens_per_image() != 9:
+        raise ValueError(f"the recipe's probe needs one patch per grid cell (9 image tokens), got "
+                         f"{cfg.tokens_per_image()} from image_size {r.image_size} and patch_size {r.patch_size}")
+    grid_head = GridHead(cfg.vision.dim)
     processor = model.processor()
 
     ckpt = out / "checkpoint.pt"
@@ -379,7 +395,7 @@ def train_tiny(out_dir: str | Path, recipe: TinyRecipe | None = None, resume: bo
 
     offsets = [0, r.steps[0], r.steps[0] + r.steps[1]]
     for stage in range(start_stage, 3):
-        params = trainable(model, stage) + (list(grid_head.parameters()) if stage > 0 else [])
+        params = trainable(model, stage) + list(grid_head.parameters())
         decay = [p for p in params if p.dim() > 1]  # matrices; norms, biases and 1-D tables keep their scale
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05},
                                  {"params": [p for p in params if p.dim() <= 1], "weight_decay": 0.0}],
@@ -388,7 +404,7 @@ def train_tiny(out_dir: str | Path, recipe: TinyRecipe | None = None, resume: bo
         if state is not None and stage == start_stage and first > 0:
             opt.load_state_dict(state["optimizer"])
         ddp = model
-        if world > 1:
+        if world > 1 and stage > 0:
             ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
         model.train()
         stopping = False
@@ -401,13 +417,25 @@ def train_tiny(out_dir: str | Path, recipe: TinyRecipe | None = None, resume: bo
             torch.manual_seed(hash((r.seed, stage, step, rank)) % 2**31)
             row = {"stage": stage, "step": offsets[stage] + step}
             if stage == 0:
-                x, mask = text_rows(data, r.text_batch, rng, tokenizer)
-                labels = x.masked_fill(mask == 0, IGNORE_INDEX)
-                loss = next_token_loss(ddp(x.to(device), attention_mask=mask.to(device)).logits, labels.to(device))
-                row.update(loss=loss.item(), lm_loss=loss.item())
+                rows = scene_rows(r, r.grid_batch, rng)
+                grid = vit_grid_loss(model, grid_head, model.image_processor([im for _, im, _ in rows]).to(device),
+                                     torch.stack([g for *_, g in rows]))
+                loss = grid
+                row["grid_loss"] = grid.item()
+                if step < r.speech_steps:
+                    clips = [rng.choice(data["transcribe"]) for _ in range(r.batch[2])]
+                    waves = [w for w, _ in clips]
+                    lengths = torch.tensor([w.shape[0] for w in waves])
+                    enc, enc_lengths = model.speech_encoder.encode(
+                        torch.nn.utils.rnn.pad_sequence(waves, batch_first=True).to(device), lengths.to(device))
+                    ys, ys_len = ctc_targets(tokenizer, [t for _, t in clips])
+                    ctc = model.ctc.loss(enc, enc_lengths, ys.to(device), ys_len.to(device)) / ys_len.float().mean()
+                    loss = loss + ctc
+                    row["ctc_loss"] = ctc.item()
+                row["loss"] = loss.item()
             else:
                 task = TASK_CYCLE[step % len(TASK_CYCLE)]
-                convs, images, audios, texts = sample_batch(data, task, r.batch[TASKS.index(task)], rng)
+                convs, images, grids, audios, texts = sample_batch(r, data, task, r.batch[TASKS.index(task)], rng)
                 inputs = processor(convs, images, audios, add_generation_prompt=False, labels=True)
                 speech = inputs["speech"]
                 ys = ys_len = None
@@ -421,9 +449,7 @@ def train_tiny(out_dir: str | Path, recipe: TinyRecipe | None = None, resume: bo
                 loss = o.loss
                 row.update(task=task, lm_loss=o.lm_loss.item())
                 if images:
-                    vit = model.vision_tower
-                    feats = vit.norm(vit.hidden_states(inputs["pixel_values"].to(device), [-1])[0][:, vit.cfg.num_prefix_tokens:])
-                    grid = grid_head.loss(feats, torch.stack([data["grid"][id(im)] for im in images]).to(device))
+                    grid = vit_grid_loss(model, grid_head, inputs["pixel_values"].to(device), torch.stack(grids))
                     loss = loss + r.grid_weight * grid
                     row["grid_loss"] = grid.item()
                 row["loss"] = loss.item()
@@ -431,8 +457,8 @@ def train_tiny(out_dir: str | Path, recipe: TinyRecipe | None = None, resume: bo
                     row["ctc_loss"] = o.ctc_loss.item() * w / r.ctc_weight
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            if world > 1 and stage > 0:  # the head is outside DDP: average its gradients by hand
-                for p in grid_head.parameters():
+            if world > 1:  # what DDP does not see (the probe; all of stage 0) is averaged by hand
+                for p in params if stage == 0 else grid_head.parameters():
                     if p.grad is not None:
                         dist.all_reduce(p.grad)
                         p.grad /= world

@@ -3,7 +3,7 @@
 A voice is an espeak-ng accent plus a variant ("en-gb-scotland+f3"). The split is by voice: a voice is held out
 when (accent index + variant index) % 6 == 0, so every accent and every variant is heard in training but each
 held-out voice (their combination) never is. Held-out items also take their sentences from held-out scenes
-(mm.scenes: unseen (shape, colour) pairs), so held-out figures measure new voices and new sentences together.
+(mm.scenes: 'heldout' or 'novel-pairs'), so held-out figures measure new voices and new sentences together.
 
 Clean synthesis is cached on disk (one .npy per text/voice/speed/pitch/espeak-ng version); noise is added after
 the cache from the item's own seed, so the same seed gives the same samples. Needs the `espeak-ng` program
@@ -191,8 +191,8 @@ class Utterance:
 def sample_utterance(
     text: str, rng: random.Random, split: str, snr_db: float | tuple[float, float] | None
 ) -> Utterance:
-    """A voice of `split`, speed, pitch and noise for `text`, drawn from `rng`."""
-    voice = rng.choice(voices(split))
+    """A voice of `split` (held-out voices for both held-out scene splits), speed, pitch and noise for `text`."""
+    voice = rng.choice(voices("train" if split == "train" else "heldout"))
     speed, pitch = rng.randint(*SPEEDS), rng.randint(*PITCHES)
     snr = rng.uniform(*snr_db) if isinstance(snr_db, tuple) else snr_db
     return Utterance(text, voice, speed, pitch, snr, rng.choice(["white", "pink"]), rng.getrandbits(32))

@@ -62,9 +62,11 @@ def test_recipe_writes_model_log_losses_and_plot(run_dir):
 def test_grid_labels_say_what_is_in_each_cell():
     scene = [Obj("star", "red", "big", 2, 0), Obj("circle", "white", "small", 0, 1)]
     labels = grid_labels(scene)
-    expected = torch.zeros(9, 3, dtype=torch.long)
-    expected[6] = torch.tensor([SHAPES.index("star") + 1, COLOURS.index("red") + 1, SIZES.index("big") + 1])
-    expected[1] = torch.tensor([SHAPES.index("circle") + 1, COLOURS.index("white") + 1, SIZES.index("small") + 1])
+    expected = torch.zeros(9, 5, dtype=torch.long)
+    expected[:, 3] = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2])  # row
+    expected[:, 4] = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2])  # column
+    expected[6, :3] = torch.tensor([SHAPES.index("star") + 1, COLOURS.index("red") + 1, SIZES.index("big") + 1])
+    expected[1, :3] = torch.tensor([SHAPES.index("circle") + 1, COLOURS.index("white") + 1, SIZES.index("small") + 1])
     assert torch.equal(labels, expected)
 
 
@@ -87,7 +89,7 @@ def test_processor_expands_placeholders_and_labels_answers(model, media):
     conv = [{"role": "user", "content": "<image>\n<audio>"}, {"role": "assistant", "content": "red"}]
     out = proc(conv, [str(media / "scene.png")], [str(media / "q.wav")], add_generation_prompt=False, labels=True)
     ids = out["input_ids"][0].tolist()
-    assert ids.count(cfg.image_token_index) == cfg.tokens_per_image() == 16
+    assert ids.count(cfg.image_token_index) == cfg.tokens_per_image() == 9  # 48 px, 16 px patches
     frames = wave.shape[0] // 160 + 1  # log-mel frames, then 4x subsampling, then 4x stacking (rounded up)
     assert ids.count(cfg.audio_token_id) == n_audio == -(-(((frames - 1) // 2 - 1) // 2) // 4)
     first_audio = ids.index(cfg.audio_token_id)

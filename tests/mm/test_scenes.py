@@ -15,6 +15,7 @@ from mm.scenes import (
     COLOUR_JITTER,
     COLOUR_RGB,
     SHAPES,
+    SIZES,
     Obj,
     captions,
     describe,
@@ -25,6 +26,7 @@ from mm.scenes import (
     sample_question,
     sample_scene,
     scene_examples,
+    scene_key,
     scene_split,
 )
 
@@ -191,24 +193,34 @@ def test_sample_question_covers_every_kind():
     assert set(counts) == {"colour", "shape", "count", "position"} and min(counts.values()) > 70
 
 
-def test_split_is_disjoint_by_rule():
+def test_splits_are_disjoint_by_rule():
     pairs = heldout_pairs(0)
     assert sorted(s for s, _ in pairs) == sorted(SHAPES)  # one held-out colour per shape
     assert len({c for _, c in pairs}) == len(SHAPES)  # no colour twice
     assert heldout_pairs(0) == pairs and any(heldout_pairs(s) != pairs for s in range(1, 5))
-    train, held = scene_examples(150, "train", seed=0), scene_examples(60, "heldout", seed=0)
-    for e in train:
+    train = scene_examples(300, "train", seed=0)
+    held, novel = scene_examples(100, "heldout", seed=0), scene_examples(60, "novel-pairs", seed=0)
+    for e in train + held:
         assert not any((o.shape, o.colour) in pairs for o in e.scene)
         text = " ".join([e.caption] + [q.question for q in e.qa])
-        for shape, colour in pairs:  # no training sentence names a held-out pair
+        for shape, colour in pairs:  # no training or held-out-scene sentence names a held-out pair
             assert f"{colour} {shape}" not in text
-        assert scene_split(e.scene) == "train"
-    for e in held:
+    assert all(scene_split(e.scene) == "train" for e in train)
+    assert all(scene_split(e.scene) == "heldout" for e in held)
+    for e in novel:
         assert any((o.shape, o.colour) in pairs for o in e.scene)
+    # no held-out scene is a training scene, whatever seed drew the training set: the rule is on the combination
+    train_keys = {scene_key(e.scene) for seed in (0, 1, 2) for e in scene_examples(300, "train", seed=seed)}
+    assert train_keys.isdisjoint(scene_key(e.scene) for e in held + novel)
+    # one-object scenes are few (864 combinations): the bucket holds some of them out too
+    singles = [[Obj(sh, c, sz, 0, 0)] for sh in SHAPES for c in COLOUR_RGB for sz in SIZES]
+    assert {scene_split(s) for s in singles} == {"train", "heldout", "novel-pairs"}
+    assert scene_key([Obj("star", "red", "big", 0, 0), Obj("circle", "blue", "small", 1, 1)]) == \
+        scene_key([Obj("circle", "blue", "small", 1, 1), Obj("star", "red", "big", 0, 0)])
     # every shape and colour word is still seen in training
     seen = {w for e in train for o in e.scene for w in (o.shape, o.colour)}
     assert seen == set(SHAPES) | set(COLOUR_RGB)
-    assert {e.caption for e in train}.isdisjoint({e.caption for e in held})
+    assert {e.caption for e in train}.isdisjoint({e.caption for e in held + novel})
 
 
 def test_bad_input_is_refused():

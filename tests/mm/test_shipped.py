@@ -68,7 +68,7 @@ def test_console_commands_on_the_bundled_examples(tmp_path):
     done = mm_cli("eval", "--n", "16", "--json", str(tmp_path / "eval.json"))
     assert done.returncode == 0, done.stderr
     figures = json.loads((tmp_path / "eval.json").read_text())
-    assert figures["transcribe"]["wer"] < 10 and figures["caption"]["rouge_l"] > 40
+    assert figures["split"] == "heldout" and figures["transcribe"]["wer"] < 10 and figures["caption"]["rouge_l"] > 40
     assert 0 <= figures["question"]["accuracy"] <= 100 and 0 <= figures["spoken"]["accuracy"] <= 100
 
 
@@ -103,6 +103,15 @@ def test_demos_run_on_the_shipped_model():
     assert done.returncode == 0, done.stderr
     first, *words = done.stdout.strip().splitlines()
     assert wer([first.split(": ", 1)[1]], [TRUTH["question.wav"]["text"]]) <= 20 and words
+
+
+def test_eval_refuses_an_unknown_split(model):
+    from mm.evaluate import evaluate
+
+    with pytest.raises(ValueError, match="split must be 'heldout' or 'novel-pairs'"):
+        evaluate(model, n=1, split="train")
+    done = mm_cli("eval", "--split", "train")
+    assert done.returncode == 2 and "invalid choice: 'train'" in done.stderr
 
 
 def test_shipped_model_is_small():
