@@ -33,10 +33,11 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | Non
 
 
 @contextlib.contextmanager
-def gemv_flags(model):
+def gemv_flags(model, batch: int):
     """oneDNN's bf16/fp16 matmul is slow for the one-row products of a CPU decode step (it re-lays out the weight);
-    ATen's own kernel streams weights at memory speed, so oneDNN is switched off around the step there."""
-    if model.device.type != "cpu" or model.dtype not in (torch.bfloat16, torch.float16):
+    ATen's own kernel streams weights at memory speed, so oneDNN is switched off around a batch-1 step there.
+    With several rows oneDNN's blocked kernels win, so it stays on."""
+    if model.device.type != "cpu" or model.dtype not in (torch.bfloat16, torch.float16) or batch > 1:
         yield
         return
     before = torch._C._get_mkldnn_enabled()
@@ -65,7 +66,7 @@ def stream_tokens(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_ma
     Left-padded batches: `attention_mask [B, T]` marks real tokens with 1. `inputs_embeds [B, T, D]` replaces
     the prompt's token embeddings (multimodal prompts); `input_ids` then only gives the shape and device.
     Decoding runs `model.decode_step` on a static cache; `compile=True` (or an earlier `model.compile_decode()`)
-    runs it through `torch.compile`: on CPU compiling takes 20-80 s and then decodes about 2x faster, so it pays
+    runs it through `torch.compile`: on CPU compiling takes 20-130 s and then decodes 2-5x faster, so it pays
     for itself after some thousands of tokens (a server, a benchmark, long generations), not for one short reply.
     """
     cfg = model.config
@@ -117,7 +118,7 @@ def stream_tokens(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_ma
         key_mask[:, slot] = True
         # Without padding each row's tokens are a cache prefix: on CUDA that lets attention use FlashDecoding.
         cache_lens = torch.full((B,), slot + 1, device=device) if use_lens else None
-        with gemv_flags(model):
+        with gemv_flags(model, B):
             logits = step_fn(token[:, None], next_pos, torch.tensor([slot], device=device), key_mask, cache, cache_lens)
         next_pos = next_pos + 1
 

@@ -31,7 +31,6 @@ from torch import nn
 
 from decoders.beam_search import Hypothesis
 from decoders.ctc import CTC, CTCPrefixScorer
-from decoders.kv_cache import KVCache
 from decoders.llama import LlamaConfig, LlamaForCausalLM
 from decoders.loss import IGNORE_INDEX, next_token_loss
 from encoders.ebranchformer import Conv2dSubsampling4, SpeechEncoder, SpeechEncoderConfig, SpeechTooShortError
@@ -382,13 +381,6 @@ class SpeechLlama(nn.Module):
 # ------------------------------------------------------------------------------------------- joint decoding
 
 
-def reorder_kv_cache(cache: KVCache, index: torch.Tensor) -> KVCache:
-    """Keep rows `index` [N'] of the cache's batch (the hypotheses a beam step selected), in that order."""
-    cache.k = cache.k.index_select(1, index)  # [L, N', H_kv, S, D]
-    cache.v = cache.v.index_select(1, index)
-    return cache
-
-
 @torch.no_grad()
 def joint_beam_search(llm: LlamaForCausalLM, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None,
                       ctc_log_probs: torch.Tensor | None, ctc_lengths: torch.Tensor | None, *, eos_token_id: int,
@@ -442,7 +434,7 @@ def joint_beam_search(llm: LlamaForCausalLM, inputs_embeds: torch.Tensor, attent
     cache = llm.new_kv_cache(B, T + max_new_tokens)
     logits = llm(None, key_mask[:, :T], inputs_embeds=inputs_embeds, kv_cache=cache, last_only=True)  # [B, 1, V]
     rows = torch.arange(B, device=dev).repeat_interleave(K)  # [N]
-    reorder_kv_cache(cache, rows)
+    cache.reorder(rows)
     key_mask = key_mask[rows]
     lp_llm = torch.log_softmax(logits[rows, -1].float(), dim=-1)  # [N, V]
 
@@ -496,7 +488,7 @@ def joint_beam_search(llm: LlamaForCausalLM, inputs_embeds: torch.Tensor, attent
         if not bool(torch.isfinite(score).any()) or i == max_new_tokens - 1:
             break
 
-        reorder_kv_cache(cache, prev)
+        cache.reorder(prev)
         if use_ctc:
             ctc_state = scorer.select(scored, prev, tok)
         last = tok

@@ -181,12 +181,12 @@ def test_kv_cache_bytes_equal_formula():
 def test_decode_step_allocates_no_cache_memory():
     model = LlamaForCausalLM(LlamaConfig(**{**TINY, "num_key_value_heads": 2})).eval()
     cache = model.new_kv_cache(1, 16)
-    k_ptr = cache.k.data_ptr()
+    ptrs = [t.data_ptr() for t in cache.k + cache.v]
     with torch.no_grad():
         model(torch.tensor([[5, 6, 7]]), kv_cache=cache)
         model(torch.tensor([[8]]), kv_cache=cache)
-    assert cache.k.data_ptr() == k_ptr and cache.length == 4
-    assert cache.k[:, :, :, 4:].abs().sum() == 0 and cache.k[:, :, :, :4].abs().sum() > 0
+    assert [t.data_ptr() for t in cache.k + cache.v] == ptrs and cache.length == 4
+    assert all(t[:, :, 4:].abs().sum() == 0 and t[:, :, :4].abs().sum() > 0 for t in cache.k + cache.v)
 
 
 def test_loss_matches_transformers(tmp_path):

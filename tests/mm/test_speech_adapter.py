@@ -20,7 +20,6 @@ from mm.speech_adapter import (
     expand_audio_placeholder,
     joint_beam_search,
     joint_transcribe,
-    reorder_kv_cache,
     stack_frames,
 )
 
@@ -350,11 +349,11 @@ def test_only_the_llm_pre_beam_gets_a_ctc_score():
 def test_reorder_kv_cache_selects_rows():
     llm = LlamaForCausalLM(text_config())
     cache = llm.new_kv_cache(3, 4)
-    cache.k.normal_()
-    cache.v.normal_()
-    k, v = cache.k.clone(), cache.v.clone()
-    reorder_kv_cache(cache, torch.tensor([2, 2, 0]))
-    assert torch.equal(cache.k, k[:, [2, 2, 0]]) and torch.equal(cache.v, v[:, [2, 2, 0]])
+    for t in cache.k + cache.v:
+        t.normal_()
+    k, v = [t.clone() for t in cache.k], [t.clone() for t in cache.v]
+    cache.reorder(torch.tensor([2, 2, 0]))
+    assert all(torch.equal(a, b[[2, 2, 0]]) for a, b in zip(cache.k + cache.v, k + v))
 
 
 # ------------------------------------------------------------------------------------------- training
