@@ -64,7 +64,7 @@ from .train import init_weights
 
 @dataclass
 class TinyRecipe:
-    """Sizes of data, model and schedule; the defaults make the shipped model (about 40 minutes on 2 CPU cores)."""
+    """Sizes of data, model and schedule; the defaults make the shipped model (about 55 minutes on 2 CPU cores)."""
 
     seed: int = 0
     n_text: int = 4000  # scenes whose captions and questions make the tokenizer's corpus

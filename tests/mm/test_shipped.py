@@ -69,7 +69,8 @@ def test_console_commands_on_the_bundled_examples(tmp_path):
     assert done.returncode == 0, done.stderr
     figures = json.loads((tmp_path / "eval.json").read_text())
     assert figures["split"] == "heldout" and figures["transcribe"]["wer"] < 10 and figures["caption"]["rouge_l"] > 40
-    assert 0 <= figures["question"]["accuracy"] <= 100 and 0 <= figures["spoken"]["accuracy"] <= 100
+    # it reads the images: a model answering from its language prior gets about a third right
+    assert figures["question"]["accuracy"] > 50 and 0 <= figures["spoken"]["accuracy"] <= 100
 
 
 def test_bad_input_through_the_command_line_and_api(model, tmp_path):
