@@ -3,6 +3,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from decoders import CheckpointError, KVCache, LlamaConfig, LlamaForCausalLM, next_token_loss
 
@@ -377,3 +378,19 @@ def test_compiled_decode_step_gives_the_eager_tokens(tiny_dir):
     assert torch.equal(compiled, eager)
     # once compiled, generate keeps using the compiled step, also for a prompt of another length
     assert torch.equal(model.generate(ids[:, 3:], mask[:, 3:], max_new_tokens=5, eos_token_id=None), eager_short)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 2e-2)])
+def test_fused_decode_attention_equals_sdpa(dtype, tol):
+    from decoders.llama import fused_decode_attention
+
+    g = torch.Generator().manual_seed(0)
+    B, Hkv, G, S, D = 2, 2, 3, 37, 16  # GQA: 3 query heads per key/value head folded into the query axis
+    q, k, v = (torch.randn(*shape, generator=g).to(dtype) for shape in ((B, Hkv, G, D), (B, Hkv, S, D), (B, Hkv, S, D)))
+    seen = torch.rand(B, 1, 1, S, generator=g) < 0.7
+    seen[..., 0] = True
+    mask = torch.zeros(B, 1, 1, S, dtype=dtype).masked_fill(~seen, float("-inf"))
+    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask.float())
+    out = fused_decode_attention(q, k, v, mask)
+    assert out.dtype == dtype
+    assert (out.float() - ref).abs().max() < tol
