@@ -70,11 +70,10 @@ def give_clear_choices(model, embed_std: float = 0.5, seed: int = 0) -> None:
 
 
 def bench_llama(size: str, dtype: torch.dtype, batch: int, new_tokens: int, prompt_len: int, repeats: int,
-                compile: bool, bound: bool = True, device: str = "cpu") -> dict:
-    """Prefill and decode tokens/s of ours vs transformers' `generate`, greedy, on the same random checkpoint.
-
-    bound: also the read bound, from the read bandwidth measured just before and just after the timings (the
-    better of the two: a shared machine's bandwidth drifts by a third within minutes)."""
+                compile: bool, device: str = "cpu") -> dict:
+    """Prefill and decode tokens/s of ours vs transformers' `generate`, greedy, on the same random checkpoint, and
+    the read bound: the read bandwidth measured just before and just after the timings (the better of the two: a
+    shared machine's bandwidth drifts by a third within minutes) over the bytes a decode step reads."""
     import transformers
 
     from decoders import LlamaForCausalLM
@@ -104,7 +103,7 @@ def bench_llama(size: str, dtype: torch.dtype, batch: int, new_tokens: int, prom
                "first_difference": int(differ[0]) - prompt_len if len(differ) else None,
                # over every position of the generated sequences, relative to the largest logit
                "logit_err": float((ref_logits - our_logits).abs().max() / ref_logits.abs().max())}
-        bandwidth = read_bandwidth(device=device) if bound else None
+        bandwidth = read_bandwidth(device=device)
         for name, gen in (("ref", ref_gen), ("ours", our_gen)):
             prefill = best_time(lambda: gen(1), repeats)
             total = best_time(lambda: gen(new_tokens), repeats)
@@ -112,13 +111,11 @@ def bench_llama(size: str, dtype: torch.dtype, batch: int, new_tokens: int, prom
             row[f"{name}_decode_tok_s"] = batch * (new_tokens - 1) / max(total - prefill, 1e-9)
     row["decode_ratio"] = row["ours_decode_tok_s"] / row["ref_decode_tok_s"]
     row["prefill_ratio"] = row["ours_prefill_tok_s"] / row["ref_prefill_tok_s"]
-    if bound:
-        bandwidth = max(bandwidth, read_bandwidth(device=device))
-        row["read_GB_s"] = bandwidth / 1e9
-        per_token = decode_bytes_per_token(ours, batch, prompt_len + new_tokens // 2)
-        bound = bandwidth / per_token * batch  # tokens/s if every byte were read once at the measured rate
-        row["read_bound_tok_s"] = bound
-        row["fraction_of_bound"] = row["ours_decode_tok_s"] / bound
+    bandwidth = max(bandwidth, read_bandwidth(device=device))
+    row["read_GB_s"] = bandwidth / 1e9
+    per_token = decode_bytes_per_token(ours, batch, prompt_len + new_tokens // 2)
+    row["read_bound_tok_s"] = bandwidth / per_token * batch  # tokens/s if every byte were read once at that rate
+    row["fraction_of_bound"] = row["ours_decode_tok_s"] / row["read_bound_tok_s"]
     return row
 
 
@@ -199,14 +196,12 @@ def run(sizes=("10m", "125m"), dtypes=("float32", "bfloat16"), batches=(1, 8), n
     result = {"machine": {"platform": platform.platform(), "processor": platform.processor(), "device": device,
                           "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
                           "threads": torch.get_num_threads(), "torch": torch.__version__}}
-    bw = read_bandwidth(device=device)
-    result["read_bandwidth_GB_s"] = bw / 1e9
-    log(f"measured read bandwidth: {bw / 1e9:.1f} GB/s, {torch.get_num_threads()} threads")
+    log(f"{torch.get_num_threads()} threads; read bandwidth measured around each decoder row")
     rows = []
     for size in sizes:
         for dt in dtypes:
             for b in batches:
-                row = bench_llama(size, getattr(torch, dt), b, new_tokens, prompt_len, repeats, compile, True, device)
+                row = bench_llama(size, getattr(torch, dt), b, new_tokens, prompt_len, repeats, compile, device)
                 rows.append(row)
                 log(format_table([row], ["model", "dtype", "batch", "ref_decode_tok_s", "ours_decode_tok_s",
                                          "decode_ratio", "prefill_ratio", "fraction_of_bound", "same_tokens",
