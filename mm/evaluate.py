@@ -22,17 +22,18 @@ from tqdm import tqdm
 
 from .metrics import bleu4, cer, normalize_answer, rouge_l, wer
 from .multimodal import CAPTION_PROMPT, TRANSCRIBE_PROMPT
-from .scenes import QUESTION_KINDS, item_rng, sample_question, scene_examples
+from .scenes import QUESTION_KINDS, SPLITS, item_rng, sample_question, scene_examples
 from .speech_data import speech_examples, spoken_questions, transcript
 
+HELDOUT_SPLITS = tuple(s for s in SPLITS if s != "train")  # ('heldout', 'novel-pairs')
 EVAL_SEED = 1  # the recipe trains on seed 0; the held-out split is disjoint from training whatever the seed
 
 
 def evaluate(model, n: int = 300, batch_size: int = 32, cache_dir: str | Path | None = None, seed: int = EVAL_SEED,
              tasks: tuple[str, ...] = ("caption", "question", "transcribe", "spoken"), split: str = "heldout") -> dict:
     """Held-out figures of `model` (a MultimodalModel) on `n` items per task of `split`, all in percent."""
-    if split not in ("heldout", "novel-pairs"):
-        raise ValueError(f"split must be 'heldout' or 'novel-pairs', got {split!r}")
+    if split not in HELDOUT_SPLITS:
+        raise ValueError(f"split must be {' or '.join(map(repr, HELDOUT_SPLITS))}, got {split!r}")
     size = model.config.vision.image_size
     results: dict = {"n": n, "seed": seed, "split": split}
     if "caption" in tasks or "question" in tasks:
@@ -91,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", default="caption,question,transcribe,spoken")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=EVAL_SEED)
-    p.add_argument("--split", default="heldout", choices=["heldout", "novel-pairs"],
+    p.add_argument("--split", default="heldout", choices=HELDOUT_SPLITS,
                    help="heldout: unseen scenes; novel-pairs: scenes with (shape, colour) pairs never seen in training")
     p.add_argument("--cache-dir", default=None, help="where synthesized speech is cached (default: none)")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
