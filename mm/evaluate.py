@@ -4,7 +4,8 @@ Held-out means unseen in training twice over: scenes no training step draws (`mm
 combinations of objects; or `novel-pairs`: scenes holding a (shape, colour) pair that no training image or
 sentence shows), spoken by voices no training clip uses (`mm.speech_data`). Figures:
     caption      BLEU-4 (sacrebleu) and ROUGE-L (rouge-score) against the scene's caption
-    question     exact-match accuracy of the answer, overall and per kind (colour, shape, count, position)
+    question     exact-match accuracy of the answer, overall, per kind (colour, shape, count, position) and by
+                 the number of objects in the scene (with one there is nothing to look up)
     transcribe   WER and CER (jiwer) against what was said, on noisy held-out voices: `model.transcribe` (joint
                  CTC/LLM beam search), and the WER of the decoder alone (greedy)
     spoken       accuracy of the answer to a spoken question about an image
@@ -50,7 +51,10 @@ def evaluate(model, n: int = 300, batch_size: int = 32, cache_dir: str | Path | 
         right = [normalize_answer(p) == normalize_answer(qa.answer) for p, qa in zip(preds, qas)]
         by_kind = {k: 100 * sum(r for r, qa in zip(right, qas) if qa.kind == k) / max(1, sum(qa.kind == k for qa in qas))
                    for k in QUESTION_KINDS}
-        results["question"] = {"accuracy": 100 * sum(right) / len(right), "by_kind": by_kind}
+        counts = sorted({len(s.scene) for s in scenes})
+        by_objects = {str(c): 100 * sum(r for r, s in zip(right, scenes) if len(s.scene) == c) / sum(len(s.scene) == c for s in scenes)
+                      for c in counts}
+        results["question"] = {"accuracy": 100 * sum(right) / len(right), "by_kind": by_kind, "by_objects": by_objects}
     if "transcribe" in tasks:
         speech = speech_examples(n, split, seed=seed, cache_dir=cache_dir, workers=4)
         refs = [transcript(e.text) for e in speech]
@@ -76,6 +80,9 @@ def format_results(r: dict) -> str:
     if "question" in r:
         kinds = ", ".join(f"{k} {v:.1f}%" for k, v in r["question"]["by_kind"].items())
         lines.append(f"  question     accuracy {r['question']['accuracy']:.1f}%  ({kinds})")
+        if "by_objects" in r["question"]:
+            objs = ", ".join(f"{k}: {v:.1f}%" for k, v in r["question"]["by_objects"].items())
+            lines.append(f"               by objects in the scene  {objs}")
     if "transcribe" in r:
         t = r["transcribe"]
         lines.append(f"  transcribe   WER {t['wer']:.2f}%   CER {t['cer']:.2f}%   (decoder alone: WER {t['decoder_alone_wer']:.2f}%)")

@@ -3,6 +3,7 @@ line and the demos, checked against the ground truth its bundled examples were m
 import json
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -113,6 +114,19 @@ def test_eval_refuses_an_unknown_split(model):
         evaluate(model, n=1, split="train")
     done = mm_cli("eval", "--split", "train")
     assert done.returncode == 2 and "invalid choice: 'train'" in done.stderr
+
+
+def test_eval_question_accuracy_by_objects_in_the_scene(model):
+    from mm.evaluate import EVAL_SEED, evaluate, format_results
+    from mm.scenes import scene_examples
+
+    r = evaluate(model, n=24, tasks=("question",))
+    counts = Counter(len(s.scene) for s in scene_examples(24, "heldout", seed=EVAL_SEED, size=48))
+    by_objects = r["question"]["by_objects"]
+    assert sorted(by_objects) == sorted(str(c) for c in counts)
+    # the groups partition the items: their accuracies, weighted by group size, give the overall accuracy
+    assert sum(by_objects[str(c)] * k for c, k in counts.items()) / 24 == pytest.approx(r["question"]["accuracy"])
+    assert "by objects in the scene  1: " in format_results(r)
 
 
 def test_shipped_model_is_small():
