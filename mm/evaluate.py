@@ -30,6 +30,11 @@ HELDOUT_SPLITS = tuple(s for s in SPLITS if s != "train")  # ('heldout', 'novel-
 EVAL_SEED = 1  # the recipe trains on seed 0; the held-out split is disjoint from training whatever the seed
 
 
+def accuracy_by(right: list[bool], keys: list[str], groups) -> dict[str, float]:
+    """Percent right within each group (items whose key is the group); 0 for a group with no items."""
+    return {g: 100 * sum(r for r, k in zip(right, keys) if k == g) / max(1, keys.count(g)) for g in groups}
+
+
 def evaluate(model, n: int = 300, batch_size: int = 32, cache_dir: str | Path | None = None, seed: int = EVAL_SEED,
              tasks: tuple[str, ...] = ("caption", "question", "transcribe", "spoken"), split: str = "heldout") -> dict:
     """Held-out figures of `model` (a MultimodalModel) on `n` items per task of `split`, all in percent."""
@@ -49,12 +54,10 @@ def evaluate(model, n: int = 300, batch_size: int = 32, cache_dir: str | Path | 
         preds = model.replies([(f"<image>\n{qa.question}", [s.image], []) for s, qa in zip(scenes, qas)],
                          batch_size, 8, "question")
         right = [normalize_answer(p) == normalize_answer(qa.answer) for p, qa in zip(preds, qas)]
-        by_kind = {k: 100 * sum(r for r, qa in zip(right, qas) if qa.kind == k) / max(1, sum(qa.kind == k for qa in qas))
-                   for k in QUESTION_KINDS}
-        counts = sorted({len(s.scene) for s in scenes})
-        by_objects = {str(c): 100 * sum(r for r, s in zip(right, scenes) if len(s.scene) == c) / sum(len(s.scene) == c for s in scenes)
-                      for c in counts}
-        results["question"] = {"accuracy": 100 * sum(right) / len(right), "by_kind": by_kind, "by_objects": by_objects}
+        objects = [str(len(s.scene)) for s in scenes]
+        results["question"] = {"accuracy": 100 * sum(right) / len(right),
+                               "by_kind": accuracy_by(right, [qa.kind for qa in qas], QUESTION_KINDS),
+                               "by_objects": accuracy_by(right, objects, sorted(set(objects)))}
     if "transcribe" in tasks:
         speech = speech_examples(n, split, seed=seed, cache_dir=cache_dir, workers=4)
         refs = [transcript(e.text) for e in speech]
