@@ -302,13 +302,30 @@ def _sdpa_decode(q3, k_cache, v_cache, cache_lens, scale):
     return out.reshape(B, H, D)
 
 
+@torch.library.custom_op("mm::flash_decode", mutates_args=())
+def _flash_decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_lens: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """`flash_decode_triton` with the split count of `choose_num_splits`, as an operator `torch.compile` keeps whole:
+    dynamo records one call in the graph (no tracing into triton's launcher), and CUDA graphs capture its launches."""
+    B, H_kv, S, _ = k_cache.shape
+    device_index = q.device.index if q.device.index is not None else torch.cuda.current_device()
+    num_splits = choose_num_splits(B * H_kv, S, _num_sms(device_index))
+    return flash_decode_triton(q, k_cache, v_cache, cache_lens, num_splits, scale=scale)
+
+
+@_flash_decode_op.register_fake
+def _(q, k_cache, v_cache, cache_lens, scale):
+    return torch.empty_like(q)
+
+
 def decode_attention(q, k_cache, v_cache, cache_lens, scale=None, num_splits=None):
     """Attention of one query token per row over a ragged static KV cache; the model's decode-step kernel.
 
     On CUDA with triton installed and a cache of at least MIN_TRITON_CACHE_LEN positions this runs
     `flash_decode_triton`, which reads only the valid keys of each row, with `num_splits` from
-    `choose_num_splits(B * H_kv, S_max, number of SMs)` unless given. Otherwise (CPU, short caches)
-    it runs `F.scaled_dot_product_attention` over the whole cache with a key-padding mask.
+    `choose_num_splits(B * H_kv, S_max, number of SMs)` unless given (through the `mm::flash_decode` operator, so
+    a compiled decode step calls the kernel too). Otherwise (CPU, short caches) it runs
+    `F.scaled_dot_product_attention` over the whole cache with a key-padding mask.
     The cache length S_max is used, not cache_lens, because reading cache_lens would sync the GPU.
     The SDPA path multiplies zero weights with the stale positions, so they must be finite (a zeroed cache).
     """
@@ -323,10 +340,9 @@ def decode_attention(q, k_cache, v_cache, cache_lens, scale=None, num_splits=Non
         and q3.dtype == k_cache.dtype == v_cache.dtype
         and D <= 256
     )
-    if use_triton:
-        if num_splits is None:
-            device_index = q3.device.index if q3.device.index is not None else torch.cuda.current_device()
-            num_splits = choose_num_splits(B * H_kv, S, _num_sms(device_index))
+    if use_triton and num_splits is None:
+        out = _flash_decode_op(q3.contiguous(), k_cache, v_cache, cache_lens, 1.0 / math.sqrt(D) if scale is None else scale)
+    elif use_triton:
         out = flash_decode_triton(q3, k_cache, v_cache, cache_lens, num_splits, scale=scale)
     else:
         out = _sdpa_decode(q3, k_cache, v_cache, cache_lens, scale)

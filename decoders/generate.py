@@ -10,6 +10,7 @@ from typing import Iterator
 
 import torch
 
+from .cuda_graph import static_decoder
 from .llama import LlamaForCausalLM, positions_from_mask
 
 
@@ -96,13 +97,19 @@ def stream_tokens(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_ma
     key_mask = torch.zeros(B, S_max, dtype=torch.bool, device=device)  # which cache slots hold real tokens
     key_mask[:, :T] = True if attention_mask is None else attention_mask.to(device).bool()
     positions = positions_from_mask(key_mask[:, :T])  # [B, T]
-    cache = model.new_kv_cache(B, S_max)
+    graphed = device.type == "cuda" and (compile or model.compiled_decode_step is not None)
+    static = static_decoder(model, B, S_max) if graphed else None  # the compiled step in a CUDA graph
+    cache = static.cache if graphed else model.new_kv_cache(B, S_max)
     prompt_mask = None if bool(key_mask[:, :T].all()) else key_mask[:, :T]
     use_lens = prompt_mask is None and device.type == "cuda"
     logits = model(input_ids.to(device), prompt_mask, inputs_embeds=inputs_embeds, position_ids=positions,
                    kv_cache=cache, last_only=True)  # [B, 1, V]
     step_fn = model.compile_decode() if compile else (model.compiled_decode_step or model.decode_step)
     next_pos = positions[:, -1:] + 1  # [B, 1]
+    # Step inputs live on the device and advance there: building them from Python ints would copy host -> device
+    # (a wait for the GPU) every token.
+    slot_t = torch.full((1,), T, device=device)  # [1] the cache slot the next step writes
+    cache_lens = torch.full((B,), T + 1, device=device) if use_lens else None  # [B] tokens cached after it
     done = torch.zeros(B, dtype=torch.bool, device=device)
     for step in range(max_new_tokens):
         token = sample_next(logits[:, -1], temperature, top_k, top_p, generator)  # [B]
@@ -114,13 +121,15 @@ def stream_tokens(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_ma
                 return
         if step + 1 == max_new_tokens:
             return
-        slot = T + step
-        key_mask[:, slot] = True
-        # Without padding each row's tokens are a cache prefix: on CUDA that lets attention use FlashDecoding.
-        cache_lens = torch.full((B,), slot + 1, device=device) if use_lens else None
-        with gemv_flags(model, B):
-            logits = step_fn(token[:, None], next_pos, torch.tensor([slot], device=device), key_mask, cache, cache_lens)
-        next_pos = next_pos + 1
+        key_mask[:, T + step] = True
+        if graphed:
+            logits = static.step(step_fn, token[:, None], next_pos, slot_t, key_mask, cache_lens)
+        else:
+            with gemv_flags(model, B):
+                logits = step_fn(token[:, None], next_pos, slot_t, key_mask, cache, cache_lens)
+        next_pos, slot_t = next_pos + 1, slot_t + 1
+        if use_lens:  # without padding each row's tokens are a cache prefix: on CUDA, FlashDecoding's lengths
+            cache_lens = cache_lens + 1
 
 
 def generate(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

@@ -353,12 +353,12 @@ class LlamaForCausalLM(nn.Module):
 
         For inference: the weights are frozen into the compiled step. On CPU, each one-row product goes to
         inductor's C++ template or to ATen, whichever autotuning timed faster (in the 125M bfloat16 step they
-        stream ~18 and ~37 GB/s, against ~50 GB/s of plain reads); on CUDA, CUDA graphs remove the launch
-        overhead of a one-token step.
+        stream ~18 and ~37 GB/s, against ~50 GB/s of plain reads); on CUDA, `generate` replays it as a CUDA graph
+        (one launch a token).
         """
         if self.compiled_decode_step is None:
-            if self.device.type == "cuda":
-                self.compiled_decode_step = torch.compile(self.decode_step, mode="reduce-overhead", fullgraph=True)
+            if self.device.type == "cuda":  # generate captures it in a CUDA graph (decoders/cuda_graph.py)
+                self.compiled_decode_step = torch.compile(self.decode_step, fullgraph=True, dynamic=False)
             else:
                 # The weights are frozen into the step, so dynamo's guards on the module are pure cost (~0.1 ms a token)
                 compiled = torch.compile(self.decode_step, fullgraph=True, dynamic=False,

@@ -43,9 +43,11 @@ def cmd_bench(args) -> int:
 
     from . import bench
 
+    speech = not args.no_speech and not args.cuda
     try:  # the references are development dependencies, not the library's
-        import espnet  # noqa: F401
         import transformers  # noqa: F401
+        if speech:
+            import espnet  # noqa: F401
     except ImportError as e:
         raise ValueError(f"mm bench compares against transformers, timm and espnet ({e}); install them with "
                          "pip install -e '.[dev]'") from e
@@ -54,7 +56,7 @@ def cmd_bench(args) -> int:
     device = "cuda" if args.cuda else "cpu"
     bench.run(sizes=args.sizes.split(","), dtypes=args.dtypes.split(","), batches=[int(b) for b in args.batches.split(",")],
               new_tokens=args.new_tokens, repeats=args.repeats, compile=not args.no_compile, vit=not args.no_vit,
-              speech=not args.no_speech and not args.cuda, device=device, out=args.out)
+              speech=speech, device=device, out=args.out)
     return 0
 
 
