@@ -500,6 +500,16 @@ def merge_meta_shards(state_dicts: list[dict[str, torch.Tensor]], source: str = 
     return merged
 
 
+def meta_context(params: dict) -> int:
+    """The context a Meta `params.json` without `max_seq_len` was trained for: Llama 3.1+ (scaled RoPE) 131072,
+    Llama 3 (theta 500000 or a 128k vocabulary) 8192, Llama 2 (norm_eps 1e-5) 4096, Llama 1 (norm_eps 1e-6) 2048."""
+    if params.get("use_scaled_rope"):
+        return 131072
+    if params.get("rope_theta", 10000.0) >= 500000.0 or params.get("vocab_size", -1) >= 128000:
+        return 8192
+    return 4096 if params.get("norm_eps", 1e-5) >= 1e-5 else 2048
+
+
 def config_from_meta_params(params: dict, sd: dict[str, torch.Tensor]) -> LlamaConfig:
     """A LlamaConfig from Meta's `params.json`; vocab and MLP sizes are read off the weights."""
     dim, n_heads = params["dim"], params["n_heads"]
@@ -515,7 +525,7 @@ def config_from_meta_params(params: dict, sd: dict[str, torch.Tensor]) -> LlamaC
         vocab_size=vocab, hidden_size=dim, intermediate_size=inter, num_hidden_layers=params["n_layers"],
         num_attention_heads=n_heads, num_key_value_heads=params.get("n_kv_heads") or n_heads,
         rms_norm_eps=params.get("norm_eps", 1e-5), rope_theta=params.get("rope_theta", 10000.0), rope_scaling=scaling,
-        max_position_embeddings=params.get("max_seq_len", 8192 if scaling else 4096),
+        max_position_embeddings=params.get("max_seq_len") or meta_context(params),
         tie_word_embeddings="output.weight" not in sd,
     )
 

@@ -28,6 +28,7 @@ from decoders.checkpoint import CheckpointError, check_config_keys, load_state_d
 from encoders.frontend import FrontendConfig, GlobalMVN, LogMelFrontend, SpecAugment, SpecAugmentConfig
 
 LAYER_NORM_EPS = 1e-12  # ESPnet's LayerNorm
+SUBSAMPLING = 4  # Conv2dSubsampling (two stride-2 convolutions): one encoder frame per 4 feature frames
 ACTIVATIONS = {"swish": nn.SiLU, "relu": nn.ReLU, "tanh": nn.Tanh, "hardtanh": nn.Hardtanh, "selu": nn.SELU}
 
 
@@ -438,6 +439,11 @@ class SpeechEncoderConfig:
     global_mvn: bool = True  # statistics live in the state dict as normalize.mean / normalize.std
     norm_means: bool = True
     norm_vars: bool = True
+
+    @property
+    def frame_shift(self) -> float:
+        """Seconds between encoder frames: hop_length / sample_rate x SUBSAMPLING (0.04 for 10 ms hops)."""
+        return self.frontend.hop_length / self.frontend.sample_rate * SUBSAMPLING
 
     def __post_init__(self):
         if self.encoder.input_size != self.frontend.n_mels:

@@ -56,7 +56,7 @@ from decoders.asr_decoder import ASRDecoderConfig, TransformerDecoder, convert_e
 from decoders.beam_search import attention_rescoring, batch_beam_search
 from decoders.checkpoint import (CheckpointError, check_config_keys, load_state_dict_strict, read_json, read_safetensors, read_torch,
                                  write_hf_weights)
-from decoders.ctc import CTC, convert_espnet_ctc_state_dict, ctc_forced_align, ctc_greedy_decode
+from decoders.ctc import CTC, TokenSpan, convert_espnet_ctc_state_dict, ctc_forced_align, ctc_greedy_decode
 from decoders.tokenizer import SentencePieceTokenizer
 from encoders.audio import AudioError, load_audio
 from encoders.ebranchformer import (SpeechEncoder, SpeechEncoderConfig, SpeechTooShortError,
@@ -64,7 +64,6 @@ from encoders.ebranchformer import (SpeechEncoder, SpeechEncoderConfig, SpeechTo
 from encoders.frontend import GlobalMVN
 
 OUR_MODEL_TYPE = "mm-asr"
-SUBSAMPLING = 4  # Conv2dSubsampling4
 MIN_FRAMES = 7  # feature frames the subsampling needs
 DECODE_MODES = ("ctc", "attention", "joint", "rescore")
 ESPNET_JOINT_CTC_WEIGHT = 0.5  # Speech2Text's default ctc_weight
@@ -108,9 +107,8 @@ class ASRConfig:
 
     @property
     def frame_shift(self) -> float:
-        """Seconds between encoder frames: hop_length / sample_rate * 4 (0.04 for 10 ms hops)."""
-        f = self.speech.frontend
-        return f.hop_length / f.sample_rate * SUBSAMPLING
+        """Seconds between encoder frames (see SpeechEncoderConfig.frame_shift)."""
+        return self.speech.frame_shift
 
     @property
     def min_samples(self) -> int:
@@ -174,6 +172,21 @@ class Word:
     start: float
     end: float
     score: float
+
+
+def timed_words(groups: list[list[tuple[int, TokenSpan]]], to_text, frame_shift: float, offset: float = 0.0) -> list[Word]:
+    """One Word per group of CTC-aligned (token id, span) pairs: its text `to_text(ids)`, from the first token's first
+    frame to the last token's end frame (seconds: frame x frame_shift + offset), scored by the frame-weighted mean
+    of the tokens' posteriors. Groups with no text are dropped."""
+    words = []
+    for g in groups:
+        text = to_text([i for i, _ in g]).strip() if g else ""
+        if not text:
+            continue
+        start, end = g[0][1].start * frame_shift + offset, g[-1][1].end * frame_shift + offset
+        score = sum(s.score * (s.end - s.start) for _, s in g) / sum(s.end - s.start for _, s in g)
+        words.append(Word(text, round(start, 3), round(end, 3), score))
+    return words
 
 
 @dataclass
@@ -354,7 +367,7 @@ class ASRModel(nn.Module):
 
     def _words(self, ids: list[int], spans, offset: float) -> list[Word]:
         """Group aligned tokens into words (a BPE piece starting with '▁', a <space> char, or each word token)."""
-        c, shift = self.config, self.config.frame_shift
+        c = self.config
         groups: list[list[tuple[int, object]]] = []
         for i, span in zip(ids, spans):
             if i in self.special_ids:
@@ -367,17 +380,7 @@ class ASRModel(nn.Module):
             if new or not groups:
                 groups.append([])
             groups[-1].append((i, span))
-        words = []
-        for g in groups:
-            if not g:
-                continue
-            text = self.tokens_to_text([i for i, _ in g]).strip()
-            if not text:
-                continue
-            start, end = g[0][1].start * shift + offset, g[-1][1].end * shift + offset
-            score = sum(s.score * (s.end - s.start) for _, s in g) / sum(s.end - s.start for _, s in g)
-            words.append(Word(text, round(start, 3), round(end, 3), score))
-        return words
+        return timed_words(groups, self.tokens_to_text, c.frame_shift, offset)
 
     # ------------------------------------------------------------------------------------------- prompts
 
@@ -783,27 +786,5 @@ def is_espnet_dir(path: str | os.PathLike) -> bool:
     return any(c.is_file() and _model_files(c.parent) for c in configs)
 
 
-def is_asr_dir(path: str | os.PathLike) -> bool:
-    """True when path is a directory in our ASR format (config.json with model_type mm-asr)."""
-    f = Path(path) / "config.json"
-    if not f.is_file():
-        return False
-    try:
-        return json.loads(f.read_text(encoding="utf-8")).get("model_type") == OUR_MODEL_TYPE
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        return False
-
-
-def load_asr(path: str | os.PathLike, device: torch.device | str = "cpu",
-             dtype: torch.dtype = torch.float32) -> ASRModel:
-    """Load our format or an ESPnet/Dolphin experiment directory, whichever path holds."""
-    if is_asr_dir(path):
-        return ASRModel.from_pretrained(path, device, dtype)
-    if is_espnet_dir(path) or Path(path).suffix in (".yaml", ".yml"):
-        return ASRModel.from_espnet_dir(path, device=device, dtype=dtype)
-    raise CheckpointError(f"{path}: neither an mm-asr directory (config.json) nor an ESPnet experiment "
-                          "(config.yaml + *.pth)")
-
-
 __all__ = ["ASRConfig", "ASRModel", "AudioError", "Segment", "SpeechTooShortError", "Transcript", "Word",
-           "find_espnet_files", "is_asr_dir", "is_espnet_dir", "load_asr", "speech_windows"]
+           "find_espnet_files", "is_espnet_dir", "speech_windows"]

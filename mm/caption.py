@@ -66,9 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_caption(argv: list[str] | None = None) -> int:
     """`mm caption IMAGE... --model DIR [--prompt TEXT]`: print one caption per image; returns the exit code."""
-    from .assets import default_multimodal_dir, example
-    from .llava import LlavaForConditionalGeneration
-    from .multimodal import MultimodalModel, is_multimodal_dir
+    from .assets import example
+    from .formats import CAPTIONERS, load
 
     args = build_parser().parse_args(argv)
     if not args.images:
@@ -77,13 +76,8 @@ def run_caption(argv: list[str] | None = None) -> int:
     for f in args.images:
         if not Path(f).is_file():
             raise FileNotFoundError(f"image not found: {f}")
-    model_dir = args.model or default_multimodal_dir()
-    dtype = getattr(torch, args.dtype)
-    if is_multimodal_dir(model_dir):
-        model = MultimodalModel.from_pretrained(model_dir, dtype=dtype, device=args.device)
-    else:
-        model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=dtype, device=args.device,
-                                                              vision_tower=args.vision_tower)
+    model = load(args.model, expect=CAPTIONERS, dtype=getattr(torch, args.dtype), device=args.device,
+                 vision_tower=args.vision_tower)
     captions = caption(model, args.images, prompt=args.prompt, batch_size=args.batch_size,
                        max_new_tokens=args.max_new_tokens)
     for path, text in zip(args.images, captions):

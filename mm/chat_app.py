@@ -20,7 +20,6 @@ from typing import Iterator
 from encoders.audio import AudioError, load_audio
 from encoders.image import ImageError, load_image
 
-from .assets import default_multimodal_dir
 
 ERROR_MARK = "⚠️"
 EMPTY_REPLY = "(the model gave an empty answer)"
@@ -155,11 +154,9 @@ def _load(model_or_path):
     if model_or_path is None or isinstance(model_or_path, (str, os.PathLike)):
         import torch
 
-        from .multimodal import MultimodalModel
+        from .formats import load
 
-        path = model_or_path if model_or_path is not None else default_multimodal_dir()
-        model = MultimodalModel.from_pretrained(path, dtype=torch.float32, device="cpu")
-        return model.eval()
+        return load(model_or_path, expect=("mm-multimodal",), dtype=torch.float32, device="cpu").eval()
     return model_or_path
 
 
@@ -233,10 +230,9 @@ def run_chat(argv: list[str] | None = None) -> int:
         raise FileNotFoundError(f"model directory not found: {args.model}")
     import torch
 
-    from .multimodal import MultimodalModel
+    from .formats import load
 
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    model = MultimodalModel.from_pretrained(args.model or default_multimodal_dir(), dtype=getattr(torch, args.dtype),
-                                            device=args.device).eval()
+    model = load(args.model, expect=("mm-multimodal",), dtype=getattr(torch, args.dtype), device=args.device).eval()
     launch(model, args.host, args.port, args.max_upload_mb, args.share, args.max_new_tokens)
     return 0

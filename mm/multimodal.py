@@ -261,23 +261,21 @@ class MultimodalModel(LlavaForConditionalGeneration):
         alignment of its tokens on the encoder's CTC posteriors (words the alignment cannot place get none)."""
         from decoders.ctc import ctc_forced_align
 
-        from .asr import Segment, Transcript, Word
+        from .asr import Segment, Transcript, timed_words
 
         ids, log_probs, n_samples = self._joint_transcribe(audio, max_new_tokens, ctc_weight, beam_size)
         text = self.tokenizer.decode(ids).strip()
-        shift = self.config.speech.frontend.hop_length * 4 / self.config.speech.frontend.sample_rate
-        words: list[Word] = []
         try:
             spans = ctc_forced_align(log_probs, ids) if ids else []
         except ValueError:  # more tokens than frames
             spans = []
         pieces = [self.tokenizer.sp.id_to_piece(i) for i in ids]
+        groups = []
         for i, piece, span in zip(ids, pieces, spans):
-            if piece.startswith("\u2581") or not words:
-                words.append(Word("", round(span.start * shift, 3), 0.0, 0.0))
-            w = words[-1]
-            w.text = (w.text + self.tokenizer.decode([i]) if w.text else self.tokenizer.decode([i])).strip()
-            w.end, w.score = round(span.end * shift, 3), span.score
+            if piece.startswith("\u2581") or not groups:
+                groups.append([])
+            groups[-1].append((i, span))
+        words = timed_words(groups, self.tokenizer.decode, self.config.speech.frame_shift)
         duration = n_samples / self.config.speech.frontend.sample_rate
         segment = Segment(0.0, round(duration, 3), text, pieces, ids, words)
         return Transcript(text, pieces, ids, [segment], duration, source=source)
@@ -320,14 +318,5 @@ class MultimodalModel(LlavaForConditionalGeneration):
 def _transcribe_messages(audio) -> list[dict]:
     return [{"role": "user", "content": [{"type": "audio", "audio": audio},
                                          {"type": "text", "text": "\n" + TRANSCRIBE_PROMPT}]}]
-
-
-def is_multimodal_dir(path: str | Path) -> bool:
-    """True for a directory whose config.json says model_type mm-multimodal."""
-    f = Path(path) / "config.json"
-    try:
-        return f.is_file() and json.loads(f.read_text()).get("model_type") == MODEL_TYPE
-    except (OSError, ValueError):
-        return False
 
 

@@ -17,7 +17,8 @@ import json
 import sys
 from pathlib import Path
 
-from .asr import DECODE_MODES, Transcript, load_asr
+from .asr import DECODE_MODES, ASRModel, Transcript
+from .formats import TRANSCRIBERS, load
 
 FORMATS = ("text", "json", "srt")
 SUFFIX = {"text": ".txt", "json": ".json", "srt": ".srt"}
@@ -90,22 +91,15 @@ def run_transcribe(files: list[str], model_dir: str | None, decode: str | None =
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     if not files:
         raise ValueError("no audio files given")
-    if model_dir is None:
-        from .assets import default_multimodal_dir
-
-        model_dir = default_multimodal_dir()
     if fmt == "srt":
         timestamps = True  # cues are trimmed to the words
-    from .multimodal import MultimodalModel, is_multimodal_dir
-
-    if is_multimodal_dir(model_dir):  # the decoder writes the text, the CTC head times the words
-        model = MultimodalModel.from_pretrained(model_dir, device=device)
+    model = load(model_dir, expect=TRANSCRIBERS, device=device)
+    if not isinstance(model, ASRModel):  # the multimodal model: the decoder writes the text, the CTC head times the words
         results = [model.transcript(str(f), source=str(f)) for f in files]
         if not timestamps:
             for r in results:
                 r.segments[0].words = []
     else:
-        model = load_asr(model_dir, device=device)
         results = model.transcribe([str(f) for f in files], decode=decode, beam=beam, timestamps=timestamps,
                                    batch_size=batch_size, progress=progress, language=language, region=region)
     if out_dir is not None:

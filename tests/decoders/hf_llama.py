@@ -5,11 +5,11 @@ TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_laye
             max_position_embeddings=256, bos_token_id=1, eos_token_id=2)
 VARIANTS = {
     "gqa": dict(num_key_value_heads=2),
-    "mqa": dict(num_key_value_heads=1),
+    "mqa": dict(num_key_value_heads=1, rms_norm_eps=1e-2),  # an eps that moves the logits: RMSNorm must read it
     "mha_tied": dict(num_key_value_heads=4, tie_word_embeddings=True),
     "llama3_rope": dict(num_key_value_heads=2, rope_theta=500000.0,
                         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 32}),
+                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),  # wavelength 32.4 in the 16-64 band
 }
 
 

@@ -175,7 +175,11 @@ def test_kv_cache_bytes_equal_formula():
         cfg = LlamaConfig(**{**TINY, "num_key_value_heads": kv_heads})
         model = LlamaForCausalLM(cfg).to(torch.bfloat16)
         cache = model.new_kv_cache(batch_size=3, max_tokens=50)
-        assert cache.nbytes == 2 * cfg.num_hidden_layers * 3 * kv_heads * cfg.head_dim * 50 * 2
+        # the formula from the Hugging Face config's numbers: 2 (K and V) x layers x batch x kv heads x
+        # (hidden / heads) x tokens x 2 bytes; against the bytes of the storages the cache holds
+        formula = 2 * TINY["num_hidden_layers"] * 3 * kv_heads * (TINY["hidden_size"] // TINY["num_attention_heads"]) * 50 * 2
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in cache.k + cache.v}
+        assert sum(storages.values()) == formula == cache.nbytes
     assert KVCache(2, 1, 4, 16, 10).nbytes == 4 * KVCache(2, 1, 1, 16, 10).nbytes  # MQA cuts by the head ratio
 
 
@@ -394,3 +398,42 @@ def test_fused_decode_attention_equals_sdpa(dtype, tol):
     out = fused_decode_attention(q, k, v, mask)
     assert out.dtype == dtype
     assert (out.float() - ref).abs().max() < tol
+
+
+def test_llama3_rope_frequencies_equal_transformers():
+    """Llama 3.1's RoPE constants (head 128, theta 500000, factor 8 over an 8192 context): the long waves slowed
+    down, the short ones kept, and the ones in between smoothly blended, all equal to transformers'."""
+    import math
+
+    import transformers
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from decoders.llama import rope_inv_freq
+
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    hf = transformers.LlamaConfig(hidden_size=4096, num_attention_heads=32, max_position_embeddings=131072,
+                                  rope_parameters=rope)
+    want, _ = ROPE_INIT_FUNCTIONS["llama3"](hf, "cpu")
+    got = rope_inv_freq(LlamaConfig.from_hf(hf.to_dict()))
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    plain = 500000.0 ** -(torch.arange(0, 128, 2).double() / 128)
+    wavelen = 2 * math.pi / plain
+    in_band = (wavelen > 8192 / 4) & (wavelen < 8192 / 1)
+    assert in_band.sum() >= 5  # the blend is exercised, not only the two plain regimes
+    assert not torch.allclose(got[in_band].double(), plain[in_band]) and not torch.allclose(got[in_band].double(), plain[in_band] / 8)
+
+
+@pytest.mark.parametrize("params,context", [
+    (dict(norm_eps=1e-6), 2048),  # Llama 1
+    (dict(norm_eps=1e-5), 4096),  # Llama 2
+    (dict(norm_eps=1e-5, rope_theta=500000.0, vocab_size=128256), 8192),  # Llama 3
+    (dict(norm_eps=1e-5, rope_theta=500000.0, use_scaled_rope=True), 131072),  # Llama 3.1, 3.2, 3.3
+    (dict(norm_eps=1e-5, max_seq_len=1024), 1024),
+])
+def test_meta_params_without_max_seq_len_get_their_models_context(params, context):
+    from decoders.llama import config_from_meta_params
+
+    sd = {"tok_embeddings.weight": torch.zeros(97, 64), "layers.0.feed_forward.w1.weight": torch.zeros(96, 64)}
+    cfg = config_from_meta_params(dict(dim=64, n_layers=1, n_heads=4, **params), sd)
+    assert cfg.max_position_embeddings == context

@@ -14,7 +14,8 @@ import torch
 import yaml
 
 from decoders.checkpoint import CheckpointError
-from mm.asr import ASRModel, find_espnet_files, is_asr_dir, is_espnet_dir, load_asr
+from mm.asr import ASRModel, find_espnet_files, is_espnet_dir
+from mm.formats import TRANSCRIBERS, detect, load
 
 # espnet 202511 warns about deprecated torch APIs and missing optional packages
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
@@ -196,7 +197,7 @@ def test_ctc_greedy_matches_espnet(experiments, kind):
 @pytest.mark.parametrize("kind,ctc_weight,beam", [("rel_pos", 0.3, 4), ("rel_pos", 0.5, 3), ("abs_pos", 0.3, 4)])
 def test_joint_beam_search_matches_speech2text(experiments, kind, ctc_weight, beam):
     exp = experiments[kind]
-    ours = load_asr(exp)  # the detector path the lead's mm.load uses
+    ours = load(exp)  # the format table every entry point uses
     s2t = speech2text(exp, ctc_weight=ctc_weight, beam_size=beam)
     n_tokens = []
     for w in waveforms(3, (0.9, 0.6, 1.1)):
@@ -287,8 +288,8 @@ def test_save_pretrained_round_trip(experiments, tmp_path):
     ours.save_pretrained(tmp_path / "asr")
     assert sorted(p.name for p in (tmp_path / "asr").iterdir()) == ["config.json", "model.safetensors",
                                                                     "tokenizer.model"]
-    assert is_asr_dir(tmp_path / "asr") and not is_espnet_dir(tmp_path / "asr")
-    again = load_asr(tmp_path / "asr")
+    assert detect(tmp_path / "asr") == "mm-asr" and not is_espnet_dir(tmp_path / "asr")
+    again = load(tmp_path / "asr")
     for k, v in ours.state_dict().items():
         assert torch.equal(v, again.state_dict()[k]), k
     w = waveforms(7)[0]
@@ -377,5 +378,5 @@ def test_loader_errors(experiments, tmp_path):
     (bad / "bpe.model").write_bytes((exp.parent.parent / "data/token_list/bpe_bpe40/bpe.model").read_bytes())
     with pytest.raises(CheckpointError, match=r"missing \d+: .*decoder\.decoders\.2\."):
         ASRModel.from_espnet_dir(bad)
-    with pytest.raises(CheckpointError, match="neither an mm-asr directory"):
-        load_asr(tmp_path)
+    with pytest.raises(CheckpointError, match="no config.json"):
+        load(tmp_path, expect=TRANSCRIBERS)

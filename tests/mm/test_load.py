@@ -40,6 +40,20 @@ def test_load_dispatches_on_format(tmp_path):
     assert isinstance(text, LlamaForCausalLM) and text.config.vocab_size == 400
 
 
+def test_entry_points_refuse_a_format_they_cannot_use(tmp_path):
+    from mm.formats import CAPTIONERS, TRANSCRIBERS, load
+
+    make_hf_llama(tmp_path / "llama", num_key_value_heads=2)
+    with pytest.raises(CheckpointError, match=r"llama checkpoint; this needs one of: llava, mm-multimodal"):
+        load(tmp_path / "llama", expect=CAPTIONERS)
+    with pytest.raises(CheckpointError, match=r"llama checkpoint; this needs one of: espnet, mm-asr, mm-multimodal"):
+        load(tmp_path / "llama", expect=TRANSCRIBERS)
+    (tmp_path / "list").mkdir()
+    (tmp_path / "list" / "config.json").write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match=r"config.json: holds a JSON list, not an object"):
+        mm.load(tmp_path / "list")
+
+
 def test_load_errors_name_the_path(tmp_path):
     with pytest.raises(CheckpointError, match="not a model directory"):
         mm.load(tmp_path / "nothing")

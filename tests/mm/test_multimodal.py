@@ -12,7 +12,8 @@ from PIL import Image
 
 from decoders.checkpoint import CheckpointError, read_safetensors
 from decoders.loss import IGNORE_INDEX
-from mm.multimodal import MultimodalModel, is_multimodal_dir
+from mm.formats import detect
+from mm.multimodal import MultimodalModel
 from mm.processor import InputError
 from mm.recipe_tiny import TinyRecipe, grid_labels, train_tiny, weights_digest
 from mm.scenes import COLOURS, SHAPES, SIZES, Obj, render, sample_scene
@@ -43,7 +44,7 @@ def media(tmp_path_factory):
 
 
 def test_recipe_writes_model_log_losses_and_plot(run_dir):
-    assert is_multimodal_dir(run_dir / "model")
+    assert detect(run_dir / "model") == "mm-multimodal"
     rows = [json.loads(line) for line in (run_dir / "losses.jsonl").read_text().splitlines()]
     r = TinyRecipe.smoke()
     assert [h["step"] for h in rows] == list(range(sum(r.steps)))
@@ -79,6 +80,10 @@ def test_resumed_run_equals_uninterrupted_run(run_dir, tmp_path):
     a, b = read_safetensors(run_dir / "model" / "model.safetensors"), read_safetensors(tmp_path / "model" / "model.safetensors")
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # the optimizer stepped: stages 1-2 moved the adapters and the decoder away from the step-5 weights
+    for part in ("projector.", "speech_adapter.", "language_model."):
+        keys = [k for k in a if k.startswith(part)]
+        assert keys and any(not torch.equal(a[k], state["model"][k]) for k in keys), part
 
 
 def test_processor_expands_placeholders_and_labels_answers(model, media):

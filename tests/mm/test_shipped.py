@@ -57,6 +57,17 @@ def test_transcript_times_the_words(model):
     assert times == sorted(times) and 0 <= times[0] and times[-1] <= t.duration
 
 
+def test_word_times_move_with_the_audio(model, tmp_path):
+    """Word times are times in the recording: 0.2 s of silence put before it moves every word 0.2 s later, within
+    one 40 ms encoder frame plus rounding. (Longer silences change what this small model hears.)"""
+    wave, rate = sf.read(str(example("question.wav")), dtype="float32")
+    sf.write(str(tmp_path / "later.wav"), np.concatenate([np.zeros(rate // 5, np.float32), wave]), rate)
+    first, later = model.transcript(str(example("question.wav"))), model.transcript(str(tmp_path / "later.wav"))
+    assert [w.text for w in later.words] == [w.text for w in first.words] and first.words
+    for a, b in zip(first.words, later.words):
+        assert abs(b.start - a.start - 0.2) <= 0.05 and abs(b.end - a.end - 0.2) <= 0.05, (a, b)
+
+
 def test_console_commands_on_the_bundled_examples(tmp_path):
     done = mm_cli("caption")
     assert done.returncode == 0, done.stderr
@@ -70,8 +81,8 @@ def test_console_commands_on_the_bundled_examples(tmp_path):
     assert done.returncode == 0, done.stderr
     figures = json.loads((tmp_path / "eval.json").read_text())
     assert figures["split"] == "heldout" and figures["transcribe"]["wer"] < 10 and figures["caption"]["rouge_l"] > 40
-    # it reads the images: a model answering from its language prior gets about a third right
-    assert figures["question"]["accuracy"] > 50 and 0 <= figures["spoken"]["accuracy"] <= 100
+    # it reads the images (and hears the spoken questions): answering from the language prior gets about a third right
+    assert figures["question"]["accuracy"] > 50 and figures["spoken"]["accuracy"] > 40
 
 
 def test_bad_input_through_the_command_line_and_api(model, tmp_path):

@@ -16,7 +16,8 @@ from decoders.tokenizer import SentencePieceTokenizer
 from encoders.audio import AudioError
 from encoders.ebranchformer import EBranchformerConfig, SpeechEncoderConfig, SpeechTooShortError
 from encoders.frontend import FrontendConfig
-from mm.asr import ASRConfig, ASRModel, load_asr, speech_windows
+from mm.asr import ASRConfig, ASRModel, speech_windows
+from mm.formats import load
 from mm.transcribe import add_arguments, cmd_transcribe, run_transcribe, timecode
 
 RATE = 16000
@@ -71,12 +72,29 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model(model_dir):
-    return load_asr(model_dir)
+    return load(model_dir)
 
 
 def write(path, samples, rate=RATE, subtype=None):
     sf.write(str(path), samples, rate, subtype=subtype)
     return path
+
+
+def test_word_times_are_encoder_frames_of_40_ms(model):
+    """Hand-computed: 10 ms hops subsampled 4x make an encoder frame 40 ms; a word runs from its first token's first
+    frame to its last token's end frame, plus the offset of its window in the recording."""
+    from decoders.ctc import TokenSpan
+
+    assert model.config.frame_shift == pytest.approx(0.04)
+    tl = model.config.token_list
+    heads = [i for i, t in enumerate(tl) if t.startswith("\u2581") and len(t) > 1]
+    tail = next(i for i, t in enumerate(tl) if t[0].isalpha())  # a piece that continues a word
+    ids = [heads[0], heads[1], tail]
+    spans = [TokenSpan(ids[0], 3, 5, 0.9), TokenSpan(ids[1], 10, 12, 0.8), TokenSpan(ids[2], 12, 20, 0.6)]
+    words = model._words(ids, spans, offset=1.5)
+    assert [(w.start, w.end) for w in words] == [(1.62, 1.7), (1.9, 2.3)]
+    assert [w.text for w in words] == [model.tokens_to_text(ids[:1]).strip(), model.tokens_to_text(ids[1:]).strip()]
+    assert words[1].score == pytest.approx((0.8 * 2 + 0.6 * 8) / 10)
 
 
 # ----------------------------------------------------------------------------------------------- odd audio
@@ -295,7 +313,7 @@ def test_cli_entry_point(model_dir, tmp_path, capsys):
     args = p.parse_args([str(a), "--model", str(model_dir), "--format", "srt", "--out-dir", str(tmp_path / "out")])
     assert cmd_transcribe(args) == 0
     assert SRT_CUE.match((tmp_path / "out" / "talk.srt").read_text().strip().split("\n\n")[0])
-    with pytest.raises(ValueError, match="neither an mm-asr directory"):
+    with pytest.raises(ValueError, match=r"test_cli_entry_point0: no config.json \(nor an ESPnet config.yaml"):
         run_transcribe([a], str(tmp_path))
 
 

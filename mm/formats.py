@@ -1,0 +1,84 @@
+"""What a checkpoint path holds, and which loader opens it: the one table every entry point uses (`mm.load`,
+`mm caption`, `mm transcribe`, `mm chat`, the demos).
+
+    format         told apart by                                          opened by
+    meta-llama     params.json + consolidated.*.pth                       LlamaForCausalLM.from_meta
+    espnet         config.yaml + *.pth (or meta.yaml), no config.json     ASRModel.from_espnet_dir
+    llava          config.json model_type llava / llava_llama / mm-llava,  LlavaForConditionalGeneration.from_pretrained
+                   or mm_projector_type (original LLaVA)
+    llama          config.json model_type llama                           LlamaForCausalLM.from_pretrained
+    mm-multimodal  config.json model_type mm-multimodal                   MultimodalModel.from_pretrained
+    mm-asr         config.json model_type mm-asr                          ASRModel.from_pretrained
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from decoders.checkpoint import CheckpointError, read_json
+
+LLAVA_TYPES = {"llava", "llava_llama", "mm-llava"}
+CAPTIONERS = ("llava", "mm-multimodal")  # formats whose models describe images
+TRANSCRIBERS = ("espnet", "mm-asr", "mm-multimodal")  # formats whose models transcribe speech
+
+
+def detect(path: str | Path) -> str:
+    """The format name of a checkpoint path (see the table above); CheckpointError naming the path otherwise."""
+    from .asr import is_espnet_dir
+
+    path = Path(path)
+    if path.suffix in (".yaml", ".yml") and path.is_file():  # an ESPnet config.yaml named directly
+        return "espnet"
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a model directory")
+    if (path / "params.json").is_file() and any(path.glob("consolidated.*.pth")):
+        return "meta-llama"
+    if not (path / "config.json").is_file():
+        if is_espnet_dir(path):
+            return "espnet"
+        raise CheckpointError(f"{path}: no config.json (nor an ESPnet config.yaml + *.pth, nor Meta params.json)")
+    cfg = read_json(path / "config.json")
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{path / 'config.json'}: holds a JSON {type(cfg).__name__}, not an object")
+    kind = cfg.get("model_type")
+    if kind in LLAVA_TYPES or "mm_projector_type" in cfg:
+        return "llava"
+    if kind in ("llama", "mm-multimodal", "mm-asr"):
+        return kind
+    raise CheckpointError(f"{path / 'config.json'}: model_type {json.dumps(kind)} is not one mm can load")
+
+
+def load(path: str | Path | None = None, *, expect: tuple[str, ...] | None = None, **kwargs):
+    """Open a checkpoint path with its format's loader (None: the shipped multimodal model).
+
+    `expect`: the formats the caller can use (e.g. CAPTIONERS); another format is a CheckpointError saying what the
+    path holds. Keyword arguments (dtype, device, and vision_tower for original LLaVA) go to the loader."""
+    from . import assets
+
+    path = Path(path) if path is not None else assets.default_multimodal_dir()
+    kind = detect(path)
+    if expect is not None and kind not in expect:
+        raise CheckpointError(f"{path}: a {kind} checkpoint; this needs one of: {', '.join(expect)}")
+    if kind != "llava":
+        kwargs.pop("vision_tower", None)
+    if kind == "meta-llama":
+        from decoders import LlamaForCausalLM
+
+        return LlamaForCausalLM.from_meta(path, **kwargs)
+    if kind == "llama":
+        from decoders import LlamaForCausalLM
+
+        return LlamaForCausalLM.from_pretrained(path, **kwargs)
+    if kind == "llava":
+        from .llava import LlavaForConditionalGeneration
+
+        return LlavaForConditionalGeneration.from_pretrained(path, **kwargs)
+    if kind == "mm-multimodal":
+        from .multimodal import MultimodalModel
+
+        return MultimodalModel.from_pretrained(path, **kwargs)
+    from .asr import ASRModel
+
+    if kind == "mm-asr":
+        return ASRModel.from_pretrained(path, **kwargs)
+    return ASRModel.from_espnet_dir(path, **kwargs)
