@@ -6,12 +6,15 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 
 from .cuda_graph import static_decoder
-from .llama import LlamaForCausalLM, positions_from_mask
+from .masks import positions_from_mask
+
+if TYPE_CHECKING:
+    from .llama import LlamaForCausalLM
 
 
 def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,

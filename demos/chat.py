@@ -2,7 +2,7 @@
 `python demos/chat.py --model DIR [--host 127.0.0.1] [--port 7860] [--max-upload-mb 10]`, then open the printed URL."""
 import sys
 
-from mm.chat_app import run_chat
+from mm.apps.chat import run_chat
 
 if __name__ == "__main__":
     sys.exit(run_chat())

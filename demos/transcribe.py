@@ -5,7 +5,7 @@ import argparse
 
 import mm
 import mm.assets
-import mm.multimodal
+import mm.models.multimodal
 
 
 def main(argv=None):
@@ -17,7 +17,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     asr = mm.load(args.model)
     for path in args.audio or [str(mm.assets.example("question.wav"))]:
-        if isinstance(asr, mm.multimodal.MultimodalModel):
+        if isinstance(asr, mm.models.multimodal.MultimodalModel):
             result = asr.transcript(path)
         else:
             result = asr.transcribe(path, decode=args.decode, timestamps=True)

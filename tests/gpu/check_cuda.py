@@ -48,7 +48,7 @@ def check_llama(results, failures):
     cfg = transformers.LlamaConfig(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
                                    num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=4096)
     ref = transformers.LlamaForCausalLM(cfg).eval()
-    from mm.bench import give_clear_choices
+    from mm.eval.bench import give_clear_choices
     give_clear_choices(ref)
     with tempfile.TemporaryDirectory() as d:
         ref.save_pretrained(d)
@@ -150,7 +150,7 @@ def check_decode_speed(results, failures):
     against the read bound (bytes a step reads over the measured read bandwidth)."""
     from decoders import LlamaConfig, LlamaForCausalLM
     from decoders.llama import rope_inv_freq
-    from mm.bench import LLAMA_SIZES, decode_bytes_per_token, read_bandwidth
+    from mm.eval.bench import LLAMA_SIZES, decode_bytes_per_token, read_bandwidth
 
     torch.manual_seed(0)
     cfg = LlamaConfig(**LLAMA_SIZES["1b"], max_position_embeddings=2048)

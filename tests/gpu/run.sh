@@ -9,7 +9,7 @@ mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 status=0
 timeout 230 python tests/gpu/check_cuda.py --out "$OUT/checks.json" > "$OUT/checks.log" 2>&1 || status=1
-timeout 160 python -m mm.cli bench --cuda --sizes 1b --dtypes bfloat16,float32 --batches 1 --repeats 3 --no-vit \
+timeout 160 python -m mm.apps.cli bench --cuda --sizes 1b --dtypes bfloat16,float32 --batches 1 --repeats 3 --no-vit \
     --out "$OUT/bench.json" > "$OUT/bench.log" 2>&1 || status=1
 tail -n 40 "$OUT/checks.log"
 tail -n 12 "$OUT/bench.log"

@@ -133,7 +133,7 @@ def make_our_llava(path: Path, seed: int = 0, strategy: str = "default"):
     """Save a random LLaVA in our format with a trained tokenizer (image token = the `<image>` control piece)."""
     from decoders.llama import LlamaConfig
     from encoders.vit import ViTConfig
-    from mm.llava import LlavaConfig, LlavaForConditionalGeneration
+    from mm.models.llava import LlavaConfig, LlavaForConditionalGeneration
 
     tok = train_tokenizer(path / "tok")
     vision = ViTConfig.from_hf_clip_vision({"image_size": IMAGE_SIZE, "patch_size": 14, "hidden_size": 32,

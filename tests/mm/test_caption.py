@@ -8,9 +8,10 @@ from PIL import Image
 from decoders.chat_template import encode_chat
 from decoders.tokenizer import TiktokenTokenizer, llama3_special_tokens, train_bpe_ranks
 from encoders.image import ImageProcessor
-from mm.caption import DEFAULT_PROMPT, caption, run_caption
-from mm.conversation import LLAVA_V1_SYSTEM, LlavaProcessor, format_prompt
-from mm.llava import LlavaForConditionalGeneration
+from mm.apps.caption import run_caption
+from mm.models.llava import DEFAULT_PROMPT
+from mm.models.conversation import LLAVA_V1_SYSTEM, LlavaProcessor, format_prompt
+from mm.models.llava import LlavaForConditionalGeneration
 from tests.mm.llava_fixtures import CORPUS, IMAGE_SIZE, make_our_llava
 
 
@@ -114,7 +115,7 @@ def test_caption_matches_greedy_loop(model):
     want = [greedy_caption(model, im, DEFAULT_PROMPT, 12) for im in ims]
     assert all(n > 0 for _, n in want)  # random weights still say something
     assert len({w for w, _ in want}) > 1  # and the image matters
-    got = caption(model, ims, batch_size=2, max_new_tokens=12)
+    got = model.captions(ims, batch_size=2, max_new_tokens=12)
     assert got == [w for w, _ in want]
     assert model.caption(ims[1], max_new_tokens=12) == want[1][0]
     assert model.caption(ims[0], prompt="What color is it?", max_new_tokens=12) == \
@@ -122,9 +123,9 @@ def test_caption_matches_greedy_loop(model):
 
 
 def test_caption_progress_bar(model, capsys):
-    caption(model, images(3), batch_size=1, max_new_tokens=2)
+    model.captions(images(3), batch_size=1, max_new_tokens=2)
     assert "captioning" in capsys.readouterr().err  # more than one batch: a bar
-    caption(model, images(1), batch_size=1, max_new_tokens=2)
+    model.captions(images(1), batch_size=1, max_new_tokens=2)
     assert "captioning" not in capsys.readouterr().err
 
 

@@ -16,10 +16,10 @@ import soundfile as sf
 from PIL import Image
 
 from mm.assets import EXAMPLES_DIR, MODELS_DIR
-from mm.chat_app import ERROR_MARK, build_parser, launch, make_respond
-from mm.multimodal import MultimodalModel
-from mm.scenes import Obj, render
-from mm.speech_data import synthesize
+from mm.apps.chat import ERROR_MARK, build_parser, launch, make_respond
+from mm.models.multimodal import MultimodalModel
+from mm.data.scenes import Obj, render
+from mm.data.speech_data import synthesize
 
 QUESTION = "what colour is the star?"
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
@@ -31,7 +31,7 @@ def model_dir(tmp_path_factory):
     trained = MODELS_DIR / "tiny"
     if (trained / "config.json").is_file():
         return trained
-    from mm.recipe_tiny import TinyRecipe, train_tiny
+    from mm.train.recipe_tiny import TinyRecipe, train_tiny
 
     return train_tiny(tmp_path_factory.mktemp("tiny"), TinyRecipe.smoke(), progress=False)
 

@@ -23,7 +23,7 @@ def make_checkpoint(path):
 
 def mm_command():
     exe = shutil.which("mm")
-    return [exe] if exe else [sys.executable, "-m", "mm.cli"]
+    return [exe] if exe else [sys.executable, "-m", "mm.apps.cli"]
 
 
 def test_mm_generate_streams_the_greedy_continuation(tmp_path):

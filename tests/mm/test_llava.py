@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from decoders.loss import IGNORE_INDEX
-from mm.llava import LlavaForConditionalGeneration
-from mm.llava_train import STAGE_LR, answer_loss, make_optimizer, set_trainable, train_step
+from mm.models.llava import LlavaForConditionalGeneration
+from mm.train.llava import STAGE_LR, answer_loss, make_optimizer, set_trainable, train_step
 from tests.mm.llava_fixtures import (HF_IMAGE_TOKEN, IMAGE_SIZE, layout_of, make_hf_llava, make_our_llava,
                                      rewrite_layout, write_original_llava)
 
@@ -135,7 +135,7 @@ def test_original_llava_linear_projector(tmp_path):
 def test_preprocessor_config_and_defaults(tmp_path):
     from transformers import CLIPImageProcessor
 
-    from mm.llava import LlavaConfig
+    from mm.models.llava import LlavaConfig
 
     assert LlavaConfig().tokens_per_image() == 576  # LLaVA-1.5: CLIP-L/14 at 336 px, CLS dropped
     assert LlavaConfig(vision_feature_select_strategy="full").tokens_per_image() == 577

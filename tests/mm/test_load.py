@@ -11,8 +11,8 @@ from PIL import Image
 import mm
 import mm.assets
 from decoders import CheckpointError, LlamaForCausalLM
-from mm.caption import DEFAULT_PROMPT, caption
-from mm.llava import LlavaForConditionalGeneration
+from mm.models.llava import DEFAULT_PROMPT
+from mm.models.llava import LlavaForConditionalGeneration
 from tests.decoders.hf_llama import make_hf_llama
 from tests.decoders.test_llama import hf_to_meta
 from tests.mm.llava_fixtures import make_hf_llava, make_our_llava
@@ -33,7 +33,7 @@ def test_load_dispatches_on_format(tmp_path):
         assert (mm.load(tmp_path / "meta")(ids) - ref(ids).logits).abs().max() < 1e-4
     make_hf_llava(tmp_path / "llava")
     assert isinstance(mm.load(tmp_path / "llava"), LlavaForConditionalGeneration)
-    from mm.multimodal import MultimodalModel
+    from mm.models.multimodal import MultimodalModel
 
     assert isinstance(mm.load(), MultimodalModel)  # the shipped default
     text = mm.load(mm.assets.default_model_dir())  # the shipped text model
@@ -41,7 +41,7 @@ def test_load_dispatches_on_format(tmp_path):
 
 
 def test_entry_points_refuse_a_format_they_cannot_use(tmp_path):
-    from mm.formats import CAPTIONERS, TRANSCRIBERS, load
+    from mm.models.formats import CAPTIONERS, TRANSCRIBERS, load
 
     make_hf_llama(tmp_path / "llama", num_key_value_heads=2)
     with pytest.raises(CheckpointError, match=r"llama checkpoint; this needs one of: llava, mm-multimodal"):
@@ -70,12 +70,12 @@ def test_mm_caption_console_command(tmp_path):
         paths.append(tmp_path / f"{colour}.png")
         Image.new("RGB", (40 + 8 * k, 30), colour).save(paths[-1])
     exe = shutil.which("mm")
-    cmd = [exe] if exe else [sys.executable, "-m", "mm.cli"]
+    cmd = [exe] if exe else [sys.executable, "-m", "mm.apps.cli"]
     out = subprocess.run(cmd + ["caption", *map(str, paths), "--model", str(tmp_path / "model"), "--max-new-tokens", "6"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     model = LlavaForConditionalGeneration.from_pretrained(tmp_path / "model")
-    want = caption(model, [Image.open(p) for p in paths], prompt=DEFAULT_PROMPT, max_new_tokens=6)
+    want = model.captions([Image.open(p) for p in paths], prompt=DEFAULT_PROMPT, max_new_tokens=6)
     assert out.stdout.splitlines() == [f"{p}\t{w}" for p, w in zip(paths, want)]
     bad = tmp_path / "notes.png"
     bad.write_text("this is text, not an image")
@@ -87,7 +87,7 @@ def test_mm_caption_console_command(tmp_path):
 def test_load_espnet_experiment_and_mm_transcribe_console_command(tmp_path):
     import soundfile as sf
 
-    from mm.asr import ASRModel
+    from mm.models.asr import ASRModel
     from tests.mm.test_asr import make_espnet_experiment, waveforms
 
     exp = make_espnet_experiment(tmp_path / "recipe", "rel_pos")
@@ -96,7 +96,7 @@ def test_load_espnet_experiment_and_mm_transcribe_console_command(tmp_path):
     wav = tmp_path / "utt.wav"
     sf.write(wav, waveforms(seed=3, seconds=(1.5,))[0], 16000)
     exe = shutil.which("mm")
-    cmd = [exe] if exe else [sys.executable, "-m", "mm.cli"]
+    cmd = [exe] if exe else [sys.executable, "-m", "mm.apps.cli"]
     out = subprocess.run(cmd + ["transcribe", str(wav), "--model", str(exp), "--decode", "joint", "--beam", "3",
                                 "--timestamps", "--format", "json", "--threads", "1"],
                          capture_output=True, text=True, timeout=300)

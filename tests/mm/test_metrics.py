@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from mm.metrics import bleu4, cer, exact_match, normalize_answer, normalize_text, rouge_l, token_f1, wer
+from mm.eval.metrics import bleu4, cer, exact_match, normalize_answer, normalize_text, rouge_l, token_f1, wer
 
 
 def test_bleu_identical_is_100():

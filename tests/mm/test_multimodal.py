@@ -12,12 +12,12 @@ from PIL import Image
 
 from decoders.checkpoint import CheckpointError, read_safetensors
 from decoders.loss import IGNORE_INDEX
-from mm.formats import detect
-from mm.multimodal import MultimodalModel
-from mm.processor import InputError
-from mm.recipe_tiny import TinyRecipe, grid_labels, train_tiny, weights_digest
-from mm.scenes import COLOURS, SHAPES, SIZES, Obj, render, sample_scene
-from mm.speech_data import synthesize
+from mm.models.formats import detect
+from mm.models.multimodal import MultimodalModel
+from mm.models.processor import InputError
+from mm.train.recipe_tiny import TinyRecipe, grid_labels, train_tiny, weights_digest
+from mm.data.scenes import COLOURS, SHAPES, SIZES, Obj, render, sample_scene
+from mm.data.speech_data import synthesize
 
 import random
 
@@ -221,7 +221,7 @@ def _free_port() -> int:
 
 def test_torchrun_two_processes_end_with_identical_weights(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "mm.cli", "train", "--recipe", "tiny", "--smoke",
+           "--master_port", str(_free_port()), "-m", "mm.apps.cli", "train", "--recipe", "tiny", "--smoke",
            "--out", str(tmp_path), "--threads", "1"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

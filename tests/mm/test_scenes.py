@@ -9,8 +9,8 @@ import re
 import numpy as np
 import pytest
 
-from mm import scenes
-from mm.scenes import (
+from mm.data import scenes
+from mm.data.scenes import (
     BACKGROUND_RGB,
     COLOUR_JITTER,
     COLOUR_RGB,

@@ -12,17 +12,17 @@ import soundfile as sf
 
 import mm
 from mm.assets import EXAMPLES_DIR, default_multimodal_dir, example
-from mm.metrics import wer
-from mm.multimodal import MultimodalModel
-from mm.processor import InputError
-from mm.scenes import COLOURS, SHAPES
+from mm.eval.metrics import wer
+from mm.models.multimodal import MultimodalModel
+from mm.models.processor import InputError
+from mm.data.scenes import COLOURS, SHAPES
 
 TRUTH = json.loads((EXAMPLES_DIR / "examples.json").read_text())
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def mm_cli(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "mm.cli", *args], capture_output=True, text=True, timeout=timeout,
+    return subprocess.run([sys.executable, "-m", "mm.apps.cli", *args], capture_output=True, text=True, timeout=timeout,
                           cwd=ROOT)
 
 
@@ -66,6 +66,24 @@ def test_word_times_move_with_the_audio(model, tmp_path):
     assert [w.text for w in later.words] == [w.text for w in first.words] and first.words
     for a, b in zip(first.words, later.words):
         assert abs(b.start - a.start - 0.2) <= 0.05 and abs(b.end - a.end - 0.2) <= 0.05, (a, b)
+
+
+def test_transcribe_decode_options_act_on_the_multimodal_model(model, tmp_path):
+    """`--decode attention --beam 1` is the decoder's greedy reply (the chat path); ctc, attention and joint each give
+    their own reading of a sentence outside the training grammar; rescore is refused with a message."""
+    import io
+
+    from mm.apps.transcribe import run_transcribe
+    from mm.data.speech_data import synthesize
+
+    path = str(tmp_path / "odd.wav")
+    sf.write(path, synthesize("the blue square is next to a green triangle", "en-us").numpy(), 16000)
+    text = {d: run_transcribe([path], None, decode=d, beam=b, out=io.StringIO())[0].text
+            for d, b in (("ctc", 4), ("attention", 1), ("joint", 4))}
+    assert text["attention"] == model.transcribe(path, ctc_weight=0)
+    assert len(set(text.values())) == 3, text
+    with pytest.raises(ValueError, match="--decode rescore: the multimodal model decodes with ctc"):
+        run_transcribe([path], None, decode="rescore")
 
 
 def test_console_commands_on_the_bundled_examples(tmp_path):
@@ -119,7 +137,7 @@ def test_demos_run_on_the_shipped_model():
 
 
 def test_eval_refuses_an_unknown_split(model):
-    from mm.evaluate import evaluate
+    from mm.eval.evaluate import evaluate
 
     with pytest.raises(ValueError, match="split must be 'heldout' or 'novel-pairs'"):
         evaluate(model, n=1, split="train")
@@ -128,8 +146,8 @@ def test_eval_refuses_an_unknown_split(model):
 
 
 def test_eval_question_accuracy_by_objects_in_the_scene(model):
-    from mm.evaluate import EVAL_SEED, evaluate, format_results
-    from mm.scenes import scene_examples
+    from mm.eval.evaluate import EVAL_SEED, evaluate, format_results
+    from mm.data.scenes import scene_examples
 
     r = evaluate(model, n=24, tasks=("question",))
     counts = Counter(len(s.scene) for s in scene_examples(24, "heldout", seed=EVAL_SEED, size=48))

@@ -10,7 +10,7 @@ from decoders.llama import LlamaConfig, LlamaForCausalLM
 from decoders.loss import IGNORE_INDEX
 from encoders.ebranchformer import EBranchformerConfig, SpeechEncoderConfig, SpeechTooShortError
 from encoders.frontend import FrontendConfig
-from mm.speech_adapter import (
+from mm.models.speech_adapter import (
     SpeechAdapter,
     SpeechAdapterConfig,
     SpeechLlama,

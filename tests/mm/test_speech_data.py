@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from mm import speech_data
-from mm.scenes import BACKGROUND_RGB, COLOUR_RGB, questions, scene_split
-from mm.speech_data import (
+from mm.data import speech_data
+from mm.data.scenes import BACKGROUND_RGB, COLOUR_RGB, questions, scene_split
+from mm.data.speech_data import (
     ACCENTS,
     VARIANTS,
     SpeechDataError,

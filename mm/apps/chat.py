@@ -154,7 +154,7 @@ def _load(model_or_path):
     if model_or_path is None or isinstance(model_or_path, (str, os.PathLike)):
         import torch
 
-        from .formats import load
+        from mm.models.formats import load
 
         return load(model_or_path, expect=("mm-multimodal",), dtype=torch.float32, device="cpu").eval()
     return model_or_path
@@ -162,7 +162,7 @@ def _load(model_or_path):
 
 def examples() -> list[dict] | None:
     """The four tasks (EXAMPLE_LABELS) on the bundled scene and spoken question (None if this install lacks them)."""
-    from .assets import EXAMPLES_DIR
+    from mm.assets import EXAMPLES_DIR
 
     image, audio = str(EXAMPLES_DIR / "scene.png"), str(EXAMPLES_DIR / "question.wav")
     if not (Path(image).is_file() and Path(audio).is_file()):
@@ -230,7 +230,7 @@ def run_chat(argv: list[str] | None = None) -> int:
         raise FileNotFoundError(f"model directory not found: {args.model}")
     import torch
 
-    from .formats import load
+    from mm.models.formats import load
 
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     model = load(args.model, expect=("mm-multimodal",), dtype=getattr(torch, args.dtype), device=args.device).eval()

@@ -1,8 +1,8 @@
 """`mm train --recipe tiny`: the shipped multimodal model, trained from nothing on the project's own data.
 
 Data (deterministic from the seed, nothing downloaded): procedural scenes with captions and questions
-(`mm.scenes`, rendered afresh for every step: 48 px, one 16 px patch per grid cell), scene sentences spoken by
-espeak-ng voices with noise (`mm.speech_data`, cached), and spoken questions about images. Every training row is
+(`mm.data.scenes`, rendered afresh for every step: 48 px, one 16 px patch per grid cell), scene sentences spoken by
+espeak-ng voices with noise (`mm.data.speech_data`, cached), and spoken questions about images. Every training row is
 one chat turn of one of four tasks:
     caption      <image>\\ndescribe the image.           -> the scene's caption
     question     <image>\\nwhat colour is the star?      -> red       (then more questions about it, one per turn)
@@ -54,12 +54,12 @@ from encoders.frontend import FrontendConfig
 from encoders.image import ImageProcessor
 from encoders.vit import ViTConfig
 
-from .multimodal import CAPTION_PROMPT, TRANSCRIBE_PROMPT, MultimodalConfig, MultimodalModel
-from .scenes import (COLOURS, COLS, COUNT_WORDS, NUMBERS, ROWS, SHAPES, SIZES, describe, item_rng, questions,
+from mm.models.multimodal import CAPTION_PROMPT, TRANSCRIBE_PROMPT, MultimodalConfig, MultimodalModel
+from mm.data.scenes import (COLOURS, COLS, COUNT_WORDS, NUMBERS, ROWS, SHAPES, SIZES, describe, item_rng, questions,
                      render, sample_question, sample_split_scene)
-from .speech_adapter import SpeechAdapterConfig
-from .speech_data import speech_examples, spoken_questions, transcript
-from .train import init_weights
+from mm.models.speech_adapter import SpeechAdapterConfig
+from mm.data.speech_data import speech_examples, spoken_questions, transcript
+from mm.train.text import init_weights
 
 
 @dataclass

@@ -3,7 +3,7 @@
 A voice is an espeak-ng accent plus a variant ("en-gb-scotland+f3"). The split is by voice: a voice is held out
 when (accent index + variant index) % 6 == 0, so every accent and every variant is heard in training but each
 held-out voice (their combination) never is. Held-out items also take their sentences from held-out scenes
-(mm.scenes: 'heldout' or 'novel-pairs'), so held-out figures measure new voices and new sentences together.
+(mm.data.scenes: 'heldout' or 'novel-pairs'), so held-out figures measure new voices and new sentences together.
 
 Clean synthesis is cached on disk (one .npy per text/voice/speed/pitch/espeak-ng version); noise is added after
 the cache from the item's own seed, so the same seed gives the same samples. Needs the `espeak-ng` program
@@ -28,7 +28,7 @@ import torch
 
 from encoders.audio import SAMPLE_RATE, load_audio
 
-from .scenes import Obj, describe, item_rng, render, sample_question, sample_split_scene
+from mm.data.scenes import Obj, describe, item_rng, render, sample_question, sample_split_scene
 
 # gmw/* voices only: the mb/* ones need the separate mbrola program and voice files.
 ACCENTS = ["en-us", "en-gb", "en-gb-scotland", "en-gb-x-rp", "en-gb-x-gbclan", "en-gb-x-gbcwmd", "en-029", "en-us-nyc"]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 import time
 from pathlib import Path
@@ -16,7 +17,7 @@ def cmd_generate(args) -> int:
     from decoders import LlamaForCausalLM, stream_text
     from decoders.tokenizer import load_tokenizer
 
-    from .assets import default_model_dir
+    from mm.assets import default_model_dir
 
     model_dir = Path(args.model) if args.model else default_model_dir()
     if args.threads:
@@ -41,16 +42,13 @@ def cmd_bench(args) -> int:
     """Benchmark our decoder and ViT against transformers and timm on the same weights."""
     import torch
 
-    from . import bench
+    from mm.eval import bench
 
     speech = not args.no_speech and not args.cuda
-    try:  # the references are development dependencies, not the library's
-        import transformers  # noqa: F401
-        if speech:
-            import espnet  # noqa: F401
-    except ImportError as e:
-        raise ValueError(f"mm bench compares against transformers, timm and espnet ({e}); install them with "
-                         "pip install -e '.[dev]'") from e
+    missing = [m for m in ("transformers",) + (("espnet",) if speech else ()) if importlib.util.find_spec(m) is None]
+    if missing:  # the references are development dependencies, not the library's
+        raise ValueError(f"mm bench compares against transformers, timm and espnet ({', '.join(missing)} missing); "
+                         "install them with pip install -e '.[dev]'")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = "cuda" if args.cuda else "cpu"
@@ -63,14 +61,14 @@ def cmd_bench(args) -> int:
 def cmd_train(args) -> int:
     """Run a training recipe and save the model directory."""
     if args.recipe == "tiny":
-        from .recipe_tiny import TinyRecipe, train_tiny
+        from mm.train.recipe_tiny import TinyRecipe, train_tiny
 
         recipe = TinyRecipe.smoke() if args.smoke else TinyRecipe()
         recipe.seed = args.seed
         train_tiny(args.out or "runs/tiny", recipe, resume=not args.no_resume, threads=args.threads or None)
         return 0
     if args.recipe == "text-tiny":
-        from .train import train_text_tiny
+        from mm.train.text import train_text_tiny
 
         train_text_tiny(args.out or "runs/text-tiny", steps=args.steps or 600, seed=args.seed)
         return 0
@@ -79,21 +77,21 @@ def cmd_train(args) -> int:
 
 def cmd_caption(args) -> int:
     """`mm caption IMAGE...`: see `mm caption --help`."""
-    from .caption import run_caption
+    from mm.apps.caption import run_caption
 
     return run_caption(args.args)
 
 
 def cmd_eval(args) -> int:
     """`mm eval`: see `mm eval --help`."""
-    from .evaluate import run_eval
+    from mm.eval.evaluate import run_eval
 
     return run_eval(args.args)
 
 
 def cmd_chat(args) -> int:
     """`mm chat`: see `mm chat --help`."""
-    from .chat_app import run_chat
+    from mm.apps.chat import run_chat
 
     return run_chat(args.args)
 
@@ -122,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     ch = sub.add_parser("chat", help="the Gradio multimodal chat on 127.0.0.1 (mm chat --help)", add_help=False)
     ch.set_defaults(func=cmd_chat, delegated=True)
 
-    from .transcribe import add_arguments, cmd_transcribe
+    from mm.apps.transcribe import add_arguments, cmd_transcribe
 
     tr = sub.add_parser("transcribe", help="transcribe audio files (the multimodal model, ESPnet/Dolphin or ours)")
     add_arguments(tr)

@@ -24,7 +24,7 @@ TRANSCRIBERS = ("espnet", "mm-asr", "mm-multimodal")  # formats whose models tra
 
 def detect(path: str | Path) -> str:
     """The format name of a checkpoint path (see the table above); CheckpointError naming the path otherwise."""
-    from .asr import is_espnet_dir
+    from mm.models.asr import is_espnet_dir
 
     path = Path(path)
     if path.suffix in (".yaml", ".yml") and path.is_file():  # an ESPnet config.yaml named directly
@@ -53,7 +53,7 @@ def load(path: str | Path | None = None, *, expect: tuple[str, ...] | None = Non
 
     `expect`: the formats the caller can use (e.g. CAPTIONERS); another format is a CheckpointError saying what the
     path holds. Keyword arguments (dtype, device, and vision_tower for original LLaVA) go to the loader."""
-    from . import assets
+    from mm import assets
 
     path = Path(path) if path is not None else assets.default_multimodal_dir()
     kind = detect(path)
@@ -70,14 +70,14 @@ def load(path: str | Path | None = None, *, expect: tuple[str, ...] | None = Non
 
         return LlamaForCausalLM.from_pretrained(path, **kwargs)
     if kind == "llava":
-        from .llava import LlavaForConditionalGeneration
+        from mm.models.llava import LlavaForConditionalGeneration
 
         return LlavaForConditionalGeneration.from_pretrained(path, **kwargs)
     if kind == "mm-multimodal":
-        from .multimodal import MultimodalModel
+        from mm.models.multimodal import MultimodalModel
 
         return MultimodalModel.from_pretrained(path, **kwargs)
-    from .asr import ASRModel
+    from mm.models.asr import ASRModel
 
     if kind == "mm-asr":
         return ASRModel.from_pretrained(path, **kwargs)

@@ -24,10 +24,12 @@ Checkpoints read by `LlavaForConditionalGeneration.from_pretrained` (one directo
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 import torch.nn.functional as F
 from torch import nn
 
@@ -50,6 +52,16 @@ LLAVA_VISION_DEFAULTS = {"hidden_size": 1024, "intermediate_size": 4096, "patch_
                          "num_hidden_layers": 24, "num_attention_heads": 16}
 
 
+
+DEFAULT_PROMPT = "Provide a one-sentence caption for the provided image."  # LLaVA-1.5's short-caption prompt
+
+
+def check_batch(images, batch_size: int) -> list:
+    """The images as a list, after checking the batch size."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    return list(images)
+
 @dataclass
 class LlavaConfig:
     """A LLaVA model: ViT config + Llama config + how image features reach the decoder.
@@ -60,7 +72,7 @@ class LlavaConfig:
     vision_feature_norm: pass the selected features through the ViT's final LayerNorm first (SigLIP/PaliGemma
         style; keeps a tower trained from scratch at unit scale). LLaVA's CLIP towers: False.
     image_token_index: the id marking one image feature in input_ids; it may lie just beyond the text vocabulary.
-    template: the conversation template of `mm.conversation` the model was tuned with.
+    template: the conversation template of `mm.models.conversation` the model was tuned with.
     """
 
     text: LlamaConfig = field(default_factory=LlamaConfig)
@@ -275,8 +287,8 @@ class LlavaForConditionalGeneration(nn.Module):
         yield from stream_tokens(self.language_model, input_ids.to(self.device), attention_mask, inputs_embeds=h, **kwargs)
 
     def processor(self, template: str | None = None):
-        """A `mm.conversation.LlavaProcessor` for this model's tokenizer, image processor and template."""
-        from .conversation import LlavaProcessor
+        """A `mm.models.conversation.LlavaProcessor` for this model's tokenizer, image processor and template."""
+        from mm.models.conversation import LlavaProcessor
 
         if self.tokenizer is None:
             raise ValueError("this LLaVA model has no tokenizer (its directory had no tokenizer.model); set model.tokenizer")
@@ -286,9 +298,32 @@ class LlavaForConditionalGeneration(nn.Module):
 
     def caption(self, image, prompt: str | None = None, max_new_tokens: int = 64) -> str:
         """Caption of one image (PIL image or path) with the model's tokenizer and template, greedy."""
-        from .caption import caption
+        return self.captions([image], prompt=prompt, max_new_tokens=max_new_tokens, progress=False)[0]
 
-        return caption(self, [image], prompt=prompt, max_new_tokens=max_new_tokens, progress=False)[0]
+    def captions(self, images, prompt: str | None = None, batch_size: int = 8, max_new_tokens: int = 64,
+                 progress: bool | None = None) -> list[str]:
+        """Greedy captions of images (PIL images or paths), `batch_size` at a time; a tqdm bar on stderr when
+        `progress` (default: when there is more than one batch)."""
+        from mm.models.conversation import user_prompt
+
+        images = check_batch(images, batch_size)
+        processor = self.processor()
+        tokenizer = processor.tokenizer
+        stops = set(tokenizer.stop_ids) | ({tokenizer.eos_id} if tokenizer.eos_id is not None else set())
+        messages = user_prompt(DEFAULT_PROMPT if prompt is None else prompt)
+        out = []
+        show = len(images) > batch_size if progress is None else progress
+        with tqdm(total=len(images), desc="captioning", unit="image", disable=not show, file=sys.stderr) as bar:
+            for start in range(0, len(images), batch_size):
+                batch = images[start:start + batch_size]
+                inputs = processor([messages] * len(batch), [[im] for im in batch])
+                ids = self.generate(inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"],
+                                    max_new_tokens=max_new_tokens, eos_token_id=sorted(stops) or None)
+                for row in ids[:, inputs["input_ids"].shape[1]:].tolist():
+                    cut = next((i for i, t in enumerate(row) if t in stops), len(row))
+                    out.append(tokenizer.decode(row[:cut]).strip())
+                bar.update(len(batch))
+        return out
 
     # ----------------------------------------------------------------------------------- checkpoints
 

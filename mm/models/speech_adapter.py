@@ -6,7 +6,7 @@ One utterance flows through:
     -> SpeechAdapter: k-fold downsampling (frame stacking [T'/k, k*d], or a stride-k Conv1d) -> MLP (Linear, GELU,
        Linear) -> features [N, D_llama]
     -> scattered, in order, into the N positions of `input_ids` that hold `audio_token_id` (one token per feature,
-       the convention of `mm.llava` for images) -> Llama decoder -> logits.
+       the convention of `mm.models.llava` for images) -> Llama decoder -> logits.
 The CTC head stays on the encoder: its loss regularises training and its prefix score steers decoding.
 
 Feature counts are fixed per utterance, whatever the batch: the frontend gives F = S // hop + 1 frames, the

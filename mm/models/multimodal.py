@@ -6,7 +6,7 @@ adapter, both feeding ONE Llama decoder.
     audio [S] -> log-mel -> 4x conv -> E-Branchformer -> speech adapter (k-fold stacking + MLP)
                                                     \\-> CTC head (training loss; greedy transcript aid)
 
-It is `mm.llava.LlavaForConditionalGeneration` with a speech path added: the image side, its weight names
+It is `mm.models.llava.LlavaForConditionalGeneration` with a speech path added: the image side, its weight names
 (`vision_tower.*`, `projector.*`, `language_model.*`) and its processing are LLaVA's; the speech side adds
 `speech_encoder.*` (ESPnet's encoder names below it), `ctc.ctc_lo.*` and `speech_adapter.*`. The CTC head
 predicts Llama token ids with id 0 (`<unk>`, never in a transcript) as the blank.
@@ -31,9 +31,9 @@ from decoders.loss import next_token_loss
 from encoders.ebranchformer import SpeechEncoder, SpeechEncoderConfig
 from encoders.vit import ViTConfig
 
-from .llava import LlavaConfig, LlavaForConditionalGeneration, _load_image_processor
-from .processor import AUDIO_PLACEHOLDER, MultimodalProcessor
-from .speech_adapter import (SpeechAdapter, SpeechAdapterConfig, SpeechLlamaOutput, encode_speech, encoder_lengths,
+from mm.models.llava import LlavaConfig, LlavaForConditionalGeneration, _load_image_processor, check_batch
+from mm.models.processor import AUDIO_PLACEHOLDER, MultimodalProcessor
+from mm.models.speech_adapter import (SpeechAdapter, SpeechAdapterConfig, SpeechLlamaOutput, encode_speech, encoder_lengths,
                              fit_adapter, joint_beam_search, scatter_features)
 
 MODEL_TYPE = "mm-multimodal"
@@ -209,7 +209,7 @@ class MultimodalModel(LlavaForConditionalGeneration):
 
     def chat(self, messages, images=None, audios=None, stream: bool = False, max_new_tokens: int = 64,
              **kwargs) -> str | Iterator[str]:
-        """The assistant's reply to a conversation (see `mm.processor` for the message format); with stream=True an
+        """The assistant's reply to a conversation (see `mm.models.processor` for the message format); with stream=True an
         iterator of text pieces as they are decoded. Options as `decoders.generate.stream_tokens`."""
         inputs = self.processor()(messages, images, audios)
         if not stream:
@@ -224,6 +224,14 @@ class MultimodalModel(LlavaForConditionalGeneration):
                                attention_mask=inputs["attention_mask"], inputs_embeds=h,
                                max_new_tokens=max_new_tokens, **kwargs)
 
+    def captions(self, images, prompt: str | None = None, batch_size: int = 8, max_new_tokens: int = 64,
+                 progress: bool | None = None) -> list[str]:
+        """Greedy captions of images (PIL images or paths), `batch_size` at a time (see LLaVA's `captions`)."""
+        images = check_batch(images, batch_size)
+        show = len(images) > batch_size if progress is None else progress
+        content = "<image>\n" + (prompt or CAPTION_PROMPT)
+        return self.replies([(content, [im], []) for im in images], batch_size, max_new_tokens, "captioning", show)
+
     def caption(self, image, prompt: str | None = None, stream: bool = False, max_new_tokens: int = 64):
         """Caption of one image (PIL image, path or bytes)."""
         content = [{"type": "image", "image": image}, {"type": "text", "text": "\n" + (prompt or CAPTION_PROMPT)}]
@@ -233,7 +241,7 @@ class MultimodalModel(LlavaForConditionalGeneration):
                    beam_size: int = 4):
         """Transcript of one utterance (path, (waveform, sampling_rate) or a tensor at the model's rate).
 
-        ctc_weight > 0: joint CTC/LLM beam search (`mm.speech_adapter.joint_beam_search`), the decoder's scores
+        ctc_weight > 0: joint CTC/LLM beam search (`mm.models.speech_adapter.joint_beam_search`), the decoder's scores
         joined with the CTC head's prefix scores, as ESPnet/Dolphin decode; the text then comes whole (stream=True
         yields it once). ctc_weight=0: the decoder alone, greedy, streamed token by token."""
         if ctc_weight <= 0:
@@ -257,11 +265,11 @@ class MultimodalModel(LlavaForConditionalGeneration):
     @torch.inference_mode()
     def transcript(self, audio, source: str | None = None, max_new_tokens: int = 96, ctc_weight: float = 0.5,
                    beam_size: int = 4):
-        """`mm.asr.Transcript` of one utterance: the text of `transcribe`, and word times from a CTC forced
+        """`mm.models.asr.Transcript` of one utterance: the text of `transcribe`, and word times from a CTC forced
         alignment of its tokens on the encoder's CTC posteriors (words the alignment cannot place get none)."""
         from decoders.ctc import ctc_forced_align
 
-        from .asr import Segment, Transcript, timed_words
+        from mm.models.asr import Segment, Transcript, timed_words
 
         ids, log_probs, n_samples = self._joint_transcribe(audio, max_new_tokens, ctc_weight, beam_size)
         text = self.tokenizer.decode(ids).strip()

@@ -1,4 +1,4 @@
-"""Chat messages holding text, images and audio -> model inputs for `mm.multimodal.MultimodalModel`.
+"""Chat messages holding text, images and audio -> model inputs for `mm.models.multimodal.MultimodalModel`.
 
 A message's content is a string with `<image>` / `<audio>` placeholders (the media then come as `images=` /
 `audios=`, in placeholder order), or a list of parts in the Hugging Face style:
@@ -19,7 +19,7 @@ from decoders.loss import IGNORE_INDEX
 from encoders.audio import AudioError, load_audio
 from encoders.image import ImageError, load_image
 
-from .conversation import IMAGE_PLACEHOLDER, encode_pieces, segments
+from mm.models.conversation import IMAGE_PLACEHOLDER, encode_pieces, segments
 
 AUDIO_PLACEHOLDER = "<audio>"
 PLACEHOLDERS = (IMAGE_PLACEHOLDER, AUDIO_PLACEHOLDER)

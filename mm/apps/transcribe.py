@@ -17,8 +17,8 @@ import json
 import sys
 from pathlib import Path
 
-from .asr import DECODE_MODES, ASRModel, Transcript
-from .formats import TRANSCRIBERS, load
+from mm.models.asr import DECODE_MODES, ASRModel, Transcript
+from mm.models.formats import TRANSCRIBERS, load
 
 FORMATS = ("text", "json", "srt")
 SUFFIX = {"text": ".txt", "json": ".json", "srt": ".srt"}
@@ -78,12 +78,17 @@ def render(results: list[Transcript], fmt: str, timestamps: bool) -> str:
     return "".join(f"{r.source}: {r.text.strip()}\n" for r in results)
 
 
-def run_transcribe(files: list[str], model_dir: str | None, decode: str | None = None, beam: int = 10,
+# --decode for the multimodal model: the weight of the CTC head's prefix scores in its joint beam search
+MULTIMODAL_CTC_WEIGHT = {"ctc": 1.0, "attention": 0.0, "joint": 0.5, None: 0.5}
+
+
+def run_transcribe(files: list[str], model_dir: str | None, decode: str | None = None, beam: int | None = None,
                    timestamps: bool = False, fmt: str = "text", batch_size: int = 8, out=None,
                    out_dir: str | None = None, progress: bool | None = None, device: str = "cpu",
                    language: str | None = None, region: str | None = None) -> list[Transcript]:
     """Transcribe files in batches and write them in fmt to `out` (default stdout) or to out_dir/<name><suffix>.
 
+    decode / beam: the search (see --decode) and its width (None: 10 for ESPnet/Dolphin models, 4 for the multimodal).
     progress: a tqdm bar over the decoded windows on stderr (None: only when stderr is a terminal).
     language / region: Dolphin prompt symbols such as "en" / "US" (default: detected per window).
     """
@@ -93,14 +98,20 @@ def run_transcribe(files: list[str], model_dir: str | None, decode: str | None =
         raise ValueError("no audio files given")
     if fmt == "srt":
         timestamps = True  # cues are trimmed to the words
+    if beam is not None and beam < 1:
+        raise ValueError(f"--beam must be >= 1, got {beam}")
     model = load(model_dir, expect=TRANSCRIBERS, device=device)
     if not isinstance(model, ASRModel):  # the multimodal model: the decoder writes the text, the CTC head times the words
-        results = [model.transcript(str(f), source=str(f)) for f in files]
+        if decode not in MULTIMODAL_CTC_WEIGHT:
+            raise ValueError(f"--decode {decode}: the multimodal model decodes with ctc (its CTC head alone), "
+                             "attention (its decoder alone) or joint (both, the default)")
+        results = [model.transcript(str(f), source=str(f), ctc_weight=MULTIMODAL_CTC_WEIGHT[decode],
+                                    beam_size=beam or 4) for f in files]
         if not timestamps:
             for r in results:
                 r.segments[0].words = []
     else:
-        results = model.transcribe([str(f) for f in files], decode=decode, beam=beam, timestamps=timestamps,
+        results = model.transcribe([str(f) for f in files], decode=decode, beam=beam or 10, timestamps=timestamps,
                                    batch_size=batch_size, progress=progress, language=language, region=region)
     if out_dir is not None:
         out_dir = Path(out_dir)
@@ -122,8 +133,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="our multimodal or ASR directory, or an ESPnet/Dolphin experiment "
                    "(default: the shipped multimodal model)")
     p.add_argument("--decode", choices=DECODE_MODES, default=None,
-                   help="ctc (greedy), attention, joint (default when the model has a decoder) or rescore")
-    p.add_argument("--beam", type=int, default=10)
+                   help="ctc, attention, joint (default when the model has a decoder) or rescore (ESPnet/Dolphin only)")
+    p.add_argument("--beam", type=int, default=None, help="beam width (default: 10; 4 for the multimodal model)")
     p.add_argument("--timestamps", action="store_true", help="word and segment times from CTC alignment")
     p.add_argument("--format", choices=FORMATS, default="text", dest="fmt")
     p.add_argument("--batch-size", type=int, default=8, help="windows decoded together")
@@ -142,7 +153,7 @@ def cmd_transcribe(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if not args.audio:
-        from .assets import example
+        from mm.assets import example
 
         args.audio = [str(example("question.wav"))]
         print(f"(no audio given: transcribing the bundled example {args.audio[0]})", file=sys.stderr)

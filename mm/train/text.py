@@ -13,7 +13,7 @@ from tqdm import tqdm
 from decoders import LlamaConfig, LlamaForCausalLM, next_token_loss
 from decoders.tokenizer import train_sentencepiece
 
-from .scenes import captions
+from mm.data.scenes import captions
 
 TEXT_TINY = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4,
                  num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5)

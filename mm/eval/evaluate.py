@@ -1,8 +1,8 @@
 """`mm eval`: held-out figures of a multimodal model on the project's own data.
 
-Held-out means unseen in training twice over: scenes no training step draws (`mm.scenes`, split `heldout`: new
+Held-out means unseen in training twice over: scenes no training step draws (`mm.data.scenes`, split `heldout`: new
 combinations of objects; or `novel-pairs`: scenes holding a (shape, colour) pair that no training image or
-sentence shows), spoken by voices no training clip uses (`mm.speech_data`). Figures:
+sentence shows), spoken by voices no training clip uses (`mm.data.speech_data`). Figures:
     caption      BLEU-4 (sacrebleu) and ROUGE-L (rouge-score) against the scene's caption
     question     exact-match accuracy of the answer, overall, per kind (colour, shape, count, position) and by
                  the number of objects in the scene (with one there is nothing to look up)
@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .metrics import bleu4, cer, normalize_answer, rouge_l, wer
-from .multimodal import CAPTION_PROMPT, TRANSCRIBE_PROMPT
-from .scenes import QUESTION_KINDS, SPLITS, item_rng, sample_question, scene_examples
-from .speech_data import speech_examples, spoken_questions, transcript
+from mm.eval.metrics import bleu4, cer, normalize_answer, rouge_l, wer
+from mm.models.multimodal import CAPTION_PROMPT, TRANSCRIBE_PROMPT
+from mm.data.scenes import QUESTION_KINDS, SPLITS, item_rng, sample_question, scene_examples
+from mm.data.speech_data import speech_examples, spoken_questions, transcript
 
 HELDOUT_SPLITS = tuple(s for s in SPLITS if s != "train")  # ('heldout', 'novel-pairs')
 EVAL_SEED = 1  # the recipe trains on seed 0; the held-out split is disjoint from training whatever the seed
@@ -112,8 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_eval(argv: list[str] | None = None) -> int:
     """`mm eval [--model DIR] [--n N] [--json FILE]`."""
-    from .assets import default_multimodal_dir
-    from .multimodal import MultimodalModel
+    from mm.assets import default_multimodal_dir
+    from mm.models.multimodal import MultimodalModel
 
     args = build_parser().parse_args(argv)
     if args.n < 1:

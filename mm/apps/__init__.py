@@ -1,0 +1,1 @@
+"""What users run: the `mm` command line, captioning and transcription, the Gradio chat."""

@@ -1,0 +1,1 @@
+"""Metrics, evaluation of the shipped model on held-out data, and benchmarks against the references."""

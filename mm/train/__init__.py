@@ -1,0 +1,1 @@
+"""Training recipes: the text model, the multimodal model (recipe_tiny), LLaVA fine-tuning."""
