@@ -15,11 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import attend
 from .checkpoint import CheckpointError, build_from_state_dict, read_hf_weights, read_json, read_torch, write_hf_weights
-from .flash_decoding import decode_attention
+from .convert_hf import convert_hf_state_dict, to_hf_state_dict
+from .convert_meta import hf_config_from_meta_params, merge_meta_shards, meta_to_hf_state_dict
 from .generate import generate
-from .masks import attention_mask_4d, positions_from_mask
 from .kv_cache import KVCache
+from .masks import attention_mask_4d, positions_from_mask
 
 
 @dataclass
@@ -142,20 +144,23 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
-def fused_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Attention of a few query rows q [B, Hkv, G, D] over a whole cache k, v [B, Hkv, S, D], in float32, with an
-    additive mask [B, 1, 1, S]: written as broadcast products and sums, which inductor fuses into a few loops of
-    its own. For the compiled CPU decode step, where SDPA's flash kernel costs more per call (~0.1 ms) than all
-    of a small cache's arithmetic; eager, this form would materialise [B, Hkv, G, S, D] products."""
-    s = (q.float()[:, :, :, None] * k.float()[:, :, None]).sum(-1) * q.shape[-1] ** -0.5  # [B, Hkv, G, S]
-    if mask is not None:
-        s = s + mask.float()
-    p = s.softmax(dim=-1)
-    return (p[..., None] * v.float()[:, :, None]).sum(-2).to(q.dtype)  # [B, Hkv, G, D]
+@dataclass
+class Pass:
+    """What every layer needs in one forward pass: RoPE cos/sin [B, 1, T, D], the additive mask [B, 1, T, S] (or
+    None) and whether the block is square-causal, the KV cache and the slot(s) written from `start`, and, for a
+    decode step over cache prefixes, each row's cache length [B]."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    mask: torch.Tensor | None
+    is_causal: bool
+    kv_cache: KVCache | None
+    start: int | torch.Tensor
+    cache_lens: torch.Tensor | None = None
 
 
 class Attention(nn.Module):
-    """Causal grouped-query self-attention through `scaled_dot_product_attention`, fused q/k/v projection."""
+    """Causal grouped-query self-attention (the kernel is `decoders.attention.attend`'s choice), fused q/k/v."""
 
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
@@ -163,32 +168,17 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(cfg.hidden_size, (self.n_heads + 2 * self.n_kv_heads) * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, mask, is_causal, kv_cache: KVCache | None, layer: int, start, cache_lens=None):
+    def forward(self, x: torch.Tensor, p: Pass, layer: int) -> torch.Tensor:
         B, T, _ = x.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
         q, k, v = self.qkv_proj(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
-        q = apply_rope(q.view(B, T, H, D).transpose(1, 2), cos, sin)  # [B, H, T, D]
-        k = apply_rope(k.view(B, T, Hkv, D).transpose(1, 2), cos, sin)  # [B, Hkv, T, D]
+        q = apply_rope(q.view(B, T, H, D).transpose(1, 2), p.cos, p.sin)  # [B, H, T, D]
+        k = apply_rope(k.view(B, T, Hkv, D).transpose(1, 2), p.cos, p.sin)  # [B, Hkv, T, D]
         v = v.view(B, T, Hkv, D).transpose(1, 2)
-        if kv_cache is not None:
-            k, v = kv_cache.update(layer, start, k, v)  # [B, Hkv, S, D]
-        G = H // Hkv
-        if cache_lens is not None:  # one token per row over a cache prefix: FlashDecoding on long CUDA caches
-            y = decode_attention(q, k, v, cache_lens)  # [B, H, 1, D]
-        elif is_causal:  # square prefill: SDPA's own causal kernels, GQA without repeating K/V
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=G > 1)
-        else:
-            # Fold each KV group's query heads into the query length: [B, Hkv, G*T, D]. Query head h uses kv
-            # head h // G (the order Hugging Face's repeat_kv gives), and K/V are never copied G times.
-            q = q.reshape(B, Hkv, G * T, D)
-            if mask is not None and G > 1 and T > 1:
-                mask = mask.repeat(1, 1, G, 1)  # [B, 1, G*T, S]; a single query row broadcasts as it is
-            if T == 1 and x.device.type == "cpu" and torch.compiler.is_compiling():
-                y = fused_decode_attention(q, k, v, mask)
-            else:
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        y = y.reshape(B, H, T, D).transpose(1, 2).reshape(B, T, H * D)
-        return self.o_proj(y)
+        if p.kv_cache is not None:
+            k, v = p.kv_cache.update(layer, p.start, k, v)  # [B, Hkv, S, D]
+        y = attend(q, k, v, p.mask, p.is_causal, p.cache_lens)  # [B, H, T, D]
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, H * D))
 
 
 class MLP(nn.Module):
@@ -214,8 +204,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, is_causal, kv_cache, layer, start, cache_lens=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, is_causal, kv_cache, layer, start, cache_lens)
+    def forward(self, x: torch.Tensor, p: Pass, layer: int) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), p, layer)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -302,8 +292,9 @@ class LlamaForCausalLM(nn.Module):
         cos, sin = rope_cos_sin(self.inv_freq, position_ids, h.dtype)
         if mask is not None:  # once here rather than inside SDPA in every layer: 0 where seen, -inf where masked
             mask = torch.zeros(mask.shape, dtype=h.dtype, device=h.device).masked_fill_(~mask, float("-inf"))
+        p = Pass(cos, sin, mask, is_causal, kv_cache, start, cache_lens)
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, mask, is_causal, kv_cache, i, start, cache_lens)
+            h = layer(h, p, i)
         if last_only:
             h = h[:, -1:]
         h = self.norm(h)
@@ -378,10 +369,10 @@ class LlamaForCausalLM(nn.Module):
         if not shards:
             raise CheckpointError(f"{path}: no consolidated.*.pth files")
         params = read_json(path / "params.json")
-        state_dicts = [read_torch(p) for p in shards]
-        state_dict = merge_meta_shards(state_dicts, source=str(path))
-        cfg = config_from_meta_params(params, state_dict)
-        return cls.from_state_dict(cfg, convert_meta_state_dict(state_dict, cfg), dtype, device, source=str(path))
+        state_dict = merge_meta_shards([read_torch(p) for p in shards], source=str(path))
+        cfg = LlamaConfig.from_hf(hf_config_from_meta_params(params, state_dict))
+        hf = meta_to_hf_state_dict(state_dict, cfg)
+        return cls.from_state_dict(cfg, convert_hf_state_dict(hf, cfg, source=str(path)), dtype, device, source=str(path))
 
     @classmethod
     def from_state_dict(cls, cfg: LlamaConfig, state_dict: dict[str, torch.Tensor], dtype=torch.float32,
@@ -399,130 +390,3 @@ class LlamaForCausalLM(nn.Module):
         gen = {"bos_token_id": self.config.bos_token_id, "eos_token_id": self.config.eos_token_id}
         (path / "generation_config.json").write_text(json.dumps(gen, indent=2))
         write_hf_weights(path, to_hf_state_dict(self.state_dict(), self.config), max_shard_bytes)
-
-
-# ------------------------------------------------------------------------------------------- converters
-
-
-def convert_hf_state_dict(sd: dict[str, torch.Tensor], cfg: LlamaConfig, source: str = "checkpoint") -> dict[str, torch.Tensor]:
-    """Hugging Face Llama keys (`model.layers.N.self_attn.q_proj.weight`, ...) -> ours (q/k/v and gate/up fused)."""
-    out = {k.removeprefix("model."): v for k, v in sd.items()
-           if not k.endswith("rotary_emb.inv_freq")}  # a buffer old checkpoints saved; recomputed from the config
-    if cfg.tie_word_embeddings:
-        out.pop("lm_head.weight", None)  # some tied checkpoints store the shared matrix twice
-    problems = []
-    for i in range(cfg.num_hidden_layers):
-        for fused, parts in ((f"layers.{i}.self_attn.qkv_proj.weight", ("q_proj", "k_proj", "v_proj")),
-                             (f"layers.{i}.mlp.gate_up_proj.weight", ("gate_proj", "up_proj"))):
-            mod = "self_attn" if "self_attn" in fused else "mlp"
-            names = [f"layers.{i}.{mod}.{p}.weight" for p in parts]
-            if all(n in out for n in names):
-                try:
-                    out[fused] = torch.cat([out.pop(n) for n in names], dim=0)
-                except RuntimeError as e:
-                    problems.append(f"{', '.join(names)}: cannot be stacked ({e})")
-    if problems:
-        raise CheckpointError(f"{source}: " + "; ".join(problems))
-    return out
-
-
-def to_hf_state_dict(sd: dict[str, torch.Tensor], cfg: LlamaConfig) -> dict[str, torch.Tensor]:
-    """Our keys -> Hugging Face Llama keys (fused projections split back)."""
-    H, Hkv, D, I = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size
-    out = {}
-    for k, v in sd.items():
-        if k.endswith("qkv_proj.weight"):
-            base = k.removesuffix("qkv_proj.weight")
-            for name, t in zip(("q_proj", "k_proj", "v_proj"), v.split([H * D, Hkv * D, Hkv * D])):
-                out[f"model.{base}{name}.weight"] = t
-        elif k.endswith("gate_up_proj.weight"):
-            base = k.removesuffix("gate_up_proj.weight")
-            for name, t in zip(("gate_proj", "up_proj"), v.split([I, I])):
-                out[f"model.{base}{name}.weight"] = t
-        elif k == "lm_head.weight":
-            out[k] = v
-        else:
-            out[f"model.{k}"] = v
-    return out
-
-
-META_TO_HF = {
-    "tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight", "output.weight": "lm_head.weight",
-    "attention.wq.weight": "self_attn.q_proj.weight", "attention.wk.weight": "self_attn.k_proj.weight",
-    "attention.wv.weight": "self_attn.v_proj.weight", "attention.wo.weight": "self_attn.o_proj.weight",
-    "feed_forward.w1.weight": "mlp.gate_proj.weight", "feed_forward.w3.weight": "mlp.up_proj.weight",
-    "feed_forward.w2.weight": "mlp.down_proj.weight", "attention_norm.weight": "input_layernorm.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-}
-# Model-parallel shards: column-parallel weights split on dim 0, row-parallel on dim 1, norms replicated.
-_META_SHARD_DIM = {"tok_embeddings": 1, "output": 0, "wq": 0, "wk": 0, "wv": 0, "wo": 1, "w1": 0, "w3": 0, "w2": 1}
-
-
-def merge_meta_shards(state_dicts: list[dict[str, torch.Tensor]], source: str = "checkpoint") -> dict[str, torch.Tensor]:
-    """Join Meta's model-parallel `consolidated.NN.pth` shards into one state dict."""
-    if len(state_dicts) == 1:
-        return state_dicts[0]
-    merged = {}
-    for k in state_dicts[0]:
-        parts = [sd.get(k) for sd in state_dicts]
-        if any(p is None for p in parts):
-            raise CheckpointError(f"{source}: key {k} is missing from some consolidated shards")
-        dim = _META_SHARD_DIM.get(k.split(".")[-2])
-        merged[k] = parts[0] if dim is None else torch.cat(parts, dim=dim)
-    return merged
-
-
-def meta_context(params: dict) -> int:
-    """The context a Meta `params.json` without `max_seq_len` was trained for: Llama 3.1+ (scaled RoPE) 131072,
-    Llama 3 (theta 500000 or a 128k vocabulary) 8192, Llama 2 (norm_eps 1e-5) 4096, Llama 1 (norm_eps 1e-6) 2048."""
-    if params.get("use_scaled_rope"):
-        return 131072
-    if params.get("rope_theta", 10000.0) >= 500000.0 or params.get("vocab_size", -1) >= 128000:
-        return 8192
-    return 4096 if params.get("norm_eps", 1e-5) >= 1e-5 else 2048
-
-
-def config_from_meta_params(params: dict, sd: dict[str, torch.Tensor]) -> LlamaConfig:
-    """A LlamaConfig from Meta's `params.json`; vocab and MLP sizes are read off the weights."""
-    dim, n_heads = params["dim"], params["n_heads"]
-    scaling = None
-    if params.get("use_scaled_rope"):  # Llama 3.1 constants (meta-llama/llama-models apply_scaling)
-        scaling = {"rope_type": "llama3", "factor": params.get("rope_scaling_factor", 8.0), "low_freq_factor": 1.0,
-                   "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
-    try:
-        vocab, inter = sd["tok_embeddings.weight"].shape[0], sd["layers.0.feed_forward.w1.weight"].shape[0]
-    except KeyError as e:
-        raise CheckpointError(f"Meta checkpoint lacks {e.args[0]}") from e
-    return LlamaConfig(
-        vocab_size=vocab, hidden_size=dim, intermediate_size=inter, num_hidden_layers=params["n_layers"],
-        num_attention_heads=n_heads, num_key_value_heads=params.get("n_kv_heads") or n_heads,
-        rms_norm_eps=params.get("norm_eps", 1e-5), rope_theta=params.get("rope_theta", 10000.0), rope_scaling=scaling,
-        max_position_embeddings=params.get("max_seq_len") or meta_context(params),
-        tie_word_embeddings="output.weight" not in sd,
-    )
-
-
-def convert_meta_state_dict(sd: dict[str, torch.Tensor], cfg: LlamaConfig) -> dict[str, torch.Tensor]:
-    """Meta keys -> ours: rename, and permute q/k rows from interleaved-pair RoPE to the halves layout."""
-    D = cfg.head_dim
-
-    def permute(w, n_heads):  # rows (pair i, member j) -> (member j, pair i) within each head
-        return w.view(n_heads, D // 2, 2, w.shape[1]).transpose(1, 2).reshape(n_heads * D, w.shape[1])
-
-    hf = {}
-    for k, v in sd.items():
-        if k.startswith("layers."):
-            _, i, rest = k.split(".", 2)
-            if rest not in META_TO_HF:
-                hf[k] = v  # left for the strict check to report as unexpected
-                continue
-            if rest == "attention.wq.weight":
-                v = permute(v, cfg.num_attention_heads)
-            elif rest == "attention.wk.weight":
-                v = permute(v, cfg.num_key_value_heads)
-            hf[f"model.layers.{i}.{META_TO_HF[rest]}"] = v
-        elif k == "rope.freqs":
-            continue
-        else:
-            hf[META_TO_HF.get(k, k)] = v
-    return convert_hf_state_dict(hf, cfg, source="Meta checkpoint")

@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from decoders.checkpoint import CheckpointError, build_from_state_dict, check_config_keys, read_hf_weights, read_json, write_hf_weights
-from decoders.llama import LlamaConfig, LlamaForCausalLM, convert_hf_state_dict
+from decoders.convert_hf import convert_hf_state_dict
+from decoders.llama import LlamaConfig, LlamaForCausalLM
 from encoders.image import ImageProcessor
 from encoders.vit import ViT, ViTConfig, convert_hf_clip_vision_state_dict, quick_gelu
 

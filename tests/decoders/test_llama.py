@@ -386,7 +386,7 @@ def test_compiled_decode_step_gives_the_eager_tokens(tiny_dir):
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 2e-2)])
 def test_fused_decode_attention_equals_sdpa(dtype, tol):
-    from decoders.llama import fused_decode_attention
+    from decoders.attention import fused_decode_attention
 
     g = torch.Generator().manual_seed(0)
     B, Hkv, G, S, D = 2, 2, 3, 37, 16  # GQA: 3 query heads per key/value head folded into the query axis
@@ -432,8 +432,8 @@ def test_llama3_rope_frequencies_equal_transformers():
     (dict(norm_eps=1e-5, max_seq_len=1024), 1024),
 ])
 def test_meta_params_without_max_seq_len_get_their_models_context(params, context):
-    from decoders.llama import config_from_meta_params
+    from decoders.convert_meta import hf_config_from_meta_params
 
     sd = {"tok_embeddings.weight": torch.zeros(97, 64), "layers.0.feed_forward.w1.weight": torch.zeros(96, 64)}
-    cfg = config_from_meta_params(dict(dim=64, n_layers=1, n_heads=4, **params), sd)
+    cfg = LlamaConfig.from_hf(hf_config_from_meta_params(dict(dim=64, n_layers=1, n_heads=4, **params), sd))
     assert cfg.max_position_embeddings == context
