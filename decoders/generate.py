@@ -5,11 +5,11 @@
 """
 from __future__ import annotations
 
-import contextlib
 from typing import TYPE_CHECKING, Iterator
 
 import torch
 
+from .compile import compile_decode, gemv_flags
 from .cuda_graph import static_decoder
 from .masks import positions_from_mask
 
@@ -44,22 +44,6 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | Non
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-@contextlib.contextmanager
-def gemv_flags(model, batch: int):
-    """oneDNN's bf16/fp16 matmul is slow for the one-row products of a CPU decode step (it re-lays out the weight);
-    ATen's own kernel streams the weights faster (~37 GB/s in the 125M step here), so oneDNN is switched off around a
-    batch-1 step there. With several rows oneDNN's blocked kernels win, so it stays on."""
-    if model.device.type != "cpu" or model.dtype not in (torch.bfloat16, torch.float16) or batch > 1:
-        yield
-        return
-    before = torch._C._get_mkldnn_enabled()
-    torch._C._set_mkldnn_enabled(False)
-    try:
-        yield
-    finally:
-        torch._C._set_mkldnn_enabled(before)
-
-
 def _eos_tensor(eos_token_id, device) -> torch.Tensor | None:
     if eos_token_id is None:
         return None
@@ -77,7 +61,7 @@ def stream_tokens(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_ma
 
     Left-padded batches: `attention_mask [B, T]` marks real tokens with 1. `inputs_embeds [B, T, D]` replaces
     the prompt's token embeddings (multimodal prompts); `input_ids` then only gives the shape and device.
-    Decoding runs `model.decode_step` on a static cache; `compile=True` (or an earlier `model.compile_decode()`)
+    Decoding runs `model.decode_step` on a static cache; `compile=True` (or an earlier `decoders.compile.compile_decode(model)`)
     runs it through `torch.compile`: on CPU compiling takes 20-130 s and then decodes 2-5x faster, so it pays
     for itself after some thousands of tokens (a server, a benchmark, long generations), not for one short reply.
     """
@@ -115,7 +99,7 @@ def stream_tokens(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_ma
     use_lens = prompt_mask is None and device.type == "cuda"
     logits = model(input_ids.to(device), prompt_mask, inputs_embeds=inputs_embeds, position_ids=positions,
                    kv_cache=cache, last_only=True)  # [B, 1, V]
-    step_fn = model.compile_decode() if compile else (model.compiled_decode_step or model.decode_step)
+    step_fn = compile_decode(model) if compile else (model.compiled_decode_step or model.decode_step)
     next_pos = positions[:, -1:] + 1  # [B, 1]
     # Step inputs live on the device and advance there: building them from Python ints would copy host -> device
     # (a wait for the GPU) every token.

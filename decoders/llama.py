@@ -211,13 +211,6 @@ class Block(nn.Module):
 
 # ------------------------------------------------------------------------------------------------ model
 
-# Inductor settings for the compiled CPU decode step: weights frozen into the graph and prepacked, GEMMs picked
-# by measurement between inductor's C++ template and ATen, bf16/fp16 rounded where eager rounds (so greedy
-# tokens stay those of the eager model), and a C++ wrapper calling the kernels (a Python one costs ~1 ms a token).
-CPU_DECODE_INDUCTOR = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
-                       "emulate_precision_casts": True, "cpp_wrapper": True}
-
-
 class LlamaForCausalLM(nn.Module):
     """Llama decoder with its language-model head: token ids [B, T] -> logits [B, T, V]."""
 
@@ -312,30 +305,6 @@ class LlamaForCausalLM(nn.Module):
         h = self.embed_tokens(token)  # [B, 1, D]
         mask = None if cache_lens is not None else key_mask[:, None, None, :]  # [B, 1, 1, S_max]
         return self.run_layers(h, position, mask, False, kv_cache, slot, cache_lens=cache_lens)
-
-    def compile_decode(self):
-        """Compile `decode_step` once with `torch.compile` (whole graph, static shapes) and keep it for `generate`.
-
-        For inference: the weights are frozen into the compiled step. On CPU, each one-row product goes to
-        inductor's C++ template or to ATen, whichever autotuning timed faster (in the 125M bfloat16 step they
-        stream ~18 and ~37 GB/s, against ~50 GB/s of plain reads); on CUDA, `generate` replays it as a CUDA graph
-        (one launch a token).
-        """
-        if self.compiled_decode_step is None:
-            if self.device.type == "cuda":  # generate captures it in a CUDA graph (decoders/cuda_graph.py)
-                self.compiled_decode_step = torch.compile(self.decode_step, fullgraph=True, dynamic=False)
-            else:
-                # The weights are frozen into the step, so dynamo's guards on the module are pure cost (~0.1 ms a token)
-                compiled = torch.compile(self.decode_step, fullgraph=True, dynamic=False,
-                                         options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
-
-                def step(*args):
-                    # inductor reads these when a call compiles; as torch.compile options, freezing is not applied
-                    with torch._inductor.config.patch(CPU_DECODE_INDUCTOR):
-                        return compiled(*args)
-
-                self.compiled_decode_step = step
-        return self.compiled_decode_step
 
     def new_kv_cache(self, batch_size: int, max_tokens: int) -> KVCache:
         """A static cache for `batch_size` rows of up to `max_tokens` tokens, in the model's dtype and device."""

@@ -378,7 +378,7 @@ def test_compiled_decode_step_gives_the_eager_tokens(tiny_dir):
     eager = model.generate(ids, mask, max_new_tokens=12, eos_token_id=None)
     eager_short = model.generate(ids[:, 3:], mask[:, 3:], max_new_tokens=5, eos_token_id=None)
     compiled = model.generate(ids, mask, max_new_tokens=12, eos_token_id=None, compile=True)
-    assert model.compiled_decode_step is not None
+    assert model.compiled_decode_step is not None  # kept for the next call
     assert torch.equal(compiled, eager)
     # once compiled, generate keeps using the compiled step, also for a prompt of another length
     assert torch.equal(model.generate(ids[:, 3:], mask[:, 3:], max_new_tokens=5, eos_token_id=None), eager_short)

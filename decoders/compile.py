@@ -1,0 +1,54 @@
+"""The kernel policy of decoding: `torch.compile` of the model's decode step, inductor's settings for it on CPU, and
+ATen's one-row products instead of oneDNN's around a bf16 CPU step. The model itself is plain modules."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+# Inductor settings for the compiled CPU decode step: weights frozen into the graph and prepacked, GEMMs picked
+# by measurement between inductor's C++ template and ATen, bf16/fp16 rounded where eager rounds (so greedy
+# tokens stay those of the eager model), and a C++ wrapper calling the kernels (a Python one costs ~1 ms a token).
+CPU_DECODE_INDUCTOR = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
+                       "emulate_precision_casts": True, "cpp_wrapper": True}
+
+
+def compile_decode(model):
+    """Compile `model.decode_step` once with `torch.compile` (whole graph, static shapes) and keep it for `generate`.
+
+    For inference: the weights are frozen into the compiled step. On CPU, each one-row product goes to
+    inductor's C++ template or to ATen, whichever autotuning timed faster (in the 125M bfloat16 step they
+    stream ~18 and ~37 GB/s, against ~50 GB/s of plain reads); on CUDA, `generate` replays it as a CUDA graph
+    (one launch a token).
+    """
+    if model.compiled_decode_step is None:
+        if model.device.type == "cuda":  # generate captures it in a CUDA graph (decoders/cuda_graph.py)
+            model.compiled_decode_step = torch.compile(model.decode_step, fullgraph=True, dynamic=False)
+        else:
+            # The weights are frozen into the step, so dynamo's guards on the module are pure cost (~0.1 ms a token)
+            compiled = torch.compile(model.decode_step, fullgraph=True, dynamic=False,
+                                     options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+
+            def step(*args):
+                # inductor reads these when a call compiles; as torch.compile options, freezing is not applied
+                with torch._inductor.config.patch(CPU_DECODE_INDUCTOR):
+                    return compiled(*args)
+
+            model.compiled_decode_step = step
+    return model.compiled_decode_step
+
+
+@contextlib.contextmanager
+def gemv_flags(model, batch: int):
+    """oneDNN's bf16/fp16 matmul is slow for the one-row products of a CPU decode step (it re-lays out the weight);
+    ATen's own kernel streams the weights faster (~37 GB/s in the 125M step here), so oneDNN is switched off around a
+    batch-1 step there. With several rows oneDNN's blocked kernels win, so it stays on."""
+    if model.device.type != "cpu" or model.dtype not in (torch.bfloat16, torch.float16) or batch > 1:
+        yield
+        return
+    before = torch._C._get_mkldnn_enabled()
+    torch._C._set_mkldnn_enabled(False)
+    try:
+        yield
+    finally:
+        torch._C._set_mkldnn_enabled(before)
