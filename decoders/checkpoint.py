@@ -49,14 +49,17 @@ def read_torch(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def read_json(path: str | os.PathLike) -> dict:
-    """Read a JSON file, naming the file in any error."""
+    """Read a JSON object (a config, an index) from a file, naming the file in any error."""
     path = Path(path)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        obj = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as e:
         raise CheckpointError(f"{path}: missing") from e
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not valid JSON: {e}") from e
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: holds a JSON {type(obj).__name__}, not an object")
+    return obj
 
 
 def check_config_keys(cls, d: dict) -> None:
@@ -96,6 +99,9 @@ def load_state_dict_strict(
     """
     expected = {k: v.shape for k, v in module.state_dict().items()}
     check_state_dict(expected, state_dict, source)
+    not_finite = sorted(k for k, v in state_dict.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+    if not_finite:
+        raise CheckpointError(f"{source}: tensors holding NaN or infinity: {', '.join(not_finite)}")
     module.load_state_dict(state_dict, strict=True, assign=assign)
     return module
 
@@ -125,7 +131,10 @@ def read_hf_weights(model_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index}: no 'weight_map' dict")
         state_dict = {}
-        for shard in sorted(set(weight_map.values())):
+        root = model_dir.resolve()
+        for shard in sorted(set(map(str, weight_map.values()))):
+            if not (model_dir / shard).resolve().is_relative_to(root):  # "../../etc/passwd" and absolute paths
+                raise CheckpointError(f"{index}: shard {shard!r} lies outside the model directory")
             for k, v in read_safetensors(model_dir / shard).items():
                 state_dict[k] = v
         listed_missing = sorted(k for k in weight_map if k not in state_dict)

@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Iterator
 
 import torch
@@ -32,6 +33,18 @@ def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | N
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
+
+
+def check_options(max_new_tokens, temperature, top_k, top_p) -> None:
+    """ValueError naming the first generation option out of its range."""
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature!r}")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 0):
+        raise ValueError(f"top_k must be an integer >= 0 (0 or None: no top-k), got {top_k!r}")
+    if top_p is not None and (not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
+        raise ValueError(f"top_p must lie in (0, 1] (or None), got {top_p!r}")
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
@@ -65,6 +78,7 @@ def stream_tokens(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_ma
     runs it through `torch.compile`: on CPU compiling takes 20-130 s and then decodes 2-5x faster, so it pays
     for itself after some thousands of tokens (a server, a benchmark, long generations), not for one short reply.
     """
+    check_options(max_new_tokens, temperature, top_k, top_p)
     cfg = model.config
     if inputs_embeds is None:
         model.check_ids(input_ids)

@@ -46,21 +46,28 @@ class TokenizerError(ValueError):
     """A tokenizer file or a token id that cannot be used; the message names the file or the id."""
 
 
+LLAMA4_MIN_RANKS = 200000  # Llama 3 files hold 128000 ranks, Llama 4's about 200000
+
+
 def llama3_special_tokens(num_special: int = LLAMA3_NUM_SPECIAL) -> list[str]:
-    """The Llama 3 special tokens in id order (id = number of ranks + index), as meta-llama/llama3 numbers them."""
+    """The Llama 3 special tokens in id order (id = number of ranks + index), named as Llama 3.1+ name them
+    (meta-llama/llama-models): ids 4, 5, 8, 10 and 11, reserved in Llama 3.0 and never produced by it, are
+    `<|finetune_right_pad_id|>`, `<|step_id|>`, `<|eom_id|>`, `<|python_tag|>` and `<|image|>`."""
     named = [
         "<|begin_of_text|>",
         "<|end_of_text|>",
         "<|reserved_special_token_0|>",
         "<|reserved_special_token_1|>",
-        "<|reserved_special_token_2|>",
-        "<|reserved_special_token_3|>",
+        "<|finetune_right_pad_id|>",
+        "<|step_id|>",
         "<|start_header_id|>",
         "<|end_header_id|>",
-        "<|reserved_special_token_4|>",
+        "<|eom_id|>",  # end of message (a tool call follows)
         "<|eot_id|>",  # end of turn
+        "<|python_tag|>",
+        "<|image|>",
     ]
-    return named + [f"<|reserved_special_token_{i}|>" for i in range(5, num_special - 5)]
+    return named + [f"<|reserved_special_token_{2 + i}|>" for i in range(num_special - len(named))]
 
 
 def _special_set(allowed_special, specials: dict[str, int]) -> set[str]:
@@ -111,8 +118,10 @@ class SentencePieceTokenizer:
         # they are what `allowed_special` may cut out of the text.
         self.special_tokens = {self.sp.id_to_piece(i): i for i in range(n) if self.sp.is_control(i)}
         self._piece_bytes = [self._bytes_of(i) for i in range(n)]
-        # A leading "▁" on the first text piece is the dummy prefix and is dropped by sentencepiece's decoder.
-        spaced = [i for i in range(n) if self._is_text(i) and self.sp.id_to_piece(i).startswith("▁")]
+        # A leading "▁" on the first text piece is the dummy prefix and is dropped by sentencepiece's decoder. Ask it
+        # about a piece with exactly one leading "▁" (a "▁▁" piece keeps one space either way).
+        spaced = [i for i in range(n) if self._is_text(i) and self.sp.id_to_piece(i).startswith("▁")
+                  and not self.sp.id_to_piece(i).startswith("▁▁")]
         self._strip_first_space = bool(spaced) and not self.sp.decode([spaced[0]]).startswith(" ")
         self._sp_no_prefix = None  # built on demand: same model without the dummy prefix
 
@@ -363,6 +372,9 @@ class TiktokenTokenizer:
     def __init__(self, ranks: dict[bytes, int], special_tokens: list[str] | None = None, pattern=LLAMA3_PATTERN,
                  path: str | os.PathLike | None = None):
         _check_ranks(ranks, str(path) if path else "ranks")
+        if len(ranks) >= LLAMA4_MIN_RANKS:
+            raise TokenizerError(f"{path or 'ranks'}: {len(ranks)} ranks: a Llama 4 (o200k-style) tokenizer, whose split "
+                                 "pattern and special tokens differ from Llama 3's; it is not supported")
         specials = llama3_special_tokens() if special_tokens is None else list(special_tokens)
         self.path = Path(path) if path else None
         self.ranks = ranks
@@ -379,7 +391,8 @@ class TiktokenTokenizer:
         self.bos_id = self.special_tokens.get("<|begin_of_text|>")
         self.eos_id = self.special_tokens.get("<|end_of_text|>")
         self.pad_id = None  # Llama 3 has none (meta uses -1); callers pick a reserved token if they need one
-        self.stop_ids = {self.special_tokens[s] for s in ("<|end_of_text|>", "<|eot_id|>") if s in self.special_tokens}
+        self.stop_ids = {self.special_tokens[s] for s in ("<|end_of_text|>", "<|eot_id|>", "<|eom_id|>")
+                         if s in self.special_tokens}
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, special_tokens: list[str] | None = None) -> "TiktokenTokenizer":

@@ -48,8 +48,11 @@ def _to_mono(samples: np.ndarray, source: str) -> np.ndarray:
     return samples.mean(axis=channel_axis, dtype=np.float64).astype(np.float32)
 
 
-def _read_file(path: Path) -> tuple[np.ndarray, int]:
-    """Samples [S, C] float32 and the file's sample rate."""
+RAW_SUFFIXES = (".raw", ".pcm")  # headerless PCM: 16-bit signed little-endian mono at a rate the caller gives
+
+
+def _read_file(path: Path, sample_rate: int | None = None) -> tuple[np.ndarray, int]:
+    """Samples [S, C] float32 and the file's sample rate (`sample_rate`: a headerless file's rate)."""
     import soundfile as sf
 
     source = str(path)
@@ -57,6 +60,14 @@ def _read_file(path: Path) -> tuple[np.ndarray, int]:
         raise AudioError(f"{source}: no such audio file")
     if path.stat().st_size == 0:
         raise AudioError(f"{source}: empty file (0 bytes)")
+    if path.suffix.lower() in RAW_SUFFIXES:
+        if sample_rate is None:
+            raise AudioError(f"{source}: headerless PCM has no sample rate; pass sample_rate= to read it as 16-bit "
+                             "signed little-endian mono, or convert it to WAV (sox -r RATE -e signed -b 16 -c 1 "
+                             "in.raw out.wav)")
+        samples, _ = sf.read(str(path), dtype="float32", always_2d=True, samplerate=int(sample_rate), channels=1,
+                             subtype="PCM_16", endian="LITTLE", format="RAW")
+        return samples, int(sample_rate)
     try:
         samples, rate = sf.read(str(path), dtype="float32", always_2d=True)
         return samples, int(rate)
@@ -98,11 +109,13 @@ def load_audio(
     sample_rate: int | None = None,
     target_rate: int = SAMPLE_RATE,
 ) -> tuple[torch.Tensor, int]:
-    """Read a file (or take an array with its `sample_rate`) as a mono float32 tensor [S] at `target_rate`."""
+    """Read a file (or take an array with its `sample_rate`) as a mono float32 tensor [S] at `target_rate`.
+
+    A headerless `.raw`/`.pcm` file is 16-bit signed little-endian mono PCM at `sample_rate`, which it needs."""
     if isinstance(path_or_array, (str, os.PathLike)):
         path = Path(path_or_array)
         source = str(path)
-        samples, rate = _read_file(path)
+        samples, rate = _read_file(path, sample_rate)
         if sample_rate is not None and sample_rate != rate:
             raise AudioError(f"{source}: the file says {rate} Hz but sample_rate={sample_rate} was given")
     else:

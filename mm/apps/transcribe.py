@@ -98,6 +98,13 @@ def run_transcribe(files: list[str], model_dir: str | None, decode: str | None =
         raise ValueError("no audio files given")
     if fmt == "srt":
         timestamps = True  # cues are trimmed to the words
+    if out_dir is not None:  # two inputs must not write one output file
+        seen: dict[str, str] = {}
+        for f in files:
+            name = Path(f).stem + SUFFIX[fmt]
+            if name in seen:
+                raise ValueError(f"--out-dir: {seen[name]} and {f} would both write {name}; rename one, or write to stdout")
+            seen[name] = str(f)
     if beam is not None and beam < 1:
         raise ValueError(f"--beam must be >= 1, got {beam}")
     model = load(model_dir, expect=TRANSCRIBERS, device=device)

@@ -38,8 +38,6 @@ def detect(path: str | Path) -> str:
             return "espnet"
         raise CheckpointError(f"{path}: no config.json (nor an ESPnet config.yaml + *.pth, nor Meta params.json)")
     cfg = read_json(path / "config.json")
-    if not isinstance(cfg, dict):
-        raise CheckpointError(f"{path / 'config.json'}: holds a JSON {type(cfg).__name__}, not an object")
     kind = cfg.get("model_type")
     if kind in LLAVA_TYPES or "mm_projector_type" in cfg:
         return "llava"

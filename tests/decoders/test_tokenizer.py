@@ -5,6 +5,7 @@ import json
 import logging
 
 import pytest
+import sentencepiece as spm
 import tiktoken
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -37,11 +38,11 @@ In the beginning was the word, and the word was with the model, and the model wa
 """
 SPECIALS = ["<image>", "<audio>"]
 
-# Hand-written copy of meta-llama/llama3 tokenizer.py's special tokens, to check ours against.
+# Hand-written copy of meta-llama/llama-models' Llama 3.1+ tokenizer.py special tokens, to check ours against.
 LLAMA3_NAMED = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
-                "<|reserved_special_token_1|>", "<|reserved_special_token_2|>", "<|reserved_special_token_3|>",
-                "<|start_header_id|>", "<|end_header_id|>", "<|reserved_special_token_4|>", "<|eot_id|>"]
-META_SPECIALS = LLAMA3_NAMED + [f"<|reserved_special_token_{i}|>" for i in range(5, 251)]
+                "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>", "<|start_header_id|>",
+                "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>", "<|image|>"]
+META_SPECIALS = LLAMA3_NAMED + [f"<|reserved_special_token_{i}|>" for i in range(2, 246)]
 META_PATTERN = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"  # noqa: E501
 
 LLAMA3_JINJA = "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"  # noqa: E501
@@ -231,9 +232,9 @@ def test_tiktoken_llama3_special_ids(tt, ranks):
     assert tt.token_to_id("<|start_header_id|>") == n + 6
     assert tt.token_to_id("<|end_header_id|>") == n + 7
     assert tt.token_to_id("<|eot_id|>") == n + 9
-    assert tt.token_to_id("<|reserved_special_token_250|>") == n + 255
+    assert tt.token_to_id("<|reserved_special_token_245|>") == n + 255
     assert tt.vocab_size == n + 256
-    assert tt.stop_ids == {n + 1, n + 9}
+    assert tt.stop_ids == {n + 1, n + 8, n + 9}
     assert tt.pattern == META_PATTERN == LLAMA3_PATTERN
 
 
@@ -249,7 +250,16 @@ def test_tiktoken_real_size_ids(tmp_path):
     assert isinstance(tok, TiktokenTokenizer)
     assert (tok.bos_id, tok.eos_id, tok.vocab_size) == (128000, 128001, 128256)
     assert tok.token_to_id("<|start_header_id|>") == 128006 and tok.token_to_id("<|eot_id|>") == 128009
-    assert tok.stop_ids == {128001, 128009}
+    assert [tok.token_to_id(s) for s in ("<|finetune_right_pad_id|>", "<|step_id|>", "<|eom_id|>", "<|python_tag|>",
+                                         "<|image|>")] == [128004, 128005, 128008, 128010, 128011]
+    assert tok.stop_ids == {128001, 128008, 128009}
+    # a tool call: <|python_tag|> ... <|eom_id|> are special tokens, not text
+    assert tok.encode("<|python_tag|>x<|eom_id|>", allowed_special="all")[::2] == [128010, 128008]
+    while len(ranks) < 200000:
+        ranks[len(ranks).to_bytes(4, "big")] = len(ranks)
+    write_tiktoken_ranks(ranks, tmp_path / "tokenizer.model")
+    with pytest.raises(TokenizerError, match="200000 ranks: a Llama 4 .* not supported"):
+        load_tokenizer(tmp_path)
     assert tok.decode([128000, 128006, 128007, 128009]) == (
         "<|begin_of_text|><|start_header_id|><|end_header_id|><|eot_id|>")
 
@@ -549,3 +559,17 @@ def test_stream_decoder_continues_a_prompt_with_its_leading_space(sp_bpe):
     decoder = StreamDecoder(sp_bpe, context_ids=prompt)
     streamed = "".join(decoder.push(t) for t in rest) + decoder.flush()
     assert streamed == " brown fox" == sp_bpe.decode(prompt + rest)[len("The quick"):]
+
+
+def test_decode_with_a_double_space_piece_first_matches_sentencepiece(tmp_path):
+    """Llama 2 / Mistral vocabularies hold "▁▁" pieces ahead of the one-space ones: decoding must still drop the dummy
+    prefix exactly as sentencepiece does (a test that failed with a leading space before the fix)."""
+    (tmp_path / "c.txt").write_text("Hello world. The cat sat on the mat.\n  two  spaces   here\n" * 50)
+    spm.SentencePieceTrainer.train(input=str(tmp_path / "c.txt"), model_prefix=str(tmp_path / "m"), vocab_size=80,
+                                   model_type="bpe", user_defined_symbols=["\u2581\u2581"], character_coverage=1.0,
+                                   remove_extra_whitespaces=False, minloglevel=2)
+    tok = SentencePieceTokenizer(tmp_path / "m.model")
+    assert tok.sp.id_to_piece(3) == "\u2581\u2581"  # the first text piece holds two spaces
+    for text in ("Hello world", "  two  spaces", " lead", "x", "the  mat"):
+        ids = tok.encode(text)
+        assert tok.decode(ids) == tok.sp.decode(ids), text

@@ -167,3 +167,14 @@ def test_unknown_container_falls_back_to_librosa_and_fails_clearly(tmp_path):
     (tmp_path / "clip.m4a").write_bytes(b"\x00\x01garbage" * 100)
     with pytest.raises(AudioError, match=r"clip\.m4a: not a readable audio file \(libsndfile: .*librosa"):
         load_audio(tmp_path / "clip.m4a")
+
+
+def test_headerless_pcm_needs_its_rate_and_then_reads_like_the_wav(tmp_path):
+    tone = (0.5 * np.sin(2 * np.pi * 440 * np.arange(8000) / 8000) * 32767).astype("<i2")
+    (tmp_path / "tone.raw").write_bytes(tone.tobytes())
+    with pytest.raises(AudioError, match=r"tone.raw: headerless PCM has no sample rate"):
+        load_audio(tmp_path / "tone.raw")
+    raw, _ = load_audio(tmp_path / "tone.raw", sample_rate=8000)
+    sf.write(str(tmp_path / "tone.wav"), tone, 8000, subtype="PCM_16")
+    wav, _ = load_audio(tmp_path / "tone.wav")
+    assert torch.equal(raw, wav)

@@ -54,3 +54,22 @@ def test_mm_generate_reports_bad_input_clearly(tmp_path):
     out = subprocess.run(mm_command() + ["generate", "--model", str(model_dir), "--prompt", long_prompt],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and "context window of 256" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_mm_generate_refuses_nonsense_options(tmp_path, capsys):
+    import pytest
+
+    from mm.apps.cli import main
+
+    model_dir, _ = make_checkpoint(tmp_path)
+    cases = [(["--max-new-tokens", "-5"], "max_new_tokens must be an integer >= 0, got -5"),
+             (["--temperature", "-1"], "temperature must be a finite number >= 0 (0: greedy), got -1.0"),
+             (["--temperature", "nan"], "temperature must be a finite number >= 0 (0: greedy), got nan"),
+             (["--top-p", "5"], "top_p must lie in (0, 1] (or None), got 5.0"),
+             (["--top-k", "-3"], "top_k must be an integer >= 0 (0 or None: no top-k), got -3")]
+    for options, message in cases:
+        assert main(["generate", "--model", str(model_dir), "--prompt", "a red", *options]) == 2
+        assert f"mm generate: error: {message}" in capsys.readouterr().err
+    model = LlamaForCausalLM.from_pretrained(model_dir)
+    with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 0, got '5'"):
+        model.generate(torch.tensor([[1, 5]]), max_new_tokens="5")

@@ -321,3 +321,13 @@ def test_timecode():
     assert timecode(0) == "00:00:00,000"
     assert timecode(3723.4567) == "01:02:03,457"
     assert timecode(59.9996, ".") == "00:01:00.000"
+
+
+def test_out_dir_refuses_two_inputs_with_one_output_name(model_dir, tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a = write(tmp_path / "a" / "question.flac", speechlike(1.0, 1))
+    b = write(tmp_path / "b" / "question.wav", speechlike(1.0, 2))
+    with pytest.raises(ValueError, match=r"question.flac and .*question.wav would both write question.txt"):
+        run_transcribe([str(a), str(b)], str(model_dir), out_dir=str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()  # refused before anything was decoded or written
