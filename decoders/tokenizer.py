@@ -6,7 +6,8 @@ Both classes offer:
     decode_bytes(ids) -> bytes      # exact bytes, so a stream can wait for a whole UTF-8 character
     vocab_size, bos_id, eos_id, pad_id (None when absent), stop_ids, special_tokens ({text: id})
     token_to_id(token), id_to_token(id), save(directory)
-and `load_tokenizer(path)` picks the class from the content of `tokenizer.model`.
+and `load_tokenizer(path)` picks the class from the content of `tokenizer.model`, or reads Hugging Face's
+`tokenizer.json` (`decoders.tokenizer_json`) in a directory that has no `tokenizer.model`.
 
 Special-token text inside user text is NOT turned into special ids by default: "<|eot_id|>" or "<image>" typed by
 a user is encoded as ordinary characters (as meta-llama's `encode(..., allowed_special=set())` does), so a user
@@ -29,6 +30,9 @@ from pathlib import Path
 import sentencepiece as spm
 import tiktoken
 
+from .tokenizer_base import TokenizerError, check_ids, special_set
+from .tokenizer_json import JSON_FILE, JsonTokenizer
+
 # Llama 3 pre-tokenizer split pattern (meta-llama/llama3 `tokenizer.py`, same as cl100k).
 LLAMA3_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -40,10 +44,6 @@ SPECIALS_FILE = "tokenizer_specials.json"  # only written for tiktoken tokenizer
 # meta-llama/llama3 splits input so the Rust BPE never sees pathological inputs (stack / time blow-ups).
 TIKTOKEN_MAX_ENCODE_CHARS = 400_000
 MAX_NO_WHITESPACES_CHARS = 25_000
-
-
-class TokenizerError(ValueError):
-    """A tokenizer file or a token id that cannot be used; the message names the file or the id."""
 
 
 LLAMA4_MIN_RANKS = 200000  # Llama 3 files hold 128000 ranks, Llama 4's about 200000
@@ -68,26 +68,6 @@ def llama3_special_tokens(num_special: int = LLAMA3_NUM_SPECIAL) -> list[str]:
         "<|image|>",
     ]
     return named + [f"<|reserved_special_token_{2 + i}|>" for i in range(num_special - len(named))]
-
-
-def _special_set(allowed_special, specials: dict[str, int]) -> set[str]:
-    """Normalise allowed_special ("all" or an iterable of special strings) and reject unknown strings."""
-    if allowed_special == "all":
-        return set(specials)
-    allowed = set(allowed_special)
-    unknown = allowed - set(specials)
-    if unknown:
-        raise TokenizerError(f"allowed_special has strings that are not special tokens: {sorted(unknown)}")
-    return allowed
-
-
-def _check_ids(ids, vocab_size: int) -> list[int]:
-    """Ids as a list of Python ints, each in [0, vocab_size)."""
-    ids = [int(i) for i in ids]
-    for i in ids:
-        if not 0 <= i < vocab_size:
-            raise TokenizerError(f"token id {i} is out of range for a vocabulary of {vocab_size} tokens")
-    return ids
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -160,7 +140,7 @@ class SentencePieceTokenizer:
 
     def encode(self, text: str, bos: bool = False, eos: bool = False, allowed_special=()) -> list[int]:
         """Token ids of text; special strings are parsed only when listed in allowed_special (or it is "all")."""
-        allowed = _special_set(allowed_special, self.special_tokens)
+        allowed = special_set(allowed_special, self.special_tokens)
         ids = [self.bos_id] if bos and self.bos_id is not None else []
         if not allowed:
             ids += self.sp.encode(text)
@@ -181,7 +161,7 @@ class SentencePieceTokenizer:
         """The exact bytes of ids (byte pieces are not merged into characters; control pieces are empty)."""
         out = []
         first = True
-        for i in _check_ids(ids, self.vocab_size):
+        for i in check_ids(ids, self.vocab_size):
             b = self._piece_bytes[i]
             if first and b:
                 if self._strip_first_space and self._is_text(i) and b.startswith(b" "):
@@ -207,7 +187,7 @@ class SentencePieceTokenizer:
 
     def id_to_token(self, i: int) -> str:
         """The piece string of an id (e.g. "▁the", "<0xE2>")."""
-        return self.sp.id_to_piece(_check_ids([i], self.vocab_size)[0])
+        return self.sp.id_to_piece(check_ids([i], self.vocab_size)[0])
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Write the model as directory/tokenizer.model and return that path."""
@@ -406,7 +386,7 @@ class TiktokenTokenizer:
 
     def encode(self, text: str, bos: bool = False, eos: bool = False, allowed_special=()) -> list[int]:
         """Token ids of text; special strings are parsed only when listed in allowed_special (or it is "all")."""
-        allowed = _special_set(allowed_special, self.special_tokens)
+        allowed = special_set(allowed_special, self.special_tokens)
         ids = [self.bos_id] if bos and self.bos_id is not None else []
         for i in range(0, len(text), TIKTOKEN_MAX_ENCODE_CHARS):
             for piece in _split_long_runs(text[i : i + TIKTOKEN_MAX_ENCODE_CHARS], MAX_NO_WHITESPACES_CHARS):
@@ -418,7 +398,7 @@ class TiktokenTokenizer:
 
     def decode_bytes(self, ids) -> bytes:
         """The exact bytes of ids (special tokens as their text)."""
-        return self.model.decode_bytes(_check_ids(ids, self.vocab_size))
+        return self.model.decode_bytes(check_ids(ids, self.vocab_size))
 
     def decode(self, ids) -> str:
         """Text of ids; bytes that are not valid UTF-8 become U+FFFD."""
@@ -454,18 +434,21 @@ class TiktokenTokenizer:
 # --------------------------------------------------------------------------------------------------------------
 
 
-Tokenizer = SentencePieceTokenizer | TiktokenTokenizer
+Tokenizer = SentencePieceTokenizer | TiktokenTokenizer | JsonTokenizer
 
 _TIKTOKEN_LINE = re.compile(rb"[A-Za-z0-9+/]+={0,2} \d+\r?\n?")
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
-    """Load `tokenizer.model` (a file, or a directory holding one), detecting sentencepiece vs tiktoken ranks."""
+    """Load `tokenizer.model` (a file, or a directory holding one; sentencepiece or tiktoken ranks, told apart by
+    content) or, in a directory without one, Hugging Face's `tokenizer.json`."""
     path = Path(path)
     if path.is_dir():
+        if not (path / MODEL_FILE).is_file() and (path / JSON_FILE).is_file():
+            return JsonTokenizer(path)
         path = path / MODEL_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"tokenizer file not found: {path}")
+        raise FileNotFoundError(f"tokenizer file not found: {path} (nor {path.parent / JSON_FILE})")
     with open(path, "rb") as f:
         first_line = f.readline(4096)
     if _TIKTOKEN_LINE.fullmatch(first_line):

@@ -51,10 +51,24 @@ def _to_mono(samples: np.ndarray, source: str) -> np.ndarray:
 RAW_SUFFIXES = (".raw", ".pcm")  # headerless PCM: 16-bit signed little-endian mono at a rate the caller gives
 
 
-def _read_file(path: Path, sample_rate: int | None = None) -> tuple[np.ndarray, int]:
-    """Samples [S, C] float32 and the file's sample rate (`sample_rate`: a headerless file's rate)."""
+def _read_bounded(path: Path, max_seconds: float | None, **raw) -> tuple[np.ndarray, int]:
+    """Samples [S, C] float32 and the rate, reading at most `max_seconds` (+ one frame) of audio: a file whose
+    header or content runs longer fails before it is decoded whole (a compressed file can hold hours of silence)."""
     import soundfile as sf
 
+    with sf.SoundFile(str(path), **raw) as f:
+        rate = f.samplerate
+        limit = None if max_seconds is None else int(max_seconds * rate) + 1
+        if limit is not None and f.frames > limit:
+            raise AudioError(f"{path}: {f.frames / rate:.1f} s is longer than the limit of {max_seconds:g} s")
+        samples = f.read(frames=-1 if limit is None else limit, dtype="float32", always_2d=True)
+    if limit is not None and len(samples) >= limit:
+        raise AudioError(f"{path}: longer than the limit of {max_seconds:g} s")
+    return samples, int(rate)
+
+
+def _read_file(path: Path, sample_rate: int | None = None, max_seconds: float | None = None) -> tuple[np.ndarray, int]:
+    """Samples [S, C] float32 and the file's sample rate (`sample_rate`: a headerless file's rate)."""
     source = str(path)
     if not path.is_file():
         raise AudioError(f"{source}: no such audio file")
@@ -65,12 +79,10 @@ def _read_file(path: Path, sample_rate: int | None = None) -> tuple[np.ndarray, 
             raise AudioError(f"{source}: headerless PCM has no sample rate; pass sample_rate= to read it as 16-bit "
                              "signed little-endian mono, or convert it to WAV (sox -r RATE -e signed -b 16 -c 1 "
                              "in.raw out.wav)")
-        samples, _ = sf.read(str(path), dtype="float32", always_2d=True, samplerate=int(sample_rate), channels=1,
-                             subtype="PCM_16", endian="LITTLE", format="RAW")
-        return samples, int(sample_rate)
+        return _read_bounded(path, max_seconds, samplerate=int(sample_rate), channels=1, subtype="PCM_16",
+                             endian="LITTLE", format="RAW")
     try:
-        samples, rate = sf.read(str(path), dtype="float32", always_2d=True)
-        return samples, int(rate)
+        return _read_bounded(path, max_seconds)
     except RuntimeError as e:  # soundfile.LibsndfileError is a RuntimeError
         sf_error = e
     # libsndfile did not recognise the container: try librosa's audioread (ffmpeg) path for m4a/aac/...,
@@ -108,14 +120,17 @@ def load_audio(
     path_or_array: str | os.PathLike | np.ndarray | torch.Tensor,
     sample_rate: int | None = None,
     target_rate: int = SAMPLE_RATE,
+    max_seconds: float | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Read a file (or take an array with its `sample_rate`) as a mono float32 tensor [S] at `target_rate`.
 
-    A headerless `.raw`/`.pcm` file is 16-bit signed little-endian mono PCM at `sample_rate`, which it needs."""
+    A headerless `.raw`/`.pcm` file is 16-bit signed little-endian mono PCM at `sample_rate`, which it needs.
+    `max_seconds`: longer audio is an AudioError, raised (for files libsndfile reads) before more than that is decoded.
+    """
     if isinstance(path_or_array, (str, os.PathLike)):
         path = Path(path_or_array)
         source = str(path)
-        samples, rate = _read_file(path, sample_rate)
+        samples, rate = _read_file(path, sample_rate, max_seconds)
         if sample_rate is not None and sample_rate != rate:
             raise AudioError(f"{source}: the file says {rate} Hz but sample_rate={sample_rate} was given")
     else:
@@ -129,6 +144,8 @@ def load_audio(
         raise AudioError(f"{source}: sample rate must be positive, got {rate}")
     if samples.size == 0:
         raise AudioError(f"{source}: contains no samples")
+    if max_seconds is not None and max(samples.shape) > max_seconds * rate + 1:  # arrays, and the librosa fallback
+        raise AudioError(f"{source}: {max(samples.shape) / rate:.1f} s is longer than the limit of {max_seconds:g} s")
     samples = _to_mono(_to_float(samples, source), source)
     bad = ~np.isfinite(samples)
     if bad.any():

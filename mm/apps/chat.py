@@ -91,8 +91,9 @@ def history_to_messages(history: list[dict]) -> list[dict]:
     return out
 
 
-def check_file(path: str, max_upload_mb: float) -> str | None:
-    """Why the uploaded file cannot be used (too large, wrong type, unreadable), or None if it can."""
+def check_file(path: str, max_upload_mb: float, max_audio_seconds: float | None = None) -> str | None:
+    """Why the uploaded file cannot be used (too large, wrong type, unreadable, audio too long), or None if it can.
+    Audio is decoded no further than `max_audio_seconds`: a small compressed file may hold hours of audio."""
     name = Path(path).name
     if not Path(path).is_file():
         return f"{name}: the upload is missing on the server; upload it again"
@@ -104,8 +105,8 @@ def check_file(path: str, max_upload_mb: float) -> str | None:
     if kind is None:
         return (f"{name}: {Path(path).suffix or 'no suffix'} files are not supported; upload an image "
                 f"({', '.join(IMAGE_SUFFIXES)}) or audio ({', '.join(AUDIO_SUFFIXES)})")
-    try:  # decode it now, so a .txt renamed .png is named here; limits (audio length) are the processor's to tell
-        load_image(path) if kind == "image" else load_audio(path)
+    try:  # decode it now, so a .txt renamed .png is named here
+        load_image(path) if kind == "image" else load_audio(path, max_seconds=max_audio_seconds)
     except (ImageError, AudioError) as e:
         reason = str(e).replace(path, name)  # the upload's name, not the server's cache path
         return reason if reason.startswith(name) else f"{name}: {reason}"
@@ -116,7 +117,8 @@ def make_respond(model, max_upload_mb: float = 10, max_new_tokens: int = 64):
     """The chat handler `respond(message, history)` -> iterator of the reply so far (for gr.ChatInterface).
 
     `message` is the multimodal textbox's value {"text": str, "files": [path]}; `history` Gradio's list of
-    {"role", "content"} messages. Problems are replies starting with ERROR_MARK, never exceptions."""
+    {"role", "content"} messages. Problems are replies starting with ERROR_MARK, never exceptions. Uploaded audio
+    longer than `model.config.max_audio_seconds` is refused before it is decoded whole."""
     def respond(message: dict | str, history: list[dict]) -> Iterator[str]:
         """Stream the model's reply to `message` after `history`."""
         if isinstance(message, str):
@@ -126,7 +128,8 @@ def make_respond(model, max_upload_mb: float = 10, max_new_tokens: int = 64):
         if not text and not files:
             yield f"{ERROR_MARK} The message is empty: type a question or upload an image or audio file."
             return
-        problems = [p for p in (check_file(f, max_upload_mb) for f in files) if p]
+        max_seconds = model.config.max_audio_seconds
+        problems = [p for p in (check_file(f, max_upload_mb, max_seconds) for f in files) if p]
         if problems:
             yield f"{ERROR_MARK} " + "\n".join(problems)
             return
@@ -137,7 +140,10 @@ def make_respond(model, max_upload_mb: float = 10, max_new_tokens: int = 64):
                 reply += piece
                 yield reply.strip()
         except ValueError as e:  # InputError, AudioError, ImageError, a prompt past the context, ...
-            yield f"{ERROR_MARK} {e}"
+            reason = str(e)
+            for f in files:  # the uploads' names, not the server's cache paths
+                reason = reason.replace(f, Path(f).name)
+            yield f"{ERROR_MARK} {reason}"
             return
         except Exception as e:  # the server must keep serving; the log has the traceback
             log.exception("chat failed")

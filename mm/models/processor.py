@@ -84,7 +84,7 @@ class MultimodalProcessor:
             elif isinstance(audio, torch.Tensor):
                 wave, _ = load_audio(audio, sample_rate=self.sample_rate, target_rate=self.sample_rate)
             elif isinstance(audio, (str, os.PathLike)):
-                wave, _ = load_audio(audio, target_rate=self.sample_rate)
+                wave, _ = load_audio(audio, target_rate=self.sample_rate, max_seconds=self.max_audio_seconds)
             else:
                 raise InputError(f"audio {index}: expected a path, a (waveform, sampling_rate) pair or a tensor at "
                                  f"{self.sample_rate} Hz, got {type(audio).__name__}")

@@ -178,3 +178,28 @@ def test_headerless_pcm_needs_its_rate_and_then_reads_like_the_wav(tmp_path):
     sf.write(str(tmp_path / "tone.wav"), tone, 8000, subtype="PCM_16")
     wav, _ = load_audio(tmp_path / "tone.wav")
     assert torch.equal(raw, wav)
+
+
+def test_audio_bomb_is_refused_before_it_is_decoded(tmp_path, monkeypatch):
+    """30 minutes of 48 kHz stereo silence compress to a small FLAC; with a limit, reading stops at the header (or
+    after the limit's worth of samples when the header does not say), never decoding the half hour."""
+    import soundfile
+
+    path = tmp_path / "bomb.flac"
+    with soundfile.SoundFile(str(path), "w", 48000, 2, "PCM_16") as f:
+        block = np.zeros((48000 * 60, 2), dtype=np.int16)
+        for _ in range(30):
+            f.write(block)
+    assert path.stat().st_size < 2_000_000
+    reads = []
+    real_read = soundfile.SoundFile.read
+    monkeypatch.setattr(soundfile.SoundFile, "read", lambda self, frames=-1, **kw: reads.append(frames) or
+                        real_read(self, frames, **kw))
+    with pytest.raises(AudioError, match=r"bomb.flac: 1800.0 s is longer than the limit of 30 s"):
+        load_audio(path, max_seconds=30)
+    assert reads == []  # refused from the header
+    sf.write(str(tmp_path / "ok.wav"), tone(440, 16000, 2.0), 16000)
+    wave, _ = load_audio(tmp_path / "ok.wav", max_seconds=30)  # under the limit: read whole
+    assert wave.shape == (32000,) and reads[-1] == 30 * 16000 + 1
+    with pytest.raises(AudioError, match=r"longer than the limit of 1 s"):
+        load_audio(np.zeros(32000, np.float32), sample_rate=16000, max_seconds=1)

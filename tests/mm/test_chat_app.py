@@ -122,7 +122,7 @@ def test_input_error_text_is_shown(model, tmp_path):
     seconds = model.config.max_audio_seconds + 1
     sf.write(long, np.zeros(int(seconds * 16000), dtype=np.float32), 16000)
     replies = list(make_respond(model)({"text": "transcribe the audio.", "files": [str(long)]}, []))
-    assert replies == [f"{ERROR_MARK} audio 0: {seconds:.1f} s is longer than the limit of "
+    assert replies == [f"{ERROR_MARK} long.wav: {seconds:.1f} s is longer than the limit of "
                        f"{model.config.max_audio_seconds:g} s"]
 
 
@@ -254,7 +254,7 @@ class Recorder:
     """The model, noting the messages of each chat (to find where the server put a microphone recording)."""
 
     def __init__(self, model):
-        self.model, self.calls = model, []
+        self.model, self.calls, self.config = model, [], model.config
 
     def chat(self, messages, **kwargs):
         self.calls.append(messages)

@@ -73,3 +73,26 @@ def test_mm_generate_refuses_nonsense_options(tmp_path, capsys):
     model = LlamaForCausalLM.from_pretrained(model_dir)
     with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 0, got '5'"):
         model.generate(torch.tensor([[1, 5]]), max_new_tokens="5")
+
+
+def test_mm_generate_reads_a_directory_with_only_tokenizer_json(tmp_path, capsys):
+    """The same model and vocabulary, once with tokenizer.model and once with only the tokenizer.json transformers
+    converts it to: the same continuation."""
+    import json
+
+    import transformers
+
+    from mm.apps.cli import main
+
+    model_dir, _ = make_checkpoint(tmp_path)
+    json_dir = tmp_path / "json_only"
+    shutil.copytree(model_dir, json_dir)
+    (json_dir / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer",
+                                                                "bos_token": "<s>", "eos_token": "</s>"}))
+    transformers.AutoTokenizer.from_pretrained(json_dir).save_pretrained(json_dir)
+    (json_dir / "tokenizer.model").unlink()
+    outs = []
+    for d in (model_dir, json_dir):
+        assert main(["generate", "--model", str(d), "--prompt", "a red circle", "--max-new-tokens", "8"]) == 0
+        outs.append(capsys.readouterr().out.rsplit("\n[", 1)[0])
+    assert outs[0] == outs[1] and len(outs[0]) > len("a red circle")
