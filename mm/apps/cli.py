@@ -52,6 +52,9 @@ def cmd_bench(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = "cuda" if args.cuda else "cpu"
+    unknown = sorted(set(args.sizes.split(",")) - set(bench.LLAMA_SIZES))
+    if unknown:
+        raise ValueError(f"--sizes: unknown size(s) {', '.join(unknown)}; choose from {', '.join(bench.LLAMA_SIZES)}")
     bench.run(sizes=args.sizes.split(","), dtypes=args.dtypes.split(","), batches=[int(b) for b in args.batches.split(",")],
               new_tokens=args.new_tokens, repeats=args.repeats, compile=not args.no_compile, vit=not args.no_vit,
               speech=speech, device=device, out=args.out)

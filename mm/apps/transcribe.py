@@ -87,6 +87,7 @@ def run_transcribe(files: list[str], model_dir: str | None, decode: str | None =
                    out_dir: str | None = None, progress: bool | None = None, device: str = "cpu",
                    language: str | None = None, region: str | None = None) -> list[Transcript]:
     """Transcribe files in batches and write them in fmt to `out` (default stdout) or to out_dir/<name><suffix>.
+    A file that cannot be decoded does not stop the others: they are written, then a ValueError names each failure.
 
     decode / beam: the search (see --decode) and its width (None: 10 for ESPnet/Dolphin models, 4 for the multimodal).
     progress: a tqdm bar over the decoded windows on stderr (None: only when stderr is a terminal).
@@ -108,18 +109,33 @@ def run_transcribe(files: list[str], model_dir: str | None, decode: str | None =
     if beam is not None and beam < 1:
         raise ValueError(f"--beam must be >= 1, got {beam}")
     model = load(model_dir, expect=TRANSCRIBERS, device=device)
-    if not isinstance(model, ASRModel):  # the multimodal model: the decoder writes the text, the CTC head times the words
-        if decode not in MULTIMODAL_CTC_WEIGHT:
-            raise ValueError(f"--decode {decode}: the multimodal model decodes with ctc (its CTC head alone), "
-                             "attention (its decoder alone) or joint (both, the default)")
-        results = [model.transcript(str(f), source=str(f), ctc_weight=MULTIMODAL_CTC_WEIGHT[decode],
-                                    beam_size=beam or 4) for f in files]
-        if not timestamps:
-            for r in results:
-                r.segments[0].words = []
-    else:
-        results = model.transcribe([str(f) for f in files], decode=decode, beam=beam or 10, timestamps=timestamps,
-                                   batch_size=batch_size, progress=progress, language=language, region=region)
+    if not isinstance(model, ASRModel) and decode not in MULTIMODAL_CTC_WEIGHT:
+        raise ValueError(f"--decode {decode}: the multimodal model decodes with ctc (its CTC head alone), "
+                         "attention (its decoder alone) or joint (both, the default)")
+
+    def decode_files(paths: list[str]) -> list[Transcript]:
+        if isinstance(model, ASRModel):
+            return model.transcribe(paths, decode=decode, beam=beam or 10, timestamps=timestamps,
+                                    batch_size=batch_size, progress=progress, language=language, region=region)
+        # the multimodal model: the decoder writes the text, the CTC head times the words
+        out = [model.transcript(f, source=f, ctc_weight=MULTIMODAL_CTC_WEIGHT[decode], beam_size=beam or 4)
+               for f in paths]
+        for r in out if not timestamps else []:
+            r.segments[0].words = []
+        return out
+
+    files = [str(f) for f in files]
+    failed: dict[str, str] = {}
+    try:
+        results = decode_files(files)
+    except ValueError:  # one bad file must not cost the others: decode them one by one, naming each failure
+        results = []
+        for f in files:
+            try:
+                results += decode_files([f])
+            except ValueError as e:
+                failed[f] = str(e).removeprefix("audio 0: ")
+        files = [f for f in files if f not in failed]
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -131,6 +147,9 @@ def run_transcribe(files: list[str], model_dir: str | None, decode: str | None =
             (out_dir / (Path(f).stem + SUFFIX[fmt])).write_text(text, encoding="utf-8")
     else:
         (out or sys.stdout).write(render(results, fmt, timestamps))
+    if failed:
+        raise ValueError(f"{len(failed)} of {len(failed) + len(files)} files failed (the others were written): "
+                         + "; ".join(failed.values()))
     return results
 
 

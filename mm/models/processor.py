@@ -33,7 +33,9 @@ def flatten_parts(messages) -> tuple[list[dict], list, list]:
     """Messages with list contents -> (messages with placeholder strings, images in order, audios in order)."""
     if isinstance(messages, dict):
         messages = [messages]
-    if not isinstance(messages, (list, tuple)) or not messages:
+    if not isinstance(messages, (list, tuple)):
+        raise InputError(f"a conversation must be a list of {{'role', 'content'}} messages, got {type(messages).__name__}")
+    if not messages:
         raise InputError("messages is empty: give at least one {'role': 'user', 'content': ...} message")
     out, images, audios = [], [], []
     for k, m in enumerate(messages):
@@ -49,6 +51,8 @@ def flatten_parts(messages) -> tuple[list[dict], list, list]:
         for part in content:
             kind = part.get("type") if isinstance(part, dict) else None
             if kind == "text":
+                if not isinstance(part.get("text", ""), str):
+                    raise InputError(f"message {k}: a text part's text must be a str, got {type(part['text']).__name__}")
                 text += part.get("text", "")
             elif kind == "image":
                 text += IMAGE_PLACEHOLDER
@@ -62,6 +66,18 @@ def flatten_parts(messages) -> tuple[list[dict], list, list]:
                                  f"got {part!r:.200}")
         out.append({"role": m["role"], "content": text})
     return out, images, audios
+
+
+def as_list(media, name: str) -> list:
+    """`images=` / `audios=` as a list: one path, bytes, PIL image or (waveform, rate) pair is a list of one."""
+    if media is None:
+        return []
+    if isinstance(media, (str, bytes, os.PathLike)) or hasattr(media, "getpixel") or (
+            isinstance(media, tuple) and len(media) == 2 and isinstance(media[1], int)):
+        return [media]
+    if not isinstance(media, (list, tuple)):
+        raise InputError(f"{name} must be a list (or one item), got {type(media).__name__}")
+    return list(media)
 
 
 class MultimodalProcessor:
@@ -127,7 +143,7 @@ class MultimodalProcessor:
             conversations = [conversations]
         if not conversations:
             raise InputError("messages is empty: give at least one {'role': 'user', 'content': ...} message")
-        images, audios = list(images or []), list(audios or [])
+        images, audios = as_list(images, "images"), as_list(audios, "audios")
         flat, per_images, per_audios = [], [], []
         for c in conversations:
             if isinstance(c, str):

@@ -331,3 +331,15 @@ def test_out_dir_refuses_two_inputs_with_one_output_name(model_dir, tmp_path):
     with pytest.raises(ValueError, match=r"question.flac and .*question.wav would both write question.txt"):
         run_transcribe([str(a), str(b)], str(model_dir), out_dir=str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()  # refused before anything was decoded or written
+
+
+def test_one_bad_file_does_not_cost_the_others(model_dir, tmp_path):
+    good = [write(tmp_path / f"talk{k}.wav", speechlike(1.2, k)) for k in range(2)]
+    bad = tmp_path / "notes.wav"
+    bad.write_text("not audio")
+    with pytest.raises(ValueError, match=r"1 of 3 files failed \(the others were written\): .*notes.wav: not a "
+                                         r"readable audio file"):
+        run_transcribe([str(good[0]), str(bad), str(good[1])], str(model_dir), out_dir=str(tmp_path / "out"))
+    alone = [run_transcribe([str(g)], str(model_dir), out=io.StringIO())[0].text for g in good]
+    assert [(tmp_path / "out" / f"talk{k}.txt").read_text().strip() for k in range(2)] == [t.strip() for t in alone]
+    assert not (tmp_path / "out" / "notes.txt").exists()
