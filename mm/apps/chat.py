@@ -91,6 +91,23 @@ def history_to_messages(history: list[dict]) -> list[dict]:
     return out
 
 
+def fit_context(model, messages: list[dict], max_new_tokens: int) -> list[dict]:
+    """The conversation cut to fit the context window with room for the reply: the oldest turns (a user message and
+    the answer to it, with their images and audio) go first; the newest message always stays (if it alone is too long,
+    the model says so). Found by bisection over how many turns to drop, each try one pass of the processor."""
+    window = model.config.text.max_position_embeddings
+    processor = model.processor()
+
+    def fits(k: int) -> bool:  # k: turns dropped
+        return processor(messages[2 * k:])["input_ids"].shape[1] + max_new_tokens <= window
+
+    lo, hi = 0, (len(messages) - 1) // 2  # dropping hi turns leaves the newest message alone
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if fits(mid) else (mid + 1, hi)
+    return messages[2 * lo:]
+
+
 def check_file(path: str, max_upload_mb: float, max_audio_seconds: float | None = None) -> str | None:
     """Why the uploaded file cannot be used (too large, wrong type, unreadable, audio too long), or None if it can.
     Audio is decoded no further than `max_audio_seconds`: a small compressed file may hold hours of audio."""
@@ -118,7 +135,8 @@ def make_respond(model, max_upload_mb: float = 10, max_new_tokens: int = 64):
 
     `message` is the multimodal textbox's value {"text": str, "files": [path]}; `history` Gradio's list of
     {"role", "content"} messages. Problems are replies starting with ERROR_MARK, never exceptions. Uploaded audio
-    longer than `model.config.max_audio_seconds` is refused before it is decoded whole."""
+    longer than `model.config.max_audio_seconds` is refused before it is decoded whole. A conversation longer than
+    the context window forgets its oldest turns (`fit_context`)."""
     def respond(message: dict | str, history: list[dict]) -> Iterator[str]:
         """Stream the model's reply to `message` after `history`."""
         if isinstance(message, str):
@@ -136,6 +154,7 @@ def make_respond(model, max_upload_mb: float = 10, max_new_tokens: int = 64):
         messages = history_to_messages(history) + [{"role": "user", "content": user_content(text, files)}]
         reply = ""
         try:
+            messages = fit_context(model, messages, max_new_tokens)
             for piece in model.chat(messages, stream=True, max_new_tokens=max_new_tokens):
                 reply += piece
                 yield reply.strip()

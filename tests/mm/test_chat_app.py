@@ -254,7 +254,10 @@ class Recorder:
     """The model, noting the messages of each chat (to find where the server put a microphone recording)."""
 
     def __init__(self, model):
-        self.model, self.calls, self.config = model, [], model.config
+        self.model, self.calls = model, []
+
+    def __getattr__(self, name):  # everything else is the model's
+        return getattr(self.model, name)
 
     def chat(self, messages, **kwargs):
         self.calls.append(messages)
@@ -329,3 +332,26 @@ def test_browser_chat(model_dir, model, media, browser):
         demo.close()
     with pytest.raises(OSError):  # stopped: nothing listens on the port any more
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+
+def test_fifty_turns_stay_in_the_context_window(model):
+    """50 turns about an image, far past the 512-token window: every turn is answered, from the newest turns that fit
+    (the answer to turn 50 is the model's answer to the conversation cut by fit_context), never an error."""
+    from mm.apps.chat import fit_context, history_to_messages, user_content
+
+    scene = str(EXAMPLES_DIR / "scene.png")
+    respond = make_respond(model, max_new_tokens=16)
+    history = []
+    for turn in range(50):
+        message = {"text": "what colour is the star?" if turn % 2 else "describe the image.", "files": [scene]}
+        reply = list(respond(message, history))[-1]
+        assert not reply.startswith(ERROR_MARK), (turn, reply)
+        history += [{"role": "user", "content": message["text"]}, {"role": "user", "content": {"path": scene}},
+                    {"role": "assistant", "content": reply}]
+    messages = history_to_messages(history[:-3]) + [{"role": "user", "content": user_content(message["text"], [scene])}]
+    kept = fit_context(model, messages, 16)
+    window = model.config.text.max_position_embeddings
+    assert 1 < len(kept) < len(messages) and kept == messages[len(messages) - len(kept):]
+    assert model.processor()(kept)["input_ids"].shape[1] + 16 <= window < model.processor()(messages[-len(kept) - 2:])[
+        "input_ids"].shape[1] + 16  # as many turns as fit, and not one more
+    assert reply == model.chat(kept, max_new_tokens=16)
