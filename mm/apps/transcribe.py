@@ -118,10 +118,10 @@ def run_transcribe(files: list[str], model_dir: str | None, decode: str | None =
             return model.transcribe(paths, decode=decode, beam=beam or 10, timestamps=timestamps,
                                     batch_size=batch_size, progress=progress, language=language, region=region)
         # the multimodal model: the decoder writes the text, the CTC head times the words
-        out = [model.transcript(f, source=f, ctc_weight=MULTIMODAL_CTC_WEIGHT[decode], beam_size=beam or 4)
-               for f in paths]
-        for r in out if not timestamps else []:
-            r.segments[0].words = []
+        out = [model.transcript(f, source=f, ctc_weight=MULTIMODAL_CTC_WEIGHT[decode], beam_size=beam or 4,
+                                progress=sys.stderr.isatty() if progress is None else progress) for f in paths]
+        for segment in [sg for r in out for sg in r.segments] if not timestamps else []:
+            segment.words = []
         return out
 
     files = [str(f) for f in files]

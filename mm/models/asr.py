@@ -230,10 +230,11 @@ class Transcript:
 
 
 def speech_windows(wave: torch.Tensor, sample_rate: int = 16000, max_window: float = 30.0, min_silence: float = 0.3,
-                   pad: float = 0.2) -> list[tuple[int, int]]:
+                   pad: float = 0.2, pack: bool = True) -> list[tuple[int, int]]:
     """Energy VAD: [start, end) sample ranges of at most max_window seconds that hold the speech of wave [S].
 
-    See the module docstring for the rule. Returns [] when no frame is above the threshold.
+    See the module docstring for the rule; `pack=False` keeps each speech run its own window (for models trained on
+    single utterances). Returns [] when no frame is above the threshold.
     """
     hop = sample_rate // 100  # 10 ms frames
     n = wave.numel() // hop
@@ -277,7 +278,7 @@ def speech_windows(wave: torch.Tensor, sample_rate: int = 16000, max_window: flo
         pieces.append((s, e))
     windows = []  # pack consecutive pieces while the window stays within max_window
     for s, e in pieces:
-        if windows and e - windows[-1][0] <= max_frames:
+        if pack and windows and e - windows[-1][0] <= max_frames:
             windows[-1] = (windows[-1][0], e)
         else:
             windows.append((s, e))

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+from tqdm import tqdm
 
 from decoders.checkpoint import CheckpointError, check_config_keys, read_hf_weights, read_json
 from decoders.ctc import CTC, ctc_greedy_decode
@@ -264,15 +265,36 @@ class MultimodalModel(LlavaForConditionalGeneration):
 
     @torch.inference_mode()
     def transcript(self, audio, source: str | None = None, max_new_tokens: int = 96, ctc_weight: float = 0.5,
-                   beam_size: int = 4):
-        """`mm.models.asr.Transcript` of one utterance: the text of `transcribe`, and word times from a CTC forced
-        alignment of its tokens on the encoder's CTC posteriors (words the alignment cannot place get none)."""
+                   beam_size: int = 4, progress: bool = False):
+        """`mm.models.asr.Transcript` of a recording: the text of `transcribe`, and word times from a CTC forced
+        alignment of its tokens on the encoder's CTC posteriors (words the alignment cannot place get none).
+
+        A recording longer than `max_audio_seconds` is cut into its speech runs (the energy VAD of the ESPnet/Dolphin
+        path, `mm.models.asr.speech_windows`, without packing runs together: the model learnt single utterances), at
+        most that long each, decoded one after the other (a tqdm bar when `progress`), one Segment each with times in
+        the recording; the silence between them is not decoded."""
+        from mm.models.asr import Transcript, speech_windows
+
+        rate = self.config.speech.frontend.sample_rate
+        wave = self.processor().load_audio(audio, whole=True)  # [S]
+        if wave.numel() <= self.config.max_audio_seconds * rate:
+            windows = [(0, wave.numel())]
+        else:
+            windows = speech_windows(wave, rate, max_window=self.config.max_audio_seconds, pack=False)
+        segments = [self._segment(wave[s:e], s / rate, max_new_tokens, ctc_weight, beam_size)
+                    for s, e in tqdm(windows, desc="transcribing", unit="window", disable=not progress, file=sys.stderr)]
+        text = " ".join(sg.text for sg in segments if sg.text)
+        return Transcript(text, [t for sg in segments for t in sg.tokens], [i for sg in segments for i in sg.token_ids],
+                          segments, wave.numel() / rate, source=source)
+
+    def _segment(self, wave: torch.Tensor, offset: float, max_new_tokens: int, ctc_weight: float, beam_size: int):
+        """The Segment of one window wave [S] that starts `offset` seconds into the recording."""
         from decoders.ctc import ctc_forced_align
 
-        from mm.models.asr import Segment, Transcript, timed_words
+        from mm.models.asr import Segment, timed_words
 
-        ids, log_probs, n_samples = self._joint_transcribe(audio, max_new_tokens, ctc_weight, beam_size)
-        text = self.tokenizer.decode(ids).strip()
+        rate = self.config.speech.frontend.sample_rate
+        ids, log_probs, n_samples = self._joint_transcribe((wave, rate), max_new_tokens, ctc_weight, beam_size)
         try:
             spans = ctc_forced_align(log_probs, ids) if ids else []
         except ValueError:  # more tokens than frames
@@ -283,10 +305,9 @@ class MultimodalModel(LlavaForConditionalGeneration):
             if piece.startswith("\u2581") or not groups:
                 groups.append([])
             groups[-1].append((i, span))
-        words = timed_words(groups, self.tokenizer.decode, self.config.speech.frame_shift)
-        duration = n_samples / self.config.speech.frontend.sample_rate
-        segment = Segment(0.0, round(duration, 3), text, pieces, ids, words)
-        return Transcript(text, pieces, ids, [segment], duration, source=source)
+        words = timed_words(groups, self.tokenizer.decode, self.config.speech.frame_shift, offset)
+        end = offset + n_samples / rate
+        return Segment(round(offset, 3), round(end, 3), self.tokenizer.decode(ids).strip(), pieces, ids, words)
 
     @torch.inference_mode()
     def ctc_transcribe(self, audio) -> str:

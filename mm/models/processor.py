@@ -92,22 +92,24 @@ class MultimodalProcessor:
         self.template, self.system = template, system
         self.max_audio_seconds, self.sample_rate = max_audio_seconds, sample_rate
 
-    def load_audio(self, audio, index: int = 0) -> torch.Tensor:
-        """One waveform [S] at the model's rate from a path, (array, rate) or a 1-D tensor already at that rate."""
+    def load_audio(self, audio, index: int = 0, whole: bool = False) -> torch.Tensor:
+        """One waveform [S] at the model's rate from a path, (array, rate) or a 1-D tensor already at that rate; longer
+        than max_audio_seconds is an InputError unless `whole` (a recording to be cut into windows)."""
+        limit = None if whole else self.max_audio_seconds
         try:
             if isinstance(audio, tuple):
                 wave, _ = load_audio(audio[0], sample_rate=audio[1], target_rate=self.sample_rate)
             elif isinstance(audio, torch.Tensor):
                 wave, _ = load_audio(audio, sample_rate=self.sample_rate, target_rate=self.sample_rate)
             elif isinstance(audio, (str, os.PathLike)):
-                wave, _ = load_audio(audio, target_rate=self.sample_rate, max_seconds=self.max_audio_seconds)
+                wave, _ = load_audio(audio, target_rate=self.sample_rate, max_seconds=limit)
             else:
                 raise InputError(f"audio {index}: expected a path, a (waveform, sampling_rate) pair or a tensor at "
                                  f"{self.sample_rate} Hz, got {type(audio).__name__}")
         except AudioError as e:
             raise InputError(f"audio {index}: {e}") from e
         seconds = wave.shape[0] / self.sample_rate
-        if seconds > self.max_audio_seconds:
+        if limit is not None and seconds > limit:
             raise InputError(f"audio {index}: {seconds:.1f} s is longer than the limit of {self.max_audio_seconds:g} s")
         return wave
 

@@ -86,6 +86,29 @@ def test_transcribe_decode_options_act_on_the_multimodal_model(model, tmp_path):
         run_transcribe([path], None, decode="rescore")
 
 
+def test_long_recording_is_transcribed_by_its_speech_runs(model, tmp_path):
+    """40 s (over the 30 s a prompt takes): the question four times, 10 s of silence apart. Each run is its own
+    segment with the clip's own transcript, at the clip's place; its words are those of its window transcribed
+    alone, moved by the window's offset."""
+    wave, rate = sf.read(str(example("question.wav")), dtype="float32")
+    silence = np.zeros(10 * rate, np.float32)
+    starts = [1.0 + k * (len(wave) / rate + 10) for k in range(4)]
+    sf.write(str(tmp_path / "long.wav"), np.concatenate([silence[:rate]] + [np.concatenate([wave, silence])] * 4), rate)
+    alone = model.transcript(str(example("question.wav")))
+    long = model.transcript(str(tmp_path / "long.wav"))
+    assert long.duration > model.config.max_audio_seconds and len(long.segments) == 4
+    assert long.text == " ".join([alone.text] * 4)
+    recording = np.concatenate([silence[:rate]] + [np.concatenate([wave, silence])] * 4)
+    for segment, start in zip(long.segments, starts):
+        assert segment.text == alone.text and start - 0.25 <= segment.start <= start
+        window = recording[round(segment.start * rate):round(segment.end * rate)]
+        own = model.transcript((window, rate)).words
+        assert [(w.text, w.start, w.end) for w in segment.words] == [
+            (w.text, round(w.start + segment.start, 3), round(w.end + segment.start, 3)) for w in own]
+    done = mm_cli("transcribe", str(tmp_path / "long.wav"))
+    assert done.returncode == 0 and done.stdout.count(alone.text) == 4, done.stderr
+
+
 def test_console_commands_on_the_bundled_examples(tmp_path):
     done = mm_cli("caption")
     assert done.returncode == 0, done.stderr
@@ -112,8 +135,10 @@ def test_bad_input_through_the_command_line_and_api(model, tmp_path):
     assert done.returncode == 2 and "photo.png" in done.stderr and "Traceback" not in done.stderr
     long = tmp_path / "long.wav"
     sf.write(long, np.zeros(16000 * 40, np.float32), 16000)
-    done = mm_cli("transcribe", str(long))
-    assert done.returncode == 2 and "longer than the limit of 30 s" in done.stderr
+    done = mm_cli("transcribe", str(long))  # 40 s of silence: no speech run, so no text (nothing made up)
+    assert done.returncode == 0 and done.stdout.strip() == "", done.stderr
+    with pytest.raises(InputError, match="long.wav: 40.0 s is longer than the limit of 30 s"):
+        model.chat([{"role": "user", "content": [{"type": "audio", "audio": str(long)}]}])
     done = mm_cli("caption", str(tmp_path / "missing.png"))
     assert done.returncode == 2 and "missing.png" in done.stderr
     with pytest.raises(InputError, match="photo.png"):
