@@ -52,6 +52,16 @@ class LlamaConfig:
     pad_token_id: int | None = None
 
     def __post_init__(self):
+        sizes = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "head_dim", "max_position_embeddings")
+        for name in sizes:
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise ValueError(f"config {name} must be a positive integer, got {v!r} ({type(v).__name__})")
+        for name in ("rms_norm_eps", "rope_theta"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0:
+                raise ValueError(f"config {name} must be a positive number, got {v!r} ({type(v).__name__})")
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
@@ -325,7 +335,12 @@ class LlamaForCausalLM(nn.Module):
         path = Path(path)
         if not path.is_dir():
             raise CheckpointError(f"{path}: not a model directory")
-        cfg = LlamaConfig.from_hf(read_json(path / "config.json"))
+        try:
+            cfg = LlamaConfig.from_hf(read_json(path / "config.json"))
+        except CheckpointError:
+            raise
+        except ValueError as e:
+            raise CheckpointError(f"{path / 'config.json'}: {e}") from e
         state_dict = convert_hf_state_dict(read_hf_weights(path), cfg, source=str(path))
         return cls.from_state_dict(cfg, state_dict, dtype, device, source=str(path))
 

@@ -108,10 +108,14 @@ def run_transcribe(files: list[str], model_dir: str | None, decode: str | None =
             seen[name] = str(f)
     if beam is not None and beam < 1:
         raise ValueError(f"--beam must be >= 1, got {beam}")
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
     model = load(model_dir, expect=TRANSCRIBERS, device=device)
     if not isinstance(model, ASRModel) and decode not in MULTIMODAL_CTC_WEIGHT:
         raise ValueError(f"--decode {decode}: the multimodal model decodes with ctc (its CTC head alone), "
                          "attention (its decoder alone) or joint (both, the default)")
+    if not isinstance(model, ASRModel) and (language or region):
+        raise ValueError("--language / --region choose a Dolphin-style model's prompt; the multimodal model has none")
 
     def decode_files(paths: list[str]) -> list[Transcript]:
         if isinstance(model, ASRModel):

@@ -221,9 +221,9 @@ class MultimodalModel(LlavaForConditionalGeneration):
         from decoders.generate import stream_text
 
         h = self._inputs_embeds(inputs)
-        yield from stream_text(self.language_model, self.tokenizer, inputs["input_ids"].to(self.device),
-                               attention_mask=inputs["attention_mask"], inputs_embeds=h,
-                               max_new_tokens=max_new_tokens, **kwargs)
+        yield from stripped(stream_text(self.language_model, self.tokenizer, inputs["input_ids"].to(self.device),
+                                        attention_mask=inputs["attention_mask"], inputs_embeds=h,
+                                        max_new_tokens=max_new_tokens, **kwargs))
 
     def captions(self, images, prompt: str | None = None, batch_size: int = 8, max_new_tokens: int = 64,
                  progress: bool | None = None) -> list[str]:
@@ -342,6 +342,22 @@ class MultimodalModel(LlavaForConditionalGeneration):
         """Write config.json, model.safetensors, tokenizer.model (if any) and preprocessor_config.json."""
         super().save_pretrained(path)
         (Path(path) / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2))
+
+
+def stripped(pieces: Iterator[str]) -> Iterator[str]:
+    """Text pieces whose concatenation is `"".join(pieces).strip()`, as `chat` returns the whole reply: leading
+    whitespace is dropped, trailing whitespace held back until more text follows it."""
+    started, held = False, ""
+    for piece in pieces:
+        if not started:
+            piece = piece.lstrip()
+            started = bool(piece)
+        body = piece.rstrip()
+        if body:
+            yield held + body
+            held = piece[len(body):]
+        else:
+            held += piece
 
 
 def _transcribe_messages(audio) -> list[dict]:

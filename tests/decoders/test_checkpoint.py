@@ -38,3 +38,19 @@ def test_json_that_is_not_an_object_is_named(tmp_path):
         read_json(tmp_path / "config.json")
     with pytest.raises(CheckpointError, match=r"config.json: holds a JSON list"):
         LlamaForCausalLM.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("hidden_size", "256", "config hidden_size must be a positive integer, got '256' (str)"),
+    ("max_position_embeddings", 1e9, "config max_position_embeddings must be a positive integer, got 1000000000.0"),
+    ("num_hidden_layers", 0, "config num_hidden_layers must be a positive integer, got 0 (int)"),
+    ("rms_norm_eps", "1e-5", "config rms_norm_eps must be a positive number, got '1e-5' (str)"),
+])
+def test_config_values_of_the_wrong_type_are_named(tmp_path, key, value, message):
+    make_hf_llama(tmp_path, num_key_value_heads=2)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg[key] = value
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError) as e:
+        LlamaForCausalLM.from_pretrained(tmp_path)
+    assert f"config.json: {message}" in str(e.value)

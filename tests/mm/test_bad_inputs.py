@@ -41,6 +41,8 @@ def test_one_image_path_is_one_image(model):
     (["bench", "--sizes", "7b", "--no-vit", "--no-speech"], "mm bench: error: --sizes: unknown size(s) 7b"),
     (["chat", "--port", "99999"], "mm chat: error: --port must lie in 0..65535, got 99999"),
     (["transcribe", "--beam", "0"], "--beam must be >= 1, got 0"),
+    (["transcribe", "--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    (["transcribe", "--language", "xx"], "--language / --region choose a Dolphin-style model's prompt"),
 ])
 def test_command_line_errors_exit_2_with_a_message(argv, message, capsys):
     assert main(argv) == 2

@@ -47,7 +47,8 @@ def test_default_model_hears_and_answers(model):
     spoken = [{"role": "user", "content": [{"type": "image", "image": scene}, {"type": "audio", "audio": question}]}]
     assert model.chat(spoken) in COLOURS  # it heard a colour question (which colour: see the README's figures)
     typed = [{"role": "user", "content": "<image>\n" + TRUTH["question.wav"]["text"]}]
-    assert "".join(model.chat(typed, images=[scene], stream=True)).strip() == model.chat(typed, images=[scene])
+    assert "".join(model.chat(typed, images=[scene], stream=True)) == model.chat(typed, images=[scene])  # no leading space
+    assert "".join(model.caption(scene, stream=True)) == model.caption(scene)
 
 
 def test_transcript_times_the_words(model):
