@@ -24,6 +24,7 @@ from encoders.image import ImageError, load_image
 ERROR_MARK = "⚠️"
 EMPTY_REPLY = "(the model gave an empty answer)"
 MB = 2**20  # bytes in the MB of upload limits, as Gradio counts them
+UPLOAD_CACHE = (3600, 86400)  # every hour, delete uploads older than a day (and all of them at a restart)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".m4a", ".webm", ".opus")
 TITLE = "mm chat"
@@ -202,7 +203,7 @@ def build_demo(model_or_path=None, max_upload_mb: float = 10, max_new_tokens: in
 
     model = _load(model_or_path)
     respond = make_respond(model, max_upload_mb, max_new_tokens)
-    with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
+    with gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=UPLOAD_CACHE) as demo:
         gr.ChatInterface(
             respond,
             multimodal=True,

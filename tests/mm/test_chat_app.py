@@ -355,3 +355,10 @@ def test_fifty_turns_stay_in_the_context_window(model):
     assert model.processor()(kept)["input_ids"].shape[1] + 16 <= window < model.processor()(messages[-len(kept) - 2:])[
         "input_ids"].shape[1] + 16  # as many turns as fit, and not one more
     assert reply == model.chat(kept, max_new_tokens=16)
+
+
+def test_the_upload_cache_is_cleaned(model):
+    """Gradio keeps every upload in its cache; the app has it deleted hourly once a day old (and at each restart)."""
+    from mm.apps.chat import UPLOAD_CACHE, build_demo
+
+    assert build_demo(model).delete_cache == UPLOAD_CACHE == (3600, 86400)
