@@ -34,8 +34,8 @@ from encoders.vit import ViTConfig
 
 from mm.models.llava import LlavaConfig, LlavaForConditionalGeneration, _load_image_processor, check_batch
 from mm.models.processor import AUDIO_PLACEHOLDER, MultimodalProcessor
-from mm.models.speech_adapter import (SpeechAdapter, SpeechAdapterConfig, SpeechLlamaOutput, encode_speech, encoder_lengths,
-                             fit_adapter, joint_beam_search, scatter_features)
+from mm.models.speech_adapter import (SpeechAdapter, SpeechAdapterConfig, encode_speech, encoder_lengths, fit_adapter,
+                                      joint_beam_search, scatter_features)
 
 MODEL_TYPE = "mm-multimodal"
 CAPTION_PROMPT = "describe the image."
@@ -91,6 +91,16 @@ class MultimodalConfig(LlavaConfig):
                    speech=SpeechEncoderConfig.from_dict(speech), **d)
 
 
+@dataclass
+class MultimodalOutput:
+    """Logits [B, T, V] and, when targets were given, loss = lm_loss + ctc_weight * ctc_loss and its parts."""
+
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+    lm_loss: torch.Tensor | None = None
+    ctc_loss: torch.Tensor | None = None
+
+
 class MultimodalModel(LlavaForConditionalGeneration):
     """ViT + projector, E-Branchformer + CTC + speech adapter, one Llama: (input_ids, pixels, speech) -> logits."""
 
@@ -128,7 +138,7 @@ class MultimodalModel(LlavaForConditionalGeneration):
                 speech: torch.Tensor | None = None, speech_lengths: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 ctc_targets: torch.Tensor | None = None, ctc_target_lengths: torch.Tensor | None = None,
-                ctc_weight: float | None = None) -> SpeechLlamaOutput:
+                ctc_weight: float | None = None) -> MultimodalOutput:
         """Logits; with `labels` [B, T] (IGNORE_INDEX off the answers) the next-token loss, with transcripts as
         `ctc_targets` [A, L] (Llama ids, padded past `ctc_target_lengths`) the CTC loss on the A utterances."""
         enc = enc_lengths = feats = None
@@ -137,7 +147,7 @@ class MultimodalModel(LlavaForConditionalGeneration):
             feats = (f, f_len)
         h = self.embed(input_ids, pixel_values, feats)
         mask = None if attention_mask is None else attention_mask.to(h.device)
-        out = SpeechLlamaOutput(self.language_model(attention_mask=mask, inputs_embeds=h))
+        out = MultimodalOutput(self.language_model(attention_mask=mask, inputs_embeds=h))
         if labels is not None:
             out.lm_loss = next_token_loss(out.logits, labels.to(h.device))
         w = self.config.ctc_weight if ctc_weight is None else ctc_weight
@@ -176,7 +186,8 @@ class MultimodalModel(LlavaForConditionalGeneration):
         from decoders.generate import generate
 
         ids = inputs["input_ids"].to(self.device)
-        kwargs.setdefault("eos_token_id", sorted(self.tokenizer.stop_ids) or None)
+        if "eos_token_id" not in kwargs:
+            kwargs["eos_token_id"] = sorted(self.tokenizer.stop_ids) or None
         out = generate(self.language_model, ids, inputs["attention_mask"], max_new_tokens=max_new_tokens,
                        inputs_embeds=self._inputs_embeds(inputs), **kwargs)
         return out[:, ids.shape[1]:]
@@ -252,15 +263,26 @@ class MultimodalModel(LlavaForConditionalGeneration):
         return iter([text]) if stream else text
 
     @torch.inference_mode()
-    def _joint_transcribe(self, audio, max_new_tokens: int, ctc_weight: float, beam_size: int):
-        """(best token ids, CTC log-probs [T', V] of the utterance, its length in samples): the encoder runs once."""
-        inputs = self.processor()(_transcribe_messages(audio))
+    @torch.inference_mode()
+    def joint_search(self, inputs: dict, max_new_tokens: int = 96, ctc_weight: float = 0.5, beam_size: int = 4,
+                     eos_token_id: int | None = None, **kwargs):
+        """Joint CTC/LLM beam search (`mm.models.speech_adapter.joint_beam_search`) for model inputs with one
+        utterance per row (`input_ids` with expanded audio tokens, `attention_mask`, `speech`, `speech_lengths`,
+        optionally `pixel_values`): the encoder runs once, its CTC posteriors score prefixes and its adapted features
+        fill the prompt. Returns (n-best hypotheses per row, CTC log-probs [B, T', V], their lengths [B])."""
         enc, enc_lengths, f, f_len = self.encode_speech(inputs["speech"], inputs["speech_lengths"])
-        h = self.embed(inputs["input_ids"], None, (f, f_len))
-        log_probs = self.ctc.log_softmax(enc)  # [1, T', V]
-        hyps = joint_beam_search(self.language_model, h, inputs["attention_mask"].to(self.device), log_probs,
-                                 enc_lengths, eos_token_id=self.tokenizer.eos_id, beam_size=beam_size,
-                                 ctc_weight=ctc_weight, max_new_tokens=max_new_tokens)
+        h = self.embed(inputs["input_ids"], inputs.get("pixel_values"), (f, f_len))
+        log_probs = self.ctc.log_softmax(enc)  # [B, T', V]
+        mask = inputs.get("attention_mask")
+        hyps = joint_beam_search(self.language_model, h, None if mask is None else mask.to(self.device), log_probs,
+                                 enc_lengths, eos_token_id=self.tokenizer.eos_id if eos_token_id is None else eos_token_id,
+                                 beam_size=beam_size, ctc_weight=ctc_weight, max_new_tokens=max_new_tokens, **kwargs)
+        return hyps, log_probs, enc_lengths
+
+    def _joint_transcribe(self, audio, max_new_tokens: int, ctc_weight: float, beam_size: int):
+        """(best token ids, CTC log-probs [T', V] of the utterance, its length in samples)."""
+        inputs = self.processor()(_transcribe_messages(audio))
+        hyps, log_probs, enc_lengths = self.joint_search(inputs, max_new_tokens, ctc_weight, beam_size)
         return hyps[0][0].tokens, log_probs[0, : int(enc_lengths[0])], int(inputs["speech_lengths"][0])
 
     @torch.inference_mode()

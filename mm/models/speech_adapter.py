@@ -1,5 +1,5 @@
-"""Speech into the shared Llama decoder: E-Branchformer encoder + CTC head + speech adapter + Llama, and joint
-CTC/LLM beam search that keeps an LLM transcript on the audio.
+"""Speech into the shared Llama decoder: the speech adapter (encoder features -> decoder embeddings), the feature
+counts, and joint CTC/LLM beam search that keeps an LLM transcript on the audio (used by `mm.models.multimodal`).
 
 One utterance flows through:
     waveform [S] -> SpeechEncoder (log-mel, 4x conv subsampling, E-Branchformer) -> enc [T', d]
@@ -13,7 +13,7 @@ Feature counts are fixed per utterance, whatever the batch: the frontend gives F
 subsampling T' = ((F - 1) // 2 - 1) // 2 (each utterance's own convolution length; ESPnet's `enc_lengths` of a
 shorter utterance in a padded batch can be up to 2 frames longer, those frames are not used here), and the adapter
 N = ceil(T' / k) (tail="pad": the last group is completed with zero frames) or floor(T' / k) (tail="drop": the
-incomplete last group is dropped). `SpeechLlama.feature_lengths(speech_lengths)` gives N without running anything.
+incomplete last group is dropped). `MultimodalModel.feature_lengths(speech_lengths)` gives N without running anything.
 
 Joint decoding needs ONE vocabulary: the CTC head is trained over the Llama tokenizer's ids (its output size is
 the Llama vocab size), with id 0 as the CTC blank. For a SentencePiece Llama tokenizer id 0 is `<unk>`, which never
@@ -23,17 +23,16 @@ mapping table between the two vocabularies; that is not implemented.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from decoders.beam_search import Hypothesis
-from decoders.ctc import CTC, CTCPrefixScorer
-from decoders.llama import LlamaConfig, LlamaForCausalLM
-from decoders.loss import IGNORE_INDEX, next_token_loss
-from encoders.ebranchformer import Conv2dSubsampling4, SpeechEncoder, SpeechEncoderConfig, SpeechTooShortError
+from decoders.ctc import CTCPrefixScorer
+from decoders.llama import LlamaForCausalLM
+from encoders.ebranchformer import Conv2dSubsampling4, SpeechEncoder, SpeechTooShortError
 
 ADAPTER_MODES = ("stack", "conv")
 ADAPTER_TAILS = ("pad", "drop")
@@ -126,57 +125,6 @@ class SpeechAdapter(nn.Module):
         return self.linear_2(F.gelu(self.linear_1(stacked))), out_lengths
 
 
-# ------------------------------------------------------------------------------------------- prompts
-
-
-def expand_audio_placeholder(ids: list[int], n_features: int, audio_token_id: int) -> list[int]:
-    """Replace the single `audio_token_id` placeholder of a prompt's ids by `n_features` copies of it."""
-    count = ids.count(audio_token_id)
-    if count != 1:
-        raise ValueError(f"a prompt must hold exactly one <audio> placeholder (id {audio_token_id}) per utterance; "
-                         f"this one holds {count}")
-    at = ids.index(audio_token_id)
-    return ids[:at] + [audio_token_id] * int(n_features) + ids[at + 1:]
-
-
-def build_speech_batch(prompts: list[list[int]], feature_lengths, audio_token_id: int, pad_id: int = 0,
-                       answers: list[list[int]] | None = None) -> dict[str, torch.Tensor]:
-    """Left-padded model inputs from prompt ids with one `<audio>` placeholder each and the utterances' feature counts.
-
-    Returns input_ids [B, T], attention_mask [B, T] (1 = token); with `answers` (ids appended after each prompt,
-    EOS included if wanted) also labels [B, T]: the answer ids, IGNORE_INDEX on prompt, audio and padding.
-    """
-    feature_lengths = [int(n) for n in torch.as_tensor(feature_lengths).tolist()]
-    if len(prompts) != len(feature_lengths):
-        raise ValueError(f"{len(prompts)} prompts but {len(feature_lengths)} utterances: one utterance per prompt")
-    if answers is not None and len(answers) != len(prompts):
-        raise ValueError(f"{len(answers)} answers for {len(prompts)} prompts")
-    rows, label_rows = [], []
-    for b, (ids, n) in enumerate(zip(prompts, feature_lengths)):
-        try:
-            ids = expand_audio_placeholder(list(ids), n, audio_token_id)
-        except ValueError as e:
-            raise ValueError(f"prompt {b}: {e}") from None
-        answer = list(answers[b]) if answers is not None else []
-        if audio_token_id in answer:
-            raise ValueError(f"answer {b} holds the <audio> id {audio_token_id}")
-        rows.append(ids + answer)
-        label_rows.append([IGNORE_INDEX] * len(ids) + answer)
-    T = max(len(r) for r in rows)
-    out = {
-        "input_ids": torch.full((len(rows), T), pad_id, dtype=torch.long),
-        "attention_mask": torch.zeros((len(rows), T), dtype=torch.long),
-    }
-    if answers is not None:
-        out["labels"] = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)
-    for b, (r, lab) in enumerate(zip(rows, label_rows)):
-        out["input_ids"][b, T - len(r):] = torch.tensor(r)
-        out["attention_mask"][b, T - len(r):] = 1
-        if answers is not None:
-            out["labels"][b, T - len(r):] = torch.tensor(lab)
-    return out
-
-
 # ------------------------------------------------------------------------------------------- speech features
 
 
@@ -208,174 +156,6 @@ def scatter_features(h: torch.Tensor, is_slot: torch.Tensor, features: torch.Ten
     n = lengths.to(features.device)
     valid = torch.arange(features.shape[1], device=features.device)[None, :] < n[:, None]  # [N, L]
     return h.masked_scatter(is_slot.unsqueeze(-1).to(h.device), features[valid].to(h.device, h.dtype))
-
-
-# ------------------------------------------------------------------------------------------- model
-
-
-@dataclass
-class SpeechLlamaConfig:
-    """Speech encoder + adapter + Llama decoder; the CTC head has the Llama vocabulary (blank = id 0).
-
-    audio_token_id: the id marking one speech feature in input_ids; it may lie just beyond the text vocabulary.
-    ctc_weight: weight of the encoder's CTC loss added to the answer-only next-token loss in training.
-    """
-
-    speech: SpeechEncoderConfig = field(default_factory=SpeechEncoderConfig)
-    text: LlamaConfig = field(default_factory=LlamaConfig)
-    adapter: SpeechAdapterConfig | None = None  # None: stacking by 4, sizes from speech and text
-    audio_token_id: int = 32000
-    ctc_weight: float = 0.3
-
-    def __post_init__(self):
-        self.adapter = fit_adapter(self.adapter, self.speech.encoder.output_size, self.text.hidden_size)
-        if self.audio_token_id < 0:
-            raise ValueError(f"audio_token_id must be >= 0, got {self.audio_token_id}")
-
-    def to_dict(self) -> dict:
-        """Plain nested dict for config.json (the text part in Hugging Face layout)."""
-        return {"speech": self.speech.to_dict(), "text": self.text.to_hf(), "adapter": asdict(self.adapter),
-                "audio_token_id": self.audio_token_id, "ctc_weight": self.ctc_weight}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "SpeechLlamaConfig":
-        """Inverse of to_dict; unknown keys are an error."""
-        unknown = sorted(set(d) - {"speech", "text", "adapter", "audio_token_id", "ctc_weight"})
-        if unknown:
-            raise ValueError(f"SpeechLlamaConfig: unknown keys {unknown}")
-        d = dict(d)
-        d["speech"] = SpeechEncoderConfig.from_dict(d["speech"])
-        d["text"] = LlamaConfig.from_hf(d["text"])
-        if d.get("adapter") is not None:
-            extra = sorted(set(d["adapter"]) - set(SpeechAdapterConfig.__dataclass_fields__))
-            if extra:
-                raise ValueError(f"SpeechLlamaConfig: unknown adapter keys {extra}")
-            d["adapter"] = SpeechAdapterConfig(**d["adapter"])
-        return cls(**d)
-
-
-@dataclass
-class SpeechLlamaOutput:
-    """Logits [B, T, V] and, when targets were given, loss = lm_loss + ctc_weight * ctc_loss and its parts."""
-
-    logits: torch.Tensor
-    loss: torch.Tensor | None = None
-    lm_loss: torch.Tensor | None = None
-    ctc_loss: torch.Tensor | None = None
-
-
-class SpeechLlama(nn.Module):
-    """SpeechEncoder + CTC head + SpeechAdapter + Llama: (input_ids with audio tokens, speech) -> logits [B, T, V]."""
-
-    def __init__(self, cfg: SpeechLlamaConfig):
-        super().__init__()
-        self.config = cfg
-        self.encoder = SpeechEncoder(cfg.speech)
-        self.ctc = CTC(cfg.text.vocab_size, cfg.speech.encoder.output_size)
-        self.adapter = SpeechAdapter(cfg.adapter)
-        self.language_model = LlamaForCausalLM(cfg.text)
-
-    @property
-    def audio_token_id(self) -> int:
-        """The id that marks one speech feature in input_ids."""
-        return self.config.audio_token_id
-
-    @property
-    def device(self) -> torch.device:
-        """Where the decoder's weights live (inputs are moved there)."""
-        return self.language_model.device
-
-    def encoder_lengths(self, speech_lengths: torch.Tensor) -> torch.Tensor:
-        """Each utterance's own subsampled length T' = ((F - 1)//2 - 1)//2 of its F = S // hop + 1 frames."""
-        return encoder_lengths(self.encoder, speech_lengths)
-
-    def feature_lengths(self, speech_lengths: torch.Tensor) -> torch.Tensor:
-        """Audio tokens each utterance needs in the prompt (one per adapted feature), computed without the model."""
-        return self.adapter.output_lengths(self.encoder_lengths(speech_lengths))
-
-    def encode_speech(self, speech: torch.Tensor, speech_lengths: torch.Tensor):
-        """speech [B, S] -> enc [B, T', d], enc_lengths [B] (ESPnet's), features [B, N, D], feature lengths [B]."""
-        return encode_speech(self.encoder, self.adapter, speech, speech_lengths)
-
-    def embed(self, input_ids: torch.Tensor, features: torch.Tensor | None = None,
-              feature_lengths: torch.Tensor | None = None) -> torch.Tensor:
-        """Decoder input embeddings [B, T, D]: token embeddings, row b's audio tokens replaced by its features."""
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be [batch, tokens], got shape {tuple(input_ids.shape)}")
-        input_ids = input_ids.to(self.device)
-        is_audio = input_ids == self.audio_token_id  # [B, T]
-        counts = is_audio.sum(1).tolist()
-        if features is None:
-            expected = [0] * input_ids.shape[0]
-        else:
-            expected = [int(n) for n in feature_lengths.tolist()]
-        if len(expected) != len(counts) or counts != expected:
-            raise ValueError(
-                f"input_ids hold {counts} audio tokens (id {self.audio_token_id}) per row but the speech gives "
-                f"{expected} adapted features per utterance; each utterance needs exactly as many audio tokens as "
-                f"features (expand the '<audio>' placeholder with expand_audio_placeholder / build_speech_batch "
-                f"and SpeechLlama.feature_lengths)")
-        # The audio id may lie beyond the text vocabulary; those rows are overwritten below anyway.
-        h = self.language_model.embed(input_ids.masked_fill(is_audio, 0))  # [B, T, D]
-        if features is not None:
-            h = scatter_features(h, is_audio, features, feature_lengths)
-        return h
-
-    def forward(self, input_ids: torch.Tensor, speech: torch.Tensor | None, speech_lengths: torch.Tensor | None,
-                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                ctc_targets: torch.Tensor | None = None, ctc_target_lengths: torch.Tensor | None = None,
-                ctc_weight: float | None = None) -> SpeechLlamaOutput:
-        """Logits, and with `labels` [B, T] (IGNORE_INDEX except the answer) and/or transcripts as CTC targets
-        (`ctc_targets` [B, L] Llama ids, no blank 0, padded past `ctc_target_lengths`) the combined loss.
-        speech=None: a text-only batch (no audio tokens allowed)."""
-        enc = enc_lengths = feats = feat_lengths = None
-        if speech is not None:
-            enc, enc_lengths, feats, feat_lengths = self.encode_speech(speech, speech_lengths)
-        h = self.embed(input_ids, feats, feat_lengths)
-        mask = None if attention_mask is None else attention_mask.to(h.device)
-        logits = self.language_model(attention_mask=mask, inputs_embeds=h)  # [B, T, V]
-        out = SpeechLlamaOutput(logits)
-        w = self.config.ctc_weight if ctc_weight is None else ctc_weight
-        if labels is not None:
-            is_audio = input_ids.to(logits.device) == self.audio_token_id
-            labels = labels.to(logits.device).masked_fill(is_audio, IGNORE_INDEX)
-            out.lm_loss = next_token_loss(logits, labels)
-        if ctc_targets is not None and w > 0:
-            if enc is None:
-                raise ValueError("ctc_targets need speech")
-            if ctc_target_lengths is None:
-                raise ValueError("ctc_targets need ctc_target_lengths")
-            ys, ys_lengths = ctc_targets.to(enc.device), torch.as_tensor(ctc_target_lengths, device=enc.device)
-            real = torch.arange(ys.shape[1], device=enc.device)[None, :] < ys_lengths[:, None]
-            if bool(((ys == 0) & real).any()):
-                raise ValueError("ctc_targets contain id 0, the CTC blank; transcripts must not hold token id 0")
-            out.ctc_loss = self.ctc.loss(enc, enc_lengths, ys, ys_lengths)
-        parts = [p for p in (out.lm_loss, None if out.ctc_loss is None else w * out.ctc_loss) if p is not None]
-        if parts:
-            out.loss = sum(parts)
-        return out
-
-    @torch.inference_mode()
-    def generate(self, input_ids: torch.Tensor, speech: torch.Tensor, speech_lengths: torch.Tensor,
-                 attention_mask: torch.Tensor | None = None, max_new_tokens: int = 32, **kwargs) -> torch.Tensor:
-        """Prompt followed by new tokens [B, T + new]; options as `decoders.generate.generate` (greedy by default)."""
-        from decoders.generate import generate
-
-        _, _, feats, feat_lengths = self.encode_speech(speech.to(self.device), speech_lengths)
-        h = self.embed(input_ids, feats, feat_lengths)
-        return generate(self.language_model, input_ids.to(self.device), attention_mask, max_new_tokens=max_new_tokens,
-                        inputs_embeds=h, **kwargs)
-
-    def stream_tokens(self, input_ids: torch.Tensor, speech: torch.Tensor, speech_lengths: torch.Tensor,
-                      attention_mask: torch.Tensor | None = None, **kwargs):
-        """Yield the next token of every row [B] per step (options as `decoders.generate.stream_tokens`)."""
-        from decoders.generate import stream_tokens
-
-        with torch.inference_mode():
-            _, _, feats, feat_lengths = self.encode_speech(speech.to(self.device), speech_lengths)
-            h = self.embed(input_ids, feats, feat_lengths)
-        yield from stream_tokens(self.language_model, input_ids.to(self.device), attention_mask, inputs_embeds=h,
-                                 **kwargs)
 
 
 # ------------------------------------------------------------------------------------------- joint decoding
@@ -497,32 +277,3 @@ def joint_beam_search(llm: LlamaForCausalLM, inputs_embeds: torch.Tensor, attent
         lp_llm = torch.log_softmax(logits[:, -1].float(), dim=-1)
 
     return [sorted(h, key=lambda h: h.score, reverse=True) for h in ended]
-
-
-@torch.no_grad()
-def joint_transcribe(model: SpeechLlama, input_ids: torch.Tensor, speech: torch.Tensor, speech_lengths: torch.Tensor,
-                     attention_mask: torch.Tensor | None = None, *, beam_size: int = 4, ctc_weight: float = 0.3,
-                     max_new_tokens: int = 64, eos_token_id: int | None = None, pre_beam_ratio: float = 1.5,
-                     length_bonus: float = 0.0) -> list[list[Hypothesis]]:
-    """Transcribe (or answer about) speech with joint CTC/LLM beam search; prompts hold the expanded audio tokens.
-
-    Runs the encoder once: its CTC log-probs feed the prefix scorer, its adapted features the prompt. eos_token_id
-    defaults to the Llama config's (the first one when it lists several). See `joint_beam_search`.
-    """
-    was_training = model.training
-    model.eval()
-    try:
-        speech = speech.to(model.device)
-        enc, enc_lengths, feats, feat_lengths = model.encode_speech(speech, speech_lengths)
-        h = model.embed(input_ids, feats, feat_lengths)
-        log_probs = model.ctc.log_softmax(enc) if ctc_weight > 0 else None  # [B, T', V]
-    finally:
-        model.train(was_training)
-    if eos_token_id is None:
-        eos = model.config.text.eos_token_id
-        if eos is None:
-            raise ValueError("the Llama config has no eos_token_id; pass eos_token_id")
-        eos_token_id = eos if isinstance(eos, int) else list(eos)[0]
-    return joint_beam_search(model.language_model, h, attention_mask, log_probs, enc_lengths,
-                             eos_token_id=eos_token_id, beam_size=beam_size, ctc_weight=ctc_weight,
-                             max_new_tokens=max_new_tokens, pre_beam_ratio=pre_beam_ratio, length_bonus=length_bonus)

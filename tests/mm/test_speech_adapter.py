@@ -1,4 +1,5 @@
-"""Speech adapter, audio placeholders, SpeechLlama logits and losses, and joint CTC/LLM beam search."""
+"""The speech adapter, audio tokens in the multimodal model (logits, losses, training), and joint CTC/LLM beam search,
+on a tiny random MultimodalModel and a tiny Llama."""
 import math
 
 import pytest
@@ -10,18 +11,9 @@ from decoders.llama import LlamaConfig, LlamaForCausalLM
 from decoders.loss import IGNORE_INDEX
 from encoders.ebranchformer import EBranchformerConfig, SpeechEncoderConfig, SpeechTooShortError
 from encoders.frontend import FrontendConfig
-from mm.models.speech_adapter import (
-    SpeechAdapter,
-    SpeechAdapterConfig,
-    SpeechLlama,
-    SpeechLlamaConfig,
-    SpeechLlamaOutput,
-    build_speech_batch,
-    expand_audio_placeholder,
-    joint_beam_search,
-    joint_transcribe,
-    stack_frames,
-)
+from encoders.vit import ViTConfig
+from mm.models.multimodal import MultimodalConfig, MultimodalModel, MultimodalOutput
+from mm.models.speech_adapter import SpeechAdapter, SpeechAdapterConfig, joint_beam_search, stack_frames
 
 V = 24  # text vocabulary = CTC vocabulary; 0 = <unk> = CTC blank, 1 = BOS, 2 = EOS
 EOS = 2
@@ -34,7 +26,7 @@ def text_config(vocab=V) -> LlamaConfig:
                        bos_token_id=1, eos_token_id=EOS)
 
 
-def tiny_config(mode="stack", k=2, tail="pad", ctc_weight=0.3) -> SpeechLlamaConfig:
+def tiny_config(mode="stack", k=2, tail="pad", ctc_weight=0.3) -> MultimodalConfig:
     speech = SpeechEncoderConfig(
         frontend=FrontendConfig(n_mels=16),
         encoder=EBranchformerConfig(input_size=16, output_size=D_ENC, attention_heads=2, cgmlp_linear_units=32,
@@ -42,12 +34,34 @@ def tiny_config(mode="stack", k=2, tail="pad", ctc_weight=0.3) -> SpeechLlamaCon
                                     positional_dropout_rate=0.0, use_ffn=True, macaron_ffn=True, linear_units=32),
     )
     adapter = SpeechAdapterConfig(input_size=D_ENC, hidden_size=D_LLM, downsample=k, mode=mode, tail=tail)
-    return SpeechLlamaConfig(speech, text_config(), adapter, audio_token_id=V, ctc_weight=ctc_weight)
+    vision = ViTConfig(image_size=16, patch_size=8, dim=16, depth=1, num_heads=2, mlp_dim=32)
+    return MultimodalConfig(text=text_config(), vision=vision, speech=speech, adapter=adapter, audio_token_id=V,
+                            image_token_index=V + 1, ctc_weight=ctc_weight)
 
 
-def tiny_model(seed=0, **kw) -> SpeechLlama:
+def tiny_model(seed=0, **kw) -> MultimodalModel:
     torch.manual_seed(seed)
-    return SpeechLlama(tiny_config(**kw)).eval()
+    return MultimodalModel(tiny_config(**kw)).eval()
+
+
+def build_speech_batch(prompts, feature_lengths, a, pad_id=0, answers=None) -> dict:
+    """Left-padded inputs from prompt ids with one audio token `a` each, expanded to the utterance's feature count;
+    with `answers`, labels on the answer ids only (what the processor does with text, done by hand here)."""
+    rows, label_rows = [], []
+    for b, (ids, n) in enumerate(zip(prompts, [int(n) for n in feature_lengths])):
+        at = ids.index(a)
+        ids = ids[:at] + [a] * n + ids[at + 1:]
+        answer = list(answers[b]) if answers is not None else []
+        rows.append(ids + answer)
+        label_rows.append([IGNORE_INDEX] * len(ids) + answer)
+    T = max(len(r) for r in rows)
+    out = {"input_ids": torch.full((len(rows), T), pad_id), "attention_mask": torch.zeros(len(rows), T, dtype=torch.long),
+           "labels": torch.full((len(rows), T), IGNORE_INDEX), "pixel_values": None}
+    for b, (r, lab) in enumerate(zip(rows, label_rows)):
+        out["input_ids"][b, T - len(r):] = torch.tensor(r)
+        out["attention_mask"][b, T - len(r):] = 1
+        out["labels"][b, T - len(r):] = torch.tensor(lab)
+    return out
 
 
 def speech_batch(lengths, seed=0):
@@ -130,28 +144,14 @@ def test_feature_counts_from_speech_lengths():
 # ------------------------------------------------------------------------------------------- prompts, logits, loss
 
 
-def test_placeholder_expansion_and_count_errors():
+def test_audio_token_and_feature_counts_must_agree():
     a = V
-    assert expand_audio_placeholder([1, 5, a, 6], 3, a) == [1, 5, a, a, a, 6]
-    with pytest.raises(ValueError, match="exactly one <audio> placeholder .* holds 0"):
-        expand_audio_placeholder([1, 5, 6], 3, a)
-    with pytest.raises(ValueError, match="holds 2"):
-        expand_audio_placeholder([1, a, 5, a], 3, a)
-    with pytest.raises(ValueError, match="2 prompts but 3 utterances"):
-        build_speech_batch([[1, a], [1, a]], [2, 2, 2], a)
-
-    batch = build_speech_batch([[1, a, 7], [1, 8, a]], [3, 1], a, pad_id=0, answers=[[9, EOS], [10, 11, EOS]])
-    assert batch["input_ids"].tolist() == [[1, a, a, a, 7, 9, EOS], [0, 1, 8, a, 10, 11, EOS]]
-    assert batch["attention_mask"].tolist() == [[1] * 7, [0] + [1] * 6]
-    I = IGNORE_INDEX
-    assert batch["labels"].tolist() == [[I, I, I, I, I, 9, EOS], [I, I, I, I, 10, 11, EOS]]
-
     model = tiny_model(k=2)
     speech, lengths = speech_batch([3200, 2400])
     n = model.feature_lengths(lengths).tolist()
     wrong = build_speech_batch([[1, a, 7], [1, a, 7]], [n[0], n[1] + 1], a)
-    with pytest.raises(ValueError, match=r"hold \[\d+, \d+\] audio tokens .* gives \[\d+, \d+\] adapted features"):
-        model(wrong["input_ids"], speech, lengths, wrong["attention_mask"])
+    with pytest.raises(ValueError, match=rf"input_ids hold {n[0] + n[1] + 1} audio tokens .* gives {n[0] + n[1]} features"):
+        model(wrong["input_ids"], None, speech, lengths, wrong["attention_mask"])
     with pytest.raises(ValueError, match="audio tokens"):
         model.embed(wrong["input_ids"])  # audio tokens but no speech
 
@@ -163,11 +163,11 @@ def test_logits_with_audio_equal_hand_built_inputs_embeds():
     prompts = [[1, 5, a, 6, 7], [1, a, 9], [1, 4, 4, a]]
     n = model.feature_lengths(lengths)
     batch = build_speech_batch(prompts, n, a, pad_id=0)
-    logits = model(batch["input_ids"], speech, lengths, batch["attention_mask"]).logits  # [B, T, V]
+    logits = model(batch["input_ids"], None, speech, lengths, batch["attention_mask"]).logits  # [B, T, V]
 
     # by hand: encoder -> own lengths -> stack 3 frames (zeros past the end) -> MLP -> splice into the prompt
     with torch.no_grad():
-        enc, _ = model.encoder.encode(speech, lengths)
+        enc, _ = model.speech_encoder.encode(speech, lengths)
         frames = lengths // 160 + 1
         t_enc = ((frames - 1) // 2 - 1) // 2
         T = batch["input_ids"].shape[1]
@@ -175,7 +175,7 @@ def test_logits_with_audio_equal_hand_built_inputs_embeds():
         for b, ids in enumerate(prompts):
             e = enc[b, : int(t_enc[b])]
             e = torch.cat([e, torch.zeros(-e.shape[0] % 3, D_ENC)])
-            feats = model.adapter.linear_2(F.gelu(model.adapter.linear_1(e.reshape(-1, 3 * D_ENC))))
+            feats = model.speech_adapter.linear_2(F.gelu(model.speech_adapter.linear_1(e.reshape(-1, 3 * D_ENC))))
             at = ids.index(a)
             emb = model.language_model.embed_tokens
             before, after = torch.tensor(ids[:at], dtype=torch.long), torch.tensor(ids[at + 1:], dtype=torch.long)
@@ -190,7 +190,7 @@ def test_logits_with_audio_equal_hand_built_inputs_embeds():
     assert n.tolist() == [math.ceil(int(t) / 3) for t in t_enc]
     # a text-only batch is the plain decoder
     ids = torch.tensor([[1, 5, 6, 7]])
-    torch.testing.assert_close(model(ids, None, None).logits, model.language_model(ids), rtol=0, atol=0)
+    torch.testing.assert_close(model(ids).logits, model.language_model(ids), rtol=0, atol=0)
 
 
 # ------------------------------------------------------------------------------------------- joint decoding
@@ -245,21 +245,24 @@ def test_joint_search_without_ctc_equals_plain_llm_beam_search():
     assert ended_on_eos > 0
 
 
-def test_joint_transcribe_beam1_llm_only_equals_greedy_generate():
+def test_joint_search_beam1_llm_only_equals_greedy_generate():
+    """Beam 1 over the decoder alone is greedy decoding: the joint search equals `generate` (through the KV cache)
+    and the streamed tokens, for two utterances in one left-padded batch."""
+    from decoders.generate import stream_tokens
+
     model = tiny_model(seed=4, k=2)
     a = V
     speech, lengths = speech_batch([3200, 2000], seed=2)
     batch = build_speech_batch([[1, a, 5], [1, 6, a]], model.feature_lengths(lengths), a)
-    out = model.generate(batch["input_ids"], speech, lengths, batch["attention_mask"], max_new_tokens=8,
-                         eos_token_id=EOS)
-    hyps = joint_transcribe(model, batch["input_ids"], speech, lengths, batch["attention_mask"], beam_size=1,
-                            ctc_weight=0.0, max_new_tokens=8)
-    T = batch["input_ids"].shape[1]
-    streamed = torch.stack(list(model.stream_tokens(batch["input_ids"], speech, lengths, batch["attention_mask"],
-                                                    max_new_tokens=8, eos_token_id=EOS)), dim=1)
-    assert torch.equal(streamed, out[:, T:])
+    batch.update(speech=speech, speech_lengths=lengths)
+    new = model.generate(batch, max_new_tokens=8, eos_token_id=EOS)  # [B, 8]
+    hyps, _, _ = model.joint_search(batch, max_new_tokens=8, ctc_weight=0.0, beam_size=1, eos_token_id=EOS)
+    streamed = torch.stack(list(stream_tokens(model.language_model, batch["input_ids"], batch["attention_mask"],
+                                              inputs_embeds=model._inputs_embeds(batch), max_new_tokens=8,
+                                              eos_token_id=EOS)), dim=1)
+    assert torch.equal(streamed, new)
     for b in range(2):
-        greedy = out[b, T:].tolist()
+        greedy = new[b].tolist()
         greedy = greedy[: greedy.index(EOS)] if EOS in greedy else greedy
         assert hyps[b][0].tokens == greedy
 
@@ -365,10 +368,10 @@ def test_training_overfits_and_every_part_learns():
     answers = [[5, 9, 12], [7, 7, 3, 15], [11, 4], [20, 6, 8]]
     speech, lengths = speech_batch([6400, 5600, 7200, 4800], seed=3)  # random "speech", one utterance per answer
     with torch.no_grad():  # global MVN statistics of this tiny corpus, as feats_stats.npz would hold them
-        feats, n_frames = model.encoder.frontend(speech, lengths)
+        feats, n_frames = model.speech_encoder.frontend(speech, lengths)
         real = torch.cat([feats[b, :n] for b, n in enumerate(n_frames.tolist())])
-        model.encoder.normalize.mean.copy_(real.mean(0))
-        model.encoder.normalize.std.copy_(real.std(0))
+        model.speech_encoder.normalize.mean.copy_(real.mean(0))
+        model.speech_encoder.normalize.std.copy_(real.std(0))
     prompts = [[1, 16, a, 17]] * 4
     batch = build_speech_batch(prompts, model.feature_lengths(lengths), a, answers=[x + [EOS] for x in answers])
     ys = torch.zeros(4, 4, dtype=torch.long)
@@ -377,15 +380,15 @@ def test_training_overfits_and_every_part_learns():
     ys_lengths = torch.tensor([len(x) for x in answers])
 
     def step():
-        return model(batch["input_ids"], speech, lengths, batch["attention_mask"], labels=batch["labels"],
+        return model(batch["input_ids"], None, speech, lengths, batch["attention_mask"], labels=batch["labels"],
                      ctc_targets=ys, ctc_target_lengths=ys_lengths)
 
     out = step()
     out.loss.backward()
-    for part in (model.encoder, model.ctc, model.adapter, model.language_model):
+    for part in (model.speech_encoder, model.ctc, model.speech_adapter, model.language_model):
         grads = [p.grad for p in part.parameters() if p.grad is not None]
         assert grads and sum(float(g.abs().sum()) for g in grads) > 0, type(part).__name__
-    first = SpeechLlamaOutput(None, out.loss.detach(), out.lm_loss.detach(), out.ctc_loss.detach())
+    first = MultimodalOutput(None, out.loss.detach(), out.lm_loss.detach(), out.ctc_loss.detach())
     opt = torch.optim.Adam(model.parameters(), lr=5e-3)
     for _ in range(50):
         opt.zero_grad()
@@ -400,18 +403,17 @@ def test_training_overfits_and_every_part_learns():
     assert float(last.loss) < 0.15 * float(first.loss)
     # the overfit model answers from the audio, by greedy decoding and by joint decoding
     prompt = build_speech_batch(prompts, model.feature_lengths(lengths), a)
-    T = prompt["input_ids"].shape[1]
-    gen = model.generate(prompt["input_ids"], speech, lengths, prompt["attention_mask"], max_new_tokens=6,
-                         eos_token_id=EOS)
-    hyps = joint_transcribe(model, prompt["input_ids"], speech, lengths, prompt["attention_mask"], beam_size=3,
-                            ctc_weight=0.3, max_new_tokens=6)
+    prompt.update(speech=speech, speech_lengths=lengths)
+    gen = model.generate(prompt, max_new_tokens=6, eos_token_id=EOS)
+    hyps, _, _ = model.joint_search(prompt, max_new_tokens=6, ctc_weight=0.3, beam_size=3, eos_token_id=EOS)
     for b, x in enumerate(answers):
-        assert gen[b, T:T + len(x) + 1].tolist() == x + [EOS]
+        assert gen[b, :len(x) + 1].tolist() == x + [EOS]
         assert hyps[b][0].tokens == x
 
 
 def test_config_round_trip_and_size_check():
     cfg = tiny_config(mode="conv", k=3, tail="drop")
-    assert SpeechLlamaConfig.from_dict(cfg.to_dict()) == cfg
-    with pytest.raises(ValueError, match="adapter maps 16 -> 30"):
-        SpeechLlamaConfig(cfg.speech, cfg.text, SpeechAdapterConfig(input_size=16, hidden_size=30))
+    assert MultimodalConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="MultimodalConfig: speech adapter maps 16 -> 30"):
+        MultimodalConfig(text=cfg.text, vision=cfg.vision, speech=cfg.speech, audio_token_id=V, image_token_index=V + 1,
+                         adapter=SpeechAdapterConfig(input_size=16, hidden_size=30))
