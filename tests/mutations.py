@@ -20,7 +20,7 @@ MUTATIONS = [
     ("the recipe never steps the optimizer", "mm/train/recipe_tiny.py",
      "            opt.step()\n", "            pass\n",
      ["tests/mm/test_multimodal.py::test_resumed_run_equals_uninterrupted_run"]),
-    ("word times halved (shared aligner)", "mm/models/asr.py",
+    ("word times halved (shared aligner)", "mm/models/transcript.py",
      "start, end = g[0][1].start * frame_shift + offset, g[-1][1].end * frame_shift + offset",
      "start, end = g[0][1].start * frame_shift / 2 + offset, g[-1][1].end * frame_shift / 2 + offset",
      ["tests/mm/test_transcribe.py::test_word_times_are_encoder_frames_of_40_ms",

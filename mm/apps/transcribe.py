@@ -17,7 +17,8 @@ import json
 import sys
 from pathlib import Path
 
-from mm.models.asr import DECODE_MODES, ASRModel, Transcript
+from mm.models.asr import DECODE_MODES, ASRModel
+from mm.models.transcript import Transcript
 from mm.models.formats import TRANSCRIBERS, load
 
 FORMATS = ("text", "json", "srt")

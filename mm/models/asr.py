@@ -46,7 +46,7 @@ import json
 import os
 import re
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -56,12 +56,15 @@ from decoders.asr_decoder import ASRDecoderConfig, TransformerDecoder, convert_e
 from decoders.beam_search import attention_rescoring, batch_beam_search
 from decoders.checkpoint import (CheckpointError, check_config_keys, load_state_dict_strict, read_json, read_safetensors, read_torch,
                                  write_hf_weights)
-from decoders.ctc import CTC, TokenSpan, convert_espnet_ctc_state_dict, ctc_forced_align, ctc_greedy_decode
+from decoders.ctc import CTC, convert_espnet_ctc_state_dict, ctc_forced_align, ctc_greedy_decode
 from decoders.tokenizer import SentencePieceTokenizer
-from encoders.audio import AudioError, load_audio
-from encoders.ebranchformer import (SpeechEncoder, SpeechEncoderConfig, SpeechTooShortError,
+from encoders.audio import load_audio
+from encoders.ebranchformer import (SpeechEncoder, SpeechEncoderConfig,
                                     convert_espnet_speech_encoder_state_dict)
 from encoders.frontend import GlobalMVN
+from mm.models.espnet_files import find_espnet_files
+from mm.models.transcript import Segment, Transcript, Word, timed_words
+from mm.models.vad import speech_windows
 
 OUR_MODEL_TYPE = "mm-asr"
 MIN_FRAMES = 7  # feature frames the subsampling needs
@@ -159,142 +162,6 @@ class ASRConfig:
             token_type=config.get("token_type") or "bpe",
             ctc_weight=float(model_conf.get("ctc_weight", 0.5)),
         )
-
-
-# ----------------------------------------------------------------------------------------------- results
-
-
-@dataclass
-class Word:
-    """A word with its time span in seconds from the start of the recording; score = mean CTC posterior."""
-
-    text: str
-    start: float
-    end: float
-    score: float
-
-
-def timed_words(groups: list[list[tuple[int, TokenSpan]]], to_text, frame_shift: float, offset: float = 0.0) -> list[Word]:
-    """One Word per group of CTC-aligned (token id, span) pairs: its text `to_text(ids)`, from the first token's first
-    frame to the last token's end frame (seconds: frame x frame_shift + offset), scored by the frame-weighted mean
-    of the tokens' posteriors. Groups with no text are dropped."""
-    words = []
-    for g in groups:
-        text = to_text([i for i, _ in g]).strip() if g else ""
-        if not text:
-            continue
-        start, end = g[0][1].start * frame_shift + offset, g[-1][1].end * frame_shift + offset
-        score = sum(s.score * (s.end - s.start) for _, s in g) / sum(s.end - s.start for _, s in g)
-        words.append(Word(text, round(start, 3), round(end, 3), score))
-    return words
-
-
-@dataclass
-class Segment:
-    """One decoded window: text, time span in seconds, words (with timestamps=True), detected language/region."""
-
-    start: float
-    end: float
-    text: str
-    tokens: list[str]
-    token_ids: list[int]
-    words: list[Word] = field(default_factory=list)
-    language: str | None = None
-    region: str | None = None
-
-
-@dataclass
-class Transcript:
-    """The transcription of one recording: its text, tokens and the segments (windows) it was decoded in."""
-
-    text: str
-    tokens: list[str]
-    token_ids: list[int]
-    segments: list[Segment]
-    duration: float
-    language: str | None = None
-    region: str | None = None
-    source: str | None = None
-
-    @property
-    def words(self) -> list[Word]:
-        """Words of all segments (empty unless transcribed with timestamps=True)."""
-        return [w for s in self.segments for w in s.words]
-
-    def to_dict(self) -> dict:
-        """Plain dict for JSON output."""
-        return dataclasses.asdict(self)
-
-
-# ----------------------------------------------------------------------------------------------- VAD
-
-
-def speech_windows(wave: torch.Tensor, sample_rate: int = 16000, max_window: float = 30.0, min_silence: float = 0.3,
-                   pad: float = 0.2, pack: bool = True) -> list[tuple[int, int]]:
-    """Energy VAD: [start, end) sample ranges of at most max_window seconds that hold the speech of wave [S].
-
-    See the module docstring for the rule; `pack=False` keeps each speech run its own window (for models trained on
-    single utterances). Returns [] when no frame is above the threshold.
-    """
-    hop = sample_rate // 100  # 10 ms frames
-    n = wave.numel() // hop
-    if n == 0:
-        return []
-    frames = wave[: n * hop].double().view(n, hop)
-    energy = 10 * torch.log10(frames.pow(2).mean(1) + 1e-10)  # [n] dBFS
-    if n * hop < wave.numel():  # the last partial frame counts too
-        tail = wave[n * hop:].double()
-        energy = torch.cat([energy, 10 * torch.log10(tail.pow(2).mean()[None] + 1e-10)])
-        n += 1
-    noise, peak = torch.quantile(energy, 0.1).item(), torch.quantile(energy, 0.99).item()
-    threshold = max(-65.0, min(noise + 10.0, peak - 10.0))
-    speech = (energy > threshold).tolist()
-
-    runs = _runs(speech)
-    # bridge short pauses, then pad every run and merge those that touch
-    bridged = []
-    for s, e in runs:
-        if bridged and s - bridged[-1][1] < min_silence * 100:
-            bridged[-1] = (bridged[-1][0], e)
-        else:
-            bridged.append((s, e))
-    p = int(round(pad * 100))
-    padded = []
-    for s, e in bridged:
-        s, e = max(0, s - p), min(n, e + p)
-        if padded and s <= padded[-1][1]:
-            padded[-1] = (padded[-1][0], e)
-        else:
-            padded.append((s, e))
-
-    max_frames = int(max_window * 100)
-    pieces = []  # runs no longer than max_window, long ones cut at their quietest frame
-    for s, e in padded:
-        while e - s > max_frames:
-            lo, hi = s + max_frames // 2, s + max_frames
-            cut = lo + int(torch.argmin(energy[lo:hi]))
-            pieces.append((s, cut))
-            s = cut
-        pieces.append((s, e))
-    windows = []  # pack consecutive pieces while the window stays within max_window
-    for s, e in pieces:
-        if pack and windows and e - windows[-1][0] <= max_frames:
-            windows[-1] = (windows[-1][0], e)
-        else:
-            windows.append((s, e))
-    return [(s * hop, min(e * hop, wave.numel())) for s, e in windows]
-
-
-def _runs(flags: list[bool]) -> list[tuple[int, int]]:
-    """[start, end) index ranges of the True runs."""
-    runs, start = [], None
-    for i, f in enumerate(flags + [False]):
-        if f and start is None:
-            start = i
-        elif not f and start is not None:
-            runs.append((start, i))
-            start = None
-    return runs
 
 
 # ----------------------------------------------------------------------------------------------- model
@@ -660,132 +527,3 @@ class ASRModel(nn.Module):
         model = cls(cfg, tokenizer)
         model.load_espnet_state_dict(read_safetensors(path / "model.safetensors"), str(path / "model.safetensors"))
         return model.to(device=device, dtype=dtype).eval()
-
-
-# ----------------------------------------------------------------------------------------------- finding files
-
-MODEL_FILE_PREFERENCE = ("valid.acc.ave.pth", "valid.acc.best.pth", "valid.loss.ave.pth", "valid.loss.best.pth")
-
-
-def _find_config(path: Path) -> Path:
-    if path.is_file():
-        return path
-    if (path / "config.yaml").is_file():
-        return path / "config.yaml"
-    found = sorted(p for p in path.glob("exp/*/config.yaml")) or sorted(path.glob("*/config.yaml"))
-    found = [p for p in found if _model_files(p.parent)]
-    if len(found) == 1:
-        return found[0]
-    if not found:
-        raise CheckpointError(f"{path}: no ESPnet config.yaml (looked in the directory, exp/*/ and */)")
-    raise CheckpointError(f"{path}: several experiments, pass one of: {', '.join(str(p.parent) for p in found)}")
-
-
-def _model_files(directory: Path) -> list[Path]:
-    return sorted(p for p in directory.iterdir() if p.suffix in (".pth", ".pt") and p.is_file())
-
-
-def _resolve(rel, config: Path, root: Path) -> Path | None:
-    """A path from config.yaml: as given if absolute, else relative to the config's directory or one above it
-    (ESPnet writes them relative to the recipe directory), else the same file name next to the config."""
-    if not rel:
-        return None
-    rel = Path(str(rel))
-    if rel.is_absolute() and rel.is_file():
-        return rel
-    bases = [config.parent, *list(config.parent.parents)[:4], root]
-    for base in bases:
-        if not rel.is_absolute() and (base / rel).is_file():
-            return base / rel
-    for base in (config.parent, root):
-        if (base / rel.name).is_file():
-            return base / rel.name
-    return None
-
-
-def _meta_yaml_files(root: Path) -> tuple[Path | None, Path | None]:
-    """Config and model named by an ESPnet model-zoo `meta.yaml` (yaml_files.asr_train_config, files.asr_model_file;
-    s2t_* for OWSM/Dolphin-style S2T packs), relative to root; (None, None) without one."""
-    import yaml
-
-    meta = root / "meta.yaml"
-    if not (root.is_dir() and meta.is_file()):
-        return None, None
-    try:
-        m = yaml.safe_load(meta.read_text(encoding="utf-8")) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{meta}: not valid YAML: {e}") from e
-    files, yaml_files = m.get("files") or {}, m.get("yaml_files") or {}
-    config = yaml_files.get("asr_train_config") or yaml_files.get("s2t_train_config")
-    model = files.get("asr_model_file") or files.get("s2t_model_file")
-    for name, rel in (("config", config), ("model file", model)):
-        if rel is not None and not (root / rel).is_file():
-            raise CheckpointError(f"{meta}: the {name} it names, {rel}, does not exist")
-    return (root / config if config else None), (root / model if model else None)
-
-
-def find_espnet_files(path: str | os.PathLike, model_file: str | os.PathLike | None = None) -> dict:
-    """Locate config.yaml, the model .pth, feats_stats.npz, the BPE model and the token list of an experiment.
-
-    config.yaml and the model file: those named by a model-zoo `meta.yaml` in path if there is one; else
-    path/config.yaml or exp/*/config.yaml, and `model_file` if given, else the only *.pth/*.pt next to config.yaml,
-    else the first of valid.acc.ave.pth, valid.acc.best.pth, valid.loss.ave.pth, valid.loss.best.pth.
-    """
-    import yaml
-
-    root = Path(path)
-    if not root.exists():
-        raise CheckpointError(f"{root}: no such directory")
-    named_config, named_model = _meta_yaml_files(root)
-    config = named_config or _find_config(root)
-    model_file = model_file or named_model
-    try:
-        conf = yaml.safe_load(config.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{config}: not valid YAML: {e}") from e
-    if not isinstance(conf, dict) or "token_list" not in conf or "encoder" not in conf:
-        raise CheckpointError(f"{config}: not an ESPnet ASR config (needs token_list and encoder)")
-    root = root if root.is_dir() else config.parent
-    if model_file is None:
-        candidates = _model_files(config.parent)
-        preferred = [config.parent / n for n in MODEL_FILE_PREFERENCE if (config.parent / n).is_file()]
-        if len(candidates) == 1:
-            model_file = candidates[0]
-        elif preferred:
-            model_file = preferred[0]
-        elif not candidates:
-            raise CheckpointError(f"{config.parent}: no model file (*.pth / *.pt) next to config.yaml")
-        else:
-            raise CheckpointError(f"{config.parent}: several model files, pass model_file= one of "
-                                  f"{', '.join(p.name for p in candidates)}")
-    token_list = conf["token_list"]
-    if isinstance(token_list, str):
-        token_file = _resolve(token_list, config, root)
-        if token_file is None:
-            raise CheckpointError(f"{config}: token_list file {token_list!r} not found")
-        token_list = [line.rstrip("\n") for line in token_file.read_text(encoding="utf-8").splitlines()]
-    if not isinstance(token_list, list) or not token_list:
-        raise CheckpointError(f"{config}: token_list must be a non-empty list or a file of tokens")
-    stats = (conf.get("normalize_conf") or {}).get("stats_file")
-    return {
-        "config": config, "config_dict": conf, "model": Path(model_file), "token_list": [str(t) for t in token_list],
-        "stats_file": _resolve(stats, config, root) or _resolve("feats_stats.npz", config, root),
-        "bpemodel": _resolve(conf.get("bpemodel"), config, root) if conf.get("token_type", "bpe") == "bpe" else None,
-    }
-
-
-def is_espnet_dir(path: str | os.PathLike) -> bool:
-    """True when path looks like an ESPnet experiment: a model-zoo meta.yaml, or config.yaml with a *.pth/*.pt beside
-    it, here or in exp/*/."""
-    path = Path(path)
-    if not path.is_dir():
-        return False
-    meta = path / "meta.yaml"
-    if meta.is_file() and any(k in meta.read_text(errors="replace") for k in ("asr_train_config", "s2t_train_config")):
-        return True
-    configs = [path / "config.yaml"] + sorted(path.glob("exp/*/config.yaml"))
-    return any(c.is_file() and _model_files(c.parent) for c in configs)
-
-
-__all__ = ["ASRConfig", "ASRModel", "AudioError", "Segment", "SpeechTooShortError", "Transcript", "Word",
-           "find_espnet_files", "is_espnet_dir", "speech_windows"]

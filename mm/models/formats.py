@@ -24,7 +24,7 @@ TRANSCRIBERS = ("espnet", "mm-asr", "mm-multimodal")  # formats whose models tra
 
 def detect(path: str | Path) -> str:
     """The format name of a checkpoint path (see the table above); CheckpointError naming the path otherwise."""
-    from mm.models.asr import is_espnet_dir
+    from mm.models.espnet_files import is_espnet_dir
 
     path = Path(path)
     if path.suffix in (".yaml", ".yml") and path.is_file():  # an ESPnet config.yaml named directly

@@ -288,14 +288,15 @@ class MultimodalModel(LlavaForConditionalGeneration):
     @torch.inference_mode()
     def transcript(self, audio, source: str | None = None, max_new_tokens: int = 96, ctc_weight: float = 0.5,
                    beam_size: int = 4, progress: bool = False):
-        """`mm.models.asr.Transcript` of a recording: the text of `transcribe`, and word times from a CTC forced
+        """`mm.models.transcript.Transcript` of a recording: the text of `transcribe`, and word times from a CTC forced
         alignment of its tokens on the encoder's CTC posteriors (words the alignment cannot place get none).
 
         A recording longer than `max_audio_seconds` is cut into its speech runs (the energy VAD of the ESPnet/Dolphin
-        path, `mm.models.asr.speech_windows`, without packing runs together: the model learnt single utterances), at
+        path, `mm.models.vad.speech_windows`, without packing runs together: the model learnt single utterances), at
         most that long each, decoded one after the other (a tqdm bar when `progress`), one Segment each with times in
         the recording; the silence between them is not decoded."""
-        from mm.models.asr import Transcript, speech_windows
+        from mm.models.transcript import Transcript
+        from mm.models.vad import speech_windows
 
         rate = self.config.speech.frontend.sample_rate
         wave = self.processor().load_audio(audio, whole=True)  # [S]
@@ -313,7 +314,7 @@ class MultimodalModel(LlavaForConditionalGeneration):
         """The Segment of one window wave [S] that starts `offset` seconds into the recording."""
         from decoders.ctc import ctc_forced_align
 
-        from mm.models.asr import Segment, timed_words
+        from mm.models.transcript import Segment, timed_words
 
         rate = self.config.speech.frontend.sample_rate
         ids, log_probs, n_samples = self._joint_transcribe((wave, rate), max_new_tokens, ctc_weight, beam_size)

@@ -14,7 +14,8 @@ import torch
 import yaml
 
 from decoders.checkpoint import CheckpointError
-from mm.models.asr import ASRModel, find_espnet_files, is_espnet_dir
+from mm.models.asr import ASRModel
+from mm.models.espnet_files import find_espnet_files, is_espnet_dir
 from mm.models.formats import TRANSCRIBERS, detect, load
 
 # espnet 202511 warns about deprecated torch APIs and missing optional packages

@@ -16,7 +16,8 @@ from decoders.tokenizer import SentencePieceTokenizer
 from encoders.audio import AudioError
 from encoders.ebranchformer import EBranchformerConfig, SpeechEncoderConfig, SpeechTooShortError
 from encoders.frontend import FrontendConfig
-from mm.models.asr import ASRConfig, ASRModel, speech_windows
+from mm.models.asr import ASRConfig, ASRModel
+from mm.models.vad import speech_windows
 from mm.models.formats import load
 from mm.apps.transcribe import add_arguments, cmd_transcribe, run_transcribe, timecode
 
