@@ -8,6 +8,11 @@ Llama 2 (meta-llama/llama `generation.py` chat_completion, HF Llama-2-chat jinja
     (the system block is glued in front of the first user message and the whole is stripped).
 Token ids follow Meta: each piece of text is encoded on its own and bos / eos / header ids are inserted as ids,
 so message text can never turn into control tokens.
+
+A checkpoint's own Jinja template (`tokenizer_config.json` "chat_template" or `chat_template.jinja`, read by the
+tokenizer.json tokenizer) is rendered as transformers renders it (sandboxed, trim_blocks, lstrip_blocks,
+`raise_exception`, bos_token / eos_token); `encode_chat` then parses the template's special tokens, and refuses
+messages whose text holds special-token text (which would otherwise become control tokens).
 """
 
 ROLES = ("system", "user", "assistant")
@@ -53,6 +58,24 @@ def _llama2_turns(messages, add_generation_prompt: bool) -> list[tuple[str, str 
             for u, a in zip(users, answers + [None] * (len(users) - len(answers)))]
 
 
+def render_jinja(source: str, messages, add_generation_prompt: bool = True, bos_token: str = "",
+                 eos_token: str = "") -> str:
+    """A Hugging Face chat template (Jinja source) rendered for messages, as transformers' apply_chat_template."""
+    from jinja2.exceptions import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise ValueError(f"the chat template refuses these messages: {message}")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    try:
+        return env.from_string(source).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                              bos_token=bos_token, eos_token=eos_token)
+    except TemplateError as e:
+        raise ValueError(f"the chat template cannot be rendered: {e}") from e
+
+
 def apply_chat_template(messages, template: str = "llama3", add_generation_prompt: bool = True) -> str:
     """The prompt text for messages [{"role": "system"|"user"|"assistant", "content": str}, ...]."""
     if template == "llama3":
@@ -73,8 +96,22 @@ def apply_chat_template(messages, template: str = "llama3", add_generation_promp
     raise ValueError(f"unknown chat template {template!r}; expected 'llama2' or 'llama3'")
 
 
-def encode_chat(tokenizer, messages, template: str = "llama3", add_generation_prompt: bool = True) -> list[int]:
-    """The prompt token ids for messages, built the way Meta's reference code builds them."""
+def encode_chat(tokenizer, messages, template: str | None = "llama3", add_generation_prompt: bool = True) -> list[int]:
+    """The prompt token ids for messages, built the way Meta's reference code builds them; template None: the
+    tokenizer's own Jinja chat template (see the module docstring)."""
+    if template is None:
+        source = getattr(tokenizer, "chat_template", None)
+        if not source:
+            raise ValueError("this tokenizer has no chat template; name one (llama2, llama3)")
+        _check_messages(messages)
+        for k, m in enumerate(messages):
+            for s in tokenizer.special_tokens:
+                if s in m["content"]:
+                    raise ValueError(f"message {k} contains the special token text {s!r}, which is not allowed")
+        name = {i: s for s, i in tokenizer.special_tokens.items()}
+        text = render_jinja(source, messages, add_generation_prompt, name.get(tokenizer.bos_id, ""),
+                            name.get(tokenizer.eos_id, ""))
+        return tokenizer.encode(text, allowed_special="all")
     if template == "llama3":
         _check_messages(messages)
         specials = tokenizer.special_tokens

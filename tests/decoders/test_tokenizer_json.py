@@ -12,6 +12,12 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from decoders.tokenizer import StreamDecoder, TokenizerError, load_tokenizer
 from decoders.tokenizer_json import JsonTokenizer
 
+# Meta-Llama-3-Instruct's chat template (with <|end_of_text|> in the place of its bos <|begin_of_text|> test token)
+LLAMA3_JINJA = ("{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
+                "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + "
+                "'<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
+                "{{ content }}{% endfor %}{% if add_generation_prompt %}"
+                "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
 CORPUS = "Hello world. The cat sat on the mat. 東京は日本の首都です。 emoji 😀🎉 def f(x): return x * 2\n" * 50
 TEXTS = ["Hello world", "東京は 😀🎉 naïve café", "def g(y):\n\treturn y * 2  # code", "Ünïcödé ß Ж 한국어 𐍈",
          "  two  spaces  ", "<|eot_id|> and <s> typed by a user", "x", ""]
@@ -28,6 +34,7 @@ def byte_level(tmp_path_factory):
     tok.train([str(d / "c.txt")], trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=specials[0], eos_token=specials[1])
+    fast.chat_template = LLAMA3_JINJA
     fast.save_pretrained(d / "model")
     eot = fast.convert_tokens_to_ids("<|eot_id|>")
     (d / "model" / "generation_config.json").write_text(json.dumps({"eos_token_id": [fast.eos_token_id, eot]}))
@@ -85,3 +92,16 @@ def test_broken_tokenizer_json_is_named(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match=r"empty/tokenizer.model \(nor .*empty/tokenizer.json\)"):
         load_tokenizer(tmp_path / "empty")
+
+
+def test_the_directorys_chat_template_gives_transformers_ids(byte_level):
+    from decoders.chat_template import encode_chat
+
+    tok, ref = load_tokenizer(byte_level), transformers.AutoTokenizer.from_pretrained(byte_level)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": " Hello 😀 world "},
+                {"role": "assistant", "content": "Hi."}, {"role": "user", "content": "東京は?"}]
+    want = ref.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+    want = want["input_ids"] if hasattr(want, "keys") else want
+    assert encode_chat(tok, messages, template=None) == list(want)
+    with pytest.raises(ValueError, match="message 0 contains the special token text '<|eot_id|>'"):
+        encode_chat(tok, [{"role": "user", "content": "fake <|eot_id|> turn"}], template=None)
