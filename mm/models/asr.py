@@ -386,6 +386,15 @@ class ASRModel(nn.Module):
         return decode, float(ctc_weight)
 
     @torch.no_grad()
+    def caption(self, image, **kwargs):
+        """An ASR model hears speech only: a clear error."""
+        raise ValueError("this ASR model has no image encoder, so it cannot caption; use the multimodal model (mm.load()) "
+                         "or a LLaVA checkpoint")
+
+    def chat(self, messages, **kwargs):
+        """An ASR model has no language model to chat with: a clear error."""
+        raise ValueError("this ASR model cannot chat (it has no language model over text); use the multimodal model")
+
     def transcribe(self, audio, decode: str | None = None, beam: int = 10, ctc_weight: float | None = None,
                    timestamps: bool = False, batch_size: int = 8, sample_rate: int | None = None,
                    language: str | None = None, region: str | None = None, max_window: float = 30.0,

@@ -27,6 +27,7 @@ import json
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from tqdm import tqdm
@@ -55,6 +56,22 @@ LLAVA_VISION_DEFAULTS = {"hidden_size": 1024, "intermediate_size": 4096, "patch_
 
 
 DEFAULT_PROMPT = "Provide a one-sentence caption for the provided image."  # LLaVA-1.5's short-caption prompt
+
+
+def stripped(pieces: Iterator[str]) -> Iterator[str]:
+    """Text pieces whose concatenation is `"".join(pieces).strip()`, as `chat` returns the whole reply: leading
+    whitespace is dropped, trailing whitespace held back until more text follows it."""
+    started, held = False, ""
+    for piece in pieces:
+        if not started:
+            piece = piece.lstrip()
+            started = bool(piece)
+        body = piece.rstrip()
+        if body:
+            yield held + body
+            held = piece[len(body):]
+        else:
+            held += piece
 
 
 def check_batch(images, batch_size: int) -> list:
@@ -296,6 +313,28 @@ class LlavaForConditionalGeneration(nn.Module):
         return LlavaProcessor(self.tokenizer, self.image_processor, self.config.image_token_index,
                               self.config.tokens_per_image(self.image_processor.crop_size),
                               template or self.config.template)
+
+    def chat(self, messages, images=None, stream: bool = False, max_new_tokens: int = 64, **kwargs):
+        """The assistant's reply to a conversation [{"role", "content"}, ...] whose '<image>' placeholders take
+        `images` in order (greedy unless sampling options are given; options as `decoders.generate.stream_tokens`);
+        with stream=True an iterator of text pieces. The same contract as the multimodal model's `chat`."""
+        from decoders.generate import stream_text
+
+        inputs = self.processor()(messages, images)
+        if inputs["input_ids"].shape[0] != 1:
+            raise ValueError("chat takes one conversation; use captions() or generate() for batches")
+        h = self.embed(inputs["input_ids"].to(self.device), inputs["pixel_values"])
+        tokenizer = self.tokenizer
+        kwargs.setdefault("eos_token_id", sorted(tokenizer.stop_ids | ({tokenizer.eos_id} - {None})) or None)
+        pieces = stream_text(self.language_model, tokenizer, inputs["input_ids"].to(self.device),
+                             attention_mask=inputs["attention_mask"], inputs_embeds=h, max_new_tokens=max_new_tokens,
+                             **kwargs)
+        return stripped(pieces) if stream else "".join(pieces).strip()
+
+    def transcribe(self, audio, **kwargs):
+        """LLaVA reads images and text only: a clear error (the multimodal model or an ESPnet/Dolphin model hears)."""
+        raise ValueError("this LLaVA model has no speech encoder, so it cannot transcribe; use the multimodal model "
+                         "(mm.load()) or an ESPnet/Dolphin experiment")
 
     def caption(self, image, prompt: str | None = None, max_new_tokens: int = 64) -> str:
         """Caption of one image (PIL image or path) with the model's tokenizer and template, greedy."""

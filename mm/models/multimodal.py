@@ -32,7 +32,7 @@ from decoders.loss import next_token_loss
 from encoders.ebranchformer import SpeechEncoder, SpeechEncoderConfig
 from encoders.vit import ViTConfig
 
-from mm.models.llava import LlavaConfig, LlavaForConditionalGeneration, _load_image_processor, check_batch
+from mm.models.llava import LlavaConfig, LlavaForConditionalGeneration, _load_image_processor, check_batch, stripped
 from mm.models.processor import AUDIO_PLACEHOLDER, MultimodalProcessor
 from mm.models.speech_adapter import (SpeechAdapter, SpeechAdapterConfig, encode_speech, encoder_lengths, fit_adapter,
                                       joint_beam_search, scatter_features)
@@ -365,22 +365,6 @@ class MultimodalModel(LlavaForConditionalGeneration):
         """Write config.json, model.safetensors, tokenizer.model (if any) and preprocessor_config.json."""
         super().save_pretrained(path)
         (Path(path) / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2))
-
-
-def stripped(pieces: Iterator[str]) -> Iterator[str]:
-    """Text pieces whose concatenation is `"".join(pieces).strip()`, as `chat` returns the whole reply: leading
-    whitespace is dropped, trailing whitespace held back until more text follows it."""
-    started, held = False, ""
-    for piece in pieces:
-        if not started:
-            piece = piece.lstrip()
-            started = bool(piece)
-        body = piece.rstrip()
-        if body:
-            yield held + body
-            held = piece[len(body):]
-        else:
-            held += piece
 
 
 def _transcribe_messages(audio) -> list[dict]:

@@ -149,3 +149,13 @@ def test_run_caption(model, model_dir, tmp_path, capsys):
     assert streamed == generated[0, inputs["input_ids"].shape[1]:].tolist()
     with pytest.raises(FileNotFoundError, match="nope.png"):
         run_caption([str(tmp_path / "nope.png"), "--model", str(model_dir)])
+
+
+def test_chat_equals_the_hand_built_greedy_caption_and_streams_it(model):
+    image = images(1, seed=5)[0]
+    want, _ = greedy_caption(model, image, "What is this?", 10)
+    messages = [{"role": "user", "content": "<image>\nWhat is this?"}]
+    assert model.chat(messages, images=[image], max_new_tokens=10) == want
+    assert "".join(model.chat(messages, images=[image], max_new_tokens=10, stream=True)) == want
+    with pytest.raises(ValueError, match="this LLaVA model has no speech encoder, so it cannot transcribe"):
+        model.transcribe("speech.wav")

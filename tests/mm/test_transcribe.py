@@ -344,3 +344,10 @@ def test_one_bad_file_does_not_cost_the_others(model_dir, tmp_path):
     alone = [run_transcribe([str(g)], str(model_dir), out=io.StringIO())[0].text for g in good]
     assert [(tmp_path / "out" / f"talk{k}.txt").read_text().strip() for k in range(2)] == [t.strip() for t in alone]
     assert not (tmp_path / "out" / "notes.txt").exists()
+
+
+def test_an_asr_model_refuses_images_and_chat_clearly(model):
+    with pytest.raises(ValueError, match="this ASR model has no image encoder, so it cannot caption"):
+        model.caption("photo.png")
+    with pytest.raises(ValueError, match="this ASR model cannot chat"):
+        model.chat([{"role": "user", "content": "hi"}])
