@@ -172,25 +172,45 @@ class MultimodalModel(LlavaForConditionalGeneration):
                                    self.feature_lengths, template or cfg.template, cfg.system, cfg.max_audio_seconds,
                                    cfg.speech.frontend.sample_rate)
 
-    def _inputs_embeds(self, inputs: dict) -> torch.Tensor:
+    def _inputs_embeds(self, input_ids, pixel_values=None, speech=None, speech_lengths=None) -> torch.Tensor:
         with torch.inference_mode():
             feats = None
-            if inputs["speech"] is not None:
-                _, _, f, f_len = self.encode_speech(inputs["speech"], inputs["speech_lengths"])
+            if speech is not None:
+                _, _, f, f_len = self.encode_speech(speech, speech_lengths)
                 feats = (f, f_len)
-            return self.embed(inputs["input_ids"], inputs["pixel_values"], feats)
+            return self.embed(input_ids, pixel_values, feats)
 
     @torch.inference_mode()
-    def generate(self, inputs: dict, max_new_tokens: int = 64, **kwargs) -> torch.Tensor:
-        """New tokens [B, new] for processor outputs (greedy by default; options as `decoders.generate.generate`)."""
+    def generate(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, max_new_tokens: int = 32, *,
+                 speech: torch.Tensor | None = None, speech_lengths: torch.Tensor | None = None,
+                 **kwargs) -> torch.Tensor:
+        """Prompt followed by new tokens [B, T + new], as LLaVA's `generate`; `speech` [A, S] with `speech_lengths`
+        [A] fills the audio tokens. Greedy by default, stopping at the tokenizer's stop ids (options as
+        `decoders.generate.generate`)."""
         from decoders.generate import generate
 
-        ids = inputs["input_ids"].to(self.device)
-        if "eos_token_id" not in kwargs:
+        if "eos_token_id" not in kwargs and self.tokenizer is not None:
             kwargs["eos_token_id"] = sorted(self.tokenizer.stop_ids) or None
-        out = generate(self.language_model, ids, inputs["attention_mask"], max_new_tokens=max_new_tokens,
-                       inputs_embeds=self._inputs_embeds(inputs), **kwargs)
-        return out[:, ids.shape[1]:]
+        h = self._inputs_embeds(input_ids, pixel_values, speech, speech_lengths)
+        return generate(self.language_model, input_ids.to(self.device), attention_mask, max_new_tokens=max_new_tokens,
+                        inputs_embeds=h, **kwargs)
+
+    def stream_tokens(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                      attention_mask: torch.Tensor | None = None, *, speech: torch.Tensor | None = None,
+                      speech_lengths: torch.Tensor | None = None, **kwargs) -> Iterator[torch.Tensor]:
+        """Yield the next token of every row [B] per step, as LLaVA's `stream_tokens`, with the audio of `speech`."""
+        from decoders.generate import stream_tokens
+
+        h = self._inputs_embeds(input_ids, pixel_values, speech, speech_lengths)
+        yield from stream_tokens(self.language_model, input_ids.to(self.device), attention_mask, inputs_embeds=h,
+                                 **kwargs)
+
+    def _reply_tokens(self, inputs: dict, max_new_tokens: int, **kwargs) -> torch.Tensor:
+        """The new tokens [B, new] of `generate` for processor outputs."""
+        ids = inputs["input_ids"]
+        return self.generate(ids, inputs["pixel_values"], inputs["attention_mask"], max_new_tokens,
+                             speech=inputs["speech"], speech_lengths=inputs["speech_lengths"], **kwargs)[:, ids.shape[1]:]
 
     def decode(self, new_tokens: torch.Tensor) -> list[str]:
         """Text of each row of new tokens, cut at the first stop token."""
@@ -215,7 +235,7 @@ class MultimodalModel(LlavaForConditionalGeneration):
                 convs = [[{"role": "user", "content": c}] for c, _, _ in chunk]
                 inputs = processor(convs, [x for _, ims, _ in chunk for x in ims],
                                    [x for _, _, auds in chunk for x in auds])
-                out += self.decode(self.generate(inputs, max_new_tokens))
+                out += self.decode(self._reply_tokens(inputs, max_new_tokens))
                 bar.update(len(chunk))
         return out
 
@@ -225,13 +245,13 @@ class MultimodalModel(LlavaForConditionalGeneration):
         iterator of text pieces as they are decoded. Options as `decoders.generate.stream_tokens`."""
         inputs = self.processor()(messages, images, audios)
         if not stream:
-            return self.decode(self.generate(inputs, max_new_tokens, **kwargs))[0]
+            return self.decode(self._reply_tokens(inputs, max_new_tokens, **kwargs))[0]
         return self._stream(inputs, max_new_tokens, **kwargs)
 
     def _stream(self, inputs: dict, max_new_tokens: int, **kwargs) -> Iterator[str]:
         from decoders.generate import stream_text
 
-        h = self._inputs_embeds(inputs)
+        h = self._inputs_embeds(inputs["input_ids"], inputs["pixel_values"], inputs["speech"], inputs["speech_lengths"])
         yield from stripped(stream_text(self.language_model, self.tokenizer, inputs["input_ids"].to(self.device),
                                         attention_mask=inputs["attention_mask"], inputs_embeds=h,
                                         max_new_tokens=max_new_tokens, **kwargs))

@@ -143,13 +143,15 @@ def test_padded_batch_equals_rows_alone(model, media):
     with torch.no_grad():
         logits = model(batch["input_ids"], batch["pixel_values"], batch["speech"], batch["speech_lengths"],
                        batch["attention_mask"]).logits[:, -1]
-        new = model.generate(batch, max_new_tokens=5)
+        new = model.generate(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], 5,
+                             speech=batch["speech"], speech_lengths=batch["speech_lengths"])[:, batch["input_ids"].shape[1]:]
     singles = [proc(convs[0], images[:1]), proc(convs[1], audios=audios[:1]), proc(convs[2], images[1:], audios[1:])]
     for b, one in enumerate(singles):
         with torch.no_grad():
             alone = model(one["input_ids"], one["pixel_values"], one["speech"], one["speech_lengths"]).logits[0, -1]
         assert (logits[b] - alone).abs().max() < 1e-4
-        solo = model.generate(one, max_new_tokens=5)[0]  # stops at EOS; the batch row goes on with padding
+        solo = model.generate(one["input_ids"], one["pixel_values"], one["attention_mask"], 5, speech=one["speech"],
+                              speech_lengths=one["speech_lengths"])[0, one["input_ids"].shape[1]:]  # stops at EOS
         assert torch.equal(new[b, : len(solo)], solo)
         assert set(new[b, len(solo):].tolist()) <= {model.tokenizer.eos_id}
 

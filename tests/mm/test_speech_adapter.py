@@ -248,18 +248,17 @@ def test_joint_search_without_ctc_equals_plain_llm_beam_search():
 def test_joint_search_beam1_llm_only_equals_greedy_generate():
     """Beam 1 over the decoder alone is greedy decoding: the joint search equals `generate` (through the KV cache)
     and the streamed tokens, for two utterances in one left-padded batch."""
-    from decoders.generate import stream_tokens
-
     model = tiny_model(seed=4, k=2)
     a = V
     speech, lengths = speech_batch([3200, 2000], seed=2)
     batch = build_speech_batch([[1, a, 5], [1, 6, a]], model.feature_lengths(lengths), a)
     batch.update(speech=speech, speech_lengths=lengths)
-    new = model.generate(batch, max_new_tokens=8, eos_token_id=EOS)  # [B, 8]
+    T = batch["input_ids"].shape[1]
+    new = model.generate(batch["input_ids"], None, batch["attention_mask"], 8, speech=speech, speech_lengths=lengths,
+                         eos_token_id=EOS)[:, T:]  # [B, 8]
     hyps, _, _ = model.joint_search(batch, max_new_tokens=8, ctc_weight=0.0, beam_size=1, eos_token_id=EOS)
-    streamed = torch.stack(list(stream_tokens(model.language_model, batch["input_ids"], batch["attention_mask"],
-                                              inputs_embeds=model._inputs_embeds(batch), max_new_tokens=8,
-                                              eos_token_id=EOS)), dim=1)
+    streamed = torch.stack(list(model.stream_tokens(batch["input_ids"], None, batch["attention_mask"], speech=speech,
+                                                    speech_lengths=lengths, max_new_tokens=8, eos_token_id=EOS)), dim=1)
     assert torch.equal(streamed, new)
     for b in range(2):
         greedy = new[b].tolist()
@@ -404,7 +403,8 @@ def test_training_overfits_and_every_part_learns():
     # the overfit model answers from the audio, by greedy decoding and by joint decoding
     prompt = build_speech_batch(prompts, model.feature_lengths(lengths), a)
     prompt.update(speech=speech, speech_lengths=lengths)
-    gen = model.generate(prompt, max_new_tokens=6, eos_token_id=EOS)
+    gen = model.generate(prompt["input_ids"], None, prompt["attention_mask"], 6, speech=speech, speech_lengths=lengths,
+                         eos_token_id=EOS)[:, prompt["input_ids"].shape[1]:]
     hyps, _, _ = model.joint_search(prompt, max_new_tokens=6, ctc_weight=0.3, beam_size=3, eos_token_id=EOS)
     for b, x in enumerate(answers):
         assert gen[b, :len(x) + 1].tolist() == x + [EOS]
