@@ -5,7 +5,6 @@ import argparse
 
 import mm
 import mm.assets
-import mm.models.multimodal
 
 
 def main(argv=None):
@@ -17,10 +16,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     asr = mm.load(args.model)
     for path in args.audio or [str(mm.assets.example("question.wav"))]:
-        if isinstance(asr, mm.models.multimodal.MultimodalModel):
-            result = asr.transcript(path)
-        else:
-            result = asr.transcribe(path, decode=args.decode, timestamps=True)
+        result = asr.transcript(path, decode=args.decode)
         print(f"{path}: {result.text}")
         for w in result.words:
             print(f"  {w.start:7.2f} {w.end:7.2f}  {w.text}")

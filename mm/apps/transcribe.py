@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from mm.models.asr import DECODE_MODES, ASRModel
+from mm.models.multimodal import DECODE_CTC_WEIGHT
 from mm.models.transcript import Transcript
 from mm.models.formats import TRANSCRIBERS, load
 
@@ -79,10 +80,6 @@ def render(results: list[Transcript], fmt: str, timestamps: bool) -> str:
     return "".join(f"{r.source}: {r.text.strip()}\n" for r in results)
 
 
-# --decode for the multimodal model: the weight of the CTC head's prefix scores in its joint beam search
-MULTIMODAL_CTC_WEIGHT = {"ctc": 1.0, "attention": 0.0, "joint": 0.5, None: 0.5}
-
-
 def run_transcribe(files: list[str], model_dir: str | None, decode: str | None = None, beam: int | None = None,
                    timestamps: bool = False, fmt: str = "text", batch_size: int = 8, out=None,
                    out_dir: str | None = None, progress: bool | None = None, device: str = "cpu",
@@ -112,18 +109,17 @@ def run_transcribe(files: list[str], model_dir: str | None, decode: str | None =
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
     model = load(model_dir, expect=TRANSCRIBERS, device=device)
-    if not isinstance(model, ASRModel) and decode not in MULTIMODAL_CTC_WEIGHT:
+    if not isinstance(model, ASRModel) and decode not in DECODE_CTC_WEIGHT:
         raise ValueError(f"--decode {decode}: the multimodal model decodes with ctc (its CTC head alone), "
                          "attention (its decoder alone) or joint (both, the default)")
     if not isinstance(model, ASRModel) and (language or region):
         raise ValueError("--language / --region choose a Dolphin-style model's prompt; the multimodal model has none")
 
     def decode_files(paths: list[str]) -> list[Transcript]:
-        if isinstance(model, ASRModel):
+        if isinstance(model, ASRModel):  # windows of all files decoded together in batches
             return model.transcribe(paths, decode=decode, beam=beam or 10, timestamps=timestamps,
                                     batch_size=batch_size, progress=progress, language=language, region=region)
-        # the multimodal model: the decoder writes the text, the CTC head times the words
-        out = [model.transcript(f, source=f, ctc_weight=MULTIMODAL_CTC_WEIGHT[decode], beam_size=beam or 4,
+        out = [model.transcript(f, source=f, decode=decode, beam=beam,
                                 progress=sys.stderr.isatty() if progress is None else progress) for f in paths]
         for segment in [sg for r in out for sg in r.segments] if not timestamps else []:
             segment.words = []

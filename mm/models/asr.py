@@ -395,6 +395,14 @@ class ASRModel(nn.Module):
         """An ASR model has no language model to chat with: a clear error."""
         raise ValueError("this ASR model cannot chat (it has no language model over text); use the multimodal model")
 
+    def transcript(self, audio, source: str | None = None, decode: str | None = None, beam: int = 10,
+                   **kwargs) -> Transcript:
+        """The `Transcript` of one recording with word times: `transcribe(..., timestamps=True)`, as the multimodal
+        model's `transcript` (options as `transcribe`)."""
+        result = self.transcribe(audio, decode=decode, beam=beam, timestamps=True, **kwargs)
+        result.source = source if source is not None else result.source
+        return result
+
     def transcribe(self, audio, decode: str | None = None, beam: int = 10, ctc_weight: float | None = None,
                    timestamps: bool = False, batch_size: int = 8, sample_rate: int | None = None,
                    language: str | None = None, region: str | None = None, max_window: float = 30.0,

@@ -91,6 +91,9 @@ class MultimodalConfig(LlavaConfig):
                    speech=SpeechEncoderConfig.from_dict(speech), **d)
 
 
+DECODE_CTC_WEIGHT = {"ctc": 1.0, "attention": 0.0, "joint": 0.5, None: 0.5}  # CTC prefix weight in joint search
+
+
 @dataclass
 class MultimodalOutput:
     """Logits [B, T, V] and, when targets were given, loss = lm_loss + ctc_weight * ctc_loss and its parts."""
@@ -306,15 +309,22 @@ class MultimodalModel(LlavaForConditionalGeneration):
         return hyps[0][0].tokens, log_probs[0, : int(enc_lengths[0])], int(inputs["speech_lengths"][0])
 
     @torch.inference_mode()
-    def transcript(self, audio, source: str | None = None, max_new_tokens: int = 96, ctc_weight: float = 0.5,
-                   beam_size: int = 4, progress: bool = False):
+    def transcript(self, audio, source: str | None = None, max_new_tokens: int = 96, ctc_weight: float | None = None,
+                   beam_size: int = 4, progress: bool = False, decode: str | None = None, beam: int | None = None):
         """`mm.models.transcript.Transcript` of a recording: the text of `transcribe`, and word times from a CTC forced
         alignment of its tokens on the encoder's CTC posteriors (words the alignment cannot place get none).
 
         A recording longer than `max_audio_seconds` is cut into its speech runs (the energy VAD of the ESPnet/Dolphin
         path, `mm.models.vad.speech_windows`, without packing runs together: the model learnt single utterances), at
         most that long each, decoded one after the other (a tqdm bar when `progress`), one Segment each with times in
-        the recording; the silence between them is not decoded."""
+        the recording; the silence between them is not decoded.
+        decode / beam: as the ESPnet/Dolphin model's `transcript`: "ctc" (the CTC head alone), "attention" (the decoder
+        alone), "joint" (both; the default), i.e. a CTC weight of 1, 0 or 0.5 (`ctc_weight` sets it directly)."""
+        if decode not in DECODE_CTC_WEIGHT:
+            raise ValueError(f"decode={decode!r}: the multimodal model decodes with ctc (its CTC head alone), attention "
+                             "(its decoder alone) or joint (both, the default)")
+        ctc_weight = DECODE_CTC_WEIGHT[decode] if ctc_weight is None else ctc_weight
+        beam_size = beam or beam_size
         from mm.models.transcript import Transcript
         from mm.models.vad import speech_windows
 
