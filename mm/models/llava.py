@@ -39,6 +39,7 @@ from decoders.convert_hf import convert_hf_state_dict
 from decoders.llama import LlamaConfig, LlamaForCausalLM
 from encoders.image import ImageProcessor
 from encoders.vit import ViT, ViTConfig, convert_hf_clip_vision_state_dict, quick_gelu
+from mm.models.conversation import LlavaProcessor, user_prompt
 
 OUR_MODEL_TYPE = "mm-llava"
 PROJECTOR_TYPES = ("mlp2x_gelu", "linear")
@@ -306,8 +307,6 @@ class LlavaForConditionalGeneration(nn.Module):
 
     def processor(self, template: str | None = None):
         """A `mm.models.conversation.LlavaProcessor` for this model's tokenizer, image processor and template."""
-        from mm.models.conversation import LlavaProcessor
-
         if self.tokenizer is None:
             raise ValueError("this LLaVA model has no tokenizer (its directory had no tokenizer.model); set model.tokenizer")
         return LlavaProcessor(self.tokenizer, self.image_processor, self.config.image_token_index,
@@ -336,16 +335,18 @@ class LlavaForConditionalGeneration(nn.Module):
         raise ValueError("this LLaVA model has no speech encoder, so it cannot transcribe; use the multimodal model "
                          "(mm.load()) or an ESPnet/Dolphin experiment")
 
-    def caption(self, image, prompt: str | None = None, max_new_tokens: int = 64) -> str:
-        """Caption of one image (PIL image or path) with the model's tokenizer and template, greedy."""
+    def caption(self, image, prompt: str | None = None, stream: bool = False, max_new_tokens: int = 64):
+        """Caption of one image (PIL image or path) with the model's tokenizer and template, greedy; with stream=True
+        an iterator of text pieces (the multimodal model's signature)."""
+        if stream:
+            return self.chat(user_prompt(DEFAULT_PROMPT if prompt is None else prompt), images=[image], stream=True,
+                             max_new_tokens=max_new_tokens)
         return self.captions([image], prompt=prompt, max_new_tokens=max_new_tokens, progress=False)[0]
 
     def captions(self, images, prompt: str | None = None, batch_size: int = 8, max_new_tokens: int = 64,
                  progress: bool | None = None) -> list[str]:
         """Greedy captions of images (PIL images or paths), `batch_size` at a time; a tqdm bar on stderr when
         `progress` (default: when there is more than one batch)."""
-        from mm.models.conversation import user_prompt
-
         images = check_batch(images, batch_size)
         processor = self.processor()
         tokenizer = processor.tokenizer

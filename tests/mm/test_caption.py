@@ -157,5 +157,7 @@ def test_chat_equals_the_hand_built_greedy_caption_and_streams_it(model):
     messages = [{"role": "user", "content": "<image>\nWhat is this?"}]
     assert model.chat(messages, images=[image], max_new_tokens=10) == want
     assert "".join(model.chat(messages, images=[image], max_new_tokens=10, stream=True)) == want
+    assert "".join(model.caption(image, "What is this?", stream=True, max_new_tokens=10)) == want
+    assert model.caption(image, "What is this?", max_new_tokens=10) == want
     with pytest.raises(ValueError, match="this LLaVA model has no speech encoder, so it cannot transcribe"):
         model.transcribe("speech.wav")
