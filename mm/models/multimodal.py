@@ -33,7 +33,7 @@ from encoders.ebranchformer import SpeechEncoder, SpeechEncoderConfig
 from encoders.vit import ViTConfig
 
 from mm.models.llava import LlavaConfig, LlavaForConditionalGeneration, _load_image_processor, check_batch, stripped
-from mm.models.processor import AUDIO_PLACEHOLDER, MultimodalProcessor
+from mm.models.processor import AUDIO_PLACEHOLDER, InputError, MultimodalProcessor
 from mm.models.speech_adapter import (SpeechAdapter, SpeechAdapterConfig, encode_speech, encoder_lengths, fit_adapter,
                                       joint_beam_search, scatter_features)
 
@@ -246,6 +246,9 @@ class MultimodalModel(LlavaForConditionalGeneration):
              **kwargs) -> str | Iterator[str]:
         """The assistant's reply to a conversation (see `mm.models.processor` for the message format); with stream=True an
         iterator of text pieces as they are decoded. Options as `decoders.generate.stream_tokens`."""
+        if isinstance(messages, (list, tuple)) and any(not isinstance(m, dict) for m in messages):
+            k, m = next((k, m) for k, m in enumerate(messages) if not isinstance(m, dict))
+            raise InputError(f"message {k} must be a dict with 'role' and 'content', got {m!r:.200}")
         inputs = self.processor()(messages, images, audios)
         if not stream:
             return self.decode(self._reply_tokens(inputs, max_new_tokens, **kwargs))[0]

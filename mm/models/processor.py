@@ -141,6 +141,9 @@ class MultimodalProcessor:
                  labels: bool = False) -> dict:
         """Model inputs for one conversation or a batch; `images` / `audios` are flat lists over the batch, in
         placeholder order, added after any media given as content parts."""
+        if not isinstance(conversations, (str, dict, list, tuple)):
+            raise InputError(f"a conversation must be a list of {{'role', 'content'}} messages, got "
+                             f"{type(conversations).__name__}")
         if isinstance(conversations, (str, dict)) or (conversations and isinstance(conversations[0], dict)):
             conversations = [conversations]
         if not conversations:
@@ -178,12 +181,17 @@ class MultimodalProcessor:
                 raise InputError(f"the conversation(s) have {wanted} '{ph}' placeholder(s) but {given} {name}(s) "
                                  f"were given: one {name} per placeholder")
         all_images = [self.load_image(im, k) for k, im in enumerate(x for p in per_images for x in p)]
-        waves = [self.load_audio(a, k) for k, a in enumerate(x for p in per_audios for x in p)]
+        sources = [x for p in per_audios for x in p]
+        waves = [self.load_audio(a, k) for k, a in enumerate(sources)]
         speech_lengths = torch.tensor([w.shape[0] for w in waves], dtype=torch.long)
-        try:
-            feature_lengths = self.audio_feature_lengths(speech_lengths).tolist() if waves else []
-        except ValueError as e:  # SpeechTooShortError
-            raise InputError(f"audio too short: {e}") from e
+        for k, (source, wave) in enumerate(zip(sources, waves)):
+            try:
+                self.audio_feature_lengths(speech_lengths[k:k + 1])
+            except ValueError as e:  # SpeechTooShortError
+                name = f"{source}: " if isinstance(source, (str, os.PathLike)) else ""
+                raise InputError(f"audio {k}: {name}{wave.shape[0] / self.sample_rate * 1000:.0f} ms is too short to "
+                                 f"hear ({e})") from e
+        feature_lengths = self.audio_feature_lengths(speech_lengths).tolist() if waves else []
         encoded, at = [], 0
         for c, auds in zip(flat, per_audios):
             encoded.append(self.encode(c, feature_lengths[at:at + len(auds)], add_generation_prompt))
