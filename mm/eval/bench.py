@@ -157,7 +157,8 @@ def bench_speech_encoder(seconds: float = 10.0, repeats: int = 3) -> dict:
     """Real-time factor of our E-Branchformer encoder against ESPnet's on the same weights (Dolphin-base width)."""
     from espnet2.asr.encoder.e_branchformer_encoder import EBranchformerEncoder as ESPnetEncoder
 
-    from encoders.ebranchformer import EBranchformerConfig, load_espnet_encoder
+    from encoders.convert_espnet import load_espnet_encoder
+    from encoders.ebranchformer import EBranchformerConfig
 
     conf = dict(output_size=512, attention_heads=8, linear_units=2048, cgmlp_linear_units=2048, num_blocks=6,
                 input_layer="conv2d", pos_enc_layer_type="rel_pos", rel_pos_type="latest",

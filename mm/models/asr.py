@@ -59,8 +59,8 @@ from decoders.checkpoint import (CheckpointError, check_config_keys, load_state_
 from decoders.ctc import CTC, convert_espnet_ctc_state_dict, ctc_forced_align, ctc_greedy_decode
 from decoders.tokenizer import SentencePieceTokenizer
 from encoders.audio import load_audio
-from encoders.ebranchformer import (SpeechEncoder, SpeechEncoderConfig,
-                                    convert_espnet_speech_encoder_state_dict)
+from encoders.convert_espnet import convert_espnet_speech_encoder_state_dict
+from encoders.speech_encoder import SpeechEncoder, SpeechEncoderConfig
 from encoders.frontend import GlobalMVN
 from mm.models.espnet_files import find_espnet_files
 from mm.models.transcript import Segment, Transcript, Word, timed_words

@@ -29,7 +29,7 @@ from decoders.checkpoint import CheckpointError, check_config_keys, read_hf_weig
 from decoders.ctc import CTC, ctc_greedy_decode
 from decoders.llama import LlamaConfig
 from decoders.loss import next_token_loss
-from encoders.ebranchformer import SpeechEncoder, SpeechEncoderConfig
+from encoders.speech_encoder import SpeechEncoder, SpeechEncoderConfig
 from encoders.vit import ViTConfig
 
 from mm.models.llava import LlavaConfig, LlavaForConditionalGeneration, _load_image_processor, check_batch, stripped

@@ -32,7 +32,8 @@ from torch import nn
 from decoders.beam_search import Hypothesis
 from decoders.ctc import CTCPrefixScorer
 from decoders.llama import LlamaForCausalLM
-from encoders.ebranchformer import Conv2dSubsampling4, SpeechEncoder, SpeechTooShortError
+from encoders.ebranchformer import Conv2dSubsampling4, SpeechTooShortError
+from encoders.speech_encoder import SpeechEncoder
 
 ADAPTER_MODES = ("stack", "conv")
 ADAPTER_TAILS = ("pad", "drop")

@@ -49,7 +49,8 @@ from tqdm import tqdm
 
 from decoders.llama import LlamaConfig
 from decoders.tokenizer import train_sentencepiece
-from encoders.ebranchformer import EBranchformerConfig, SpeechEncoderConfig
+from encoders.ebranchformer import EBranchformerConfig
+from encoders.speech_encoder import SpeechEncoderConfig
 from encoders.frontend import FrontendConfig
 from encoders.image import ImageProcessor
 from encoders.vit import ViTConfig

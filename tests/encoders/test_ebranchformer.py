@@ -7,17 +7,10 @@ import pytest
 import torch
 
 from decoders.checkpoint import CheckpointError, read_torch
-from encoders.ebranchformer import (
-    Conv2dSubsampling4,
-    EBranchformerConfig,
-    EBranchformerEncoder,
-    SpeechEncoderConfig,
-    SpeechTooShortError,
-    convert_espnet_encoder_state_dict,
-    load_espnet_encoder,
-    load_espnet_speech_encoder,
-    rel_shift,
-)
+from encoders.convert_espnet import convert_espnet_encoder_state_dict, load_espnet_encoder, load_espnet_speech_encoder
+from encoders.ebranchformer import (Conv2dSubsampling4, EBranchformerConfig, EBranchformerEncoder, SpeechTooShortError,
+                                   rel_shift)
+from encoders.speech_encoder import SpeechEncoderConfig
 
 import espnet2.asr.encoder.e_branchformer_encoder as espnet_encoder  # test-only reference (espnet==202511)
 warnings.filterwarnings("ignore", category=FutureWarning)
@@ -300,7 +293,7 @@ def test_speech_encoder_training_mode_applies_specaug_like_espnet(tmp_path):
 
 def test_speech_encoder_too_short_audio_error(tmp_path):
     _, config_yaml = build_espnet_asr_model(write_stats(tmp_path / "feats_stats.npz"))
-    from encoders.ebranchformer import SpeechEncoder
+    from encoders.speech_encoder import SpeechEncoder
 
     ours = SpeechEncoder(SpeechEncoderConfig.from_espnet(config_yaml)).eval()
     with pytest.raises(SpeechTooShortError, match="has 6 frames"):

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from decoders.ctc import ctc_prefix_beam_search
 from decoders.llama import LlamaConfig, LlamaForCausalLM
 from decoders.loss import IGNORE_INDEX
-from encoders.ebranchformer import EBranchformerConfig, SpeechEncoderConfig, SpeechTooShortError
+from encoders.ebranchformer import EBranchformerConfig, SpeechTooShortError
+from encoders.speech_encoder import SpeechEncoderConfig
 from encoders.frontend import FrontendConfig
 from encoders.vit import ViTConfig
 from mm.models.multimodal import MultimodalConfig, MultimodalModel, MultimodalOutput

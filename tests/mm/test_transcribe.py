@@ -14,7 +14,8 @@ import torch
 from decoders.asr_decoder import ASRDecoderConfig
 from decoders.tokenizer import SentencePieceTokenizer
 from encoders.audio import AudioError
-from encoders.ebranchformer import EBranchformerConfig, SpeechEncoderConfig, SpeechTooShortError
+from encoders.ebranchformer import EBranchformerConfig, SpeechTooShortError
+from encoders.speech_encoder import SpeechEncoderConfig
 from encoders.frontend import FrontendConfig
 from mm.models.asr import ASRConfig, ASRModel
 from mm.models.vad import speech_windows
