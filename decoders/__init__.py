@@ -4,7 +4,9 @@ from .generate import generate, sample_next, stream_text, stream_tokens
 from .kv_cache import KVCache
 from .llama import LlamaConfig, LlamaForCausalLM
 from .loss import IGNORE_INDEX, next_token_loss
-from .tokenizer import SentencePieceTokenizer, StreamDecoder, TiktokenTokenizer, load_tokenizer, train_sentencepiece
+from .stream_decoder import StreamDecoder
+from .tokenizer import SentencePieceTokenizer, TiktokenTokenizer, load_tokenizer
+from .tokenizer_train import train_sentencepiece
 
 __all__ = [
     "CheckpointError", "IGNORE_INDEX", "KVCache", "LlamaConfig", "LlamaForCausalLM", "SentencePieceTokenizer",

@@ -13,6 +13,7 @@ import torch
 from .compile import compile_decode, gemv_flags
 from .cuda_graph import static_decoder
 from .masks import positions_from_mask
+from .stream_decoder import StreamDecoder
 
 if TYPE_CHECKING:
     from .llama import LlamaForCausalLM
@@ -155,8 +156,6 @@ def stream_text(model: LlamaForCausalLM, tokenizer, input_ids: torch.Tensor, sta
 
     `stats`, if given, receives `new_tokens`: how many tokens were generated (a stop token included).
     """
-    from .tokenizer import StreamDecoder
-
     if input_ids.shape[0] != 1:
         raise ValueError(f"stream_text streams one prompt; got a batch of {input_ids.shape[0]}")
     kwargs.setdefault("eos_token_id", sorted(tokenizer.stop_ids))

@@ -20,11 +20,9 @@ add one dummy-prefix space ("▁") in front of the text, which decoding removes 
 """
 
 import base64
-import codecs
 import json
 import os
 import re
-from collections import Counter
 from pathlib import Path
 
 import sentencepiece as spm
@@ -197,63 +195,6 @@ class SentencePieceTokenizer:
         return out
 
 
-def train_sentencepiece(
-    files,
-    out_dir: str | os.PathLike,
-    vocab_size: int,
-    model_type: str = "bpe",
-    special_tokens=(),
-    user_defined_symbols=(),
-    **trainer_options,
-) -> SentencePieceTokenizer:
-    """Train a Llama-style sentencepiece model on text files; write out_dir/tokenizer.model and load it.
-
-    special_tokens become control pieces (ids 3, 4, ... after unk=0, bos=1, eos=2): never produced from plain text,
-    only through `allowed_special` or by id. user_defined_symbols are always matched in text and decode to
-    themselves. The vocabulary is exactly vocab_size pieces or training fails (it must hold the 256 byte pieces,
-    the 3 meta pieces, the specials and every character of the corpus).
-    """
-    if model_type not in ("bpe", "unigram"):
-        raise ValueError(f"model_type must be 'bpe' or 'unigram', got {model_type!r}")
-    files = [str(f) for f in ([files] if isinstance(files, (str, os.PathLike)) else files)]
-    for f in files:
-        if not Path(f).is_file():
-            raise FileNotFoundError(f"training text file not found: {f}")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    options = dict(
-        input=",".join(files),
-        model_prefix=str(out_dir / "tokenizer"),
-        vocab_size=vocab_size,
-        model_type=model_type,
-        # Llama's settings: raw text in, every space kept, digits split, unknown characters as UTF-8 bytes.
-        byte_fallback=True,
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        add_dummy_prefix=True,
-        split_digits=True,
-        allow_whitespace_only_pieces=True,
-        character_coverage=1.0,
-        max_sentencepiece_length=16,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        control_symbols=list(special_tokens),
-        user_defined_symbols=list(user_defined_symbols),
-        hard_vocab_limit=True,
-        minloglevel=2,
-        num_threads=1,
-    )
-    options.update(trainer_options)
-    try:
-        spm.SentencePieceTrainer.train(**options)
-    except RuntimeError as e:  # e.g. "Vocabulary size too high (420). Please set it to a value <= 387."
-        raise TokenizerError(f"sentencepiece training on {files} failed: {e}") from None
-    os.remove(out_dir / "tokenizer.vocab")
-    return SentencePieceTokenizer(out_dir / MODEL_FILE)
-
-
 # --------------------------------------------------------------------------------------------------------------
 # tiktoken (Llama 3)
 
@@ -294,42 +235,6 @@ def write_tiktoken_ranks(ranks: dict[bytes, int], path: str | os.PathLike) -> Pa
     lines = [f"{base64.b64encode(t).decode('ascii')} {r}\n" for t, r in sorted(ranks.items(), key=lambda kv: kv[1])]
     path.write_text("".join(lines), encoding="ascii")
     return path
-
-
-def train_bpe_ranks(text: str, vocab_size: int, pattern: str = LLAMA3_PATTERN) -> dict[bytes, int]:
-    """Train byte-level BPE ranks (the 256 bytes, then one merge per rank) on text split by pattern.
-
-    Small and slow (pure Python): for building test tokenizers, not for real vocabularies.
-    """
-    import regex  # tiktoken's dependency; the pattern uses \\p{L}, which `re` lacks
-
-    if vocab_size < 256:
-        raise ValueError(f"vocab_size must be >= 256 (the single bytes), got {vocab_size}")
-    ranks = {bytes([b]): b for b in range(256)}
-    words = Counter(w.encode("utf-8") for w in regex.findall(pattern, text))
-    parts = {w: [bytes([b]) for b in w] for w in words}
-    while len(ranks) < vocab_size:
-        pairs = Counter()
-        for w, n in words.items():
-            p = parts[w]
-            for a, b in zip(p, p[1:]):
-                pairs[a, b] += n
-        if not pairs:
-            break  # every word is one token already
-        # Most frequent pair; ties by the smaller merged bytes, so training is deterministic.
-        (a, b), _ = max(pairs.items(), key=lambda kv: (kv[1], [-x for x in kv[0][0] + kv[0][1]]))
-        ranks[a + b] = len(ranks)
-        for w, p in parts.items():
-            i, merged = 0, []
-            while i < len(p):
-                if i + 1 < len(p) and p[i] == a and p[i + 1] == b:
-                    merged.append(a + b)
-                    i += 2
-                else:
-                    merged.append(p[i])
-                    i += 1
-            parts[w] = merged
-    return ranks
 
 
 def _split_long_runs(s: str, max_len: int):
@@ -459,41 +364,3 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
         raise TokenizerError(
             f"{path} is neither a sentencepiece model nor a tiktoken ranks file ('base64_token rank' lines)"
         ) from None
-
-
-class StreamDecoder:
-    """Turns token ids, pushed one at a time, into text pieces whose concatenation is `tokenizer.decode(ids)`.
-
-    A UTF-8 character split over several tokens (sentencepiece <0xE2><0x82><0xAC>, or partial tiktoken tokens) is
-    held back until complete; sentencepiece's dummy-prefix space is dropped only at the start, as in decode.
-    """
-
-    def __init__(self, tokenizer: Tokenizer, context_ids=()):
-        """`context_ids`: tokens already shown (a prompt); the stream then continues them, leading space kept."""
-        self.tokenizer = tokenizer
-        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._anchor = None  # last visible id: decoding after it never strips a leading space
-        for i in reversed(list(context_ids)):
-            if tokenizer.decode_bytes([i]):
-                self._anchor = i
-                break
-
-    def push(self, token_id: int) -> str:
-        """Add one id; return the text completed by it (possibly "")."""
-        if self._anchor is None:
-            new = self.tokenizer.decode_bytes([token_id])
-        else:
-            before = self.tokenizer.decode_bytes([self._anchor])
-            new = self.tokenizer.decode_bytes([self._anchor, token_id])[len(before) :]
-        # A token that printed nothing may still have used up sentencepiece's leading space (a lone "▁" piece);
-        # only tokens that print nothing even when repeated (control tokens) keep us at the start.
-        if new or self.tokenizer.decode_bytes([token_id, token_id]):
-            self._anchor = token_id
-        return self._utf8.decode(new)
-
-    def flush(self) -> str:
-        """Text still held back (an unfinished UTF-8 sequence becomes U+FFFD); the decoder can then be reused."""
-        text = self._utf8.decode(b"", final=True)
-        self._utf8.reset()
-        self._anchor = None
-        return text

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from decoders.llama import LlamaConfig
-from decoders.tokenizer import train_sentencepiece
+from decoders.tokenizer_train import train_sentencepiece
 from encoders.ebranchformer import EBranchformerConfig
 from encoders.speech_encoder import SpeechEncoderConfig
 from encoders.frontend import FrontendConfig

@@ -11,7 +11,7 @@ import torch
 from tqdm import tqdm
 
 from decoders import LlamaConfig, LlamaForCausalLM, next_token_loss
-from decoders.tokenizer import train_sentencepiece
+from decoders.tokenizer_train import train_sentencepiece
 
 from mm.data.scenes import captions
 

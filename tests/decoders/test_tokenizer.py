@@ -11,18 +11,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from decoders.chat_template import apply_chat_template, encode_chat
+from decoders.stream_decoder import StreamDecoder
 from decoders.tokenizer import (
     LLAMA3_PATTERN,
     SentencePieceTokenizer,
-    StreamDecoder,
     TiktokenTokenizer,
     TokenizerError,
     load_tokenizer,
     read_tiktoken_ranks,
-    train_bpe_ranks,
-    train_sentencepiece,
     write_tiktoken_ranks,
 )
+from decoders.tokenizer_train import train_bpe_ranks, train_sentencepiece
 
 CORPUS = """\
 The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs.

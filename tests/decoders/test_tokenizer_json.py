@@ -9,7 +9,8 @@ import sentencepiece as spm
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from decoders.tokenizer import StreamDecoder, TokenizerError, load_tokenizer
+from decoders.stream_decoder import StreamDecoder
+from decoders.tokenizer import TokenizerError, load_tokenizer
 from decoders.tokenizer_json import JsonTokenizer
 
 # Meta-Llama-3-Instruct's chat template (with <|end_of_text|> in the place of its bos <|begin_of_text|> test token)

@@ -121,7 +121,7 @@ def write_original_llava(hf_dir: Path, hf_model, out_dir: Path, tower_inside: bo
 
 def train_tokenizer(out_dir: Path, vocab_size: int = 450):
     """A Llama-style sentencepiece tokenizer trained on a few sentences, with `<image>` as a control piece (id 3)."""
-    from decoders.tokenizer import train_sentencepiece
+    from decoders.tokenizer_train import train_sentencepiece
 
     out_dir.mkdir(parents=True, exist_ok=True)
     corpus = out_dir / "corpus.txt"

@@ -6,7 +6,8 @@ import torch
 from PIL import Image
 
 from decoders.chat_template import encode_chat
-from decoders.tokenizer import TiktokenTokenizer, llama3_special_tokens, train_bpe_ranks
+from decoders.tokenizer import TiktokenTokenizer, llama3_special_tokens
+from decoders.tokenizer_train import train_bpe_ranks
 from encoders.image import ImageProcessor
 from mm.apps.caption import run_caption
 from mm.models.llava import DEFAULT_PROMPT

@@ -6,7 +6,7 @@ import sys
 import torch
 
 from decoders import LlamaForCausalLM
-from decoders.tokenizer import train_sentencepiece
+from decoders.tokenizer_train import train_sentencepiece
 from tests.decoders.hf_llama import make_hf_llama
 
 TEXT = "a red circle is left of a blue square. a green triangle is above a small yellow star.\n" * 20
