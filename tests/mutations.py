@@ -25,7 +25,7 @@ MUTATIONS = [
      "start, end = g[0][1].start * frame_shift / 2 + offset, g[-1][1].end * frame_shift / 2 + offset",
      ["tests/mm/test_transcribe.py::test_word_times_are_encoder_frames_of_40_ms",
       "tests/mm/test_shipped.py::test_word_times_move_with_the_audio"]),
-    ("word times halved (encoder frame shift)", "encoders/ebranchformer.py",
+    ("word times halved (encoder frame shift)", "encoders/speech_encoder.py",
      "return self.frontend.hop_length / self.frontend.sample_rate * SUBSAMPLING",
      "return self.frontend.hop_length / self.frontend.sample_rate * SUBSAMPLING / 2",
      ["tests/mm/test_transcribe.py::test_word_times_are_encoder_frames_of_40_ms",
