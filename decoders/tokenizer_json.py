@@ -13,6 +13,7 @@ import json
 import os
 from pathlib import Path
 
+from .checkpoint import read_json
 from .tokenizer_base import TokenizerError, check_ids, special_set
 
 JSON_FILE = "tokenizer.json"
@@ -31,14 +32,9 @@ def _byte_level_alphabet() -> dict[str, int]:
     return chars
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise TokenizerError(f"{path}: not valid JSON: {e}") from None
-    if not isinstance(obj, dict):
-        raise TokenizerError(f"{path}: holds a JSON {type(obj).__name__}, not an object")
-    return obj
+def _optional_json(path: Path) -> dict:
+    """A JSON object file of the directory, {} when it has none (errors name the file, as `read_json`'s)."""
+    return read_json(path) if path.is_file() else {}
 
 
 def _token_text(entry) -> str | None:
@@ -58,14 +54,14 @@ class JsonTokenizer:
             self.tok = tokenizers.Tokenizer.from_file(str(self.path))
         except Exception as e:  # tokenizers raises a bare Exception for unreadable files
             raise TokenizerError(f"{self.path}: not a readable tokenizer.json: {e}") from None
-        config = _read_json(directory / "tokenizer_config.json")
+        config = _optional_json(directory / "tokenizer_config.json")
         added = self.tok.get_added_tokens_decoder()  # {id: AddedToken}
         self.special_tokens = {t.content: i for i, t in added.items() if t.special}
         self._added = {i: t.content for i, t in added.items()}
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
         self.bos_id, self.eos_id, self.pad_id = (self._id_of(_token_text(config.get(k)))
                                                  for k in ("bos_token", "eos_token", "pad_token"))
-        stops = _read_json(directory / "generation_config.json").get("eos_token_id")
+        stops = _optional_json(directory / "generation_config.json").get("eos_token_id")
         stops = [stops] if isinstance(stops, int) else list(stops or [])
         self.stop_ids = set(stops) | ({self.eos_id} if self.eos_id is not None else set())
         self.chat_template = config.get("chat_template")

@@ -109,6 +109,13 @@ def fit_context(model, messages: list[dict], max_new_tokens: int) -> list[dict]:
     return messages[2 * lo:]
 
 
+def upload_names(text: str, paths: list[str]) -> str:
+    """`text` with each upload's server cache path replaced by the upload's own name."""
+    for p in paths:
+        text = text.replace(p, Path(p).name)
+    return text
+
+
 def check_file(path: str, max_upload_mb: float, max_audio_seconds: float | None = None) -> str | None:
     """Why the uploaded file cannot be used (too large, wrong type, unreadable, audio too long), or None if it can.
     Audio is decoded no further than `max_audio_seconds`: a small compressed file may hold hours of audio."""
@@ -126,7 +133,7 @@ def check_file(path: str, max_upload_mb: float, max_audio_seconds: float | None 
     try:  # decode it now, so a .txt renamed .png is named here
         load_image(path) if kind == "image" else load_audio(path, max_seconds=max_audio_seconds)
     except (ImageError, AudioError) as e:
-        reason = str(e).replace(path, name)  # the upload's name, not the server's cache path
+        reason = upload_names(str(e), [path])
         return reason if reason.startswith(name) else f"{name}: {reason}"
     return None
 
@@ -160,10 +167,7 @@ def make_respond(model, max_upload_mb: float = 10, max_new_tokens: int = 64):
                 reply += piece
                 yield reply.strip()
         except ValueError as e:  # InputError, AudioError, ImageError, a prompt past the context, ...
-            reason = str(e)
-            for f in files:  # the uploads' names, not the server's cache paths
-                reason = reason.replace(f, Path(f).name)
-            yield f"{ERROR_MARK} {reason}"
+            yield f"{ERROR_MARK} {upload_names(str(e), files)}"
             return
         except Exception as e:  # the server must keep serving; the log has the traceback
             log.exception("chat failed")

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from mm.models.asr import DECODE_MODES, ASRModel
-from mm.models.multimodal import DECODE_CTC_WEIGHT
+from mm.models.multimodal import check_decode
 from mm.models.transcript import Transcript
 from mm.models.formats import TRANSCRIBERS, load
 
@@ -109,9 +109,8 @@ def run_transcribe(files: list[str], model_dir: str | None, decode: str | None =
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
     model = load(model_dir, expect=TRANSCRIBERS, device=device)
-    if not isinstance(model, ASRModel) and decode not in DECODE_CTC_WEIGHT:
-        raise ValueError(f"--decode {decode}: the multimodal model decodes with ctc (its CTC head alone), "
-                         "attention (its decoder alone) or joint (both, the default)")
+    if not isinstance(model, ASRModel):  # an option error, before any file is decoded
+        check_decode(decode, option=f"--decode {decode}")
     if not isinstance(model, ASRModel) and (language or region):
         raise ValueError("--language / --region choose a Dolphin-style model's prompt; the multimodal model has none")
 

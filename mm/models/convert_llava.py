@@ -14,6 +14,7 @@ from encoders.vit import ViTConfig, convert_hf_clip_vision_state_dict
 if TYPE_CHECKING:
     from mm.models.llava import LlavaConfig
 
+# transformers' LlavaConfig fills a missing vision_config with LLaVA-1.5's CLIP ViT-L/14-336.
 LLAVA_VISION_DEFAULTS = {"hidden_size": 1024, "intermediate_size": 4096, "patch_size": 14, "image_size": 336,
                          "num_hidden_layers": 24, "num_attention_heads": 16}
 

@@ -51,9 +51,6 @@ PROJECTOR_ACTS = {
     "silu": F.silu,
     "relu": F.relu,
 }
-# transformers' LlavaConfig fills a missing vision_config with LLaVA-1.5's CLIP ViT-L/14-336.
-
-
 DEFAULT_PROMPT = "Provide a one-sentence caption for the provided image."  # LLaVA-1.5's short-caption prompt
 
 
@@ -78,6 +75,7 @@ def check_batch(images, batch_size: int) -> list:
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     return list(images)
+
 
 @dataclass
 class LlavaConfig:
@@ -321,12 +319,15 @@ class LlavaForConditionalGeneration(nn.Module):
         if inputs["input_ids"].shape[0] != 1:
             raise ValueError("chat takes one conversation; use captions() or generate() for batches")
         h = self.embed(inputs["input_ids"].to(self.device), inputs["pixel_values"])
-        tokenizer = self.tokenizer
-        kwargs.setdefault("eos_token_id", sorted(tokenizer.stop_ids | ({tokenizer.eos_id} - {None})) or None)
-        pieces = stream_text(self.language_model, tokenizer, inputs["input_ids"].to(self.device),
+        kwargs.setdefault("eos_token_id", sorted(self._stop_ids()) or None)
+        pieces = stream_text(self.language_model, self.tokenizer, inputs["input_ids"].to(self.device),
                              attention_mask=inputs["attention_mask"], inputs_embeds=h, max_new_tokens=max_new_tokens,
                              **kwargs)
         return stripped(pieces) if stream else "".join(pieces).strip()
+
+    def _stop_ids(self) -> set[int]:
+        """Ids that end a reply: the tokenizer's stop ids and its EOS."""
+        return set(self.tokenizer.stop_ids) | ({self.tokenizer.eos_id} - {None})
 
     def transcribe(self, audio, **kwargs):
         """LLaVA reads images and text only: a clear error (the multimodal model or an ESPnet/Dolphin model hears)."""
@@ -348,7 +349,7 @@ class LlavaForConditionalGeneration(nn.Module):
         images = check_batch(images, batch_size)
         processor = self.processor()
         tokenizer = processor.tokenizer
-        stops = set(tokenizer.stop_ids) | ({tokenizer.eos_id} if tokenizer.eos_id is not None else set())
+        stops = self._stop_ids()
         messages = user_prompt(DEFAULT_PROMPT if prompt is None else prompt)
         out = []
         show = len(images) > batch_size if progress is None else progress

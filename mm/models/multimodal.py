@@ -94,6 +94,14 @@ class MultimodalConfig(LlavaConfig):
 DECODE_CTC_WEIGHT = {"ctc": 1.0, "attention": 0.0, "joint": 0.5, None: 0.5}  # CTC prefix weight in joint search
 
 
+def check_decode(decode: str | None, option: str | None = None) -> None:
+    """ValueError unless `decode` is a search the multimodal model has (a key of DECODE_CTC_WEIGHT); the message
+    names the option as `option` (default: the keyword argument)."""
+    if decode not in DECODE_CTC_WEIGHT:
+        raise ValueError(f"{option or f'decode={decode!r}'}: the multimodal model decodes with ctc (its CTC head alone), "
+                         "attention (its decoder alone) or joint (both, the default)")
+
+
 @dataclass
 class MultimodalOutput:
     """Logits [B, T, V] and, when targets were given, loss = lm_loss + ctc_weight * ctc_loss and its parts."""
@@ -228,8 +236,6 @@ class MultimodalModel(LlavaForConditionalGeneration):
                 desc: str = "replies", progress: bool = True) -> list[str]:
         """Greedy replies to single-turn prompts (content with placeholders, images, audios), `batch_size` at a
         time, with a tqdm bar on stderr when `progress`."""
-        from tqdm import tqdm
-
         processor = self.processor()
         out = []
         with tqdm(total=len(rows), desc=desc, unit="item", disable=not progress, file=sys.stderr, leave=False) as bar:
@@ -323,9 +329,7 @@ class MultimodalModel(LlavaForConditionalGeneration):
         the recording; the silence between them is not decoded.
         decode / beam: as the ESPnet/Dolphin model's `transcript`: "ctc" (the CTC head alone), "attention" (the decoder
         alone), "joint" (both; the default), i.e. a CTC weight of 1, 0 or 0.5 (`ctc_weight` sets it directly)."""
-        if decode not in DECODE_CTC_WEIGHT:
-            raise ValueError(f"decode={decode!r}: the multimodal model decodes with ctc (its CTC head alone), attention "
-                             "(its decoder alone) or joint (both, the default)")
+        check_decode(decode)
         ctc_weight = DECODE_CTC_WEIGHT[decode] if ctc_weight is None else ctc_weight
         beam_size = beam or beam_size
         from mm.models.transcript import Transcript
