@@ -184,14 +184,17 @@ class MultimodalProcessor:
         sources = [x for p in per_audios for x in p]
         waves = [self.load_audio(a, k) for k, a in enumerate(sources)]
         speech_lengths = torch.tensor([w.shape[0] for w in waves], dtype=torch.long)
-        for k, (source, wave) in enumerate(zip(sources, waves)):
-            try:
-                self.audio_feature_lengths(speech_lengths[k:k + 1])
-            except ValueError as e:  # SpeechTooShortError
-                name = f"{source}: " if isinstance(source, (str, os.PathLike)) else ""
-                raise InputError(f"audio {k}: {name}{wave.shape[0] / self.sample_rate * 1000:.0f} ms is too short to "
-                                 f"hear ({e})") from e
-        feature_lengths = self.audio_feature_lengths(speech_lengths).tolist() if waves else []
+        try:
+            feature_lengths = self.audio_feature_lengths(speech_lengths).tolist() if waves else []
+        except ValueError:  # SpeechTooShortError: name the first utterance too short to hear
+            for k, (source, wave) in enumerate(zip(sources, waves)):
+                try:
+                    self.audio_feature_lengths(speech_lengths[k:k + 1])
+                except ValueError as e:
+                    name = f"{source}: " if isinstance(source, (str, os.PathLike)) else ""
+                    raise InputError(f"audio {k}: {name}{wave.shape[0] / self.sample_rate * 1000:.0f} ms is too short "
+                                     f"to hear ({e})") from e
+            raise
         encoded, at = [], 0
         for c, auds in zip(flat, per_audios):
             encoded.append(self.encode(c, feature_lengths[at:at + len(auds)], add_generation_prompt))
