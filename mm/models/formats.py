@@ -16,6 +16,8 @@ import json
 from pathlib import Path
 
 from decoders.checkpoint import CheckpointError, read_json
+from mm.assets import default_multimodal_dir
+from mm.models.espnet_files import is_espnet_dir
 
 LLAVA_TYPES = {"llava", "llava_llama", "mm-llava"}
 CAPTIONERS = ("llava", "mm-multimodal")  # formats whose models describe images
@@ -24,8 +26,6 @@ TRANSCRIBERS = ("espnet", "mm-asr", "mm-multimodal")  # formats whose models tra
 
 def detect(path: str | Path) -> str:
     """The format name of a checkpoint path (see the table above); CheckpointError naming the path otherwise."""
-    from mm.models.espnet_files import is_espnet_dir
-
     path = Path(path)
     if path.suffix in (".yaml", ".yml") and path.is_file():  # an ESPnet config.yaml named directly
         return "espnet"
