@@ -50,10 +50,9 @@ def load(path: str | Path | None = None, *, expect: tuple[str, ...] | None = Non
     """Open a checkpoint path with its format's loader (None: the shipped multimodal model).
 
     `expect`: the formats the caller can use (e.g. CAPTIONERS); another format is a CheckpointError saying what the
-    path holds. Keyword arguments (dtype, device, and vision_tower for original LLaVA) go to the loader."""
-    from mm import assets
-
-    path = Path(path) if path is not None else assets.default_multimodal_dir()
+    path holds. Keyword arguments (dtype, device, and vision_tower for original LLaVA) go to the loader; only the
+    found format's model module is imported."""
+    path = Path(path) if path is not None else default_multimodal_dir()
     kind = detect(path)
     if expect is not None and kind not in expect:
         raise CheckpointError(f"{path}: a {kind} checkpoint; this needs one of: {', '.join(expect)}")
