@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import math
 import random
+import re
 from dataclasses import dataclass
 
 SHAPES = ["circle", "square", "triangle", "star", "hexagon", "diamond"]
@@ -60,6 +61,17 @@ def describe(scene: list[Obj]) -> str:
     else:
         body = ", ".join(parts[:-1]) + " and " + parts[-1]
     return f"there is {body}." if len(objs) == 1 else f"there are {NUMBERS[len(objs)]} shapes: {body}."
+
+
+PLACE_CELLS = {Obj("circle", "red", "big", r, c).place(): (r, c) for r in range(3) for c in range(3)}
+_OBJECT = re.compile(rf"\b({'|'.join(SIZES)}) ({'|'.join(COLOURS)}) ({'|'.join(SHAPES)}) "
+                     rf"({'|'.join(sorted(PLACE_CELLS, key=len, reverse=True))})\b")
+
+
+def parse_objects(text: str) -> list[Obj]:
+    """The objects a caption or rationale names ('... a big red star at the top left ...'), in order of mention;
+    anything else in the text is skipped. The inverse of `describe` for its objects."""
+    return [Obj(shape, colour, size, *PLACE_CELLS[place]) for size, colour, shape, place in _OBJECT.findall(text)]
 
 
 def captions(n: int, seed: int = 0) -> list[str]:
@@ -208,6 +220,16 @@ class QA:
     kind: str  # one of QUESTION_KINDS
     question: str
     answer: str
+    rationale: str = ""  # what to look at first (Multimodal-CoT): "i see a big red star at the top left."
+
+
+def seen(objs: list[Obj], none: str = "shapes") -> str:
+    """The rationale naming the objects a question is about: 'i see a big red star at the top left.', or
+    'i see no {none}.' when there are none (a count of zero)."""
+    if not objs:
+        return f"i see no {none}."
+    parts = [f"{o.phrase()} {o.place()}" for o in objs]
+    return "i see " + (parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]) + "."
 
 
 def questions(scene: list[Obj]) -> list[QA]:
@@ -228,32 +250,46 @@ def questions(scene: list[Obj]) -> list[QA]:
 
     for shape in SHAPES:
         if o := only(lambda o: o.shape == shape):
-            out.append(QA("colour", f"what colour is the {shape}?", o.colour))
+            out.append(QA("colour", f"what colour is the {shape}?", o.colour, seen([o])))
         else:
             for size in SIZES:
                 if o := only(lambda o: (o.size, o.shape) == (size, shape)):
-                    out.append(QA("colour", f"what colour is the {size} {shape}?", o.colour))
+                    out.append(QA("colour", f"what colour is the {size} {shape}?", o.colour, seen([o])))
     for o in objs:
-        out.append(QA("colour", f"what colour is the shape {o.place()}?", o.colour))
+        out.append(QA("colour", f"what colour is the shape {o.place()}?", o.colour, seen([o])))
     for o in objs:
-        out.append(QA("shape", f"what shape is {o.place()}?", o.shape))
+        out.append(QA("shape", f"what shape is {o.place()}?", o.shape, seen([o])))
     for colour in COLOURS:
         if o := only(lambda o: o.colour == colour):
-            out.append(QA("shape", f"what shape is {colour}?", o.shape))
-    out.append(QA("count", "how many shapes are there?", COUNT_WORDS[len(objs)]))
+            out.append(QA("shape", f"what shape is {colour}?", o.shape, seen([o])))
+    out.append(QA("count", "how many shapes are there?", COUNT_WORDS[len(objs)], seen(objs)))
     for shape in SHAPES:
-        out.append(QA("count", f"how many {shape}s are there?", COUNT_WORDS[sum(o.shape == shape for o in objs)]))
+        hits = [o for o in objs if o.shape == shape]
+        out.append(QA("count", f"how many {shape}s are there?", COUNT_WORDS[len(hits)], seen(hits, f"{shape}s")))
     for colour in COLOURS:
-        if any(o.colour == colour for o in objs):
-            n = sum(o.colour == colour for o in objs)
-            out.append(QA("count", f"how many {colour} shapes are there?", COUNT_WORDS[n]))
+        if hits := [o for o in objs if o.colour == colour]:
+            out.append(QA("count", f"how many {colour} shapes are there?", COUNT_WORDS[len(hits)], seen(hits)))
     for shape in SHAPES:
         if o := only(lambda o: o.shape == shape):
-            out.append(QA("position", f"where is the {shape}?", o.place()))
+            out.append(QA("position", f"where is the {shape}?", o.place(), seen([o])))
     for o in objs:
         if only(lambda p: (p.colour, p.shape) == (o.colour, o.shape)):
-            out.append(QA("position", f"where is the {o.colour} {o.shape}?", o.place()))
+            out.append(QA("position", f"where is the {o.colour} {o.shape}?", o.place(), seen([o])))
     return out
+
+
+COT_INSTRUCTION = "look first."  # appended to a question: answer with the rationale first, then "answer: ..."
+
+
+def cot_target(qa: QA) -> str:
+    """The reply to a question asked with COT_INSTRUCTION: 'i see a big red star at the top left. answer: red'."""
+    return f"{qa.rationale} answer: {qa.answer}"
+
+
+def split_cot(reply: str) -> tuple[str, str]:
+    """(rationale, answer) of a reply in the `cot_target` form; a reply without 'answer:' is all answer."""
+    rationale, sep, answer = reply.rpartition("answer:")
+    return (rationale.strip(), answer.strip()) if sep else ("", reply.strip())
 
 
 def sample_question(scene: list[Obj], rng: random.Random) -> QA:

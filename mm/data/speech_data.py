@@ -219,7 +219,7 @@ class SpeechExample:
     scene: list[Obj]  # the scene the sentence is about
 
 
-def _speak_all(utts: list[Utterance], cache_dir, workers: int) -> list[torch.Tensor]:
+def speak_all(utts: list[Utterance], cache_dir, workers: int) -> list[torch.Tensor]:
     if workers <= 1:
         return [speak(u, cache_dir) for u in utts]
     with ThreadPoolExecutor(workers) as pool:  # espeak-ng runs as a subprocess: threads overlap fine
@@ -246,7 +246,7 @@ def speech_examples(
         text = describe(scene) if rng.random() < 0.5 else sample_question(scene, rng).question
         utts.append(sample_utterance(text, rng, split, snr_db))
         scenes.append(scene)
-    waves = _speak_all(utts, cache_dir, workers)
+    waves = speak_all(utts, cache_dir, workers)
     return [SpeechExample(w, u.text, u, scene) for w, u, scene in zip(waves, utts, scenes)]
 
 
@@ -284,7 +284,7 @@ def spoken_questions(
         scene = sample_split_scene(rng, split, max_objects)
         qa = sample_question(scene, rng)
         items.append((scene, render(scene, size, rng), qa, sample_utterance(qa.question, rng, split, snr_db)))
-    waves = _speak_all([u for *_, u in items], cache_dir, workers)
+    waves = speak_all([u for *_, u in items], cache_dir, workers)
     return [
         SpokenQuestion(image, w, qa.question, qa.answer, scene, u) for (scene, image, qa, u), w in zip(items, waves)
     ]

@@ -112,3 +112,13 @@ def token_f1(predictions: Sequence[str], references: Sequence[str | Sequence[str
     _check(predictions, references)
     scores = [max(_f1(p, r) for r in refs) for p, refs in zip(predictions, _ref_lists(references))]
     return 100.0 * sum(scores) / len(scores)
+
+
+def object_f1(predictions: Sequence[Sequence], references: Sequence[Sequence]) -> dict[str, float]:
+    """Micro precision, recall and F1 (percent) of predicted objects against reference objects, item by item:
+    an object is right when it equals an unmatched reference object of its item (multiset intersection)."""
+    _check(predictions, references)
+    right = sum(sum((Counter(p) & Counter(r)).values()) for p, r in zip(predictions, references))
+    n_pred, n_ref = sum(map(len, predictions)), sum(map(len, references))
+    precision, recall = 100 * right / max(1, n_pred), 100 * right / max(1, n_ref)
+    return {"precision": precision, "recall": recall, "f1": 200 * right / max(1, n_pred + n_ref)}

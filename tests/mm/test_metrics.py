@@ -73,3 +73,16 @@ def test_bad_input():
         bleu4("a cat", "a cat")
     with pytest.raises(ValueError, match="no predictions"):
         exact_match([], [])
+
+
+def test_object_f1_by_hand():
+    from mm.eval.metrics import object_f1
+
+    r = object_f1([["a", "b"], ["c"]], [["a"], ["c", "d"]])  # 2 right of 3 predicted and of 3 true
+    assert r == pytest.approx({"precision": 200 / 3, "recall": 200 / 3, "f1": 200 / 3})
+    r = object_f1([["a", "a"], []], [["a"], ["b"]])  # a duplicate counts once; 1 right, 2 predicted, 2 true
+    assert r == pytest.approx({"precision": 50.0, "recall": 50.0, "f1": 50.0})
+    r = object_f1([["a", "a"]], [["a", "b", "c", "d"]])  # 1 right of 2 predicted, of 4 true: F1 = 2/(2+4)
+    assert r == pytest.approx({"precision": 50.0, "recall": 25.0, "f1": 100 / 3})
+    with pytest.raises(ValueError, match="2 predictions but 1 references"):
+        object_f1([[], []], [[]])

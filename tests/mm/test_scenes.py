@@ -18,9 +18,11 @@ from mm.data.scenes import (
     SIZES,
     Obj,
     captions,
+    cot_target,
     describe,
     heldout_pairs,
     object_centres,
+    parse_objects,
     questions,
     render,
     sample_question,
@@ -28,6 +30,7 @@ from mm.data.scenes import (
     scene_examples,
     scene_key,
     scene_split,
+    split_cot,
 )
 
 # Written by hand, independent of Obj.place(): the phrase for each grid cell.
@@ -235,3 +238,36 @@ def test_bad_input_is_refused():
     with pytest.raises(ValueError, match="split must be one of"):
         scene_examples(1, "test")
     assert scenes.QUESTION_KINDS == ["colour", "shape", "count", "position"]
+
+
+def test_parse_objects_reads_what_describe_writes():
+    for scene in random_scenes(500, seed=5, max_objects=5):
+        assert parse_objects(describe(scene)) == sorted(scene, key=lambda o: (o.row, o.col))
+    text = "there are two shapes: a big red star at the top, ah, a small white diamond at the top right and a blue star."
+    assert parse_objects(text) == [Obj("star", "red", "big", 0, 1), Obj("diamond", "white", "small", 0, 2)]
+    assert parse_objects("a big red starfish at the top left; a huge red star on the right") == []
+
+
+def test_rationales_name_the_objects_the_question_is_about():
+    for scene in random_scenes(300, seed=6, max_objects=6):
+        for q in questions(scene):
+            named = parse_objects(q.rationale)
+            assert q.rationale.startswith("i see ") and q.rationale.endswith(".")
+            assert all(o in scene for o in named), (scene, q)
+            if q.kind == "count":
+                assert len(named) == NUMBER.index(q.answer), (scene, q)
+                continue
+            assert len(named) == 1, (scene, q)
+            o = named[0]
+            assert {"colour": o.colour, "shape": o.shape, "position": PLACES[(o.row, o.col)]}[q.kind] == q.answer
+    scene = [Obj("star", "blue", "big", 2, 2), Obj("circle", "red", "small", 1, 1)]
+    asked = {q.question: q for q in questions(scene)}
+    assert asked["what colour is the star?"].rationale == "i see a big blue star at the bottom right."
+    assert asked["how many circles are there?"].rationale == "i see a small red circle in the middle."
+    assert asked["how many squares are there?"].rationale == "i see no squares."
+    assert asked["how many shapes are there?"].rationale == (
+        "i see a small red circle in the middle and a big blue star at the bottom right.")
+    target = cot_target(asked["what colour is the star?"])
+    assert target == "i see a big blue star at the bottom right. answer: blue"
+    assert split_cot(target) == ("i see a big blue star at the bottom right.", "blue")
+    assert split_cot("  blue ") == ("", "blue")
