@@ -3,12 +3,20 @@
 Held-out means unseen in training twice over: scenes no training step draws (`mm.data.scenes`, split `heldout`: new
 combinations of objects; or `novel-pairs`: scenes holding a (shape, colour) pair that no training image or
 sentence shows), spoken by voices no training clip uses (`mm.data.speech_data`). Figures:
-    caption      BLEU-4 (sacrebleu) and ROUGE-L (rouge-score) against the scene's caption
+    caption      BLEU-4 (sacrebleu) and ROUGE-L (rouge-score) against the scene's caption, and object-level
+                 precision/recall/F1: each object the caption names (shape, colour, size and place, parsed by
+                 `mm.data.scenes.parse_objects`) against the scene's objects
     question     exact-match accuracy of the answer, overall, per kind (colour, shape, count, position) and by
                  the number of objects in the scene (with one there is nothing to look up)
     transcribe   WER and CER (jiwer) against what was said, on noisy held-out voices: `model.transcribe` (joint
                  CTC/LLM beam search), and the WER of the decoder alone (greedy)
     spoken       accuracy of the answer to a spoken question about an image
+    open-speech  WER and CER on word sequences from a general English word list (`mm.data.words`), outside the
+                 scene grammar, from the CTC head alone and from `model.transcribe` (joint decode)
+    silence      on clips of silence and noise: the share with an empty transcript and the words per clip
+    cot          questions asked with `COT_INSTRUCTION` (Multimodal-CoT: rationale, then answer): accuracy with the
+                 rationale beside the direct answer's on the same items, and how often the rationale names
+                 exactly the objects the question is about
 """
 from __future__ import annotations
 
@@ -16,18 +24,23 @@ import argparse
 import json
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from mm.eval.metrics import bleu4, cer, normalize_answer, rouge_l, wer
+from mm.eval.metrics import bleu4, cer, normalize_answer, object_f1, rouge_l, wer
 from mm.models.multimodal import CAPTION_PROMPT, TRANSCRIBE_PROMPT
-from mm.data.scenes import QUESTION_KINDS, SPLITS, item_rng, sample_question, scene_examples
+from mm.data.scenes import (COT_INSTRUCTION, QUESTION_KINDS, SPLITS, item_rng, parse_objects, sample_question,
+                            scene_examples, split_cot)
 from mm.data.speech_data import speech_examples, spoken_questions, transcript
+from mm.data.words import non_speech, open_speech_examples
 
 HELDOUT_SPLITS = tuple(s for s in SPLITS if s != "train")  # ('heldout', 'novel-pairs')
 EVAL_SEED = 1  # the recipe trains on seed 0; the held-out split is disjoint from training whatever the seed
+TASKS = ("caption", "question", "transcribe", "spoken", "open-speech", "silence", "cot")
+DEFAULT_TASKS = ("caption", "question", "transcribe", "spoken")
 
 
 def accuracy_by(right: list[bool], keys: list[str], groups) -> dict[str, float]:
@@ -36,7 +49,7 @@ def accuracy_by(right: list[bool], keys: list[str], groups) -> dict[str, float]:
 
 
 def evaluate(model, n: int = 300, batch_size: int = 32, cache_dir: str | Path | None = None, seed: int = EVAL_SEED,
-             tasks: tuple[str, ...] = ("caption", "question", "transcribe", "spoken"), split: str = "heldout") -> dict:
+             tasks: tuple[str, ...] = DEFAULT_TASKS, split: str = "heldout") -> dict:
     """Held-out figures of `model` (a MultimodalModel) on `n` items per task of `split`, all in percent."""
     if split not in HELDOUT_SPLITS:
         raise ValueError(f"split must be {' or '.join(map(repr, HELDOUT_SPLITS))}, got {split!r}")
@@ -48,6 +61,7 @@ def evaluate(model, n: int = 300, batch_size: int = 32, cache_dir: str | Path | 
         preds = model.replies([(f"<image>\n{CAPTION_PROMPT}", [s.image], []) for s in scenes], batch_size, 64, "caption")
         refs = [s.caption for s in scenes]
         results["caption"] = {"bleu4": bleu4(preds, refs), "rouge_l": rouge_l(preds, refs),
+                              "objects": object_f1([parse_objects(p) for p in preds], [s.scene for s in scenes]),
                               "examples": [{"prediction": p, "reference": r} for p, r in zip(preds[:3], refs[:3])]}
     if "question" in tasks:
         qas = [sample_question(s.scene, item_rng(seed, split, "eval-question", i)) for i, s in enumerate(scenes)]
@@ -72,14 +86,56 @@ def evaluate(model, n: int = 300, batch_size: int = 32, cache_dir: str | Path | 
         preds = model.replies([("<image><audio>", [q.image], [q.waveform]) for q in items], batch_size, 8, "spoken")
         right = [normalize_answer(p) == normalize_answer(q.answer) for p, q in zip(preds, items)]
         results["spoken"] = {"accuracy": 100 * sum(right) / len(right)}
+    if "open-speech" in tasks:
+        results["open-speech"] = open_speech(model, n, seed, cache_dir)
+    if "silence" in tasks:
+        clips = non_speech(n, seed)
+        joint = [model.transcribe((c, 16000)) for c in tqdm(clips, desc="silence", file=sys.stderr, leave=False)]
+        ctc = [model.ctc_transcribe((c, 16000)) for c in clips]
+        results["silence"] = {"empty": 100 * sum(not t.split() for t in joint) / n,
+                              "words_per_clip": sum(len(t.split()) for t in joint) / n,
+                              "ctc_empty": 100 * sum(not t.split() for t in ctc) / n, "examples": joint[:3]}
+    if "cot" in tasks:
+        results["cot"] = chain_of_thought(model, n, batch_size, seed, split, size)
     return results
+
+
+def open_speech(model, n: int, seed: int, cache_dir) -> dict:
+    """WER/CER of the CTC head alone and of the joint decode on word sequences outside the scene grammar."""
+    speech = open_speech_examples(n, "heldout", seed=seed, cache_dir=cache_dir, workers=4)
+    refs = [transcript(e.text) for e in speech]
+    joint = [model.transcribe((e.waveform, 16000)) for e in tqdm(speech, desc="open speech", unit="clip",
+                                                                  file=sys.stderr, leave=False)]
+    ctc = [model.ctc_transcribe((e.waveform, 16000)) for e in speech]
+    return {"wer": wer(joint, refs), "cer": cer(joint, refs), "ctc_wer": wer(ctc, refs), "ctc_cer": cer(ctc, refs),
+            "examples": [{"prediction": p, "ctc": c, "reference": r} for p, c, r in zip(joint[:3], ctc[:3], refs[:3])]}
+
+
+def chain_of_thought(model, n: int, batch_size: int, seed: int, split: str, size: int) -> dict:
+    """Accuracy with the rationale first and without it (same items), and the rationale's own correctness."""
+    scenes = scene_examples(n, split, seed=seed, size=size)
+    qas = [sample_question(s.scene, item_rng(seed, split, "eval-cot", i)) for i, s in enumerate(scenes)]
+    direct = model.replies([(f"<image>\n{qa.question}", [s.image], []) for s, qa in zip(scenes, qas)],
+                           batch_size, 8, "question")
+    replies = model.replies([(f"<image>\n{qa.question} {COT_INSTRUCTION}", [s.image], []) for s, qa in zip(scenes, qas)],
+                            batch_size, 64, "question with rationale")
+    cots = [split_cot(r) for r in replies]
+    right = [normalize_answer(a) == normalize_answer(qa.answer) for (_, a), qa in zip(cots, qas)]
+    named = [bool(r) and Counter(parse_objects(r)) == Counter(parse_objects(qa.rationale)) for (r, _), qa in zip(cots, qas)]
+    return {"accuracy": 100 * sum(right) / n, "rationale_right": 100 * sum(named) / n,
+            "direct_accuracy": 100 * sum(normalize_answer(d) == normalize_answer(qa.answer)
+                                         for d, qa in zip(direct, qas)) / n,
+            "examples": [{"prediction": r, "reference": f"{qa.rationale} answer: {qa.answer}"}
+                         for r, qa in zip(replies[:3], qas[:3])]}
 
 
 def format_results(r: dict) -> str:
     """The figures as a small table."""
     lines = [f"held-out figures, split {r.get('split', 'heldout')} ({r['n']} items per task, seed {r['seed']})"]
     if "caption" in r:
-        lines.append(f"  caption      BLEU-4 {r['caption']['bleu4']:.1f}   ROUGE-L {r['caption']['rouge_l']:.1f}")
+        c = r["caption"]
+        lines.append(f"  caption      BLEU-4 {c['bleu4']:.1f}   ROUGE-L {c['rouge_l']:.1f}   objects P/R/F1 "
+                     + "/".join(f"{c['objects'][k]:.1f}" for k in ("precision", "recall", "f1")))
     if "question" in r:
         kinds = ", ".join(f"{k} {v:.1f}%" for k, v in r["question"]["by_kind"].items())
         lines.append(f"  question     accuracy {r['question']['accuracy']:.1f}%  ({kinds})")
@@ -91,6 +147,18 @@ def format_results(r: dict) -> str:
         lines.append(f"  transcribe   WER {t['wer']:.2f}%   CER {t['cer']:.2f}%   (decoder alone: WER {t['decoder_alone_wer']:.2f}%)")
     if "spoken" in r:
         lines.append(f"  spoken       accuracy {r['spoken']['accuracy']:.1f}%")
+    if "open-speech" in r:
+        o = r["open-speech"]
+        lines.append(f"  open speech  WER {o['wer']:.2f}%   CER {o['cer']:.2f}%   (CTC head alone: WER {o['ctc_wer']:.2f}%"
+                     f"   CER {o['ctc_cer']:.2f}%)")
+    if "silence" in r:
+        z = r["silence"]
+        lines.append(f"  silence      empty {z['empty']:.1f}%   words per clip {z['words_per_clip']:.2f}   "
+                     f"(CTC head alone: empty {z['ctc_empty']:.1f}%)")
+    if "cot" in r:
+        t = r["cot"]
+        lines.append(f"  cot          accuracy {t['accuracy']:.1f}% with the rationale, {t['direct_accuracy']:.1f}% "
+                     f"without; rationale right {t['rationale_right']:.1f}%")
     return "\n".join(lines)
 
 
@@ -100,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 "--task TASK, figures on your own data (mm eval --data X --task short-qa --help).")
     p.add_argument("--model", default=None, help="model directory (default: the shipped model)")
     p.add_argument("--n", type=int, default=300, help="items per task")
-    p.add_argument("--tasks", default="caption,question,transcribe,spoken")
+    p.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help=f"comma-separated, of: {', '.join(TASKS)}")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=EVAL_SEED)
     p.add_argument("--split", default="heldout", choices=HELDOUT_SPLITS,
@@ -127,9 +195,9 @@ def run_eval(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     tasks = tuple(t for t in args.tasks.split(",") if t)
-    unknown = set(tasks) - {"caption", "question", "transcribe", "spoken"}
+    unknown = set(tasks) - set(TASKS)
     if unknown:
-        raise ValueError(f"unknown task(s) {sorted(unknown)}; choose from caption, question, transcribe, spoken")
+        raise ValueError(f"unknown task(s) {sorted(unknown)}; choose from {', '.join(TASKS)}")
     model = MultimodalModel.from_pretrained(args.model or default_multimodal_dir())
     t0 = time.time()
     results = evaluate(model, args.n, args.batch_size, args.cache_dir, args.seed, tasks, args.split)
