@@ -71,7 +71,7 @@ class Request:
     top_p: float | None = None
     seed: int | None = None
     eos: torch.Tensor | None = None  # [E] ids that end the request (the EOS token is its last token)
-    on_token: Callable[[int], None] | None = None  # called from the engine thread with each new token
+    on_token: Callable[[int | None], None] | None = None  # from the engine thread: each new token, then None at the end
     tokens: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" (EOS), "length" (budget or context), "cancelled", "error"
     error: BaseException | None = None
@@ -121,7 +121,7 @@ class BatchingEngine:
 
     def submit(self, input_ids, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int | None = None,
                top_p: float | None = None, seed: int | None = None, eos_token_id: int | list[int] | None = "config",
-               inputs_embeds: torch.Tensor | None = None, on_token: Callable[[int], None] | None = None) -> Request:
+               inputs_embeds: torch.Tensor | None = None, on_token: Callable[[int | None], None] | None = None) -> Request:
         """Queue a prompt (ids [T] or a list; with `inputs_embeds` [T, D] as its embeddings); returns its Request.
         Options as `decoders.generate.stream_tokens`; bad options and prompts beyond the context are ValueErrors."""
         check_options(max_new_tokens, temperature, top_k, top_p)
@@ -172,6 +172,8 @@ class BatchingEngine:
         req.finish_reason, req.error = reason, error
         req.stream.put(None)
         req.done.set()
+        if req.on_token is not None:
+            req.on_token(None)
 
     def _emit(self, b: int, token: int) -> None:
         """Hand row b's new token to its request; free the row if the request is over."""
