@@ -28,8 +28,8 @@ class Prompt:
 
 def continuation_logprob(logits: torch.Tensor, ids: torch.Tensor, start: int) -> tuple[float, bool]:
     """(sum of log p(ids[t] | ids[:t]) for t >= start, whether every one of those tokens is the argmax) for one row:
-    logits [T, V] predicting ids [T] shifted by one."""
-    logp = torch.log_softmax(logits[start - 1:-1].float(), dim=-1)  # [n, V]: position t-1 predicts token t
+    logits [T - 1, V] of ids[:-1], position t - 1 predicting ids[t] (the last token is never an input)."""
+    logp = torch.log_softmax(logits[start - 1:].float(), dim=-1)  # [n, V]
     target = ids[start:]
     picked = logp.gather(-1, target[:, None])[:, 0]
     return float(picked.sum()), bool((logp.argmax(-1) == target).all())
@@ -59,7 +59,7 @@ class TextLM:
         if not continuation:
             raise ValueError("empty continuation: nothing to score")
         ids = torch.tensor(context + continuation, device=self.model.device)
-        logits = self.model(ids[None])[0]  # [T, V]
+        logits = self.model(ids[None, :-1])[0]  # [T - 1, V]
         return continuation_logprob(logits, ids, len(context))
 
     def split(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -137,7 +137,7 @@ class ChatLM:
         while start - 1 in labelled:  # the last run of answer tokens: this reply, not the examples' replies
             start -= 1
         ids = x["input_ids"][0].to(logits.device)
-        return continuation_logprob(logits[: labelled[-1] + 1], ids[: labelled[-1] + 1], start)
+        return continuation_logprob(logits[: labelled[-1]], ids[: labelled[-1] + 1], start)
 
     def generate(self, prompt: Prompt, max_new_tokens: int | None = None) -> str:
         """The model's greedy reply to the conversation."""
