@@ -200,16 +200,17 @@ def load(path: str | Path, model=None, max_tokens: int = 200, overlap: int = 40)
 
 
 def load_pdf(path: Path, max_tokens: int, overlap: int) -> list[Chunk]:
-    """A PDF's chunks, page by page (pypdf's text extraction), cited as `p. N`."""
+    """A PDF's chunks (pypdf's text extraction), cited by page: `p. N`, `pp. N-M`."""
     try:
         from pypdf import PdfReader
         from pypdf.errors import PdfReadError
     except ImportError:
         raise ValueError(f"{path}: reading PDF needs pypdf (pip install pypdf)") from None
     try:
-        pages = [page.extract_text() or "" for page in PdfReader(path).pages]
+        # layout mode keeps the vertical gaps between paragraphs as empty lines (the plain mode drops them)
+        pages = [page.extract_text(extraction_mode="layout") or "" for page in PdfReader(path).pages]
     except PdfReadError as e:
         raise ValueError(f"{path}: not a readable PDF ({e})") from None
-    units = [Unit(p.text, n, n) for n, page in enumerate(pages, start=1) for p in paragraphs(page)]
+    units = [Unit(" ".join(p.text.split()), n, n) for n, page in enumerate(pages, start=1) for p in paragraphs(page)]
     return [Chunk(str(path), f"p. {a:.0f}" if a == b else f"pp. {a:.0f}-{b:.0f}", t, "pdf")
             for t, a, b in pack(units, max_tokens, overlap)]

@@ -92,7 +92,8 @@ class Dense:
         if not path.is_dir():
             raise FileNotFoundError(f"{path}: no sentence-transformers model directory there")
         self.model = SentenceTransformer(str(path), device=device, local_files_only=True)
-        self.dim = self.model.get_sentence_embedding_dimension()
+        dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+        self.dim = dim()  # renamed in sentence-transformers 5
 
     def encode(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
         """float32 embeddings of the texts, [N, D]."""

@@ -1,0 +1,87 @@
+"""`mm rag index|search|ask`: retrieval over your own files (`mm.rag`).
+
+    mm rag index notes/ scan.pdf meeting.wav --db docs.db     # incremental; images captioned, audio transcribed
+    mm rag search "budget for March" --db docs.db --k 5 --json
+    mm rag ask "What is the budget for March?" --db docs.db
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Arguments of `mm rag`."""
+    p = argparse.ArgumentParser(prog="mm rag", description="Index your files and ask about them, with citations.")
+    sub = p.add_subparsers(dest="action", required=True)
+
+    i = sub.add_parser("index", help="add files and folders to an index (changed files are re-indexed)")
+    i.add_argument("paths", nargs="+", help="files or folders: text, Markdown, HTML, PDF, images, audio")
+    i.add_argument("--embedder", default=None, help="sentence-transformers model directory for dense vectors "
+                   "(a new index only; default: BM25 alone, nothing downloaded)")
+    i.add_argument("--max-tokens", type=int, default=200, help="chunk size in words and punctuation marks")
+    i.add_argument("--overlap", type=int, default=40, help="tokens a chunk repeats from the previous one")
+    i.add_argument("--no-progress", action="store_true")
+
+    s = sub.add_parser("search", help="the best chunks for a query, ranked")
+    s.add_argument("query")
+    s.add_argument("--k", type=int, default=5)
+    s.add_argument("--metric", choices=["cosine", "l2", "l1"], default=None,
+                   help="vector distance (indexes made with --embedder; default cosine)")
+    s.add_argument("--mode", choices=["bm25", "dense", "hybrid"], default=None,
+                   help="default: hybrid with an embedder, else bm25")
+    s.add_argument("--approximate", action="store_true", help="FAISS HNSW instead of the exact search")
+    s.add_argument("--json", action="store_true", help="a JSON list of {source, location, score, text, kind}")
+
+    a = sub.add_parser("ask", help="answer a question from the index, citing its sources")
+    a.add_argument("question")
+    a.add_argument("--k", type=int, default=4, help="chunks shown to the model")
+    a.add_argument("--metric", choices=["cosine", "l2", "l1"], default=None)
+    a.add_argument("--mode", choices=["bm25", "dense", "hybrid"], default=None)
+    a.add_argument("--max-new-tokens", type=int, default=64)
+    for q in (i, a):
+        q.add_argument("--model", default=None, help="multimodal or LLaVA directory (captions, transcripts, answers; "
+                       "default: the shipped model)")
+    for q in (i, s, a):
+        q.add_argument("--db", required=True, help="the index directory (created on first use)")
+    return p
+
+
+def run_rag(argv: list[str] | None = None) -> int:
+    """`mm rag ...`; returns the exit code."""
+    from mm.rag import Index, answer
+
+    args = build_parser().parse_args(argv)
+    if args.action != "index" and not (Path(args.db) / "chunks.sqlite").exists():
+        raise FileNotFoundError(f"{args.db}: no index there; make one with mm rag index PATH... --db {args.db}")
+    index = Index.open(args.db, embedder=getattr(args, "embedder", None))
+    if args.action == "index":
+        model = None
+        if args.model:
+            from mm.models.formats import CAPTIONERS, load
+
+            model = load(args.model, expect=CAPTIONERS)
+        counts = index.add(args.paths, model=model, progress=not args.no_progress, max_tokens=args.max_tokens,
+                           overlap=args.overlap)
+        print(f"{counts['added']} added, {counts['replaced']} re-indexed, {counts['unchanged']} unchanged "
+              f"({counts['chunks']} new chunks); {len(index.files())} files, {len(index)} chunks in {args.db}")
+        return 0
+    if args.action == "search":
+        hits = index.search(args.query, k=args.k, metric=args.metric, mode=args.mode, approximate=args.approximate)
+        if args.json:
+            print(json.dumps([h.to_dict() for h in hits], ensure_ascii=False, indent=1))
+        else:
+            for n, h in enumerate(hits, start=1):
+                text = " ".join(h.text.split())
+                print(f"{n}. {h.cite()}  (score {h.score:.4f})\n   {text[:300]}{'...' if len(text) > 300 else ''}")
+            if not hits:
+                print("(no chunk matches)", file=sys.stderr)
+        return 0
+    from mm.models.formats import CAPTIONERS, load
+
+    model = load(args.model, expect=CAPTIONERS)
+    print(answer(model, index, args.question, k=args.k, max_new_tokens=args.max_new_tokens, metric=args.metric,
+                 mode=args.mode))
+    return 0
