@@ -1,13 +1,10 @@
 """FlashMLA-style decode: one query token per row attending over a paged latent KV cache, split along the sequence.
 
-Multi-head latent attention (DeepSeek-V2/V3) caches per token only the compressed latent c_kv [kv_lora_rank]
-and the RoPE key k_pe [qk_rope_head_dim] shared by all heads: one row of kv_lora_rank + qk_rope_head_dim
-numbers (512 + 64 = 576 in V3). At decode the up-projection kv_b_proj is absorbed: W_UK into the query
-(q_nope @ W_UK per head) and W_UV into the output, so attention runs on the latent itself, as MQA with one KV
-"head" of 576 dims for all H query heads, whose values are the first kv_lora_rank dims of the same rows:
-
-    scores[h, t] = q[h] . cache[t] * softmax_scale      (all kv_lora_rank + rope dims)
-    out[h]       = softmax(scores[h]) @ cache[:, :kv_lora_rank]
+Multi-head latent attention (DeepSeek-V2/V3) caches per token only the latent c_kv [kv_lora_rank] and the RoPE key
+k_pe [qk_rope_head_dim] shared by all heads (512 + 64 = 576 numbers in V3). At decode kv_b_proj is absorbed, W_UK
+into the query and W_UV into the output, so attention runs on the latent itself: MQA with one 576-wide KV "head"
+for all H query heads, whose values are the first kv_lora_rank dims of the same rows (`mla_decode_paged`):
+    scores[h, t] = q[h] . cache[t] * softmax_scale;   out[h] = softmax(scores[h]) @ cache[:, :kv_lora_rank]
 
 Shapes (one decode step, one layer):
     q              [B, H, kv_lora_rank + rope]   the absorbed query: [q_nope @ W_UK, q_pe]
@@ -16,11 +13,11 @@ Shapes (one decode step, one layer):
     cache_seqlens  [B] int32   row b's tokens are positions 0..cache_seqlens[b]-1 (0 gives output 0, LSE -inf)
     returns        out [B, H, kv_lora_rank] in q's dtype, lse [B, H] float32 (natural log of the softmax sums)
 
-`flash_mla_reference` gathers the pages and takes a masked softmax in PyTorch; `flash_mla_triton` is FlashDecoding
-(decoders/flash_decoding.py) over pages: each program takes one batch row, a block of heads and one split of
-the sequence, and reads each latent row once for all its heads; a second kernel combines the splits by their
-LSE. `flash_mla_decode` is the function a model calls. Triton is optional and jitted on first use; under
-`TRITON_INTERPRET=1` (set before triton's first import) the kernels run on CPU.
+`flash_mla_reference` gathers the pages and takes a masked softmax; `flash_mla_triton` is FlashDecoding
+(decoders/flash_decoding.py) over pages: a program takes one batch row, a block of heads and one split of the
+sequence and reads each latent row once for all its heads; a second kernel combines the splits by their LSE.
+Triton is optional and jitted on first use; under `TRITON_INTERPRET=1` (set before triton's first import) the
+kernels run on CPU.
 """
 
 from __future__ import annotations  # kernel annotations stay strings: no triton needed at import
@@ -40,11 +37,11 @@ except ImportError:  # CPU-only installs: flash_mla_decode falls back to the ref
     triton = None
     tl = None
 
-__all__ = ["PagedLatentCache", "flash_mla_decode", "flash_mla_reference", "flash_mla_triton",
+__all__ = ["PagedLatentCache", "flash_mla_decode", "flash_mla_reference", "flash_mla_triton", "mla_decode_paged",
            "latent_cache_bytes_per_token", "kv_cache_bytes_per_token"]
 
 
-# ----------------------------------------------------------------------------- cache bytes
+# ----------------------------------------------------------------------------- paged cache and its bytes
 
 
 def latent_cache_bytes_per_token(num_layers: int, kv_lora_rank: int, qk_rope_head_dim: int, element_size: int) -> int:
@@ -57,9 +54,6 @@ def kv_cache_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, 
     """Bytes one token takes in an MHA/GQA cache: (K + V) x kv heads x layers x element size (V as wide as K unless
     v_head_dim is given, as MLA expanded to MHA would need: K 192 and V 128 per head in V3)."""
     return (head_dim + (head_dim if v_head_dim is None else v_head_dim)) * num_kv_heads * num_layers * element_size
-
-
-# ----------------------------------------------------------------------------- paged cache
 
 
 class PagedLatentCache:
@@ -75,10 +69,9 @@ class PagedLatentCache:
                  batch_size: int, max_seq_len: int, dtype: torch.dtype = torch.float32,
                  device: torch.device | str | None = None):
         if min(num_layers, num_blocks, block_size, kv_lora_rank, batch_size, max_seq_len) < 1 or qk_rope_head_dim < 0:
-            raise ValueError("PagedLatentCache sizes must be positive: "
-                             f"layers={num_layers} blocks={num_blocks} block_size={block_size} "
-                             f"kv_lora_rank={kv_lora_rank} rope={qk_rope_head_dim} batch={batch_size} "
-                             f"max_seq_len={max_seq_len}")
+            raise ValueError(f"PagedLatentCache sizes must be positive: layers={num_layers} blocks={num_blocks} "
+                             f"block_size={block_size} kv_lora_rank={kv_lora_rank} rope={qk_rope_head_dim} "
+                             f"batch={batch_size} max_seq_len={max_seq_len}")
         self.block_size, self.kv_lora_rank, self.max_seq_len = block_size, kv_lora_rank, max_seq_len
         width = kv_lora_rank + qk_rope_head_dim
         self.blocks = [torch.zeros(num_blocks, block_size, width, dtype=dtype, device=device)
@@ -126,13 +119,6 @@ class PagedLatentCache:
             raise ValueError(f"write takes c_kv [N, {r}] and k_pe [N, {flat.shape[1] - r}] for N={n} slots, "
                              f"got {tuple(c_kv.shape)} and {tuple(k_pe.shape)}")
         flat.index_copy_(0, slots, torch.cat([c_kv, k_pe], dim=-1).to(flat.dtype))
-
-    def gather(self, layer: int, row: int) -> torch.Tensor:
-        """The cached rows of batch row `row` in order: [length, kv_lora_rank + rope] (a copy)."""
-        slots = torch.arange(self.lengths[row])
-        pages = torch.tensor(self.pages[row], dtype=torch.long)[slots // self.block_size]
-        device = self.blocks[layer].device
-        return self.blocks[layer][pages.to(device), (slots % self.block_size).to(device)]
 
     def release(self, row: int) -> None:
         """Return row `row`'s pages to the free list; its length becomes 0."""
@@ -385,3 +371,24 @@ def flash_mla_decode(q, blocks, block_table, cache_seqlens, head_dim_v, softmax_
     if num_splits is None:
         return _flash_mla_op(q, blocks, block_table, cache_seqlens, head_dim_v, float(softmax_scale))
     return flash_mla_triton(q, blocks, block_table, cache_seqlens, head_dim_v, softmax_scale, num_splits)
+
+
+def mla_decode_paged(q_nope, q_pe, kv_b_weight, blocks, block_table, cache_seqlens, softmax_scale, num_splits=None):
+    """One MLA decode step in the absorbed form over a layer's paged latent cache; returns [B, H, v_head_dim].
+
+    q_nope [B, H, qk_nope_head_dim] and q_pe [B, H, qk_rope_head_dim] (RoPE applied) are the decode token's query;
+    kv_b_weight [H * (qk_nope_head_dim + v_head_dim), kv_lora_rank] is transformers' `kv_b_proj.weight`, per head
+    W_UK (its first qk_nope_head_dim rows) then W_UV; the pages hold c_kv after `kv_a_layernorm` and the roped k_pe.
+    Equal to expanding the latent into per-head keys [k_nope = W_UK c_kv, k_pe] and values W_UV c_kv:
+    q_nope . (W_UK c) = (W_UK^T q_nope) . c, and sum_t p_t W_UV c_t = W_UV (sum_t p_t c_t).
+    """
+    B, H, nope = q_nope.shape
+    r = kv_b_weight.shape[1]
+    if kv_b_weight.dim() != 2 or kv_b_weight.shape[0] % H or kv_b_weight.shape[0] // H <= nope:
+        raise ValueError(f"kv_b_weight must be [H * (qk_nope_head_dim + v_head_dim), kv_lora_rank] with H={H}, "
+                         f"qk_nope_head_dim={nope}, got {tuple(kv_b_weight.shape)}")
+    w = kv_b_weight.view(H, -1, r)  # [H, nope + v, r]
+    q_latent = torch.einsum("bhn,hnr->bhr", q_nope, w[:, :nope])  # W_UK folded into the query
+    out, _ = flash_mla_decode(torch.cat([q_latent, q_pe], dim=-1), blocks, block_table, cache_seqlens, r,
+                              softmax_scale, num_splits)  # [B, H, r]
+    return torch.einsum("bhr,hvr->bhv", out, w[:, nope:])  # W_UV folded into the output

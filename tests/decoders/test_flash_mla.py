@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from decoders.flash_mla import (PagedLatentCache, flash_mla_decode, flash_mla_reference, flash_mla_triton,
-                                kv_cache_bytes_per_token, latent_cache_bytes_per_token)
+                                kv_cache_bytes_per_token, latent_cache_bytes_per_token, mla_decode_paged)
 from decoders.kv_cache import KVCache
 
 # fp32 to 1e-5; half precision 2e-3, and bf16 also rtol 2e-3: rounding the output to bf16 moves it by 2^-9 relative.
@@ -241,6 +241,12 @@ def filled_cache(lens, r, d, block_size, dtype, num_layers=2, seed=0):
     return cache, rows
 
 
+def cached_rows(cache, layer, row):
+    """Row `row`'s cached rows of `layer`, read page by page: [length, kv_lora_rank + rope]."""
+    pages = [cache.blocks[layer][p] for p in cache.pages[row]]
+    return torch.cat(pages)[:cache.lengths[row]] if pages else cache.blocks[layer][0, :0]
+
+
 def test_cache_holds_what_was_written_and_attends_to_it():
     cache, rows = filled_cache([5, 33, 18, 2], r=32, d=16, block_size=16, dtype=torch.float32)
     assert cache.lengths == [5, 33, 18, 2] and cache.cache_seqlens.tolist() == [5, 33, 18, 2]
@@ -250,7 +256,7 @@ def test_cache_holds_what_was_written_and_attends_to_it():
     for b, row_pages in enumerate(cache.pages):
         assert cache.block_table[b, :len(row_pages)].tolist() == row_pages
         for layer in range(2):
-            assert torch.equal(cache.gather(layer, b), rows[layer][b])
+            assert torch.equal(cached_rows(cache, layer, b), rows[layer][b])
     q = torch.randn(4, 3, 48)
     for layer in range(2):
         out, lse = flash_mla_reference(q, cache.blocks[layer], cache.block_table, cache.cache_seqlens, 32, 0.25)
@@ -294,6 +300,77 @@ def test_bytes_per_token_deepseek_v3():
     # V3: 61 layers, latent 512 + RoPE 64 in bf16, against the same attention as MHA (128 heads, K 192, V 128 wide).
     assert latent_cache_bytes_per_token(61, 512, 64, 2) == 70_272
     assert kv_cache_bytes_per_token(61, 128, 192, 2, v_head_dim=128) == 4_997_120
+
+
+
+# ----------------------------------------------------------------------------- absorbed MLA decode
+
+
+def naive_mla(q_nope, q_pe, kv_b_weight, latents, r, scale):
+    """The expanded form per row in float64: per head k = [W_UK c_kv, k_pe], v = W_UV c_kv; softmax(q k^T * scale) v."""
+    H, nope = q_nope.shape[1:]
+    outs = []
+    for b, rows in enumerate(latents):
+        kv = (rows[:, :r].double() @ kv_b_weight.double().T).view(len(rows), H, -1)  # [n, H, nope + v]
+        k = torch.cat([kv[..., :nope], rows[:, None, r:].double().expand(-1, H, -1)], dim=-1)  # [n, H, nope + rope]
+        q = torch.cat([q_nope[b], q_pe[b]], dim=-1).double()  # [H, nope + rope]
+        p = torch.softmax(torch.einsum("hd,nhd->hn", q, k) * scale, dim=-1)
+        outs.append(torch.einsum("hn,nhv->hv", p, kv[..., nope:]))
+    return torch.stack(outs)  # [B, H, v]
+
+
+def test_mla_decode_paged_equals_the_expanded_form():
+    H, nope, rope, v, r = 3, 16, 8, 12, 32
+    cache, rows = filled_cache([5, 33, 18, 2], r=r, d=rope, block_size=16, dtype=torch.float32)
+    g = torch.Generator().manual_seed(1)
+    q_nope, q_pe = torch.randn(4, H, nope, generator=g), torch.randn(4, H, rope, generator=g)
+    kv_b_weight = torch.randn(H * (nope + v), r, generator=g) / r ** 0.5
+    scale = (nope + rope) ** -0.5
+    for layer in range(2):
+        out = mla_decode_paged(q_nope, q_pe, kv_b_weight, cache.blocks[layer], cache.block_table,
+                               cache.cache_seqlens, scale)
+        torch.testing.assert_close(out.double(), naive_mla(q_nope, q_pe, kv_b_weight, rows[layer], r, scale),
+                                   atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"kv_b_weight must be \[H \* \(qk_nope_head_dim \+ v_head_dim\)"):
+        mla_decode_paged(q_nope, q_pe, kv_b_weight[:-1], cache.blocks[0], cache.block_table, cache.cache_seqlens, 0.1)
+
+
+def test_mla_decode_paged_equals_transformers_deepseek_v3_attention():
+    # transformers' DeepseekV3Attention (q_lora, YaRN with mscale, interleaved RoPE) decodes one token after a prefill;
+    # the latents it cached, paged, and its own query give the same attention output through the absorbed form.
+    import transformers
+    from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf
+
+    torch.manual_seed(0)
+    cfg = transformers.DeepseekV3Config(
+        vocab_size=100, hidden_size=64, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=24, kv_lora_rank=32,
+        qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12, num_hidden_layers=1, max_position_embeddings=64,
+        rope_parameters={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16,
+                         "rope_theta": 10000.0, "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0,
+                         "mscale_all_dim": 1.0})
+    attn, rotary = hf.DeepseekV3Attention(cfg, layer_idx=0).eval(), hf.DeepseekV3RotaryEmbedding(cfg)
+    B, T = 2, 21
+    x = torch.randn(B, T + 1, 64)
+    pos = torch.arange(T + 1)[None].expand(B, -1)
+    hf_cache = transformers.DynamicCache(config=cfg)
+    with torch.no_grad():
+        attn(x[:, :T], rotary(x, pos[:, :T]), None, cache=hf_cache)  # prefill: fills the latent cache
+        cos, sin = rotary(x, pos[:, T:])
+        expected = attn(x[:, T:], (cos, sin), None, cache=hf_cache)[0][:, 0]  # [B, hidden]
+
+        q = attn.q_b_proj(attn.q_a_layernorm(attn.q_a_proj(x[:, T:]))).view(B, 1, 4, 24).transpose(1, 2)
+        q_nope, q_pe = q.split([16, 8], dim=-1)
+        q_pe = hf.apply_rotary_pos_emb_interleave(q_pe, q_pe, cos, sin)[0]  # [B, H, 1, rope]
+        c_kv, k_pe = hf_cache.layers[0].keys, hf_cache.layers[0].values  # [B, 1, T + 1, 32], [B, 1, T + 1, 8]
+        cache = PagedLatentCache(1, num_blocks=8, block_size=8, kv_lora_rank=32, qk_rope_head_dim=8, batch_size=B,
+                                 max_seq_len=T + 1)
+        cache.free_blocks = [5, 0, 7, 2, 6, 1, 3, 4]  # pages out of order
+        cache.write(0, cache.append(T + 1), c_kv.reshape(-1, 32), k_pe.reshape(-1, 8))
+        out = mla_decode_paged(q_nope[:, :, 0], q_pe[:, :, 0], attn.kv_b_proj.weight, cache.blocks[0],
+                               cache.block_table, cache.cache_seqlens, attn.scaling)  # [B, H, v]
+        out = attn.o_proj(out.reshape(B, 4 * 12))
+    assert attn.scaling != 24 ** -0.5  # YaRN's mscale is in the scale
+    torch.testing.assert_close(out, expected, atol=1e-5 * expected.abs().max().item(), rtol=0)
 
 
 if __name__ == "__main__":
