@@ -51,9 +51,10 @@ def message(question: str, hits: list[Hit], image: str | None) -> list[dict]:
 
 def context_length(model) -> int | None:
     """The model's context in tokens, if its config says."""
-    config = getattr(model, "config", None)
-    text_config = getattr(config, "text_config", config)
-    return getattr(text_config, "max_position_embeddings", None)
+    for config in (getattr(getattr(model, "language_model", None), "config", None), getattr(model, "config", None)):
+        if getattr(config, "max_position_embeddings", None):
+            return int(config.max_position_embeddings)
+    return None
 
 
 def prompt_tokens(model, messages: list[dict]) -> int:
