@@ -55,12 +55,11 @@ from encoders.frontend import FrontendConfig
 from encoders.image import ImageProcessor
 from encoders.vit import ViTConfig
 
-from mm.models.multimodal import CAPTION_PROMPT, TRANSCRIBE_PROMPT, MultimodalConfig, MultimodalModel
-from mm.data.scenes import (COLOURS, COLS, COUNT_WORDS, NUMBERS, ROWS, SHAPES, SIZES, describe, item_rng, questions,
-                     render, sample_question, sample_split_scene)
+from mm.models.multimodal import MultimodalConfig, MultimodalModel
 from mm.models.speech_adapter import SpeechAdapterConfig
-from mm.data.speech_data import speech_examples, spoken_questions, transcript
 from mm.train.text import init_weights
+from mm.train.tiny_data import (GRID_CLASSES, TASK_CYCLE, TASKS, corpus_lines, ctc_targets, make_data, sample_batch,
+                                scene_rows, transcribe_pool)
 
 
 @dataclass
@@ -85,6 +84,12 @@ class TinyRecipe:
     ctc_weight: float = 0.3
     grid_weight: float = 0.5  # the ViT's auxiliary loss (GridHead) in stages 1 and 2
     save_every: int = 100
+    # beyond the scene grammar (mm.train.tiny_data; all off in the shipped recipe)
+    n_open: int = 0  # word sequences from a general English word list, spoken by training voices
+    n_silence: int = 0  # clips of silence and noise, transcribed as nothing
+    open_share: float = 0.0  # of the transcribe rows, word sequences
+    silence_share: float = 0.0  # of the transcribe rows, clips without speech
+    cot_share: float = 0.0  # of the question turns, asked for the rationale first (COT_INSTRUCTION)
     # model
     vit_dim: int = 128
     vit_depth: int = 4
@@ -92,6 +97,14 @@ class TinyRecipe:
     speech_blocks: int = 4
     llama_dim: int = 256
     llama_layers: int = 4
+
+    @classmethod
+    def open_vocab(cls) -> "TinyRecipe":
+        """Issue 22's direction, not yet the shipped model: speech beyond the scene grammar (word sequences from a
+        general English word list, clips without speech), rationales before answers, a longer joint stage. Sized
+        for a GPU (`--device cuda`); about four times the shipped recipe's steps on a CPU."""
+        return cls(n_speech=6000, n_open=8000, n_silence=300, open_share=0.5, silence_share=0.05, cot_share=0.25,
+                   steps=(3000, 100, 8000), speech_steps=1500)
 
     @classmethod
     def smoke(cls) -> "TinyRecipe":
@@ -118,48 +131,7 @@ def model_config(r: TinyRecipe, vocab_size: int, bos: int, eos: int) -> Multimod
                             system="", template="llava_v1")
 
 
-# ------------------------------------------------------------------------------------------------- data
-
-
-def make_data(r: TinyRecipe, cache_dir: Path, log=print) -> dict:
-    """Text and speech of the four tasks, built once (speech is cached on disk under cache_dir). Images are not
-    here: each step renders new scenes (`scene_rows`)."""
-    t0 = time.time()
-    scenes = [sample_split_scene(item_rng(r.seed, "train", "text", i), "train") for i in range(r.n_text)]
-    speech = speech_examples(r.n_speech, "train", seed=r.seed, cache_dir=cache_dir, workers=4)
-    spoken = spoken_questions(r.n_spoken, "train", seed=r.seed, size=r.image_size, cache_dir=cache_dir, workers=4)
-    log(f"data: {len(scenes)} scene texts, {len(speech)} spoken sentences, {len(spoken)} spoken questions "
-        f"({time.time() - t0:.0f} s)")
-    return {
-        "caption": [describe(s) for s in scenes],
-        "question": [(qa.question, qa.answer) for s in scenes for qa in questions(s)],
-        "transcribe": [(e.waveform, transcript(e.text)) for e in speech],
-        "spoken": [(q.image, grid_labels(q.scene), q.waveform, q.answer, transcript(q.question)) for q in spoken],
-    }
-
-
-def scene_rows(r: TinyRecipe, n: int, rng: random.Random) -> list[tuple[list, object, torch.Tensor]]:
-    """`n` new training scenes drawn from `rng`: (scene, image, grid labels)."""
-    out = []
-    for _ in range(n):
-        scene = sample_split_scene(rng, "train")
-        out.append((scene, render(scene, r.image_size, rng), grid_labels(scene)))
-    return out
-
-
-# what the probe tells of each grid cell: shape, colour and size (class 0: the cell is empty), row and column
-GRID_CLASSES = (len(SHAPES) + 1, len(COLOURS) + 1, len(SIZES) + 1, len(ROWS), len(COLS))
-
-
-def grid_labels(scene) -> torch.Tensor:
-    """[9, 5]: shape, colour and size class of the object in each grid cell (reading order, 0 where empty), and
-    the cell's row and column."""
-    out = torch.zeros(9, 5, dtype=torch.long)
-    out[:, 3], out[:, 4] = torch.arange(9) // 3, torch.arange(9) % 3
-    for o in scene:
-        out[o.row * 3 + o.col, :3] = torch.tensor([SHAPES.index(o.shape) + 1, COLOURS.index(o.colour) + 1,
-                                                   SIZES.index(o.size) + 1])
-    return out
+# ------------------------------------------------------------------------------------------------- probe
 
 
 class GridHead(torch.nn.Module):
@@ -185,65 +157,6 @@ def vit_grid_loss(model: MultimodalModel, head: GridHead, pixel_values: torch.Te
     vit = model.vision_tower
     feats = vit.norm(vit.hidden_states(pixel_values, [-1])[0][:, vit.cfg.num_prefix_tokens:])  # [N, 9, d]
     return head.loss(feats, labels.to(feats.device))
-
-
-def corpus_lines(data: dict) -> list[str]:
-    """Every text the model reads or writes, and each vocabulary word, for the tokenizer."""
-    lines = data["caption"] + [f"{q} {a}" for q, a in data["question"]]
-    lines += [t for _, t in data["transcribe"]] + [f"{t} {a}" for *_, a, t in data["spoken"]]
-    words = SHAPES + COLOURS + SIZES + ROWS + COLS + NUMBERS + COUNT_WORDS
-    lines += [CAPTION_PROMPT, TRANSCRIBE_PROMPT, "USER: ASSISTANT:"] + words + [w + "s" for w in SHAPES]
-    return lines
-
-
-def user(content: str, answer: str) -> list[dict]:
-    return [{"role": "user", "content": content}, {"role": "assistant", "content": answer}]
-
-
-TASKS = ("caption", "question", "transcribe", "spoken")
-TASK_CYCLE = ("question", "transcribe", "spoken", "caption", "question", "spoken", "question")
-
-
-def sample_batch(r: TinyRecipe, data: dict, task: str, size: int, rng: random.Random):
-    """(conversations, images, their grid labels, audios, transcripts of the audios) of `size` rows of one task."""
-    convs, images, grids, audios, texts = [], [], [], [], []
-    if task in ("caption", "question"):
-        for scene, image, grid in scene_rows(r, size, rng):
-            if task == "caption":
-                convs.append(user(f"<image>\n{CAPTION_PROMPT}", describe(scene)))
-            else:  # several turns about one image: more answers per image and step, as in LLaVA's instruction data
-                conv = []
-                for turn in range(r.question_turns):
-                    qa = sample_question(scene, rng)
-                    conv += user(f"<image>\n{qa.question}" if turn == 0 else qa.question, qa.answer)
-                convs.append(conv)
-            images.append(image)
-            grids.append(grid)
-    elif task == "transcribe":
-        for _ in range(size):
-            wave, t = rng.choice(data["transcribe"])
-            convs.append(user(f"<audio>\n{TRANSCRIBE_PROMPT}", t))
-            audios.append(wave)
-            texts.append(t)
-    else:
-        for _ in range(size):
-            im, grid, wave, a, t = rng.choice(data["spoken"])
-            convs.append(user("<image><audio>", a))
-            images.append(im)
-            grids.append(grid)
-            audios.append(wave)
-            texts.append(t)
-    return convs, images, grids, audios, texts
-
-
-def ctc_targets(tokenizer, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Transcripts as Llama ids [A, L] padded with -1, and their lengths [A] (id 0, the blank, never occurs)."""
-    ids = [tokenizer.encode(t) for t in texts]
-    L = max(len(i) for i in ids)
-    out = torch.full((len(ids), L), -1, dtype=torch.long)
-    for k, i in enumerate(ids):
-        out[k, : len(i)] = torch.tensor(i)
-    return out, torch.tensor([len(i) for i in ids])
 
 
 def set_mvn(model: MultimodalModel, waves: list[torch.Tensor]) -> None:
@@ -323,8 +236,10 @@ def plot_losses(history: list[dict], path: Path) -> None:
 
 
 def train_tiny(out_dir: str | Path, recipe: TinyRecipe | None = None, resume: bool = True, threads: int | None = None,
-               progress: bool = True, stop_after: int | None = None) -> Path | None:
+               progress: bool = True, stop_after: int | None = None, device: str | None = None) -> Path | None:
     """Run the recipe (all stages; under torchrun, data parallel); returns the saved model directory.
+
+    device: 'cuda' trains one process on the GPU (under torchrun each rank takes its local GPU when CUDA is there).
 
     stop_after: leave after that many steps in all (counting from the first step of stage 0) with a checkpoint
     saved, returning None; a later call resumes from it."""
@@ -332,7 +247,7 @@ def train_tiny(out_dir: str | Path, recipe: TinyRecipe | None = None, resume: bo
     out = Path(out_dir)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    device = torch.device("cpu")
+    device = torch.device(device or "cpu")
     if world > 1:
         if torch.cuda.is_available():
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -424,13 +339,13 @@ def train_tiny(out_dir: str | Path, recipe: TinyRecipe | None = None, resume: bo
                 loss = grid
                 row["grid_loss"] = grid.item()
                 if step < r.speech_steps:
-                    clips = [rng.choice(data["transcribe"]) for _ in range(r.batch[2])]
+                    clips = [rng.choice(transcribe_pool(r, data, rng)) for _ in range(r.batch[2])]
                     waves = [w for w, _ in clips]
                     lengths = torch.tensor([w.shape[0] for w in waves])
                     enc, enc_lengths = model.speech_encoder.encode(
                         torch.nn.utils.rnn.pad_sequence(waves, batch_first=True).to(device), lengths.to(device))
                     ys, ys_len = ctc_targets(tokenizer, [t for _, t in clips])
-                    ctc = model.ctc.loss(enc, enc_lengths, ys.to(device), ys_len.to(device)) / ys_len.float().mean()
+                    ctc = model.ctc.loss(enc, enc_lengths, ys.to(device), ys_len.to(device)) / ys_len.float().mean().clamp_min(1)
                     loss = loss + ctc
                     row["ctc_loss"] = ctc.item()
                 row["loss"] = loss.item()
@@ -443,7 +358,7 @@ def train_tiny(out_dir: str | Path, recipe: TinyRecipe | None = None, resume: bo
                 w = 0.0
                 if texts:  # CTC per target token (ESPnet sums over each utterance), so it weighs like next-token loss
                     ys, ys_len = ctc_targets(tokenizer, texts)
-                    w = r.ctc_weight / ys_len.float().mean().item()
+                    w = r.ctc_weight / ys_len.float().mean().clamp_min(1).item()
                 o = ddp(inputs["input_ids"].to(device), inputs["pixel_values"], None if speech is None else speech.to(device),
                         inputs["speech_lengths"], inputs["attention_mask"].to(device), inputs["labels"].to(device),
                         ys, ys_len, w)

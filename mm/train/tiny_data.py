@@ -1,0 +1,149 @@
+"""The data of `mm train --recipe tiny`: each task's rows, drawn afresh or from speech built once, and the tokenizer's
+corpus. Deterministic from the recipe's seed; nothing downloaded.
+
+Besides the four tasks of the shipped recipe (module docstring of mm.train.recipe_tiny), a recipe can mix in
+(all off in the shipped recipe, whose rows stay exactly as they were):
+    open speech   word sequences from a general English word list (mm.data.words), training voices, in the
+                  transcribe task (`open_share` of its rows): listening, not the scene grammar
+    silence       clips of silence and noise whose transcript is empty (`silence_share` of the transcribe rows)
+    rationales    questions asked with COT_INSTRUCTION answered "i see <the objects it is about>. answer: <a>"
+                  (`cot_share` of the question turns): Multimodal-CoT's rationale, then the answer
+"""
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from mm.data.scenes import (COLOURS, COLS, COT_INSTRUCTION, COUNT_WORDS, NUMBERS, ROWS, SHAPES, SIZES, cot_target,
+                            describe, item_rng, questions, render, sample_question, sample_split_scene)
+from mm.data.speech_data import speech_examples, spoken_questions, transcript
+from mm.data.words import non_speech, open_speech_examples
+from mm.models.multimodal import CAPTION_PROMPT, TRANSCRIBE_PROMPT
+
+if TYPE_CHECKING:
+    from mm.train.recipe_tiny import TinyRecipe
+
+def make_data(r: TinyRecipe, cache_dir: Path, log=print) -> dict:
+    """Text and speech of the four tasks, built once (speech is cached on disk under cache_dir). Images are not
+    here: each step renders new scenes (`scene_rows`)."""
+    t0 = time.time()
+    scenes = [sample_split_scene(item_rng(r.seed, "train", "text", i), "train") for i in range(r.n_text)]
+    speech = speech_examples(r.n_speech, "train", seed=r.seed, cache_dir=cache_dir, workers=4)
+    spoken = spoken_questions(r.n_spoken, "train", seed=r.seed, size=r.image_size, cache_dir=cache_dir, workers=4)
+    words = open_speech_examples(r.n_open, "train", seed=r.seed, cache_dir=cache_dir, workers=4) if r.n_open else []
+    log(f"data: {len(scenes)} scene texts, {len(speech)} spoken sentences, {len(spoken)} spoken questions, "
+        f"{len(words)} spoken word sequences, {r.n_silence} clips without speech ({time.time() - t0:.0f} s)")
+    qas = [qa for s in scenes for qa in questions(s)]
+    return {
+        "caption": [describe(s) for s in scenes],
+        "question": [(qa.question, qa.answer) for qa in qas],
+        "transcribe": [(e.waveform, transcript(e.text)) for e in speech],
+        "spoken": [(q.image, grid_labels(q.scene), q.waveform, q.answer, transcript(q.question)) for q in spoken],
+        "open": [(e.waveform, transcript(e.text)) for e in words],
+        "silence": [(clip, "") for clip in non_speech(r.n_silence, seed=1000 + r.seed)],
+        "rationale": [f"{qa.question} {COT_INSTRUCTION} {cot_target(qa)}" for qa in qas] if r.cot_share else [],
+    }
+
+
+def scene_rows(r: TinyRecipe, n: int, rng: random.Random) -> list[tuple[list, object, torch.Tensor]]:
+    """`n` new training scenes drawn from `rng`: (scene, image, grid labels)."""
+    out = []
+    for _ in range(n):
+        scene = sample_split_scene(rng, "train")
+        out.append((scene, render(scene, r.image_size, rng), grid_labels(scene)))
+    return out
+
+
+# what the probe tells of each grid cell: shape, colour and size (class 0: the cell is empty), row and column
+GRID_CLASSES = (len(SHAPES) + 1, len(COLOURS) + 1, len(SIZES) + 1, len(ROWS), len(COLS))
+
+
+def grid_labels(scene) -> torch.Tensor:
+    """[9, 5]: shape, colour and size class of the object in each grid cell (reading order, 0 where empty), and
+    the cell's row and column."""
+    out = torch.zeros(9, 5, dtype=torch.long)
+    out[:, 3], out[:, 4] = torch.arange(9) // 3, torch.arange(9) % 3
+    for o in scene:
+        out[o.row * 3 + o.col, :3] = torch.tensor([SHAPES.index(o.shape) + 1, COLOURS.index(o.colour) + 1,
+                                                   SIZES.index(o.size) + 1])
+    return out
+
+
+def corpus_lines(data: dict) -> list[str]:
+    """Every text the model reads or writes, and each vocabulary word, for the tokenizer."""
+    lines = data["caption"] + [f"{q} {a}" for q, a in data["question"]]
+    lines += [t for _, t in data["transcribe"]] + [f"{t} {a}" for *_, a, t in data["spoken"]]
+    lines += [t for _, t in data.get("open", [])] + data.get("rationale", [])
+    words = SHAPES + COLOURS + SIZES + ROWS + COLS + NUMBERS + COUNT_WORDS
+    lines += [CAPTION_PROMPT, TRANSCRIBE_PROMPT, "USER: ASSISTANT:"] + words + [w + "s" for w in SHAPES]
+    return lines
+
+
+def user(content: str, answer: str) -> list[dict]:
+    return [{"role": "user", "content": content}, {"role": "assistant", "content": answer}]
+
+
+TASKS = ("caption", "question", "transcribe", "spoken")
+TASK_CYCLE = ("question", "transcribe", "spoken", "caption", "question", "spoken", "question")
+
+
+def sample_batch(r: TinyRecipe, data: dict, task: str, size: int, rng: random.Random):
+    """(conversations, images, their grid labels, audios, transcripts of the audios) of `size` rows of one task."""
+    convs, images, grids, audios, texts = [], [], [], [], []
+    if task in ("caption", "question"):
+        for scene, image, grid in scene_rows(r, size, rng):
+            if task == "caption":
+                convs.append(user(f"<image>\n{CAPTION_PROMPT}", describe(scene)))
+            else:  # several turns about one image: more answers per image and step, as in LLaVA's instruction data
+                conv = []
+                for turn in range(r.question_turns):
+                    qa = sample_question(scene, rng)
+                    question, answer = qa.question, qa.answer
+                    if r.cot_share and rng.random() < r.cot_share:
+                        question, answer = f"{qa.question} {COT_INSTRUCTION}", cot_target(qa)
+                    conv += user(f"<image>\n{question}" if turn == 0 else question, answer)
+                convs.append(conv)
+            images.append(image)
+            grids.append(grid)
+    elif task == "transcribe":
+        for _ in range(size):
+            wave, t = rng.choice(transcribe_pool(r, data, rng))
+            convs.append(user(f"<audio>\n{TRANSCRIBE_PROMPT}", t))
+            audios.append(wave)
+            texts.append(t)
+    else:
+        for _ in range(size):
+            im, grid, wave, a, t = rng.choice(data["spoken"])
+            convs.append(user("<image><audio>", a))
+            images.append(im)
+            grids.append(grid)
+            audios.append(wave)
+            texts.append(t)
+    return convs, images, grids, audios, texts
+
+
+def transcribe_pool(r: TinyRecipe, data: dict, rng: random.Random) -> list:
+    """Where a transcribe row comes from: clips without speech (`silence_share`), word sequences (`open_share`) or
+    spoken scene sentences. Draws from `rng` only when a share is set, so the shipped recipe's rows stay the same."""
+    if not (r.silence_share or r.open_share):
+        return data["transcribe"]
+    u = rng.random()
+    if u < r.silence_share and data["silence"]:
+        return data["silence"]
+    if u < r.silence_share + r.open_share and data["open"]:
+        return data["open"]
+    return data["transcribe"]
+
+
+def ctc_targets(tokenizer, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Transcripts as Llama ids [A, L] padded with -1, and their lengths [A] (id 0, the blank, never occurs)."""
+    ids = [tokenizer.encode(t) for t in texts]
+    L = max(1, max(len(i) for i in ids))  # an empty transcript (no speech) is a target of length 0
+    out = torch.full((len(ids), L), -1, dtype=torch.long)
+    for k, i in enumerate(ids):
+        out[k, : len(i)] = torch.tensor(i)
+    return out, torch.tensor([len(i) for i in ids])

@@ -1,0 +1,78 @@
+"""The tiny recipe's data beyond the scene grammar: word sequences, clips without speech, rationales; and that the
+shipped recipe's rows are drawn exactly as before when they are off."""
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import replace
+
+import pytest
+import torch
+
+from mm.data.scenes import COT_INSTRUCTION, split_cot
+from mm.data.words import SCENE_WORDS, word_list
+from mm.models.multimodal import MultimodalModel
+from mm.train.recipe_tiny import TinyRecipe, train_tiny
+from mm.train.tiny_data import ctc_targets, make_data, sample_batch, transcribe_pool
+
+OPEN = replace(TinyRecipe.smoke(), n_open=3, n_silence=3, open_share=0.4, silence_share=0.3, cot_share=0.5)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_data(OPEN, tmp_path_factory.mktemp("speech"), log=lambda _: None)
+
+
+def test_the_shipped_recipe_draws_its_rows_as_before():
+    rng = random.Random(7)
+    pool = {"transcribe": ["scene"], "open": ["open"], "silence": ["silence"]}
+    assert transcribe_pool(TinyRecipe(), pool, rng) is pool["transcribe"]
+    assert rng.random() == random.Random(7).random()  # no draw spent when the shares are zero
+    counts = {"scene": 0, "open": 0, "silence": 0}
+    for _ in range(3000):
+        counts[transcribe_pool(OPEN, pool, rng)[0]] += 1
+    assert counts["silence"] / 3000 == pytest.approx(0.3, abs=0.04)
+    assert counts["open"] / 3000 == pytest.approx(0.4, abs=0.04)
+
+
+def test_open_speech_and_silence_data(data):
+    vocabulary = set(word_list()) | set(SCENE_WORDS)
+    assert len(data["open"]) == 3 and len(data["silence"]) == 3
+    for wave, text in data["open"]:
+        assert 3 <= len(text.split()) <= 8 and set(text.split()) <= vocabulary
+        assert wave.abs().max() > 0.05
+    assert all(text == "" for _, text in data["silence"])
+    assert data["rationale"] and all(COT_INSTRUCTION in line and "answer:" in line for line in data["rationale"])
+
+
+def test_rows_with_rationales_and_empty_transcripts(data):
+    rng = random.Random(0)
+    convs = sum((sample_batch(OPEN, data, "question", 4, rng)[0] for _ in range(10)), [])
+    turns = [(q["content"], a["content"]) for c in convs for q, a in zip(c[::2], c[1::2])]
+    cot = [(q, a) for q, a in turns if q.endswith(COT_INSTRUCTION)]
+    assert 0.3 < len(cot) / len(turns) < 0.7
+    for q, a in cot:
+        rationale, answer = split_cot(a)
+        assert rationale.startswith("i see ") and answer and "answer:" not in answer
+    assert all("answer:" not in a for q, a in turns if not q.endswith(COT_INSTRUCTION))
+    texts = sum((sample_batch(OPEN, data, "transcribe", 8, rng)[4] for _ in range(10)), [])
+    assert "" in texts and any(t in [x for _, x in data["open"]] for t in texts)
+    ys, lens = ctc_targets(_Chars(), ["", "ab"])
+    assert lens.tolist() == [0, 2] and ys.tolist() == [[-1, -1], [1, 2]]
+
+
+class _Chars:
+    def encode(self, text):
+        return [ord(c) - 96 for c in text]
+
+
+def test_the_recipe_trains_with_open_speech_silence_and_rationales(tmp_path):
+    torch.set_num_threads(1)
+    model_dir = train_tiny(tmp_path, OPEN, progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "losses.jsonl").read_text().splitlines()]
+    assert len(rows) == sum(OPEN.steps) and all(math.isfinite(h["loss"]) for h in rows)
+    assert all(math.isfinite(h["ctc_loss"]) for h in rows if "ctc_loss" in h)
+    tok = MultimodalModel.from_pretrained(model_dir).tokenizer
+    for text in ("answer", "look first", "i see a big red star", "faithless orphan"):
+        assert tok.decode(tok.encode(text)) == text  # rationales and open words round-trip
