@@ -129,21 +129,24 @@ class Int8Linear(QuantLinear):
 class Int4Linear(QuantLinear):
     """Weight-only 4- or 3-bit codes in groups of `group_size` inputs, in the CPU int4 kernel's packing."""
 
-    def __init__(self, q: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, bits: int, group_size: int,
+    def __init__(self, u: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits: int, group_size: int,
                  bias: torch.Tensor | None = None):
-        N, K = q.shape
+        """Codes u [N, K] in [0, 15], scale and offset [N, K / group_size]: w = (u - 8) * scale + offset."""
+        N, K = u.shape
         super().__init__(K, N, bias)
         if N % 16 or K % 2:
             raise ValueError(f"the int4 kernel needs out_features divisible by 16 and even in_features, got [{N}, {K}]")
         self.bits, self.group_size = bits, group_size
-        s32 = s.float()
-        if z is None:  # symmetric: u = q + 8, w = (u - 8) * s
-            u, offset = q.int() + 8, torch.zeros_like(s32)
-        else:  # asymmetric: u = q, w = (u - 8) * s + (8 - z) * s
-            u, offset = q.int(), (8 - z.float()) * s32
-        self.register_buffer("qweight", torch._convert_weight_to_int4pack_for_cpu(u.contiguous(), 1))  # [N, K/2] uint8
-        sz = torch.stack([s32, offset], dim=-1).transpose(0, 1)  # [K/g, N, 2]
+        self.register_buffer("qweight", torch._convert_weight_to_int4pack_for_cpu(u.int().contiguous(), 1))  # [N, K/2]
+        sz = torch.stack([scale.float(), offset.float()], dim=-1).transpose(0, 1)  # [K/g, N, 2]
         self.register_buffer("scales_and_zeros", sz.to(torch.bfloat16).contiguous())
+
+    @staticmethod
+    def codes(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """RTN's (q, s, z) as the kernel's (u, scale, offset): symmetric u = q + 8, o = 0; else u = q, o = (8 - z) s."""
+        if z is None:
+            return q.int() + 8, s, torch.zeros_like(s, dtype=torch.float32)
+        return q.int(), s, (8 - z.float()) * s.float()
 
     def dequantize(self) -> torch.Tensor:
         """w_hat [N, K] = (u - 8) * s + o, exactly as the kernel forms it (through the kernel, on the identity)."""
@@ -192,8 +195,8 @@ def quantized_linear(linear: nn.Linear, bits: int, group_size: int | None, symme
     if bits == 8:
         q, s, _ = quantize_weight(w, 8, None, symmetric=True, scale_dtype=torch.float32 if activations else torch.bfloat16)
         return (W8A8Linear if activations else Int8Linear)(q, s, linear.bias)
-    q, s, z = quantize_weight(w, bits, group_size, symmetric)
-    return Int4Linear(q, s, z, bits, group_size, linear.bias)
+    u, s, o = Int4Linear.codes(*quantize_weight(w, bits, group_size, symmetric))
+    return Int4Linear(u, s, o, bits, group_size, linear.bias)
 
 
 def linear_names(model: nn.Module, include: Callable[[str], bool] | None = None,

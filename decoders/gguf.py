@@ -1,0 +1,170 @@
+"""GGUF files (llama.cpp) -> our Llama decoder, read with the `gguf` package; F32, F16, BF16, Q8_0, Q4_0, Q4_1.
+
+Block layouts (ggml `ggml-common.h`), 32 weights along the input dimension per block:
+    Q8_0  fp16 d, int8 q[32]                         w = d * q
+    Q4_0  fp16 d, uint8 qs[16]                       w = d * (q - 8)
+    Q4_1  fp16 d, fp16 m, uint8 qs[16]               w = d * q + m
+    (4-bit: weight j < 16 is qs[j] & 0xF, weight j + 16 is qs[j] >> 4)
+llama.cpp's converter permutes the q and k rows of each head to Meta's interleaved RoPE order; `unpermute` undoes it.
+With `quantized=True` the Q4_0/Q4_1 projections stay 4-bit in memory as `Int4Linear` (groups of 32): u = q,
+scale d, offset 0 (Q4_0) or m + 8 d (Q4_1), scales and offsets rounded to bfloat16 (the kernel's dtype); everything
+else (Q8_0: no kernel takes 32-wide int8 groups; the embeddings, norms) is dequantized to `dtype`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import CheckpointError
+from .llama import LlamaConfig, LlamaForCausalLM
+from .quantize import Int4Linear
+
+BLOCK = 32
+FLOAT_TYPES = {"F32": np.float32, "F16": np.float16}
+SUPPORTED = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
+LAYER_KEYS = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn_q": "self_attn.q_proj",
+              "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+              "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+
+
+def field(reader, key: str, default=None):
+    f = reader.fields.get(key)
+    return default if f is None else f.contents()
+
+
+def gguf_config(reader, source: str) -> LlamaConfig:
+    """The Llama config of a GGUF file's `llama.*` metadata."""
+    arch = field(reader, "general.architecture")
+    if arch != "llama":
+        raise CheckpointError(f"{source}: general.architecture is {arch!r}; only 'llama' GGUF files are supported")
+    tokens = field(reader, "tokenizer.ggml.tokens")
+    emb = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    hidden, heads = field(reader, "llama.embedding_length"), field(reader, "llama.attention.head_count")
+    names = {t.name for t in reader.tensors}
+    return LlamaConfig(
+        vocab_size=field(reader, "llama.vocab_size") or (len(tokens) if tokens else int(emb.shape[1])),
+        hidden_size=hidden, intermediate_size=field(reader, "llama.feed_forward_length"),
+        num_hidden_layers=field(reader, "llama.block_count"), num_attention_heads=heads,
+        num_key_value_heads=field(reader, "llama.attention.head_count_kv", heads),
+        head_dim=field(reader, "llama.attention.key_length", hidden // heads),
+        rms_norm_eps=float(field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(field(reader, "llama.rope.freq_base", 10000.0)),
+        max_position_embeddings=field(reader, "llama.context_length", 2048),
+        tie_word_embeddings="output.weight" not in names,
+        bos_token_id=field(reader, "tokenizer.ggml.bos_token_id"), eos_token_id=field(reader, "tokenizer.ggml.eos_token_id"))
+
+
+def blocks(t) -> np.ndarray:
+    """A quantized tensor's raw bytes as [rows, blocks per row, bytes per block]."""
+    rows = int(np.prod(t.shape[1:]))
+    return np.asarray(t.data, dtype=np.uint8).reshape(rows, -1)
+
+
+def nibbles(qs: np.ndarray) -> np.ndarray:
+    """4-bit codes [rows, nb, 32] of the 16 bytes per block: low nibbles are weights 0-15, high ones 16-31."""
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
+
+
+def decode_4bit(t) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q4_0/Q4_1 -> codes q [rows, cols] (0..15), d [rows, cols/32], m [rows, cols/32] (Q4_0: m = -8 d)."""
+    kind = t.tensor_type.name
+    size = 18 if kind == "Q4_0" else 20
+    b = blocks(t).reshape(-1, blocks(t).shape[1] // size, size)  # [rows, nb, size]
+    d = b[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    m = b[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32) if kind == "Q4_1" else -8 * d
+    q = nibbles(b[..., size - 16:])
+    return torch.from_numpy(q.reshape(q.shape[0], -1).astype(np.int32)), torch.from_numpy(d), torch.from_numpy(m)
+
+
+def dequantize(t) -> torch.Tensor:
+    """A GGUF tensor as float32 [rows, cols] (numpy's row-major shape: ggml's ne reversed)."""
+    kind = t.tensor_type.name
+    shape = tuple(int(s) for s in reversed(t.shape))
+    if kind in FLOAT_TYPES:
+        return torch.from_numpy(np.asarray(t.data).astype(np.float32).reshape(shape))
+    if kind == "BF16":
+        raw = np.asarray(t.data).view(np.uint16).astype(np.int32) << 16
+        return torch.from_numpy(raw.view(np.float32).reshape(shape))
+    if kind == "Q8_0":
+        b = blocks(t).reshape(-1, blocks(t).shape[1] // 34, 34)
+        d = b[..., 0:2].copy().view(np.float16).astype(np.float32)  # [rows, nb, 1]
+        q = b[..., 2:].view(np.int8).astype(np.float32)
+        return torch.from_numpy((d * q).reshape(shape))
+    if kind in ("Q4_0", "Q4_1"):
+        q, d, m = decode_4bit(t)
+        w = q.float().view(q.shape[0], -1, BLOCK) * d[..., None] + m[..., None]
+        return w.reshape(shape)
+    raise CheckpointError(f"tensor {t.name}: GGUF type {kind} is not supported (supported: {', '.join(SUPPORTED)})")
+
+
+def unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's q/k row permutation (Meta's interleaved RoPE pairs -> Hugging Face's halves), rows [H*D]."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+              quantized: bool = True) -> LlamaForCausalLM:
+    """Open a llama GGUF file as our LlamaForCausalLM (Q4_0/Q4_1 projections as Int4Linear when `quantized`)."""
+    try:
+        from gguf import GGUFReader
+    except ImportError as e:
+        raise ImportError("reading GGUF files needs the gguf package: pip install gguf") from e
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such GGUF file")
+    try:
+        reader = GGUFReader(path)
+    except Exception as e:  # the reader raises ValueError/struct errors on foreign bytes
+        raise CheckpointError(f"{path}: not a readable GGUF file ({e})") from e
+    cfg = gguf_config(reader, str(path))
+    tensors = {t.name: t for t in reader.tensors}
+    hf, four_bit = {}, {}
+    for name, t in tensors.items():
+        if name == "token_embd.weight":
+            key = "model.embed_tokens.weight"
+        elif name == "output.weight":
+            key = "lm_head.weight"
+        elif name == "output_norm.weight":
+            key = "model.norm.weight"
+        elif name.startswith("blk.") and name.split(".")[2] in LAYER_KEYS:
+            _, i, part, _ = name.split(".")
+            key = f"model.layers.{i}.{LAYER_KEYS[part]}.weight"
+        else:
+            continue  # e.g. rope_freqs: recomputed from the config
+        try:
+            w = dequantize(t)
+        except CheckpointError as e:
+            raise CheckpointError(f"{path}: {e}") from e
+        if quantized and t.tensor_type.name in ("Q4_0", "Q4_1") and key.startswith("model.layers."):
+            four_bit[key] = decode_4bit(t)
+        heads = {"attn_q": cfg.num_attention_heads, "attn_k": cfg.num_key_value_heads}.get(name.split(".")[2] if name.startswith("blk.") else "")
+        if heads:
+            w = unpermute(w, heads)
+            if key in four_bit:
+                four_bit[key] = tuple(unpermute(x, heads) for x in four_bit[key])
+        hf[key] = w
+    from .convert_hf import convert_hf_state_dict
+
+    model = LlamaForCausalLM.from_state_dict(cfg, convert_hf_state_dict(hf, cfg, str(path)), dtype, device, str(path))
+    if four_bit:
+        swap_4bit(model, four_bit)
+    model.eval()
+    return model
+
+
+def swap_4bit(model: LlamaForCausalLM, four_bit: dict) -> None:
+    """Replace the projections whose every part was 4-bit by Int4Linear (fused q/k/v and gate/up: rows stacked)."""
+    fused = {"self_attn.qkv_proj": ("q_proj", "k_proj", "v_proj"), "mlp.gate_up_proj": ("gate_proj", "up_proj"),
+             "self_attn.o_proj": ("o_proj",), "mlp.down_proj": ("down_proj",)}
+    for i in range(model.config.num_hidden_layers):
+        for ours, parts in fused.items():
+            mod = ours.split(".")[0]
+            keys = [f"model.layers.{i}.{mod}.{p}.weight" for p in parts]
+            if all(k in four_bit for k in keys):
+                q, d, m = (torch.cat([four_bit[k][j] for k in keys]) for j in range(3))
+                lin = Int4Linear(q, d, m + 8 * d, 4, BLOCK)  # w = (q - 8) d + (m + 8 d) = q d + m
+                parent = model.layers[i].get_submodule(mod)
+                setattr(parent, ours.split(".")[1], lin)
