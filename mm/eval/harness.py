@@ -10,7 +10,8 @@ are paths relative to the JSONL file; any other field can be named by the templa
                (index, letter or the option's text)     text in the reply) and by log-likelihood (the option the
                                                         model finds likeliest as the answer)
     caption    image, answer (caption or captions)      BLEU-4 (sacrebleu), ROUGE-L
-    asr        audio, answer (transcript)               WER, CER (jiwer, normalised text)
+    asr        audio, answer (transcript)               WER, CER (jiwer, normalised text); zero-shot with the
+                                                        default prompt, the model's own `transcribe` (joint search)
 The template (a format string, or a file holding one) turns an item into the question put to the model; `{choices}`
 is the lettered option list. K-shot prompts (GPT-3 style) put K solved items drawn from the file, never the item
 itself, before it: earlier turns of the conversation for a chat model, "QUESTION ANSWER" blocks for a base model.
@@ -208,12 +209,15 @@ def evaluate(scorer, items: list[dict], task: str, template: str | None = None, 
     """(per-item records, summary {figure: {value, low, high}} with n) of `scorer` (a TextLM/ChatLM) on items."""
     from tqdm import tqdm
 
+    # speech recognition as the model itself does it (the multimodal model: joint CTC/decoder beam search), unless
+    # the prompt is the user's
+    own_transcript = task == "asr" and shots == 0 and template is None and hasattr(scorer, "transcribe")
     template = read_template(template, task, getattr(scorer, "chat", True))
     records = []
     for i in tqdm(range(len(items)), desc=f"eval {task}", unit="item", disable=not progress, file=sys.stderr):
         item = items[i]
         prompt = build_prompt(items, i, template, shots, seed, source)
-        pred = scorer.generate(prompt)
+        pred = scorer.transcribe(item["audio"]) if own_transcript else scorer.generate(prompt)
         rec = {"line": item["_line"], "id": item.get("id"), "prompt": prompt.turns[-1][0], "shots": len(prompt.turns) - 1,
                "prediction": pred, "references": item["references"]}
         if task == "choice":

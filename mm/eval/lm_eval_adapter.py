@@ -1,8 +1,8 @@
 """Our models inside lm-evaluation-harness (`lm_eval`, a development dependency): its `LM` interface over a Llama
 directory or the multimodal model's decoder, registered as model "mm".
 
-    lm_eval --model mm --model_args pretrained=DIR --tasks hellaswag          (after `import mm.eval.lm_eval_adapter`)
-    lm_eval.simple_evaluate(model="mm", model_args="pretrained=DIR", tasks=[...])
+    python -m mm.eval.lm_eval_adapter --model mm --model_args pretrained=DIR --tasks T [--include_path TASK_DIR]
+    import mm.eval.lm_eval_adapter; lm_eval.simple_evaluate(model="mm", model_args="pretrained=DIR", tasks=[...])
 
 Text only: the multimodal model is scored through its Llama decoder and tokenizer, with BOS first. Requests:
     loglikelihood          (context, continuation) -> (log p(continuation | context), greedy?)
@@ -11,6 +11,8 @@ Text only: the multimodal model is scored through its Llama decoder and tokenize
 Importing this module imports lm_eval; nothing in the library imports it.
 """
 from __future__ import annotations
+
+import sys
 
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
@@ -43,6 +45,11 @@ class MMLM(LM):
     def __init__(self, pretrained: str | None = None, dtype: str = "float32", device: str = "cpu",
                  max_gen_toks: int = 256, scorer: TextLM | None = None, **unused):
         super().__init__()
+        import torch
+
+        if str(device).startswith("cuda") and not torch.cuda.is_available():  # lm_eval's CLI asks for cuda by default
+            print(f"mm lm_eval adapter: no CUDA device; running on cpu instead of {device}", file=sys.stderr)
+            device = "cpu"
         self.scorer = scorer or text_scorer(pretrained, dtype, device)
         self.max_gen_toks = int(max_gen_toks)
         self.max_length = self.scorer.model.config.max_position_embeddings
@@ -88,3 +95,9 @@ class MMLM(LM):
             n = min(int(gen_kwargs.get("max_gen_toks", self.max_gen_toks)), room)
             out.append(self.scorer.generate_text(context, n, stop=until) if n > 0 else "")
         return out
+
+
+if __name__ == "__main__":  # lm_eval's own command line with the model "mm" registered
+    from lm_eval.__main__ import cli_evaluate
+
+    cli_evaluate()

@@ -85,9 +85,11 @@ class TextLM:
         ids = torch.tensor([self.encode(text)], device=self.model.device)
         stops = sorted(getattr(self.tokenizer, "stop_ids", set())) or None
         out = generate(self.model, ids, max_new_tokens=max_new_tokens or self.max_new_tokens, eos_token_id=stops)
-        new = [t for t in out[0, ids.shape[1]:].tolist()]
-        cut = next((i for i, t in enumerate(new) if stops and t in stops), len(new))
-        reply = self.tokenizer.decode(new[:cut])
+        prompt, new = ids[0].tolist(), out[0, ids.shape[1]:].tolist()
+        new = new[:next((i for i, t in enumerate(new) if stops and t in stops), len(new))]
+        # decoded after the prompt, so the reply keeps its leading space (decoding it alone would drop it)
+        before, whole = self.tokenizer.decode(prompt), self.tokenizer.decode(prompt + new)
+        reply = whole[len(before):] if whole.startswith(before) else self.tokenizer.decode(new)
         for s in stop:
             reply = reply.split(s)[0] if s else reply
         return reply
@@ -95,6 +97,25 @@ class TextLM:
     def generate(self, prompt: Prompt, max_new_tokens: int | None = None) -> str:
         """The greedy answer to the prompt's open turn: its first line (a base model runs on into the next turn)."""
         return self.generate_text(self.render(prompt), max_new_tokens, stop=("\n",)).strip()
+
+
+class Transcriber:
+    """A speech recognizer (ESPnet/Dolphin or ours): it only transcribes."""
+
+    chat = True
+
+    def __init__(self, model):
+        self.model = model
+
+    def transcribe(self, audio) -> str:
+        """The model's transcript of one audio file."""
+        return self.model.transcribe(audio)
+
+    def generate(self, prompt: Prompt, max_new_tokens: int | None = None) -> str:
+        raise ValueError("a speech recognizer only transcribes: use --task asr with the default template, zero-shot")
+
+    def loglikelihood(self, prompt: Prompt, continuation: str):
+        raise ValueError("a speech recognizer scores no answers: use --task asr")
 
 
 class ChatLM:
@@ -139,6 +160,10 @@ class ChatLM:
         ids = x["input_ids"][0].to(logits.device)
         return continuation_logprob(logits[: labelled[-1]], ids[: labelled[-1] + 1], start)
 
+    def transcribe(self, audio) -> str:
+        """The model's own transcript (joint CTC/decoder search for the multimodal model)."""
+        return self.model.transcribe(audio)
+
     def generate(self, prompt: Prompt, max_new_tokens: int | None = None) -> str:
         """The model's greedy reply to the conversation."""
         media = {"audios": prompt.audios} if self.takes_audio and prompt.audios else {}
@@ -147,7 +172,8 @@ class ChatLM:
 
 
 def load_scorer(path=None, max_new_tokens: int = 64):
-    """A TextLM or ChatLM for a checkpoint path (None: the shipped multimodal model), by `mm.models.formats`."""
+    """A TextLM, ChatLM or Transcriber for a checkpoint path (None: the shipped multimodal model), by
+    `mm.models.formats`."""
     from mm.models.formats import load
 
     model = load(path)
@@ -157,5 +183,4 @@ def load_scorer(path=None, max_new_tokens: int = 64):
         from decoders.tokenizer import load_tokenizer
 
         return TextLM(model, load_tokenizer(path), max_new_tokens)
-    raise ValueError(f"{path}: a speech recognizer; evaluate it with --task asr through the multimodal model, or "
-                     "give a Llama, LLaVA or multimodal directory")
+    return Transcriber(model)

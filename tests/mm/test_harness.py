@@ -115,12 +115,16 @@ def test_asr_wer_and_cer_by_hand(tmp_path):
     items = read_items(write_jsonl(tmp_path / "asr.jsonl", rows), "asr")
     hyps = {str(tmp_path / "a.wav"): "what color is star", str(tmp_path / "b.wav"): "two shapes here"}
     model = Scripted({})
-    model.generate = lambda p: hyps[p.audios[-1]]
+    model.transcribe = lambda audio: hyps[audio]  # zero-shot, default prompt: the model's own transcribe
     _, summary = evaluate(model, items, "asr", resamples=50)
     # words: a has 1 substitution + 1 deletion of 5, b 1 insertion of 2 -> 3/7
     assert figure(summary, "wer") == pytest.approx(100 * 3 / 7)
     # characters: a drops "u" and "the " (5 of 23), b adds " here" (5 of 10) -> 10/33
     assert figure(summary, "cer") == pytest.approx(100 * 10 / 33)
+    # with a prompt of one's own the model is asked through its chat
+    model.generate = lambda p: hyps[p.audios[-1]].upper()
+    records, _ = evaluate(model, items, "asr", template="transcribe this.", resamples=0)
+    assert [r["prediction"] for r in records] == ["WHAT COLOR IS STAR", "TWO SHAPES HERE"]
 
 
 def test_few_shot_prompt_takes_other_items_and_their_answers(tmp_path):
