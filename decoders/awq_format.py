@@ -1,0 +1,173 @@
+"""Quantized Llama directories: the AutoAWQ / Hugging Face "GEMM" layout for 4- and 3-bit weights, int8 for 8-bit.
+
+    AWQ GEMM (per linear, K inputs, N outputs, groups of g inputs), as AutoAWQ's `WQLinear_GEMM.from_linear` packs:
+        qweight  int32 [K, N/8]    8 codes per int32 along the outputs; nibble i (bits 4i..4i+3) of column c holds
+                                   output c*8 + ORDER[i], ORDER = 0, 2, 4, 6, 1, 3, 5, 7
+        qzeros   int32 [K/g, N/8]  the zero points z, packed the same way
+        scales   fp16  [K/g, N]
+        w[n, k] = (q[k, n] - z[k/g, n]) * s[k/g, n]
+    config.json `quantization_config`: {"quant_method": "awq", "version": "gemm", "bits", "group_size", "zero_point"}
+    (engines that read AWQ take bits 4; 3-bit codes are written in the same nibbles with bits 3).
+    int8 (mm's own): `qweight` int8 [N, K], `scales` [N]; quant_method "mm-int8" (weight-only) or "mm-w8a8".
+
+Hugging Face keys (q_proj, k_proj, v_proj, gate_proj, up_proj separate) hold the quantized tensors; our fused
+q/k/v and gate/up stack their rows. Symmetric codes are written with z = 8.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .checkpoint import CheckpointError, load_state_dict_strict, read_hf_weights, read_json, write_hf_weights
+from .convert_hf import convert_hf_state_dict
+from .llama import LlamaConfig, LlamaForCausalLM
+from .quantize import Int4Linear, Int8Linear, QuantLinear, W8A8Linear, replace_module
+
+ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
+FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def pack(codes: torch.Tensor) -> torch.Tensor:
+    """Codes [R, C] (0..15) -> int32 [R, C/8] in AWQ's order."""
+    R, C = codes.shape
+    c = codes.to(torch.int64).reshape(R, C // 8, 8)[:, :, ORDER]
+    packed = sum(c[:, :, i] << (4 * i) for i in range(8))
+    return ((packed + 2**31) % 2**32 - 2**31).to(torch.int32)  # two's complement: the top nibble may set the sign bit
+
+
+def unpack(packed: torch.Tensor) -> torch.Tensor:
+    """int32 [R, C/8] in AWQ's order -> codes [R, C]."""
+    R, C8 = packed.shape
+    nibbles = torch.stack([(packed >> (4 * i)) & 0xF for i in range(8)], dim=-1)  # [R, C/8, 8]: nibble i
+    codes = torch.empty_like(nibbles)
+    codes[:, :, ORDER] = nibbles  # nibble i is output ORDER[i]
+    return codes.reshape(R, C8 * 8)
+
+
+def int4_to_awq(lin: Int4Linear) -> dict[str, torch.Tensor]:
+    """An Int4Linear's qweight [K, N/8], qzeros [K/g, N/8] (int32), scales [K/g, N] (fp16)."""
+    s = lin.scales_and_zeros[..., 0].float().t()  # [N, G]
+    o = lin.scales_and_zeros[..., 1].float().t()
+    N, K, g = lin.out_features, lin.in_features, lin.group_size
+    z = 8 - torch.round(o / s)  # o = (8 - z) s, up to the offset's bfloat16 rounding
+    w = lin.dequantize()  # (u - 8) s + o
+    u = torch.round((w.view(N, -1, g) - o[..., None]) / s[..., None]) + 8  # [N, G, g]
+    return {"qweight": pack(u.reshape(N, K).t().contiguous()), "qzeros": pack(z.t().contiguous()),
+            "scales": s.t().contiguous().half()}
+
+
+def awq_to_int4(qweight, qzeros, scales, bits: int, group_size: int, source: str) -> tuple:
+    """AWQ tensors -> (u [N, K], scale [N, G], offset [N, G]) for Int4Linear: u = q, offset = (8 - z) s."""
+    K, G = qweight.shape[0], scales.shape[0]
+    if qweight.dtype != torch.int32 or qzeros.dtype != torch.int32 or K != G * group_size or \
+            qzeros.shape != (G, qweight.shape[1]) or scales.shape[1] != 8 * qweight.shape[1]:
+        raise CheckpointError(f"{source}: AWQ tensors qweight {tuple(qweight.shape)} {qweight.dtype}, qzeros "
+                              f"{tuple(qzeros.shape)} {qzeros.dtype}, scales {tuple(scales.shape)} do not fit "
+                              f"[K, N/8] int32, [K/{group_size}, N/8] int32, [K/{group_size}, N]")
+    q, z, s = unpack(qweight).t(), unpack(qzeros).t().float(), scales.float().t()  # [N, K], [N, G], [N, G]
+    if int(q.max()) >= 2 ** bits:
+        raise CheckpointError(f"{source}: codes up to {int(q.max())} in a {bits}-bit checkpoint")
+    return q.contiguous(), s, (8 - z) * s
+
+
+def save_quantized(model: LlamaForCausalLM, path: str | Path, max_shard_bytes: int = 5 * 2**30) -> None:
+    """Write a quantized Llama (quantize_model's output) as a Hugging Face directory (see the module docstring)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    kinds = {type(m) for m in model.modules() if isinstance(m, QuantLinear)}
+    if len(kinds) != 1:
+        raise ValueError(f"save_quantized needs one kind of quantized linear, found {sorted(k.__name__ for k in kinds)}")
+    kind = kinds.pop()
+    cfg = model.config
+    H, Hkv, D, I = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size
+    sizes = {"qkv_proj": [H * D, Hkv * D, Hkv * D], "gate_up_proj": [I, I]}
+    out, quant = {}, None
+    float_sd = {}
+    for name, m in model.named_modules():
+        if not isinstance(m, QuantLinear):
+            continue
+        if isinstance(m, Int4Linear):
+            t = int4_to_awq(m)
+            quant = {"quant_method": "awq", "version": "gemm", "bits": m.bits, "group_size": m.group_size,
+                     "zero_point": True}
+            split = lambda k, v, n: v.split(n if k == "scales" else [x // 8 for x in n], dim=1)  # noqa: E731
+        else:
+            t = {"qweight": m.qweight, "scales": m.scales}
+            quant = {"quant_method": "mm-w8a8" if isinstance(m, W8A8Linear) else "mm-int8", "bits": 8}
+            split = lambda k, v, n: v.split(n, dim=0)  # noqa: E731
+        base, _, leaf = name.rpartition(".")
+        prefix = f"model.{base}." if name != "lm_head" else ""
+        if leaf in FUSED:
+            for k, v in t.items():
+                for part, piece in zip(FUSED[leaf], split(k, v, sizes[leaf])):
+                    out[f"{prefix}{part}.{k}"] = piece.contiguous()
+        else:
+            out.update({f"{prefix}{leaf}.{k}": v for k, v in t.items()})
+    from .convert_hf import to_hf_state_dict
+
+    float_sd = {k: v for k, v in model.state_dict().items()
+                if not any(k.startswith(n + ".") for n, m in model.named_modules() if isinstance(m, QuantLinear))}
+    out.update(to_hf_state_dict(float_sd, cfg))
+    hf = cfg.to_hf()
+    hf["dtype"] = str(model.dtype).removeprefix("torch.")
+    hf["quantization_config"] = quant
+    (path / "config.json").write_text(json.dumps(hf, indent=2))
+    gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}
+    (path / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    write_hf_weights(path, out, max_shard_bytes)
+
+
+def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu") -> LlamaForCausalLM:
+    """Open a quantized Llama directory (AWQ GEMM, mm-int8, mm-w8a8) with its linears quantized in memory."""
+    path = Path(path)
+    d = read_json(path / "config.json")
+    q = d.get("quantization_config") or {}
+    method = q.get("quant_method")
+    if method not in ("awq", "mm-int8", "mm-w8a8"):
+        raise CheckpointError(f"{path / 'config.json'}: quantization_config quant_method {method!r} is not supported "
+                              "(supported: awq, mm-int8, mm-w8a8)")
+    if method == "awq" and (q.get("version", "gemm").lower() != "gemm" or q.get("bits", 4) not in (3, 4)):
+        raise CheckpointError(f"{path / 'config.json'}: AWQ version {q.get('version')!r} bits {q.get('bits')!r}; "
+                              "supported: version gemm, bits 4 (or 3)")
+    try:
+        cfg = LlamaConfig.from_hf(d)
+    except ValueError as e:
+        raise CheckpointError(f"{path / 'config.json'}: {e}") from e
+    sd = read_hf_weights(path)
+    qkeys = sorted({k.rsplit(".", 1)[0] for k in sd if k.endswith(".qweight")})  # HF module names
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    groups: dict[str, list[str]] = {}
+    for hf_name in qkeys:
+        ours = hf_name.removeprefix("model.")
+        base, _, leaf = ours.rpartition(".")
+        fused = next((f for f, parts in FUSED.items() if leaf in parts), None)
+        groups.setdefault(f"{base}.{fused}" if fused else ours, []).append(hf_name)
+    for ours, hf_names in groups.items():
+        leaf = ours.rpartition(".")[2]
+        if leaf in FUSED:  # rows stacked in q, k, v / gate, up order
+            order = {p: i for i, p in enumerate(FUSED[leaf])}
+            hf_names = sorted(hf_names, key=lambda n: order[n.rpartition(".")[2]])
+            if len(hf_names) != len(FUSED[leaf]):
+                raise CheckpointError(f"{path}: {ours} needs quantized {', '.join(FUSED[leaf])}; found {hf_names}")
+        take = lambda k: [sd.pop(f"{n}.{k}") for n in hf_names]  # noqa: E731
+        try:
+            if method == "awq":
+                parts = [awq_to_int4(a, b, c, q.get("bits", 4), q["group_size"], f"{path}: {n}")
+                         for a, b, c, n in zip(take("qweight"), take("qzeros"), take("scales"), hf_names)]
+                u, s, o = (torch.cat([p[j] for p in parts]) for j in range(3))
+                new: nn.Module = Int4Linear(u, s, o, q.get("bits", 4), q["group_size"])
+            else:
+                w, s = torch.cat(take("qweight")), torch.cat(take("scales"))
+                new = (W8A8Linear if method == "mm-w8a8" else Int8Linear)(w, s)
+        except KeyError as e:
+            raise CheckpointError(f"{path}: {ours}: missing tensor {e}") from e
+        replace_module(model, ours, new)
+    rest = convert_hf_state_dict(sd, cfg, source=str(path))
+    rest = {k: v.to(dtype) for k, v in rest.items()}
+    qstate = {k: v for k, v in model.state_dict().items() if not v.is_meta}
+    load_state_dict_strict(model, {**rest, **qstate}, str(path), assign=True)
+    return model.to(device).eval()
