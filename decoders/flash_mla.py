@@ -14,8 +14,9 @@ Shapes (one decode step, one layer):
     returns        out [B, H, kv_lora_rank] in q's dtype, lse [B, H] float32 (natural log of the softmax sums)
 
 `flash_mla_reference` gathers the pages and takes a masked softmax; `flash_mla_triton` is FlashDecoding
-(decoders/flash_decoding.py) over pages: a program takes one batch row, a block of heads and one split of the
-sequence and reads each latent row once for all its heads; a second kernel combines the splits by their LSE.
+(decoders/flash_decoding.py) over pages: a program takes one batch row, a block of heads (16 by default, FlashMLA
+takes 64) and one split of the sequence and reads each latent row once for all the block's heads; a second kernel
+combines the splits by their LSE.
 Triton is optional and jitted on first use; under `TRITON_INTERPRET=1` (set before triton's first import) the
 kernels run on CPU.
 """
@@ -61,8 +62,9 @@ class PagedLatentCache:
 
     blocks[layer] [num_blocks, block_size, kv_lora_rank + rope] (one tensor per layer, as KVCache: in-place writes);
     block_table [batch_size, ceil(max_seq_len / block_size)] int32 and cache_seqlens [batch_size] int32 are shared
-    by the layers. Row b's bookkeeping (lengths, pages) is kept on the host too, so appending never syncs the device.
-    Unused block-table entries are 0 (a valid page, never read: the kernel stops at cache_seqlens).
+    by the layers and updated in place (a captured CUDA graph keeps reading them). Row b's bookkeeping (lengths,
+    pages) is kept on the host too, so appending never syncs the device. Unused block-table entries are 0 (a valid
+    page, never read: the kernel stops at cache_seqlens).
     """
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_lora_rank: int, qk_rope_head_dim: int,
@@ -103,12 +105,15 @@ class PagedLatentCache:
                              f"of {self.blocks[0].shape[0]}")
         slots = []
         for b, (start, end) in enumerate(zip(self.lengths, new_lengths)):
-            while len(self.pages[b]) * self.block_size < end:
-                self.pages[b].append(self.free_blocks.pop())
-            slots += [self.pages[b][t // self.block_size] * self.block_size + t % self.block_size
-                      for t in range(start, end)]
+            pages = self.pages[b]
+            first_new = len(pages)
+            while len(pages) * self.block_size < end:
+                pages.append(self.free_blocks.pop())
+            if len(pages) > first_new:  # only the new entries travel to the device
+                self.block_table[b, first_new:len(pages)] = torch.tensor(pages[first_new:], dtype=torch.int32)
+            slots += [pages[t // self.block_size] * self.block_size + t % self.block_size for t in range(start, end)]
         self.lengths = new_lengths
-        self._sync()
+        self.cache_seqlens.copy_(torch.tensor(new_lengths, dtype=torch.int32))
         return torch.tensor(slots, dtype=torch.long, device=self.cache_seqlens.device)
 
     def write(self, layer: int, slots: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor) -> None:
@@ -124,15 +129,8 @@ class PagedLatentCache:
         """Return row `row`'s pages to the free list; its length becomes 0."""
         self.free_blocks += reversed(self.pages[row])
         self.pages[row], self.lengths[row] = [], 0
-        self._sync()
-
-    def _sync(self) -> None:
-        """Copy the host bookkeeping to block_table and cache_seqlens (in place: captured graphs keep their inputs)."""
-        table = torch.zeros(self.block_table.shape, dtype=torch.int32)
-        for b, pages in enumerate(self.pages):
-            table[b, :len(pages)] = torch.tensor(pages, dtype=torch.int32)
-        self.block_table.copy_(table)
-        self.cache_seqlens.copy_(torch.tensor(self.lengths, dtype=torch.int32))
+        self.block_table[row] = 0
+        self.cache_seqlens[row] = 0
 
 
 # ----------------------------------------------------------------------------- reference
@@ -276,6 +274,7 @@ def _combine_kernel(
 
 
 _TL_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
+DEFAULT_BLOCK_H = 16  # query heads a program takes: tl.dot's smallest tile; its [16, 512] fp32 accumulator fits 4 warps
 
 
 @functools.cache
@@ -287,7 +286,7 @@ def _kernels():
 
 
 def flash_mla_triton(q, blocks, block_table, cache_seqlens, head_dim_v, softmax_scale, num_splits,
-                     block_h=16, block_n=None):
+                     block_h=DEFAULT_BLOCK_H, block_n=None):
     """Split-KV decode over the paged latent cache with Triton: partial outputs and LSEs per split, then a combine."""
     _check_inputs(q, blocks, block_table, cache_seqlens, head_dim_v)
     split_kernel, combine_kernel = _kernels()
@@ -349,7 +348,7 @@ def _flash_mla_op(q: torch.Tensor, blocks: torch.Tensor, block_table: torch.Tens
     not cache_seqlens, which would sync the GPU."""
     device_index = q.device.index if q.device.index is not None else torch.cuda.current_device()
     capacity = block_table.shape[1] * blocks.shape[1]
-    num_splits = choose_num_splits(q.shape[0] * -(-q.shape[1] // 16), capacity, _num_sms(device_index))
+    num_splits = choose_num_splits(q.shape[0] * -(-q.shape[1] // DEFAULT_BLOCK_H), capacity, _num_sms(device_index))
     return flash_mla_triton(q, blocks, block_table, cache_seqlens, head_dim_v, softmax_scale, num_splits)
 
 

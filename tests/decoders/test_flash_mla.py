@@ -279,6 +279,8 @@ def test_cache_release_reuses_pages_and_refuses_overflow():
     slots = cache.append([1, 1])  # row 0 takes back its first page; row 1 needs a second one
     assert cache.pages == [[row0[0]], cache.pages[1]] and cache.pages[1][1] in row0[1:]
     assert slots.tolist() == [row0[0] * 8, cache.pages[1][1] * 8]
+    assert cache.block_table.tolist() == [[row0[0], 0, 0], cache.pages[1] + [0]]
+    assert cache.cache_seqlens.tolist() == [1, 9]
     with pytest.raises(ValueError, match=r"c_kv \[N, 4\] and k_pe \[N, 2\] for N=2"):
         cache.write(0, slots, torch.zeros(2, 4), torch.zeros(2, 3))
 
