@@ -8,7 +8,7 @@ goes in the message beside its caption.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from mm.rag.index import Hit, Index
 
@@ -75,8 +75,7 @@ def fit(model, question: str, hits: list[Hit], image: str | None, max_new_tokens
         if len(hits) > 1:
             hits.pop()
         elif hits and len(hits[0].text) > 40:
-            hits[0] = Hit(hits[0].source, hits[0].location, hits[0].score, hits[0].text[: len(hits[0].text) // 2],
-                          hits[0].kind)
+            hits[0] = replace(hits[0], text=hits[0].text[: len(hits[0].text) // 2])
         elif image:
             image = None
         else:

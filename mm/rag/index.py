@@ -22,13 +22,15 @@ MODES = ("bm25", "dense", "hybrid")
 @dataclass
 class Hit:
     """A retrieved chunk: its file, where in it, the score (BM25; cosine similarity; L2/L1 distance; fused rank
-    score in hybrid mode) and its text. `kind` is text, markdown, html, pdf, image or audio."""
+    score in hybrid mode) and its text. `kind` is text, markdown, html, pdf, image or audio; `chunk_id` its row in
+    the store (a re-indexed file's chunks get new ones)."""
 
     source: str
     location: str
     score: float
     text: str
     kind: str = "text"
+    chunk_id: int | None = None
 
     def cite(self) -> str:
         """`meeting.wav 03:12-03:40`: the file's name and where in it."""
@@ -36,7 +38,9 @@ class Hit:
 
     def to_dict(self) -> dict:
         """The hit as a JSON-ready dict (source, location, score, text, kind)."""
-        return asdict(self)
+        d = asdict(self)
+        del d["chunk_id"]
+        return d
 
 
 def sha256(path: Path) -> str:
@@ -164,7 +168,7 @@ class Index:
             dense = self.store.search(self.dense.encode([query])[0], k if mode == "dense" else 4 * k, metric, approximate)
             ranked = dense if mode == "dense" else reciprocal_rank_fusion(self.bm25.search(query, 4 * k), dense)[:k]
         rows = self.store.chunks([i for i, _ in ranked])
-        return [Hit(*rows[i][:2], score, *rows[i][2:]) for i, score in ranked if i in rows]
+        return [Hit(*rows[i][:2], score, *rows[i][2:], chunk_id=i) for i, score in ranked if i in rows]
 
     def close(self) -> None:
         """Close the database file."""

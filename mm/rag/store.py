@@ -29,10 +29,11 @@ def check_metric(metric: str) -> str:
     return metric
 
 
-def exact_search(vectors: np.ndarray, query: np.ndarray, k: int, metric: str = "cosine",
+def exact_search(vectors: np.ndarray, query: np.ndarray, k: int, metric: str = "cosine", norms: np.ndarray | None = None,
                  block: int = 16384) -> tuple[np.ndarray, np.ndarray]:
     """Rows of `vectors` [N, D] nearest `query` [D]: (row indices, scores) best first, k of them. Scores are the
-    cosine similarity (higher is nearer) or the L2 / L1 distance (lower is nearer), computed exactly, in blocks."""
+    cosine similarity (higher is nearer) or the L2 / L1 distance (lower is nearer), computed exactly, in blocks.
+    `norms` [N]: the rows' L2 norms, if known (cosine)."""
     check_metric(metric)
     query = np.asarray(query, dtype=np.float32).reshape(-1)
     if vectors.ndim != 2 or vectors.shape[1] != query.shape[0]:
@@ -40,10 +41,11 @@ def exact_search(vectors: np.ndarray, query: np.ndarray, k: int, metric: str = "
     scores = np.empty(len(vectors), dtype=np.float32)
     if metric == "cosine":
         q = query / max(np.linalg.norm(query), 1e-12)
+        norms = np.maximum(np.linalg.norm(vectors, axis=1) if norms is None else norms, 1e-12)
     for i in range(0, len(vectors), block):
         x = vectors[i:i + block]  # [b, D]
         if metric == "cosine":
-            scores[i:i + block] = -(x @ q) / np.maximum(np.linalg.norm(x, axis=1), 1e-12)
+            scores[i:i + block] = -(x @ q) / norms[i:i + block]
         elif metric == "l2":
             scores[i:i + block] = np.sqrt(((x - query) ** 2).sum(axis=1))
         else:
@@ -64,7 +66,7 @@ class Store:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(self.dir / "chunks.sqlite", check_same_thread=False)
         self.db.executescript(SCHEMA)
-        self._matrix = None  # (version, ids [N], vectors [N, D]) read once per version
+        self._matrix = None  # (version, ids [N], vectors [N, D], norms [N]) read once per version
 
     def meta(self, key: str, default: str | None = None) -> str | None:
         """A value stored with the index (embedder, dimension, version)."""
@@ -134,7 +136,7 @@ class Store:
             ids = np.array([r[0] for r in rows], dtype=np.int64)
             x = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), -1) if rows \
                 else np.zeros((0, 0), np.float32)
-            self._matrix = (self.version, ids, x)
+            self._matrix = (self.version, ids, x, np.linalg.norm(x, axis=1))
         return self._matrix[1], self._matrix[2]
 
     def search(self, query: np.ndarray, k: int = 5, metric: str = "cosine",
@@ -146,7 +148,7 @@ class Store:
         if approximate:
             rows, scores = self.hnsw(metric).search(np.asarray(query, np.float32), k)
         else:
-            rows, scores = exact_search(x, query, k, metric)
+            rows, scores = exact_search(x, query, k, metric, norms=self._matrix[3])
         return [(int(ids[r]), float(s)) for r, s in zip(rows, scores)]
 
     def hnsw(self, metric: str) -> "HNSW":
