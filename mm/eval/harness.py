@@ -26,7 +26,9 @@ import string
 import sys
 from pathlib import Path
 
-from mm.eval.metrics import bleu4, cer, exact_match, normalize_answer, rouge_l, token_f1, wer
+import jiwer
+
+from mm.eval.metrics import bleu4, exact_match, normalize_answer, normalize_text, rouge_l, token_f1
 from mm.eval.scorer import Prompt
 from mm.models.multimodal import CAPTION_PROMPT, TRANSCRIBE_PROMPT
 
@@ -104,6 +106,8 @@ def _references(item: dict, task: str, where: str) -> list[str]:
     refs = [answer] if isinstance(answer, str) else answer
     if not isinstance(refs, list) or not refs or not all(isinstance(r, str) for r in refs):
         raise DataError(f"{where}: answer must be a string or a non-empty list of strings, got {answer!r:.100}")
+    if task == "asr" and not normalize_text(refs[0]):
+        raise DataError(f"{where}: the transcript is empty after normalisation: {refs[0]!r}")
     return refs
 
 
@@ -161,7 +165,9 @@ def extract_choice(reply: str, choices: list[str]) -> int | None:
     if norm in texts:
         return texts.index(norm)
     letters = LETTERS[:len(choices)]
-    m = re.match(rf"^\s*\(?([{letters}])\b", reply, re.I) or re.search(rf"answer is:?\s*\(?([{letters}])\b", reply, re.I)
+    m = (re.match(rf"^\s*\(?([{letters}])(?:[).:]|\s*$)", reply)  # "B", "B.", "(B)": capitals, so "a red star" is no "A"
+         or re.match(rf"^\s*\(([{letters.lower()}])\)", reply)  # "(b)"
+         or re.search(rf"answer is:?\s*\(?([{letters}])\b", reply, re.I))
     if m:
         return letters.index(m.group(1).upper())
     named = [k for k, t in enumerate(texts) if t and re.search(rf"\b{re.escape(t)}\b", norm)]
@@ -182,11 +188,21 @@ def score_items(task: str, preds: list[str], refs: list[list[str]], picks=None, 
         per = {"rouge_l": [rouge_l([p], [r]) for p, r in zip(preds, refs)]}
         return per, {"bleu4": lambda ix: bleu4([preds[i] for i in ix], [refs[i] for i in ix]),
                      "rouge_l": _mean(per["rouge_l"])}
-    else:
-        first = [r[0] for r in refs]
-        return {}, {"wer": lambda ix: wer([preds[i] for i in ix], [first[i] for i in ix]),
-                    "cer": lambda ix: cer([preds[i] for i in ix], [first[i] for i in ix])}
+    else:  # corpus rates: edits summed over items / reference length summed (as jiwer's corpus WER and CER)
+        words = [_edits(p, r[0], jiwer.process_words) for p, r in zip(preds, refs)]
+        chars = [_edits(p, r[0], jiwer.process_characters) for p, r in zip(preds, refs)]
+        return {}, {"wer": _rate(words), "cer": _rate(chars)}
     return per, {name: _mean(values) for name, values in per.items()}
+
+
+def _edits(prediction: str, reference: str, process) -> tuple[int, int]:
+    """(substitutions + deletions + insertions, reference length) after `normalize_text`, as `metrics.wer` scores."""
+    o = process(normalize_text(reference), normalize_text(prediction))
+    return o.substitutions + o.deletions + o.insertions, o.substitutions + o.deletions + o.hits
+
+
+def _rate(counts: list[tuple[int, int]]):
+    return lambda ix: 100.0 * sum(counts[i][0] for i in ix) / sum(counts[i][1] for i in ix)
 
 
 def _mean(values: list[float]):

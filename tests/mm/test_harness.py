@@ -88,6 +88,8 @@ def test_extract_choice_forms():
     assert extract_choice("the star is blue", choices) == 2
     assert extract_choice("red or blue", choices) is None  # names two options: picks none
     assert extract_choice("D", choices) is None  # a letter past the options
+    assert extract_choice("a red one", choices) == 0  # "a" is an article here, not option A
+    assert extract_choice("a", ["x", "y"]) is None
 
 
 def test_caption_bleu4_by_hand(tmp_path):
@@ -185,6 +187,7 @@ def test_bootstrap_interval_holds_the_estimate_and_shrinks_with_n():
     (['{"image": "nope.png", "answer": "a"}'], "caption", r"bad.jsonl:1: image 'nope.png' not found"),
     (['{"audio": "x.wav", "answer": "a"}'], "asr", r"bad.jsonl:1: audio 'x.wav' not found"),
     (['{"question": "q", "answer": 3}'], "short-qa", r"bad.jsonl:1: answer must be a string or a non-empty list"),
+    (['{"audio": "bad.jsonl", "answer": "?!"}'], "asr", r"bad.jsonl:1: the transcript is empty after normalisation"),
     ([''], "asr", r"bad.jsonl: no items"),
 ])
 def test_bad_files_name_file_and_line(tmp_path, rows, task, message):
