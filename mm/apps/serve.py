@@ -37,7 +37,7 @@ from decoders.stream_decoder import StreamDecoder
 from mm.models.processor import InputError
 
 MB = 2**20
-AUDIO_FORMATS = ("wav", "flac", "ogg", "mp3")
+AUDIO_FORMATS = ("wav", "flac", "ogg", "mp3", "m4a", "webm", "opus")  # read as `model.chat` reads such a file
 
 
 class BadRequest(ValueError):
@@ -279,8 +279,9 @@ def create_app(server: ChatServer, max_body_bytes: int = 20 * MB) -> Starlette:
         return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     async def models(request: Request):
-        return JSONResponse({"object": "list", "data": [{"id": server.name, "object": "model",
-                                                         "created": server.created, "owned_by": "mm"}]})
+        card = {"id": server.name, "object": "model", "created": server.created, "owned_by": "mm",
+                "context_window": server.engine.max_tokens, "max_audio_seconds": server.model.config.max_audio_seconds}
+        return JSONResponse({"object": "list", "data": [card]})
 
     @contextlib.asynccontextmanager
     async def lifespan(app):

@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             if proc is not None:
                 proc.terminate()
                 proc.wait(30)
-    print(f"\n| clients | server | requests/s | tokens/s | p50 s | p95 s | load |\n|---|---|---|---|---|---|---|")
+    print("\n| clients | server | requests/s | tokens/s | p50 s | p95 s | load |\n|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['clients']} | {r['server']} | {r['requests_per_s']} | {r['tokens_per_s']} | {r['p50_s']} | "
               f"{r['p95_s']} | {r['load_before']}-{r['load_after']} |")

@@ -13,7 +13,9 @@ import uvicorn
 from starlette.testclient import TestClient
 
 import mm
+from mm.apps.chat import ERROR_MARK, make_respond
 from mm.apps.serve import ChatServer, create_app
+from mm.apps.serve_client import ServerClient
 
 EXAMPLES = Path(mm.__file__).parent / "examples"
 IMAGE, AUDIO = EXAMPLES / "scene.png", EXAMPLES / "question.wav"
@@ -124,29 +126,54 @@ def test_bad_requests_get_clear_errors(client, body, status, words):
     assert client.post("/v1/chat/completions", json=ask("hi", max_tokens=2)).status_code == 200  # still serving
 
 
-def test_real_server_on_localhost_batches_concurrent_clients(model):
+@pytest.fixture(scope="module")
+def live(model):
+    """A real uvicorn server on 127.0.0.1 (a free port) in a thread: (its ChatServer, its URL)."""
     server = ChatServer(model, "tiny", max_batch=4)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
     uv = uvicorn.Server(uvicorn.Config(create_app(server), log_level="warning"))
     thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
-    try:
-        for _ in range(200):
-            if uv.started:
-                break
-            time.sleep(0.05)
-        cases = [CASES[k] for k in ("text", "image", "image+audio", "audio")] * 2
-        wants = [model.chat([{"role": "user", "content": ours}], max_new_tokens=48) for _, ours in cases]
-        steps_before = server.engine.steps
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as http, ThreadPoolExecutor(8) as pool:
-            replies = list(pool.map(lambda c: http.post("/v1/chat/completions", json=ask(c[0])).json(), cases))
-        got = [r["choices"][0]["message"]["content"] for r in replies]
-        assert got == wants
-        n_tokens = sum(r["usage"]["completion_tokens"] for r in replies)
-        # fewer decode steps than tokens: requests shared steps (each request's first token comes from its prefill)
-        assert server.engine.steps - steps_before < n_tokens - len(cases)
-    finally:
-        uv.should_exit = True
-        thread.join(30)
+    for _ in range(200):
+        if uv.started:
+            break
+        time.sleep(0.05)
+    yield server, f"http://127.0.0.1:{sock.getsockname()[1]}"
+    uv.should_exit = True
+    thread.join(30)
+
+
+def test_real_server_on_localhost_batches_concurrent_clients(model, live):
+    server, url = live
+    cases = [CASES[k] for k in ("text", "image", "image+audio", "audio")] * 2
+    wants = [model.chat([{"role": "user", "content": ours}], max_new_tokens=48) for _, ours in cases]
+    steps_before = server.engine.steps
+    with httpx.Client(base_url=url, timeout=120) as http, ThreadPoolExecutor(8) as pool:
+        replies = list(pool.map(lambda c: http.post("/v1/chat/completions", json=ask(c[0])).json(), cases))
+    got = [r["choices"][0]["message"]["content"] for r in replies]
+    assert got == wants
+    n_tokens = sum(r["usage"]["completion_tokens"] for r in replies)
+    # fewer decode steps than tokens: requests shared steps (each request's first token comes from its prefill)
+    assert server.engine.steps - steps_before < n_tokens - len(cases)
+
+
+@pytest.mark.parametrize("case", ["text", "image+audio", "audio"])
+def test_client_and_gradio_chat_through_the_server_reply_as_the_model(model, live, case):
+    client = ServerClient(live[1])
+    assert client.name == "tiny" and client.config.max_audio_seconds == model.config.max_audio_seconds
+    messages = [{"role": "user", "content": CASES[case][1]}]
+    want = model.chat(messages, max_new_tokens=48)
+    assert client.chat(messages, max_new_tokens=48) == want
+    assert list(client.chat(messages, stream=True, max_new_tokens=48)) == list(model.chat(messages, stream=True,
+                                                                                           max_new_tokens=48))
+    files = [p["image"] if p["type"] == "image" else p["audio"] for p in CASES[case][1] if p["type"] != "text"] \
+        if isinstance(CASES[case][1], list) else []
+    ours = CASES[case][1]
+    text = ours if isinstance(ours, str) else "".join(p.get("text", "") for p in ours).strip()
+    via_server = list(make_respond(client, max_new_tokens=48)({"text": text, "files": files}, []))[-1]
+    assert via_server and not via_server.startswith(ERROR_MARK)
+    assert via_server == list(make_respond(model, max_new_tokens=48)({"text": text, "files": files}, []))[-1]
+    with pytest.raises(ValueError, match="400.*context window of 512"):
+        client.chat([{"role": "user", "content": "word " * 600}])
+    assert list(make_respond(client)({"text": "word " * 600, "files": []}, []))[-1].startswith(ERROR_MARK)
