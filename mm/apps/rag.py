@@ -85,3 +85,59 @@ def run_rag(argv: list[str] | None = None) -> int:
     print(answer(model, index, args.question, k=args.k, max_new_tokens=args.max_new_tokens, metric=args.metric,
                  mode=args.mode))
     return 0
+
+
+def index_uploads(index, paths: list[str], model) -> str:
+    """Copy uploaded files into the index directory's `files/` (Gradio's upload cache is cleaned daily) and index
+    them; a one-line status."""
+    import shutil
+
+    from mm.rag.documents import kind_of
+
+    if not paths:
+        return "no file uploaded"
+    keep = index.dir / "files"
+    keep.mkdir(exist_ok=True)
+    copied, skipped = [], []
+    for p in map(Path, paths):
+        if kind_of(p) is None:
+            skipped.append(p.name)
+            continue
+        copied.append(keep / p.name)
+        shutil.copyfile(p, copied[-1])
+    counts = index.add(copied, model=model) if copied else {"added": 0, "replaced": 0, "unchanged": 0, "chunks": 0}
+    status = (f"{counts['added']} added, {counts['replaced']} re-indexed, {counts['unchanged']} unchanged "
+              f"({counts['chunks']} new chunks); {len(index.files())} files, {len(index)} chunks")
+    return status + (f"; not indexed (unknown type): {', '.join(skipped)}" if skipped else "")
+
+
+def documents_tab(model, db: str | Path, k: int = 4, max_new_tokens: int = 64) -> None:
+    """The chat's "documents" tab (inside a gr.Blocks): upload files into the index at `db`, ask with citations."""
+    import gradio as gr
+
+    from mm.rag import Index, answer
+
+    index = Index.open(db)
+
+    def on_index(files):
+        try:
+            return index_uploads(index, [getattr(f, "name", f) for f in files or []], model)
+        except (ValueError, OSError) as e:
+            return f"error: {e}"
+
+    def on_ask(question):
+        try:
+            return str(answer(model, index, question, k=k, max_new_tokens=max_new_tokens))
+        except (ValueError, OSError) as e:
+            return f"error: {e}"
+
+    gr.Markdown(f"Index text, Markdown, HTML, PDF, image and audio files (kept in `{db}`), then ask about them: "
+                "the answer lists the sources it was given.")
+    files = gr.File(file_count="multiple", label="files to index", elem_id="rag-files")
+    status = gr.Textbox(label="index", interactive=False, value=f"{len(index.files())} files, {len(index)} chunks",
+                        elem_id="rag-status")
+    gr.Button("index", elem_id="rag-index").click(on_index, files, status)
+    question = gr.Textbox(label="question", elem_id="rag-question")
+    reply = gr.Textbox(label="answer with sources", interactive=False, lines=8, elem_id="rag-answer")
+    gr.Button("ask", elem_id="rag-ask").click(on_ask, question, reply)
+    question.submit(on_ask, question, reply)

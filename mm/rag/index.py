@@ -69,8 +69,8 @@ def expand(paths) -> list[Path]:
 class Index:
     """Chunks of files in a `Store`, searchable by BM25, by dense vectors (with an embedder) or both."""
 
-    def __init__(self, directory: str | Path, embedder: str | Path | None = None):
-        self.store = Store(directory)
+    def __init__(self, directory: str | Path, embedder: str | Path | None = None, qdrant: str | None = None):
+        self.store = Store(directory, qdrant)
         self.dir = self.store.dir
         stored = self.store.meta("embedder")
         if stored is None:  # a new index fixes its embedder and stemming
@@ -85,10 +85,11 @@ class Index:
         self.bm25 = BM25(self.dir / "bm25", self.store.meta("stemming", ""))
 
     @classmethod
-    def open(cls, directory: str | Path, embedder: str | Path | None = None) -> "Index":
+    def open(cls, directory: str | Path, embedder: str | Path | None = None, qdrant: str | None = None) -> "Index":
         """Open (or create) the index in `directory`; `embedder`: a sentence-transformers model directory for dense
-        vectors (kept with a new index; an existing one remembers its own)."""
-        return cls(directory, embedder)
+        vectors (kept with a new index; an existing one remembers its own); `qdrant`: keep the vectors in Qdrant (a
+        server URL, or a directory for its local mode) instead of the index's SQLite."""
+        return cls(directory, embedder, qdrant)
 
     @property
     def dense(self) -> Dense | None:

@@ -57,9 +57,10 @@ def exact_search(vectors: np.ndarray, query: np.ndarray, k: int, metric: str = "
 
 
 class Store:
-    """Chunks, their files and vectors in `directory/chunks.sqlite`; `search` by vector, exact or approximate."""
+    """Chunks, their files and vectors in `directory/chunks.sqlite`; `search` by vector, exact or approximate.
+    With `qdrant` (a server URL or a local-mode directory, kept with the index) the vectors live in Qdrant instead."""
 
-    def __init__(self, directory: str | Path):
+    def __init__(self, directory: str | Path, qdrant: str | None = None):
         self.dir = Path(directory)
         if self.dir.exists() and not self.dir.is_dir():
             raise ValueError(f"{self.dir}: the index must be a directory, this is a file")
@@ -67,6 +68,17 @@ class Store:
         self.db = sqlite3.connect(self.dir / "chunks.sqlite", check_same_thread=False)
         self.db.executescript(SCHEMA)
         self._matrix = None  # (version, ids [N], vectors [N, D], norms [N]) read once per version
+        self._graphs = {}  # metric -> (version, HNSW) read once per version
+        stored = self.meta("qdrant")
+        if qdrant and stored is None and len(self) == 0:  # a new index chooses where its vectors live
+            self.set_meta("qdrant", qdrant)
+        elif qdrant and qdrant != stored:
+            raise ValueError(f"{self.dir} keeps its vectors {'in ' + stored if stored else 'in SQLite'}, not in {qdrant}")
+        self.qdrant = None
+        if self.meta("qdrant"):
+            from mm.rag.qdrant import QdrantVectors
+
+            self.qdrant = QdrantVectors(self.meta("qdrant"))
 
     def meta(self, key: str, default: str | None = None) -> str | None:
         """A value stored with the index (embedder, dimension, version)."""
@@ -95,20 +107,28 @@ class Store:
         """Put a file's chunks (and their vectors [n, D]) in place of its old ones, in one transaction; their ids."""
         if vectors is not None and len(vectors) != len(chunks):
             raise ValueError(f"{path}: {len(chunks)} chunks but {len(vectors)} vectors")
+        old = [r[0] for r in self.db.execute("SELECT id FROM chunks WHERE path = ?", (path,))]
         with self.db:
             self.db.execute("DELETE FROM chunks WHERE path = ?", (path,))
             self.db.execute("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?)", (path, sha256, mtime, size, kind))
             ids = []
             for i, c in enumerate(chunks):
-                blob = None if vectors is None else np.asarray(vectors[i], dtype=np.float32).tobytes()
+                local = vectors is not None and self.qdrant is None
+                blob = np.asarray(vectors[i], dtype=np.float32).tobytes() if local else None
                 cur = self.db.execute("INSERT INTO chunks (path, location, text, kind, vector) VALUES (?, ?, ?, ?, ?)",
                                       (path, c.location, c.text, c.kind, blob))
                 ids.append(cur.lastrowid)
             self.db.execute("INSERT OR REPLACE INTO meta VALUES ('version', ?)", (str(self.version + 1),))
+        if self.qdrant is not None:
+            self.qdrant.delete(old)
+            if vectors is not None:
+                self.qdrant.upsert(ids, np.asarray(vectors, np.float32))
         return ids
 
     def remove(self, path: str) -> None:
         """Forget a file and its chunks."""
+        if self.qdrant is not None:
+            self.qdrant.delete([r[0] for r in self.db.execute("SELECT id FROM chunks WHERE path = ?", (path,))])
         with self.db:
             self.db.execute("DELETE FROM chunks WHERE path = ?", (path,))
             self.db.execute("DELETE FROM files WHERE path = ?", (path,))
@@ -142,6 +162,8 @@ class Store:
     def search(self, query: np.ndarray, k: int = 5, metric: str = "cosine",
                approximate: bool = False) -> list[tuple[int, float]]:
         """(chunk id, score) of the k nearest vectors, best first (see `exact_search` for the scores)."""
+        if self.qdrant is not None:
+            return self.qdrant.search(query, k, check_metric(metric))
         ids, x = self.vectors()
         if len(ids) == 0:
             return []
@@ -153,19 +175,26 @@ class Store:
 
     def hnsw(self, metric: str) -> "HNSW":
         """The approximate index of the current vectors for `metric`, built and saved on first use."""
-        path = self.dir / f"hnsw-{check_metric(metric)}-{self.version}.faiss"
+        version = self.version
+        if self._graphs.get(check_metric(metric), (None,))[0] == version:
+            return self._graphs[metric][1]
+        path = self.dir / f"hnsw-{metric}-{version}.faiss"
         for stale in self.dir.glob(f"hnsw-{metric}-*.faiss"):
             if stale != path:
                 stale.unlink()
         if path.exists():
-            return HNSW.load(path, metric)
-        index = HNSW.build(self.vectors()[1], metric)
-        index.save(path)
+            index = HNSW.load(path, metric)
+        else:
+            index = HNSW.build(self.vectors()[1], metric)
+            index.save(path)
+        self._graphs[metric] = (version, index)
         return index
 
     def close(self) -> None:
-        """Close the database file."""
+        """Close the database file (and the Qdrant client)."""
         self.db.close()
+        if self.qdrant is not None:
+            self.qdrant.close()
 
 
 class HNSW:
@@ -187,7 +216,7 @@ class HNSW:
         return faiss
 
     @classmethod
-    def build(cls, vectors: np.ndarray, metric: str, m: int = 32, ef_construction: int = 80) -> "HNSW":
+    def build(cls, vectors: np.ndarray, metric: str, m: int = 32, ef_construction: int = 200) -> "HNSW":
         """A graph over `vectors` [N, D] with M links per node."""
         faiss = cls.faiss()
         x = cls.prepare(vectors, metric)
@@ -202,7 +231,7 @@ class HNSW:
         x = np.ascontiguousarray(np.atleast_2d(x), dtype=np.float32)
         return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12) if metric == "cosine" else x
 
-    def search(self, query: np.ndarray, k: int, ef_search: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, query: np.ndarray, k: int, ef_search: int = 256) -> tuple[np.ndarray, np.ndarray]:
         """(row indices, scores) as `exact_search` returns them, approximately."""
         self.index.hnsw.efSearch = max(ef_search, k)
         scores, rows = self.index.search(self.prepare(query, self.metric), k)

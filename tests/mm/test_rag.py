@@ -221,10 +221,14 @@ def tiny_sentence_transformer(path):
     return path / "st"
 
 
-def test_dense_and_hybrid_with_sentence_transformers(tmp_path):
+@pytest.fixture(scope="module")
+def st(tmp_path_factory):
+    return tiny_sentence_transformer(tmp_path_factory.mktemp("st"))
+
+
+def test_dense_and_hybrid_with_sentence_transformers(st, tmp_path):
     from sentence_transformers import SentenceTransformer
 
-    st = tiny_sentence_transformer(tmp_path)
     docs = tmp_path / "docs"
     docs.mkdir()
     texts = ["the cat", "mice", "a dog", "bake bread", "the oven", "rain", "snow and sun", "cats and mice"]
@@ -287,3 +291,31 @@ def test_answer_prompt_and_citations(tmp_path):
     assert str(uncited) == "I do not know.\n\nSources:\n[1] a.txt line 1\n[2] b.txt line 1"
     with pytest.raises(ValueError, match="question is empty"):
         answer(model, index, "  ")
+
+
+def test_vectors_in_qdrant_local_mode(st, tmp_path):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    texts = ["the cat", "mice", "a dog", "bake bread", "the oven", "rain", "snow and sun", "cats and mice"]
+    for i, t in enumerate(texts):
+        (docs / f"{i}.txt").write_text(t)
+    local, remote = Index.open(tmp_path / "local", embedder=st), Index.open(tmp_path / "q", st, str(tmp_path / "qd"))
+    local.add([docs])
+    remote.add([docs])
+    assert remote.store.vectors()[0].size == 0  # no vector in SQLite: they are in Qdrant
+    for metric in ("cosine", "l2", "l1"):
+        want = local.search("cat and bread", k=5, metric=metric, mode="dense")
+        got = remote.search("cat and bread", k=5, metric=metric, mode="dense")
+        assert [h.text for h in got] == [h.text for h in want]
+        np.testing.assert_allclose([h.score for h in got], [h.score for h in want], rtol=1e-4, atol=1e-5)
+    (docs / "3.txt").write_text("rain and snow")  # re-indexed: the old vector goes, the new one comes
+    assert remote.add([docs])["replaced"] == 1
+    remote.close()
+    again = Index.open(tmp_path / "q")  # the Qdrant location is kept with the index
+    assert again.store.qdrant.client.count("mm_rag").count == 8
+    assert "bake bread" not in [h.text for h in again.search("bread", k=8, mode="dense")]
+    again.remove(docs / "5.txt")
+    assert again.store.qdrant.client.count("mm_rag").count == 7
+    again.close()
+    with pytest.raises(ValueError, match="keeps its vectors in SQLite"):
+        Index.open(tmp_path / "local", qdrant=str(tmp_path / "other"))

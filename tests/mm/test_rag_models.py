@@ -98,3 +98,21 @@ def test_cli_index_search_ask_across_processes(folder, tmp_path, capsys):
 
     bad = run_cli("rag", "search", "budget", "--db", db, "--metric", "l1")
     assert bad.returncode == 2 and "indexed with BM25 alone" in bad.stderr
+
+
+def test_chat_documents_tab(model, folder, tmp_path):
+    from mm.apps.chat import build_demo
+
+    demo = build_demo(model, docs_db=tmp_path / "db")
+    tabs = [c["props"]["label"] for c in demo.config["components"] if c.get("type") == "tabitem"]
+    assert tabs == ["chat", "documents"]
+    fns = {f.fn.__name__: f.fn for f in demo.fns.values() if f.fn is not None}
+    (tmp_path / "x.exe").write_bytes(b"MZ")
+    status = fns["on_index"]([str(folder / "notes.txt"), str(folder / "report.pdf"), str(tmp_path / "x.exe")])
+    assert status == "2 added, 0 re-indexed, 0 unchanged (2 new chunks); 2 files, 2 chunks; not indexed (unknown " \
+                     "type): x.exe"
+    assert sorted(p.name for p in (tmp_path / "db" / "files").iterdir()) == ["notes.txt", "report.pdf"]  # kept copies
+    reply = fns["on_ask"]("The budget for March?")
+    sources = reply.rsplit("Sources:\n", 1)[1].split("\n")
+    assert sources and set(sources) <= {"[1] notes.txt lines 1-5", "[2] report.pdf p. 1"}
+    assert fns["on_ask"]("  ") == "error: the question is empty"
