@@ -38,7 +38,8 @@ class Tool:
     def signature(self) -> str:
         """e.g. `search(query: str, k: int = 3)`."""
         defaults = {k: p.default for k, p in inspect.signature(self.fn).parameters.items()}
-        parts = [f"{k}: {TYPES[t]}" + ("" if k in self.required else f" = {defaults[k]!r}") for k, t in self.params.items()]
+        parts = [f"{k}: {TYPES[t]}" + ("" if k in self.required else f" = {defaults[k]!r}")
+                 for k, t in self.params.items()]
         return f"{self.name}({', '.join(parts)})"
 
     def bind(self, args: dict | str | int | float | None) -> dict:
@@ -87,7 +88,8 @@ def tool(fn: Callable | None = None, *, name: str | None = None):
         for k, p in inspect.signature(f).parameters.items():
             if p.annotation not in TYPES and p.annotation not in TYPES.values():
                 raise TypeError(f"tool {f.__name__}: parameter {k!r} needs an annotation of str, int, float or bool")
-            params[k] = p.annotation if isinstance(p.annotation, type) else {v: t for t, v in TYPES.items()}[p.annotation]
+            named = {v: t for t, v in TYPES.items()}  # "str" under `from __future__ import annotations`
+            params[k] = p.annotation if isinstance(p.annotation, type) else named[p.annotation]
             if p.default is inspect.Parameter.empty:
                 required.append(k)
         return Tool(name or f.__name__, doc.split("\n\n")[0].replace("\n", " "), params, tuple(required), f)

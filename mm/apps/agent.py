@@ -88,7 +88,13 @@ def run_agent(argv: list[str] | None = None) -> int:
                       args.max_seconds)
         events = agent.stream(task)
     final = None
-    for e in events:
-        print_event(e, args.json)
-        final = e.text if e.kind == "final" else final
+    try:
+        for e in events:
+            print_event(e, args.json)
+            final = e.text if e.kind == "final" else final
+    except ValueError as e:
+        if "context window" in str(e) and not args.sop:  # the shipped model's 512 tokens cannot hold the ReAct prompt
+            raise ValueError(f"{e}: this model's context is too short for the ReAct prompt; give a model with a longer "
+                             "context (--model DIR), or a fixed procedure (--sop FILE)") from None
+        raise
     return 0 if final is not None else 1

@@ -128,7 +128,8 @@ def render(item: dict, template: str, source: str = "") -> str:
     try:
         text = template.format(**fields)
     except KeyError as e:
-        raise DataError(f"{source}:{item['_line']}: the template names field {e.args[0]!r}, which the item lacks") from None
+        raise DataError(f"{source}:{item['_line']}: the template names field {e.args[0]!r}, "
+                        "which the item lacks") from None
     except (IndexError, ValueError) as e:
         raise ValueError(f"template {template!r}: not a valid format string ({e})") from None
     if "<image>" not in template and "<audio>" not in template:
@@ -140,7 +141,8 @@ def render(item: dict, template: str, source: str = "") -> str:
 def shots_for(index: int, n_items: int, k: int, seed: int) -> list[int]:
     """K distinct item indices other than `index`, drawn by a generator seeded by (seed, index)."""
     if k and n_items <= k:
-        raise ValueError(f"--shots {k} needs more than {k} items (the examples exclude the item); the file has {n_items}")
+        raise ValueError(f"--shots {k} needs more than {k} items (the examples exclude the item); "
+                         f"the file has {n_items}")
     rng = random.Random(seed * 1_000_003 + index)
     return rng.sample([j for j in range(n_items) if j != index], k)
 
@@ -165,8 +167,9 @@ def extract_choice(reply: str, choices: list[str]) -> int | None:
     if norm in texts:
         return texts.index(norm)
     letters = LETTERS[:len(choices)]
-    m = (re.match(rf"^\s*\(?([{letters}])(?:[).:]|\s*$)", reply)  # "B", "B.", "(B)": capitals, so "a red star" is no "A"
-         or re.match(rf"^\s*\(([{letters.lower()}])\)", reply)  # "(b)"
+    # "B", "B.", "(B)" in capitals (so the article in "a red star" is no "A"), "(b)", "the answer is b"
+    m = (re.match(rf"^\s*\(?([{letters}])(?:[).:]|\s*$)", reply)
+         or re.match(rf"^\s*\(([{letters.lower()}])\)", reply)
          or re.search(rf"answer is:?\s*\(?([{letters}])\b", reply, re.I))
     if m:
         return letters.index(m.group(1).upper())
@@ -234,8 +237,8 @@ def evaluate(scorer, items: list[dict], task: str, template: str | None = None, 
         item = items[i]
         prompt = build_prompt(items, i, template, shots, seed, source)
         pred = scorer.transcribe(item["audio"]) if own_transcript else scorer.generate(prompt)
-        rec = {"line": item["_line"], "id": item.get("id"), "prompt": prompt.turns[-1][0], "shots": len(prompt.turns) - 1,
-               "prediction": pred, "references": item["references"]}
+        rec = {"line": item["_line"], "id": item.get("id"), "prompt": prompt.turns[-1][0],
+               "shots": len(prompt.turns) - 1, "prediction": pred, "references": item["references"]}
         if task == "choice":
             rec["pick"] = extract_choice(pred, item["choices"])
             rec["logliks"] = [scorer.loglikelihood(prompt, c)[0] for c in item["choices"]]

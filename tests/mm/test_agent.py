@@ -93,7 +93,8 @@ def test_search_tool_lists_hits_with_sources():
 
     def find(query, k):
         asked.append((query, k))
-        return [Hit("notes.md", "lines 3-5", "the launch is\non March 3"), Hit("talk.wav", "03:12-03:40", "we ship")][:k]
+        hits = [Hit("notes.md", "lines 3-5", "the launch is\non March 3"), Hit("talk.wav", "03:12-03:40", "we ship")]
+        return hits[:k]
 
     search = search_tool(find)
     assert search({"query": "launch", "k": "2"}) == ("[1] notes.md lines 3-5: the launch is on March 3\n"
@@ -105,7 +106,7 @@ def test_search_tool_over_an_index_directory(tmp_path):
     from mm.agent.tools import index_search
     from mm.rag.index import Index
 
-    (tmp_path / "notes.txt").write_text("The launch of the rocket is planned for March 3.\n\nThe team meets on Mondays.")
+    (tmp_path / "notes.txt").write_text("The launch of the rocket is planned for March 3.\n\nThe team meets on Mondays")
     (tmp_path / "other.txt").write_text("Bread needs flour, water and salt.")
     index = Index.open(tmp_path / "db")
     index.add([tmp_path / "notes.txt", tmp_path / "other.txt"])
@@ -139,7 +140,8 @@ def test_parse_forgiving_forms(reply, action, action_input):
 
 
 def test_parse_fenced_input_is_unfenced():
-    assert parse('Action: calculator\nAction Input: ```\n{"expression": "1+1"}\n```').action_input == '{"expression": "1+1"}'
+    reply = 'Action: calculator\nAction Input: ```\n{"expression": "1+1"}\n```'
+    assert parse(reply).action_input == '{"expression": "1+1"}'
 
 
 def test_parse_without_action_or_final_is_an_error():
