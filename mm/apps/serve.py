@@ -24,6 +24,7 @@ import os
 import tempfile
 import time
 import uuid
+
 import torch
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
