@@ -52,7 +52,9 @@ def write_task(tmp_path, name: str, body: str) -> TaskManager:
 
 
 def test_multiple_choice_task_scores_match_our_forward(tiny_llama, tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")  # the JSON file's Arrow copy
     path, model, tok = tiny_llama
     tasks = write_task(tmp_path, "mm_tiny_choice", "output_type: multiple_choice\ndoc_to_text: \"{{question}}\"\n"
                        "doc_to_choice: \"{{choices}}\"\ndoc_to_target: \"{{answer}}\"\n"
@@ -69,8 +71,7 @@ def test_multiple_choice_task_scores_match_our_forward(tiny_llama, tmp_path, mon
     assert out["results"]["mm_tiny_choice"]["acc,none"] == pytest.approx(right / len(DOCS))
 
 
-def test_rolling_loglikelihood_and_generation(tiny_llama, tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+def test_rolling_loglikelihood_and_generation(tiny_llama):
     path, model, tok = tiny_llama
     lm = mm.eval.lm_eval_adapter.MMLM(pretrained=str(path))
 
