@@ -25,7 +25,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from .quantize import check_spec, fake_quantize, linear_names, quantized_linear, replace_module
+from .qlinear import check_spec, fake_quantize, linear_names, quantized_linear, replace_module
 
 GRID = [i / 20 for i in range(20)]  # alpha in {0, 0.05, ..., 0.95}
 CLIP_GRID = [1 - i / 40 for i in range(21)]  # r in {1, 0.975, ..., 0.5}
@@ -224,7 +224,7 @@ def awq_quantize(model: nn.Module, calib: torch.Tensor, bits: int = 4, group_siz
         try:
             replace_module(model, n, quantized_linear(lin, bits, group_size, symmetric, weight=w))
         except ValueError as e:
-            raise ValueError(f"{n}: {e}") from e
+            raise ValueError(f"{n}: {e} (keep it in float with skip=({n!r},), mm quantize --skip {n})") from e
         if progress is not None:
             progress(n)
     return model

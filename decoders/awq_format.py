@@ -22,9 +22,9 @@ import torch
 from torch import nn
 
 from .checkpoint import CheckpointError, load_state_dict_strict, read_hf_weights, read_json, write_hf_weights
-from .convert_hf import convert_hf_state_dict
+from .convert_hf import convert_hf_state_dict, to_hf_state_dict
 from .llama import LlamaConfig, LlamaForCausalLM
-from .quantize import Int4Linear, Int8Linear, QuantLinear, W8A8Linear, replace_module
+from .qlinear import Int4Linear, Int8Linear, QuantLinear, W8A8Linear, replace_module
 
 ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
 FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
@@ -80,12 +80,10 @@ def save_quantized(model: LlamaForCausalLM, path: str | Path, max_shard_bytes: i
     kinds = {type(m) for m in model.modules() if isinstance(m, QuantLinear)}
     if len(kinds) != 1:
         raise ValueError(f"save_quantized needs one kind of quantized linear, found {sorted(k.__name__ for k in kinds)}")
-    kind = kinds.pop()
     cfg = model.config
     H, Hkv, D, I = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size
     sizes = {"qkv_proj": [H * D, Hkv * D, Hkv * D], "gate_up_proj": [I, I]}
     out, quant = {}, None
-    float_sd = {}
     for name, m in model.named_modules():
         if not isinstance(m, QuantLinear):
             continue
@@ -106,8 +104,6 @@ def save_quantized(model: LlamaForCausalLM, path: str | Path, max_shard_bytes: i
                     out[f"{prefix}{part}.{k}"] = piece.contiguous()
         else:
             out.update({f"{prefix}{leaf}.{k}": v for k, v in t.items()})
-    from .convert_hf import to_hf_state_dict
-
     float_sd = {k: v for k, v in model.state_dict().items()
                 if not any(k.startswith(n + ".") for n, m in model.named_modules() if isinstance(m, QuantLinear))}
     out.update(to_hf_state_dict(float_sd, cfg))

@@ -19,7 +19,7 @@ import torch
 
 from .checkpoint import CheckpointError
 from .llama import LlamaConfig, LlamaForCausalLM
-from .quantize import Int4Linear
+from .qlinear import Int4Linear
 
 BLOCK = 32
 FLOAT_TYPES = {"F32": np.float32, "F16": np.float16}

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .awq import ScaleGroup, collect_inputs, fold_scale, group_weight, scale_groups
-from .quantize import linear_names, quantized_linear, replace_module
+from .qlinear import linear_names, quantized_linear, replace_module
 
 
 def smoothing_scale(x_max: torch.Tensor, W: torch.Tensor, alpha: float) -> torch.Tensor:

@@ -1,7 +1,6 @@
 """Write a Hugging Face Llama as a GGUF file the way llama.cpp's converter does (q/k rows permuted to Meta's
 interleaved RoPE order, ggml tensor names), with `gguf.GGUFWriter` and `gguf.quants.quantize`."""
 import numpy as np
-import torch
 
 PARTS = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
          "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
