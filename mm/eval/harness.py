@@ -272,7 +272,7 @@ def format_summary(summary: dict, confidence: float = 0.95) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """Arguments of `mm eval --data`."""
-    p = argparse.ArgumentParser(prog="mm eval --data", description="Measure a model on a JSONL file of your own.")
+    p = argparse.ArgumentParser(prog="mm eval", description="Measure a model on a JSONL file of your own.")
     p.add_argument("--data", required=True, help="JSONL file, one item per line")
     p.add_argument("--task", required=True, choices=TASKS)
     p.add_argument("--shots", type=int, default=0, help="solved examples before each item (drawn from the file)")
