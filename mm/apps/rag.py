@@ -21,6 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("paths", nargs="+", help="files or folders: text, Markdown, HTML, PDF, images, audio")
     i.add_argument("--embedder", default=None, help="sentence-transformers model directory for dense vectors "
                    "(a new index only; default: BM25 alone, nothing downloaded)")
+    i.add_argument("--qdrant", default=None, help="keep the vectors in Qdrant: a server URL (http://host:6333) or a "
+                   "directory for its local mode (a new index with --embedder only)")
     i.add_argument("--max-tokens", type=int, default=200, help="chunk size in words and punctuation marks")
     i.add_argument("--overlap", type=int, default=40, help="tokens a chunk repeats from the previous one")
     i.add_argument("--no-progress", action="store_true")
@@ -56,7 +58,7 @@ def run_rag(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.action != "index" and not (Path(args.db) / "chunks.sqlite").exists():
         raise FileNotFoundError(f"{args.db}: no index there; make one with mm rag index PATH... --db {args.db}")
-    index = Index.open(args.db, embedder=getattr(args, "embedder", None))
+    index = Index.open(args.db, embedder=getattr(args, "embedder", None), qdrant=getattr(args, "qdrant", None))
     if args.action == "index":
         model = None
         if args.model:
