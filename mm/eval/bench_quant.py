@@ -1,0 +1,107 @@
+"""Decode speed of quantized vs bf16 weights: `python -m mm.eval.bench_quant [--sizes 125m,1b] [--no-compile]`.
+
+Batch 1, greedy, the same random weights (shapes of mm.eval.bench's 125M and TinyLlama-1.1B, with clear greedy
+choices) in bf16, int8 weight-only, int4 g32 / g128 weight-only and W8A8 (all linears, the head included). Decode
+tokens/s = (new tokens - 1) / (time of n tokens - time of 1 token), best of `repeats`; also whether the greedy
+tokens equal bf16's and the resident weight bytes. The machine's load average is printed beside the figures: on a
+shared machine they move with it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+
+from decoders import LlamaConfig, LlamaForCausalLM
+from decoders.quantize import memory_report, quantize_model, quantized_linear, replace_module, linear_names
+from mm.eval.bench import LLAMA_SIZES, best_time
+
+VARIANTS = {"bf16": None, "int8": ("rtn", 8, None), "int4-g128": ("rtn", 4, 128), "int4-g32": ("rtn", 4, 32),
+            "w8a8": "w8a8"}
+
+
+def random_llama(size: str, seed: int = 0) -> LlamaForCausalLM:
+    """Random weights (std 0.02) with clear greedy choices: head row perm[t] = embedding row t (mm.eval.bench's way)."""
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**LLAMA_SIZES[size], max_position_embeddings=2048))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02) if p.dim() > 1 else p.fill_(1.0)
+        g = torch.Generator().manual_seed(seed)
+        embed = model.embed_tokens.weight
+        embed.copy_(torch.randn(embed.shape, generator=g) * 0.5)
+        perm = torch.randperm(embed.shape[0], generator=g)
+        model.lm_head.weight[perm] = embed / embed.shape[1] ** 0.5
+    return model.eval()
+
+
+def make_variant(base: LlamaForCausalLM, name: str) -> LlamaForCausalLM:
+    import copy
+
+    model = copy.deepcopy(base).to(torch.bfloat16)
+    spec = VARIANTS[name]
+    if spec == "w8a8":
+        for n in linear_names(model):
+            replace_module(model, n, quantized_linear(model.get_submodule(n), 8, None, activations=True))
+    elif spec is not None:
+        quantize_model(model, *spec)
+    return model
+
+
+def bench(size: str, variants: list[str], new_tokens: int, repeats: int, compile: bool, log=print) -> list[dict]:
+    base = random_llama(size)
+    ids = torch.randint(3, base.config.vocab_size, (1, 16))
+    rows, ref_tokens = [], None
+    for name in variants:
+        torch._dynamo.reset()  # the compiled step skips guards on modules: one model per compilation
+        model = make_variant(base, name)
+
+        def gen(n):
+            return model.generate(ids, max_new_tokens=n, eos_token_id=None, compile=compile)
+
+        with torch.inference_mode():
+            tokens = gen(new_tokens)  # warms up (and compiles)
+            one, total = best_time(lambda: gen(1), repeats), best_time(lambda: gen(new_tokens), repeats)
+        if ref_tokens is None:
+            ref_tokens = tokens
+        mem = memory_report(model)
+        row = {"model": size, "weights": name, "compiled": compile, "decode_tok_s": round((new_tokens - 1) / (total - one), 1),
+               "same_tokens_as_bf16": bool(torch.equal(tokens, ref_tokens)),
+               "linear_MiB": round((mem["measured_bytes"] or 2 * sum(m.weight.numel() for m in model.modules()
+                                                                       if isinstance(m, torch.nn.Linear))) / 2**20, 1),
+               "load_avg_1m": round(os.getloadavg()[0], 2)}
+        rows.append(row)
+        log(json.dumps(row))
+    base_speed = rows[0]["decode_tok_s"]
+    for r in rows:
+        r["speedup_vs_bf16"] = round(r["decode_tok_s"] / base_speed, 2)
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m mm.eval.bench_quant", description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", default="125m,1b")
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--out", default="bench_quant.json")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = []
+    for size in args.sizes.split(","):
+        rows += bench(size, args.variants.split(","), args.new_tokens, args.repeats, not args.no_compile)
+    with open(args.out, "w") as f:
+        json.dump(rows, f, indent=1)
+    for r in rows:
+        print(f"{r['model']:>5} {r['weights']:>10} {r['decode_tok_s']:>8} tok/s  x{r['speedup_vs_bf16']:<5} "
+              f"same tokens: {r['same_tokens_as_bf16']}  linears {r['linear_MiB']} MiB  load {r['load_avg_1m']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
