@@ -24,6 +24,7 @@ from .llama import Attention, LlamaConfig, Pass, RMSNorm, rope_inv_freq
 from .masks import attention_mask_4d, positions_from_mask
 from .mla import MLA, LatentCache, rope_cos_sin, rope_parameters, softmax_scale
 from .moe import MoE, Router, SwiGLU
+from .mtp import MTP, convert_mtp_state_dict, mtp_to_hf_state_dict
 
 MODEL_TYPES = ("deepseek_v3", "deepseek_v2", "mixtral")
 # transformers' defaults for keys a config.json may leave out, per model type
@@ -213,11 +214,7 @@ class DeepseekForCausalLM(nn.Module):
         else:
             inv_freq, self.rope_factor = rope_inv_freq(cfg.gqa_config()), 1.0
         self.register_buffer("inv_freq", inv_freq, persistent=False)
-        self.mtp = None
-        if mtp_depth:
-            from .mtp import MTP
-
-            self.mtp = MTP(cfg, mtp_depth)
+        self.mtp = MTP(cfg, mtp_depth, DecoderLayer) if mtp_depth else None
         self.compiled_decode_step = None
 
     @property
@@ -251,7 +248,7 @@ class DeepseekForCausalLM(nn.Module):
                 kv_cache: KVCache | LatentCache | None = None, last_only: bool = False,
                 return_hidden: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits [B, T, V] (or [B, 1, V] with `last_only`); see `LlamaForCausalLM.forward` for the arguments.
-        return_hidden: also the final hidden states before the norm [B, T, D] (what MTP reads)."""
+        return_hidden: also the final (normalised) hidden states [B, T, D], what MTP reads."""
         h = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # [B, T, D]
         B, T, _ = h.shape
         start = kv_cache.length if kv_cache is not None else 0
@@ -281,7 +278,8 @@ class DeepseekForCausalLM(nn.Module):
             h = layer(h, p, i)
         if last_only:
             h = h[:, -1:]
-        logits = self.head(self.norm(h))
+        h = self.norm(h)
+        logits = self.head(h)
         return (logits, h) if return_hidden else logits
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
@@ -328,8 +326,6 @@ class DeepseekForCausalLM(nn.Module):
             raise CheckpointError(f"{path / 'config.json'}: {e}") from e
         state_dict, mtp = convert_hf_state_dict(read_hf_weights(path), cfg, source=str(path))
         if mtp:
-            from .mtp import convert_mtp_state_dict
-
             state_dict.update(convert_mtp_state_dict(mtp, cfg, source=str(path)))
         return cls.from_state_dict(cfg, state_dict, dtype, device, source=str(path), mtp_depth=len(mtp))
 
@@ -359,7 +355,5 @@ class DeepseekForCausalLM(nn.Module):
         sd = {k: v for k, v in self.state_dict().items() if not k.startswith("mtp.")}
         hf_sd = to_hf_state_dict(sd, self.config)
         if self.mtp is not None:
-            from .mtp import mtp_to_hf_state_dict
-
-            hf_sd.update(mtp_to_hf_state_dict(self.mtp, self.config))
+            hf_sd.update(mtp_to_hf_state_dict(self))
         write_hf_weights(path, hf_sd, max_shard_bytes)

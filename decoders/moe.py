@@ -117,12 +117,23 @@ class Experts(nn.Module):
         flat = experts.reshape(-1)  # [N*k]
         order = flat.argsort(stable=True)  # the (token, slot) pairs, grouped by expert
         counts = torch.zeros(E, dtype=torch.long, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))
+        if torch.compiler.is_compiling():  # the compiled decode step: few pairs, static shapes, no host sync
+            return self.gathered(x, weights, flat), counts
         rows = order // k  # [N*k] token of each sorted pair
         grouped = self.use_grouped_mm and grouped_mm_supported(x)
         gate, up = grouped_linear(x[rows], self.gate_up_proj, counts, grouped).chunk(2, dim=-1)
         y = grouped_linear(F.silu(gate) * up, self.down_proj, counts, grouped)  # [N*k, D]
         y = (y * weights.reshape(-1)[order, None]).to(x.dtype)  # weighted in float32, as the references do
         return torch.zeros_like(x).index_add_(0, rows, y), counts
+
+    def gathered(self, x: torch.Tensor, weights: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+        """The same sum with each (token, slot) pair's expert matrices gathered: reads only the chosen experts, but
+        once per pair, so it suits a few tokens (a decode step), where it traces into one static graph."""
+        N, k = weights.shape
+        xr = x.repeat_interleave(k, dim=0)[:, :, None]  # [N*k, D, 1]
+        gate, up = torch.bmm(self.gate_up_proj[flat], xr)[..., 0].chunk(2, dim=-1)  # [N*k, I] each
+        y = torch.bmm(self.down_proj[flat], (F.silu(gate) * up)[:, :, None])[..., 0]  # [N*k, D]
+        return (y * weights.reshape(-1, 1)).to(x.dtype).view(N, k, -1).sum(dim=1)
 
 
 class MoE(nn.Module):
