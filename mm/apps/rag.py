@@ -69,6 +69,8 @@ def run_rag(argv: list[str] | None = None) -> int:
                            overlap=args.overlap)
         print(f"{counts['added']} added, {counts['replaced']} re-indexed, {counts['unchanged']} unchanged "
               f"({counts['chunks']} new chunks); {len(index.files())} files, {len(index)} chunks in {args.db}")
+        for reason in counts["skipped"]:
+            print(f"skipped {reason}", file=sys.stderr)
         return 0
     if args.action == "search":
         hits = index.search(args.query, k=args.k, metric=args.metric, mode=args.mode, approximate=args.approximate)

@@ -99,11 +99,13 @@ class Index:
         return self._dense
 
     def add(self, paths, model=None, progress: bool = False, max_tokens: int = 200, overlap: int = 40) -> dict:
-        """Index files and folders. Unchanged files (same SHA-256) are skipped, changed ones replaced. Images and
-        audio need `model` (captions, transcripts); without one the shipped model is loaded when first needed.
-        Returns counts: {"added", "replaced", "unchanged", "chunks"}."""
+        """Index files and folders. Unchanged files (same mtime and size, or else the same SHA-256) are skipped,
+        changed ones replaced. Images and audio need `model` (captions, transcripts); without one the shipped model is
+        loaded when first needed. A file named in `paths` that cannot be read is an error; one found in a folder is
+        skipped and reported. Returns {"added", "replaced", "unchanged", "chunks": counts, "skipped": [reasons]}."""
         files = expand(paths)
-        counts = {"added": 0, "replaced": 0, "unchanged": 0, "chunks": 0}
+        named = {Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths) if Path(p).is_file()}
+        counts = {"added": 0, "replaced": 0, "unchanged": 0, "chunks": 0, "skipped": []}
         bar = None
         if progress:
             from tqdm import tqdm
@@ -111,22 +113,32 @@ class Index:
             bar = tqdm(total=len(files), unit="file", desc="indexing")
         for path in files:
             key, stat = str(path.resolve()), path.stat()
-            old, digest = self.store.file(key), sha256(path)
-            if old is not None and old[0] == digest:
+            old = self.store.file(key)
+            digest = None if old is not None and old[1:] == (stat.st_mtime, stat.st_size) else sha256(path)
+            if old is not None and digest in (None, old[0]):
                 counts["unchanged"] += 1
+                if digest is not None:  # touched, not changed: next time the mtime tells
+                    self.store.touch(key, stat.st_mtime, stat.st_size)
             else:
                 kind = kind_of(path)
                 if kind in ("image", "audio") and model is None:
                     from mm.models.formats import load as load_model
 
                     model = load_model()
-                chunks = load(path, model, max_tokens, overlap)
-                for c in chunks:
+                try:
+                    chunks = load(path, model, max_tokens, overlap)
+                except ValueError as e:
+                    if path in named:
+                        raise
+                    counts["skipped"].append(str(e))
+                    chunks = None
+                for c in chunks or []:
                     c.source = key
-                vectors = self.dense.encode([c.text for c in chunks]) if self.dense else None
-                self.store.replace(key, digest, stat.st_mtime, stat.st_size, kind, chunks, vectors)
-                counts["replaced" if old else "added"] += 1
-                counts["chunks"] += len(chunks)
+                if chunks is not None:
+                    vectors = self.dense.encode([c.text for c in chunks]) if self.dense else None
+                    self.store.replace(key, digest, stat.st_mtime, stat.st_size, kind, chunks, vectors)
+                    counts["replaced" if old else "added"] += 1
+                    counts["chunks"] += len(chunks)
             if bar is not None:
                 bar.set_postfix_str(path.name[-30:], refresh=False)
                 bar.update()

@@ -128,6 +128,11 @@ class Store:
                 self.qdrant.upsert(ids, np.asarray(vectors, np.float32))
         return ids
 
+    def touch(self, path: str, mtime: float, size: int) -> None:
+        """Record a file's new mtime and size (its content unchanged)."""
+        with self.db:
+            self.db.execute("UPDATE files SET mtime = ?, size = ? WHERE path = ?", (mtime, size, path))
+
     def remove(self, path: str) -> None:
         """Forget a file and its chunks."""
         if self.qdrant is not None:

@@ -2,7 +2,7 @@
 the approximate search against the exact top 10, disk, and memory (peak RSS over the process's baseline).
 
     python -m mm.rag.store_bench --n 100000 --dim 384              # all candidates, a Markdown table
-    python -m mm.rag.store_bench --n 100000 --only faiss            # one
+    python -m mm.rag.store_bench --data lowrank                     # vectors of low intrinsic dimension
 
 Candidates (each in its own process, so memory is its own):
 - faiss: ours, `mm.rag.store.Store` (SQLite rows with float32 vector blobs; exact numpy search) + FAISS HNSW (M=32).
@@ -28,10 +28,17 @@ import numpy as np
 CANDIDATES = ("faiss", "lancedb", "qdrant")
 
 
-def data(n: int, dim: int, queries: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Unit-normal vectors [n, dim] and queries [queries, dim], float32."""
+def data(n: int, dim: int, queries: int, kind: str = "random", seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Vectors [n, dim] and queries [queries, dim], float32. random: unit normal, the worst case of any approximate
+    index (the nearest are hardly nearer than the rest); lowrank: 32 normal factors through a random map plus 10%
+    noise, the low intrinsic dimension of real sentence embeddings."""
     rng = np.random.default_rng(seed)
-    return rng.standard_normal((n, dim), dtype=np.float32), rng.standard_normal((queries, dim), dtype=np.float32)
+    if kind == "random":
+        return rng.standard_normal((n, dim), dtype=np.float32), rng.standard_normal((queries, dim), dtype=np.float32)
+    basis = rng.standard_normal((32, dim), dtype=np.float32)  # [32, D]
+    make = lambda m: (rng.standard_normal((m, 32), dtype=np.float32) @ basis  # noqa: E731
+                      + 0.1 * np.sqrt(32) * rng.standard_normal((m, dim), dtype=np.float32))
+    return make(n), make(queries)
 
 
 def truth(x: np.ndarray, q: np.ndarray, k: int) -> list[set[int]]:
@@ -120,9 +127,9 @@ def bench_qdrant(x, q, k, d: Path) -> dict:
             "approx": None, "approx_p50": None, "approx_p95": None, "note": "local mode: exact search only"}
 
 
-def run_one(name: str, n: int, dim: int, queries: int, k: int) -> dict:
+def run_one(name: str, n: int, dim: int, queries: int, k: int, kind: str) -> dict:
     """One candidate in this process: its figures (recalls against the exact cosine top k)."""
-    x, q = data(n, dim, queries)
+    x, q = data(n, dim, queries, kind)
     ref = truth(x, q, k)
     base = peak_mb()
     with tempfile.TemporaryDirectory() as tmp:
@@ -137,10 +144,10 @@ def run_one(name: str, n: int, dim: int, queries: int, k: int) -> dict:
     return {"candidate": name, **r}
 
 
-def table(rows: list[dict], n: int, dim: int) -> str:
+def table(rows: list[dict], n: int, dim: int, kind: str) -> str:
     """The Markdown table of the results."""
     f = lambda v, p=1: "-" if v is None else f"{v:.{p}f}"  # noqa: E731
-    lines = [f"| store ({n:,} x {dim}-d, k=10, cosine) | index s | ANN build s | exact p50 / p95 ms | exact recall@10 "
+    lines = [f"| store ({n:,} x {dim}-d {kind}, k=10, cosine) | index s | ANN build s | exact p50 / p95 ms | exact recall@10 "
              "| ANN p50 / p95 ms | ANN recall@10 | disk MiB | memory MiB | note |", "|" + "---|" * 10]
     for r in rows:
         lines.append(f"| {r['candidate']} | {f(r['index_s'])} | {f(r['ann_build_s'])} | {f(r['exact_p50'])} / "
@@ -156,24 +163,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dim", type=int, default=384)
     p.add_argument("--queries", type=int, default=200)
     p.add_argument("--k", type=int, default=10)
+    p.add_argument("--data", choices=["random", "lowrank"], default="random")
     p.add_argument("--candidates", default="faiss,lancedb", help=f"comma list of {', '.join(CANDIDATES)}")
     p.add_argument("--only", default=None, help=argparse.SUPPRESS)  # the child's candidate
     p.add_argument("--out", default="store_bench.json")
     args = p.parse_args(argv)
     if args.only:
-        print(json.dumps(run_one(args.only, args.n, args.dim, args.queries, args.k)))
+        print(json.dumps(run_one(args.only, args.n, args.dim, args.queries, args.k, args.data)))
         return 0
     rows = []
     for name in args.candidates.split(","):
         cmd = [sys.executable, "-m", "mm.rag.store_bench", "--only", name, "--n", str(args.n), "--dim", str(args.dim),
-               "--queries", str(args.queries), "--k", str(args.k)]
+               "--queries", str(args.queries), "--k", str(args.k), "--data", args.data]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             print(f"{name}: failed\n{done.stderr[-2000:]}", file=sys.stderr)
             continue
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
         print(f"{name}: done", file=sys.stderr)
-    print(table(rows, args.n, args.dim))
+    print(table(rows, args.n, args.dim, args.data))
     print(f"(load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)")
     Path(args.out).write_text(json.dumps(rows, indent=1))
     return 0

@@ -2,6 +2,7 @@
 cosine / L2 / L1 search against scipy's distances, the HNSW index, persistence, incremental re-indexing, dense and
 hybrid search with a tiny random sentence-transformers model, answers with citations from a scripted model."""
 import math
+import os
 
 import numpy as np
 import pytest
@@ -182,7 +183,9 @@ def test_bm25_scores_by_formula_persist_and_reindex(tmp_path):
     for name, text in texts.items():
         (docs / name).write_text(text)
     index = Index.open(tmp_path / "db")
-    assert index.add([docs]) == {"added": 4, "replaced": 0, "unchanged": 0, "chunks": 4}
+    (docs / "blob").write_bytes(b"\x00\xff\xfe binary, no suffix")  # found in the folder: skipped, reported
+    assert index.add([docs]) == {"added": 4, "replaced": 0, "unchanged": 0, "chunks": 4,
+                                 "skipped": [f"{docs / 'blob'}: not UTF-8 text (invalid start byte at byte 1)"]}
     hits = index.search("cat chasing mice", k=4)
     stems = {"a.txt": "cat chase mice cat sleep", "b.txt": "dog chase cat ball", "c.md": "bread bake bread two hundr degre",
              "d.txt": "mice eat bread chees"}  # Snowball stems of the words that are not stop words, by hand
@@ -196,7 +199,14 @@ def test_bm25_scores_by_formula_persist_and_reindex(tmp_path):
     again = Index.open(tmp_path / "db")  # reopened: same ranking from the saved index
     assert [(h.source, h.score) for h in again.search("cat chasing mice", k=4)] == [(h.source, h.score) for h in hits]
     (docs / "c.md").write_text("# Bread\n\nCats never bake. Mice bake bread.")  # changed: its chunk replaced
-    assert again.add([docs]) == {"added": 0, "replaced": 1, "unchanged": 3, "chunks": 1}
+    os.utime(docs / "a.txt", (1, 1))  # touched, same bytes: unchanged (by its SHA-256)
+    (docs / "blob").unlink()
+    assert again.add([docs]) == {"added": 0, "replaced": 1, "unchanged": 3, "chunks": 1, "skipped": []}
+    assert again.store.file(str((docs / "a.txt").resolve()))[1] == 1.0  # the new mtime recorded
+    with pytest.raises(ValueError, match="not UTF-8"):  # named, not found in a folder: an error
+        (docs / "bad.txt").write_bytes(b"\xff")
+        again.add([docs / "bad.txt"])
+    (docs / "bad.txt").unlink()
     assert len(again) == 4 and not again.search("degrees")
     assert again.search("never")[0].text == "# Bread\n\nCats never bake. Mice bake bread."
     again.remove(docs / "c.md")
