@@ -115,31 +115,41 @@ def index_uploads(index, paths: list[str], model) -> str:
     return status + (f"; not indexed (unknown type): {', '.join(skipped)}" if skipped else "")
 
 
-def documents_tab(model, db: str | Path, k: int = 4, max_new_tokens: int = 64) -> None:
-    """The chat's "documents" tab (inside a gr.Blocks): upload files into the index at `db`, ask with citations."""
+def documents_tab(model, db: str | Path | None = None, k: int = 4, max_new_tokens: int = 64) -> None:
+    """The chat's "documents" tab (inside a gr.Blocks): upload files into the index at `db` (None: a temporary
+    directory made at the first upload), ask about them with citations."""
+    import tempfile
+
     import gradio as gr
 
     from mm.rag import Index, answer
 
-    index = Index.open(db)
+    state = {}
+    if db is not None and (Path(db) / "chunks.sqlite").exists():
+        state["index"] = Index.open(db)
 
     def on_index(files):
         try:
-            return index_uploads(index, [getattr(f, "name", f) for f in files or []], model)
+            if "index" not in state:
+                state["index"] = Index.open(db or tempfile.mkdtemp(prefix="mm-chat-docs-"))
+            return index_uploads(state["index"], [getattr(f, "name", f) for f in files or []], model)
         except (ValueError, OSError) as e:
             return f"error: {e}"
 
     def on_ask(question):
+        if "index" not in state:
+            return "error: no documents yet: upload some and press index"
         try:
-            return str(answer(model, index, question, k=k, max_new_tokens=max_new_tokens))
+            return str(answer(model, state["index"], question, k=k, max_new_tokens=max_new_tokens))
         except (ValueError, OSError) as e:
             return f"error: {e}"
 
-    gr.Markdown(f"Index text, Markdown, HTML, PDF, image and audio files (kept in `{db}`), then ask about them: "
-                "the answer lists the sources it was given.")
+    gr.Markdown("Index text, Markdown, HTML, PDF, image and audio files, then ask about them: the answer lists the "
+                "sources it was given.")
     files = gr.File(file_count="multiple", label="files to index", elem_id="rag-files")
-    status = gr.Textbox(label="index", interactive=False, value=f"{len(index.files())} files, {len(index)} chunks",
-                        elem_id="rag-status")
+    index = state.get("index")
+    status = gr.Textbox(label="index", interactive=False, elem_id="rag-status",
+                        value=f"{len(index.files())} files, {len(index)} chunks" if index else "no documents yet")
     gr.Button("index", elem_id="rag-index").click(on_index, files, status)
     question = gr.Textbox(label="question", elem_id="rag-question")
     reply = gr.Textbox(label="answer with sources", interactive=False, lines=8, elem_id="rag-answer")

@@ -107,6 +107,8 @@ def test_chat_documents_tab(model, folder, tmp_path):
     tabs = [c["props"]["label"] for c in demo.config["components"] if c.get("type") == "tabitem"]
     assert tabs == ["chat", "documents"]
     fns = {f.fn.__name__: f.fn for f in demo.fns.values() if f.fn is not None}
+    assert fns["on_ask"]("budget?") == "error: no documents yet: upload some and press index"
+    assert not (tmp_path / "db").exists()  # made at the first upload
     (tmp_path / "x.exe").write_bytes(b"MZ")
     status = fns["on_index"]([str(folder / "notes.txt"), str(folder / "report.pdf"), str(tmp_path / "x.exe")])
     assert status == "2 added, 0 re-indexed, 0 unchanged (2 new chunks); 2 files, 2 chunks; not indexed (unknown " \
@@ -116,3 +118,6 @@ def test_chat_documents_tab(model, folder, tmp_path):
     sources = reply.rsplit("Sources:\n", 1)[1].split("\n")
     assert sources and set(sources) <= {"[1] notes.txt lines 1-5", "[2] report.pdf p. 1"}
     assert fns["on_ask"]("  ") == "error: the question is empty"
+    again = build_demo(model, docs_db=tmp_path / "db")  # a restart: the index is there
+    status = [c["props"]["value"] for c in again.config["components"] if c["props"].get("elem_id") == "rag-status"]
+    assert status == ["2 files, 2 chunks"]
