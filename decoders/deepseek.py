@@ -98,7 +98,8 @@ class DeepseekConfig:
         self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
         self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
         if self.attention == "gqa" and self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(f"num_key_value_heads={self.num_key_value_heads} must divide num_attention_heads={self.num_attention_heads}")
+            raise ValueError(f"num_key_value_heads={self.num_key_value_heads} must divide "
+                             f"num_attention_heads={self.num_attention_heads}")
 
     @property
     def attention(self) -> str:
@@ -111,7 +112,8 @@ class DeepseekConfig:
 
     def gqa_config(self) -> LlamaConfig:
         """Mixtral's attention as Llama's config (the attention modules are Llama's)."""
-        return LlamaConfig(vocab_size=self.vocab_size, hidden_size=self.hidden_size, num_hidden_layers=self.num_hidden_layers,
+        return LlamaConfig(vocab_size=self.vocab_size, hidden_size=self.hidden_size,
+                           num_hidden_layers=self.num_hidden_layers,
                            num_attention_heads=self.num_attention_heads, num_key_value_heads=self.num_key_value_heads,
                            head_dim=self.head_dim, rope_theta=self.rope_theta, rope_scaling=self.rope_scaling,
                            max_position_embeddings=self.max_position_embeddings, rms_norm_eps=self.rms_norm_eps)
@@ -138,8 +140,10 @@ class DeepseekConfig:
             if d.get(flag):
                 raise ValueError(f"config sets {flag}=True; checkpoints with biases are not supported")
         if d.get("moe_layer_freq", 1) != 1:
-            raise ValueError(f"config moe_layer_freq={d['moe_layer_freq']}: only 1 (every layer after the dense ones) is supported")
-        if kind == "mixtral" and (d.get("sliding_window") or 0) and d["sliding_window"] < d.get("max_position_embeddings", 0):
+            raise ValueError(f"config moe_layer_freq={d['moe_layer_freq']}: only 1 (every layer after the dense ones) "
+                             "is supported")
+        window = d.get("sliding_window") or 0
+        if kind == "mixtral" and window and window < d.get("max_position_embeddings", 0):
             raise ValueError(f"config sliding_window={d['sliding_window']}: sliding-window attention is not supported")
         kw = {**HF_DEFAULTS[kind], **{k: v for k, v in d.items() if k in {f.name for f in fields(cls)}}}
         if kind == "mixtral":
@@ -161,7 +165,8 @@ class DeepseekConfig:
         """The Hugging Face `config.json` dict of this model type."""
         d = asdict(self)
         rope = {"rope_type": "default", **(self.rope_scaling or {}), "rope_theta": self.rope_theta}
-        arch = {"deepseek_v3": "DeepseekV3ForCausalLM", "deepseek_v2": "DeepseekV2ForCausalLM", "mixtral": "MixtralForCausalLM"}
+        arch = {"deepseek_v3": "DeepseekV3ForCausalLM", "deepseek_v2": "DeepseekV2ForCausalLM",
+                "mixtral": "MixtralForCausalLM"}
         d.update(architectures=[arch[self.model_type]], hidden_act="silu", rope_parameters=rope, attention_bias=False)
         if self.model_type == "mixtral":
             for k in ("moe_intermediate_size", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
@@ -187,7 +192,8 @@ class DecoderLayer(nn.Module):
             self.self_attn = Attention(cfg.gqa_config())
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         if cfg.is_moe_layer(i):
-            self.mlp = MoE(cfg.hidden_size, cfg.moe_intermediate_size, cfg.n_routed_experts, cfg.n_shared_experts, cfg.router())
+            self.mlp = MoE(cfg.hidden_size, cfg.moe_intermediate_size, cfg.n_routed_experts, cfg.n_shared_experts,
+                           cfg.router())
         else:
             self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
 
@@ -255,7 +261,8 @@ class DeepseekForCausalLM(nn.Module):
         if start + T > self.config.max_position_embeddings:
             raise ValueError(f"{start + T} tokens exceed the context window of {self.config.max_position_embeddings}")
         if attention_mask is not None and attention_mask.shape != (B, start + T):
-            raise ValueError(f"attention_mask must be [batch, past + new] = {(B, start + T)}, got {tuple(attention_mask.shape)}")
+            raise ValueError(f"attention_mask must be [batch, past + new] = {(B, start + T)}, "
+                             f"got {tuple(attention_mask.shape)}")
         if position_ids is None:
             if attention_mask is not None:
                 position_ids = positions_from_mask(attention_mask)[:, start:]
@@ -301,7 +308,8 @@ class DeepseekForCausalLM(nn.Module):
         if c.attention == "mla":
             return LatentCache(c.num_hidden_layers, batch_size, c.kv_lora_rank + c.qk_rope_head_dim, max_tokens,
                                self.dtype, self.device)
-        return KVCache(c.num_hidden_layers, batch_size, c.num_key_value_heads, c.head_dim, max_tokens, self.dtype, self.device)
+        return KVCache(c.num_hidden_layers, batch_size, c.num_key_value_heads, c.head_dim, max_tokens, self.dtype,
+                       self.device)
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 32,
                  **kwargs) -> torch.Tensor:

@@ -29,7 +29,8 @@ def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
     return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
-def rope_parameters(dim: int, theta: float, scaling: dict | None, max_position_embeddings: int) -> tuple[torch.Tensor, float]:
+def rope_parameters(dim: int, theta: float, scaling: dict | None,
+                    max_position_embeddings: int) -> tuple[torch.Tensor, float]:
     """Inverse frequencies [dim/2] and the cos/sin factor of RoPE over `dim` dims: plain, or YaRN (NTK-by-parts:
     dims turning fewer than beta_slow times over the original context are interpolated by `factor`, those turning
     more than beta_fast times kept, a linear ramp between) with DeepSeek's mscale / mscale_all_dim."""
@@ -49,7 +50,8 @@ def rope_parameters(dim: int, theta: float, scaling: dict | None, max_position_e
     if scaling.get("truncate", True):
         low, high = math.floor(low), math.ceil(high)
     low, high = max(low, 0), min(high, dim - 1)
-    ramp = ((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / ((high - low) or 0.001)).clamp(0, 1)  # 1: interpolate
+    ramp = (torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / ((high - low) or 0.001)
+    ramp = ramp.clamp(0, 1)  # 1: interpolate, 0: keep
     inv_freq = inv_freq / factor * ramp + inv_freq * (1 - ramp)
     attention_factor = scaling.get("attention_factor")
     if attention_factor is None:

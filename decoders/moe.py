@@ -50,7 +50,8 @@ class Router(nn.Module):
         if n_experts % n_group or not 1 <= topk_group <= n_group:
             raise ValueError(f"{n_experts} experts cannot form {n_group} groups with {topk_group} kept")
         if not 1 <= top_k <= n_experts * topk_group // n_group:
-            raise ValueError(f"top_k={top_k} must lie in [1, experts in the kept groups = {n_experts * topk_group // n_group}]")
+            kept = n_experts * topk_group // n_group
+            raise ValueError(f"top_k={top_k} must lie in [1, experts in the kept groups = {kept}]")
         self.n_experts, self.top_k, self.scoring = n_experts, top_k, scoring
         self.n_group, self.topk_group, self.group_score = n_group, topk_group, group_score
         self.norm_topk_prob, self.scaling = norm_topk_prob, scaling
