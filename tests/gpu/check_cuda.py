@@ -188,6 +188,75 @@ def check_decode_speed(results, failures):
     results["decode_speed_1b_bf16"] = row
 
 
+def check_flash_mla(results, failures):
+    """FlashMLA-style decode (decoders/flash_mla.py) at DeepSeek-V3's widths (latent 512 + RoPE 64, 64-row pages),
+    bf16: the Triton kernel (through the mm::flash_mla_decode operator, fixed split counts, torch.compile) against the
+    PyTorch reference on a shuffled paged cache; then its time in CUDA graphs from 4k to 64k context, as bytes of
+    latent cache read per second, beside plain matmuls over the same latent stored contiguously."""
+    from triton.testing import do_bench_cudagraph
+
+    from decoders.flash_decoding import choose_num_splits
+    from decoders.flash_mla import PagedLatentCache, flash_mla_decode, flash_mla_reference, flash_mla_triton
+
+    r, d, page, dtype = 512, 64, 64, torch.bfloat16
+    scale = 192 ** -0.5  # V3: 1 / sqrt(nope 128 + rope 64)
+
+    def filled(lens, H, max_len):
+        torch.manual_seed(0)
+        blocks = sum(-(-n // page) for n in lens) + 4
+        cache = PagedLatentCache(1, blocks, page, r, d, len(lens), max_len, dtype=dtype, device="cuda")
+        cache.free_blocks = torch.randperm(blocks).tolist()  # pages in no particular order
+        slots = cache.append(lens)
+        cache.write(0, slots, torch.randn(len(slots), r, device="cuda"), torch.randn(len(slots), d, device="cuda"))
+        return cache, torch.randn(len(lens), H, r + d, device="cuda", dtype=dtype)
+
+    rows = []
+    for H in (16, 128):
+        cache, q = filled([1, 4097, 777, 8192, 64], H, 8192)
+        args = (q, cache.blocks[0], cache.block_table, cache.cache_seqlens, r, scale)
+        ref_out, ref_lse = flash_mla_reference(*args)
+        runs = {f"splits_{n}": flash_mla_decode(*args, num_splits=n) for n in (1, 8, 32)}
+        runs["operator"] = flash_mla_decode(*args)
+        runs["compiled"] = torch.compile(flash_mla_decode, fullgraph=True)(*args)
+        try:  # wider tiles: may not fit a GPU's registers or shared memory (recorded, not a failure)
+            runs["block_h_32"] = flash_mla_triton(*args, 4, block_h=32, block_n=16)
+        except Exception as e:
+            rows.append({"H": H, "run": "block_h_32", "error": f"{type(e).__name__}: {str(e)[:200]}"})
+        for name, (out, lse) in runs.items():
+            row = {"H": H, "run": name, "max_abs_err": (out.float() - ref_out.float()).abs().max().item(),
+                   "max_abs_err_lse": (lse - ref_lse).abs().max().item()}
+            rows.append(row)
+            if not (torch.allclose(out.float(), ref_out.float(), atol=1e-2, rtol=1e-2)
+                    and torch.allclose(lse, ref_lse, atol=1e-3, rtol=0)):
+                failures.append(f"flash MLA {row}: error above 1e-2 (+1e-2 relative) or 1e-3 (LSE)")
+        torch.compiler.reset()
+    results["flash_mla_correctness"] = rows
+
+    props = torch.cuda.get_device_properties(0)
+    timing = []
+    for B in (1, 32):
+        for S in (4096, 16384, 65536):
+            cache, q = filled([S] * B, 128, S)
+            args = (q, cache.blocks[0], cache.block_table, cache.cache_seqlens, r, scale)
+            latent = torch.randn(B, S, r + d, device="cuda", dtype=dtype)  # the same bytes, unpaged
+            gb = B * S * (r + d) * 2 / 1e9
+            kernel_us = 1e3 * do_bench_cudagraph(lambda: flash_mla_decode(*args))
+            matmul_us = 1e3 * do_bench_cudagraph(
+                lambda: torch.softmax((q @ latent.transpose(1, 2)).float() * scale, -1).to(dtype) @ latent[..., :r])
+            row = {"B": B, "H": 128, "S": S, "latent_GB": gb, "fits_L2": gb * 1e9 < getattr(props, "L2_cache_size", 0),
+                   "splits": choose_num_splits(B * 8, S, props.multi_processor_count), "flash_mla_us": kernel_us,
+                   "flash_mla_TB_s": gb / (kernel_us * 1e-6) / 1e3, "dense_matmul_us": matmul_us,
+                   "speedup_vs_matmul": matmul_us / kernel_us}
+            for block_h, block_n in ((16, 32), (32, 32), (64, 16), (16, 64)):
+                try:
+                    row[f"us_h{block_h}_n{block_n}"] = 1e3 * do_bench_cudagraph(
+                        lambda: flash_mla_triton(*args, 8, block_h=block_h, block_n=block_n))
+                except Exception as e:  # a tile that does not fit (shared memory, registers) is a finding, not a fail
+                    row[f"us_h{block_h}_n{block_n}"] = f"{type(e).__name__}: {str(e)[:120]}"
+            timing.append(row)
+    results["flash_mla_timing"] = timing
+
+
 def check_vit(results, failures):
     import timm
 
@@ -209,11 +278,12 @@ def check_vit(results, failures):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="gpu_checks.json")
-    p.add_argument("--only", default="", help="comma-separated check names (llama, flash_decoding, vit, decode_speed)")
+    p.add_argument("--only", default="",
+                   help="comma-separated check names (llama, flash_decoding, vit, decode_speed, flash_mla)")
     args = p.parse_args()
     results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
     failures = []
-    for check in (check_llama, check_flash_decoding, check_vit, check_decode_speed):
+    for check in (check_llama, check_flash_decoding, check_vit, check_decode_speed, check_flash_mla):
         if args.only and check.__name__.removeprefix("check_") not in args.only.split(","):
             continue
         t = time.perf_counter()
