@@ -6,11 +6,12 @@ import contextlib
 
 import torch
 
-# Inductor settings for the compiled CPU decode step: weights frozen into the graph and prepacked, GEMMs picked
-# by measurement between inductor's C++ template and ATen, bf16/fp16 rounded where eager rounds (so greedy
-# tokens stay those of the eager model), and a C++ wrapper calling the kernels (a Python one costs ~1 ms a token).
+# Inductor settings for the compiled CPU decode step: weights frozen into the graph, GEMMs picked by measurement
+# between inductor's C++ template and ATen, bf16/fp16 rounded where eager rounds (so greedy tokens stay those of the
+# eager model), and a C++ wrapper calling the kernels (a Python one costs ~1 ms a token). The CPU's base vector
+# ISA is taken from its flags (inductor otherwise compiles and runs a probe program for it in every process).
 CPU_DECODE_INDUCTOR = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
-                       "emulate_precision_casts": True, "cpp_wrapper": True}
+                       "emulate_precision_casts": True, "cpp_wrapper": True, "cpp.vec_isa_ok": True}
 
 
 def compile_decode(model):
@@ -29,10 +30,14 @@ def compile_decode(model):
             compiled = torch.compile(model.decode_step, fullgraph=True, dynamic=False,
                                      options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
 
-            def step(*args):
-                # inductor reads these when a call compiles; as torch.compile options, freezing is not applied
-                with torch._inductor.config.patch(CPU_DECODE_INDUCTOR):
-                    return compiled(*args)
+            def step(token, *args):
+                # inductor reads these when a call compiles; as torch.compile options, freezing is not applied.
+                # One row: no oneDNN weight prepacking, whose packed tensors cannot be pickled, so that inductor's
+                # FX graph cache keeps the step and the next process loads it instead of compiling (ATen's and the
+                # template's one-row products do not use the packing; measured: same tokens/s). Several rows:
+                # oneDNN's blocked kernels on prepacked weights win.
+                with torch._inductor.config.patch({**CPU_DECODE_INDUCTOR, "cpp.weight_prepack": token.shape[0] > 1}):
+                    return compiled(token, *args)
 
             model.compiled_decode_step = step
     return model.compiled_decode_step
