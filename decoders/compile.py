@@ -3,6 +3,7 @@ ATen's one-row products instead of oneDNN's around a bf16 CPU step. The model it
 from __future__ import annotations
 
 import contextlib
+import types
 
 import torch
 
@@ -12,6 +13,14 @@ import torch
 # ISA is taken from its flags (inductor otherwise compiles and runs a probe program for it in every process).
 CPU_DECODE_INDUCTOR = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
                        "emulate_precision_casts": True, "cpp_wrapper": True, "cpp.vec_isa_ok": True}
+
+
+def own_code(method):
+    """`method` bound to a copy of its function with a code object of its own (dynamo's cache lives on code objects)."""
+    f = method.__func__
+    copy = types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__, f.__defaults__, f.__closure__)
+    copy.__kwdefaults__, copy.__qualname__ = f.__kwdefaults__, f.__qualname__
+    return types.MethodType(copy, method.__self__)
 
 
 def compile_decode(model):
@@ -26,8 +35,10 @@ def compile_decode(model):
         if model.device.type == "cuda":  # generate captures it in a CUDA graph (decoders/cuda_graph.py)
             model.compiled_decode_step = torch.compile(model.decode_step, fullgraph=True, dynamic=False)
         else:
-            # The weights are frozen into the step, so dynamo's guards on the module are pure cost (~0.1 ms a token)
-            compiled = torch.compile(model.decode_step, fullgraph=True, dynamic=False,
+            # The weights are frozen into the step, so dynamo's guards on the module are pure cost (~0.1 ms a token).
+            # Without them dynamo cannot tell two models apart, and it keeps compiled graphs per code object: each
+            # model compiles its own copy of decode_step, or a second model would run the first one's weights.
+            compiled = torch.compile(own_code(model.decode_step), fullgraph=True, dynamic=False,
                                      options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
 
             def step(token, *args):

@@ -384,6 +384,21 @@ def test_compiled_decode_step_gives_the_eager_tokens(tiny_dir):
     assert torch.equal(model.generate(ids[:, 3:], mask[:, 3:], max_new_tokens=5, eos_token_id=None), eager_short)
 
 
+def test_two_models_of_one_shape_compile_their_own_weights(tiny_dir):
+    """Each model's compiled step holds its own frozen weights, also at batch 1 where the step may come from
+    inductor's cache (dynamo skips guards on the modules, so a shared step would run the first model's weights)."""
+    first = LlamaForCausalLM.from_pretrained(tiny_dir)
+    second = LlamaForCausalLM.from_pretrained(tiny_dir)
+    with torch.no_grad():
+        for p in second.parameters():
+            p.mul_(-1.5)
+    ids = left_padded_batch(seed=5, pads=(0,))[0][:1]
+    eager = [m.generate(ids, max_new_tokens=8, eos_token_id=None) for m in (first, second)]
+    assert not torch.equal(*eager)
+    for m, expected in zip((first, second), eager):
+        assert torch.equal(m.generate(ids, max_new_tokens=8, eos_token_id=None, compile=True), expected)
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 2e-2)])
 def test_fused_decode_attention_equals_sdpa(dtype, tol):
     from decoders.attention import fused_decode_attention
