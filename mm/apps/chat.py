@@ -162,7 +162,8 @@ def make_respond(model, max_upload_mb: float = 10, max_new_tokens: int = 64):
         messages = history_to_messages(history) + [{"role": "user", "content": user_content(text, files)}]
         reply = ""
         try:
-            messages = fit_context(model, messages, max_new_tokens)
+            if hasattr(model, "processor"):  # a model here, not a server (which refuses too long a prompt itself)
+                messages = fit_context(model, messages, max_new_tokens)
             for piece in model.chat(messages, stream=True, max_new_tokens=max_new_tokens):
                 reply += piece
                 yield reply.strip()
@@ -201,28 +202,36 @@ def examples() -> list[dict] | None:
             {"text": "describe the image.", "files": [image]}, {"text": "transcribe the audio.", "files": [audio]}]
 
 
-def build_demo(model_or_path=None, max_upload_mb: float = 10, max_new_tokens: int = 64):
-    """The chat app (gr.Blocks) for a MultimodalModel or its directory (None: the shipped model)."""
+def build_demo(model_or_path=None, max_upload_mb: float = 10, max_new_tokens: int = 64, docs_db=None):
+    """The chat app (gr.Blocks) for a MultimodalModel or its directory (None: the shipped model); a "documents" tab
+    indexes uploads into `docs_db` (default: a temporary directory made at the first upload) and answers from them
+    with citations."""
     import gradio as gr
+
+    from mm.apps.rag import documents_tab
 
     model = _load(model_or_path)
     respond = make_respond(model, max_upload_mb, max_new_tokens)
     with gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=UPLOAD_CACHE) as demo:
-        gr.ChatInterface(
-            respond,
-            multimodal=True,
-            title=TITLE,
-            description=f"{DESCRIPTION} Uploads up to {max_upload_mb:g} MB.",
-            chatbot=gr.Chatbot(elem_id="chatbot", render_markdown=False, height=480, label="conversation"),
-            textbox=gr.MultimodalTextbox(elem_id="chat-input", file_count="multiple", sources=["upload", "microphone"],
-                                         placeholder="Ask about an image, or upload/record audio...",
-                                         show_label=False),
-            examples=examples(),
-            example_labels=EXAMPLE_LABELS if examples() else None,
-            cache_examples=False,
-            analytics_enabled=False,
-            autofocus=True,
-        )
+        with gr.Tab("chat"):
+            gr.ChatInterface(
+                respond,
+                multimodal=True,
+                title=TITLE,
+                description=f"{DESCRIPTION} Uploads up to {max_upload_mb:g} MB.",
+                chatbot=gr.Chatbot(elem_id="chatbot", render_markdown=False, height=480, label="conversation"),
+                textbox=gr.MultimodalTextbox(elem_id="chat-input", file_count="multiple",
+                                             sources=["upload", "microphone"],
+                                             placeholder="Ask about an image, or upload/record audio...",
+                                             show_label=False),
+                examples=examples(),
+                example_labels=EXAMPLE_LABELS if examples() else None,
+                cache_examples=False,
+                analytics_enabled=False,
+                autofocus=True,
+            )
+        with gr.Tab("documents"):
+            documents_tab(model, docs_db, max_new_tokens=max_new_tokens)
     return demo
 
 
@@ -231,7 +240,8 @@ def launch(model_path=None, host: str = "127.0.0.1", port: int = 7860, max_uploa
     """Serve the chat for a model directory (or a loaded model) on host:port, loopback by default; Gradio refuses
     uploads over max_upload_mb. Returns the demo: with block=False at once (stop it with demo.close())."""
     demo = build_demo(model_path, max_upload_mb, max_new_tokens)
-    demo.queue(default_concurrency_limit=1)  # one generation at a time; others wait in Gradio's queue
+    # one generation at a time, others wait in Gradio's queue; an `mm serve` behind (--server) batches them instead
+    demo.queue(default_concurrency_limit=16 if hasattr(model_path, "url") else 1)
     demo.launch(server_name=host, server_port=port, share=share, max_file_size=int(max_upload_mb * MB),
                 prevent_thread_lock=not block, ssr_mode=False, quiet=not block)
     return demo
@@ -248,6 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     p.add_argument("--device", default="cpu")
     p.add_argument("--share", action="store_true", help="make a public gradio.live link")
+    p.add_argument("--server", default=None, help="talk to an `mm serve` at this URL (e.g. http://127.0.0.1:8000) "
+                   "instead of loading a model")
     return p
 
 
@@ -265,6 +277,11 @@ def run_chat(argv: list[str] | None = None) -> int:
     from mm.models.formats import load
 
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    if args.server:
+        from mm.apps.serve_client import ServerClient
+
+        launch(ServerClient(args.server), args.host, args.port, args.max_upload_mb, args.share, args.max_new_tokens)
+        return 0
     model = load(args.model, expect=("mm-multimodal",), dtype=getattr(torch, args.dtype), device=args.device).eval()
     launch(model, args.host, args.port, args.max_upload_mb, args.share, args.max_new_tokens)
     return 0

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import sys
 import time
 from pathlib import Path
@@ -22,7 +23,12 @@ def cmd_generate(args) -> int:
     model_dir = Path(args.model) if args.model else default_model_dir()
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, args.dtype))
+    if (model_dir / "config.json").is_file() and "quantization_config" in json.loads((model_dir / "config.json").read_text()):
+        from decoders.awq_format import load_quantized  # written by mm quantize (or AutoAWQ)
+
+        model = load_quantized(model_dir, dtype=getattr(torch, args.dtype))
+    else:
+        model = LlamaForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, args.dtype))
     tokenizer = load_tokenizer(model_dir)
     ids = torch.tensor([tokenizer.encode(args.prompt, bos=True)])
     t0 = time.perf_counter()
@@ -55,27 +61,32 @@ def cmd_bench(args) -> int:
     unknown = sorted(set(args.sizes.split(",")) - set(bench.LLAMA_SIZES))
     if unknown:
         raise ValueError(f"--sizes: unknown size(s) {', '.join(unknown)}; choose from {', '.join(bench.LLAMA_SIZES)}")
+    moe = [m for m in args.moe.split(",") if m]
+    unknown = sorted(set(moe) - set(bench.MOE_SIZES))
+    if unknown:
+        raise ValueError(f"--moe: unknown model(s) {', '.join(unknown)}; choose from {', '.join(bench.MOE_SIZES)}")
     bench.run(sizes=args.sizes.split(","), dtypes=args.dtypes.split(","), batches=[int(b) for b in args.batches.split(",")],
               new_tokens=args.new_tokens, repeats=args.repeats, compile=not args.no_compile, vit=not args.no_vit,
-              speech=speech, device=device, out=args.out)
+              speech=speech, device=device, out=args.out, moe=moe)
     return 0
 
 
 def cmd_train(args) -> int:
     """Run a training recipe and save the model directory."""
-    if args.recipe == "tiny":
+    if args.recipe in ("tiny", "tiny-open"):
         from mm.train.recipe_tiny import TinyRecipe, train_tiny
 
-        recipe = TinyRecipe.smoke() if args.smoke else TinyRecipe()
+        recipe = TinyRecipe.smoke() if args.smoke else TinyRecipe() if args.recipe == "tiny" else TinyRecipe.open_vocab()
         recipe.seed = args.seed
-        train_tiny(args.out or "runs/tiny", recipe, resume=not args.no_resume, threads=args.threads or None)
+        train_tiny(args.out or f"runs/{args.recipe}", recipe, resume=not args.no_resume, threads=args.threads or None,
+                   device=args.device)
         return 0
     if args.recipe == "text-tiny":
         from mm.train.text import train_text_tiny
 
         train_text_tiny(args.out or "runs/text-tiny", steps=args.steps or 600, seed=args.seed)
         return 0
-    raise ValueError(f"unknown recipe {args.recipe!r} (available: tiny, text-tiny)")
+    raise ValueError(f"unknown recipe {args.recipe!r} (available: tiny, tiny-open, text-tiny)")
 
 
 def cmd_caption(args) -> int:
@@ -92,11 +103,39 @@ def cmd_eval(args) -> int:
     return run_eval(args.args)
 
 
+def cmd_quantize(args) -> int:
+    """`mm quantize`: see `mm quantize --help`."""
+    from mm.apps.quantize import run_quantize
+
+    return run_quantize(args.args)
+
+
 def cmd_chat(args) -> int:
     """`mm chat`: see `mm chat --help`."""
     from mm.apps.chat import run_chat
 
     return run_chat(args.args)
+
+
+def cmd_agent(args) -> int:
+    """`mm agent`: see `mm agent --help`."""
+    from mm.apps.agent import run_agent
+
+    return run_agent(args.args)
+
+
+def cmd_rag(args) -> int:
+    """`mm rag index|search|ask`: see `mm rag --help`."""
+    from mm.apps.rag import run_rag
+
+    return run_rag(args.args)
+
+
+def cmd_serve(args) -> int:
+    """`mm serve`: see `mm serve --help`."""
+    from mm.apps.serve import run_serve
+
+    return run_serve(args.args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,6 +161,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_eval, delegated=True)
     ch = sub.add_parser("chat", help="the Gradio multimodal chat on 127.0.0.1 (mm chat --help)", add_help=False)
     ch.set_defaults(func=cmd_chat, delegated=True)
+    qz = sub.add_parser("quantize", help="RTN / AWQ / SmoothQuant a Llama to 8, 4 or 3 bits (mm quantize --help)",
+                        add_help=False)
+    qz.set_defaults(func=cmd_quantize, delegated=True)
+    ag = sub.add_parser("agent", help="a ReAct agent with tools, or a YAML procedure (mm agent --help)", add_help=False)
+    ag.set_defaults(func=cmd_agent, delegated=True)
+    sv = sub.add_parser("serve", help="OpenAI-compatible chat server with continuous batching (mm serve --help)",
+                        add_help=False)
+    sv.set_defaults(func=cmd_serve, delegated=True)
+    r = sub.add_parser("rag", help="index your files, search them, ask with citations (mm rag --help)", add_help=False)
+    r.set_defaults(func=cmd_rag, delegated=True)
 
     from mm.apps.transcribe import add_arguments, cmd_transcribe
 
@@ -130,18 +179,21 @@ def build_parser() -> argparse.ArgumentParser:
     tr.set_defaults(func=cmd_transcribe)
 
     t = sub.add_parser("train", help="train a model by a recipe")
-    t.add_argument("--recipe", default="tiny", choices=["tiny", "text-tiny"],
-                   help="tiny: the shipped multimodal model (runs under torchrun too); text-tiny: the text model")
+    t.add_argument("--recipe", default="tiny", choices=["tiny", "tiny-open", "text-tiny"],
+                   help="tiny: the shipped multimodal model (runs under torchrun too); tiny-open: the same with speech "
+                        "beyond the scene grammar and rationales (issue 22, sized for a GPU); text-tiny: the text model")
     t.add_argument("--out", default=None, help="output directory (default: runs/RECIPE)")
     t.add_argument("--steps", type=int, default=0, help="text-tiny: training steps (default 600)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--smoke", action="store_true", help="tiny: a few steps on a few examples, to check the setup")
     t.add_argument("--no-resume", action="store_true", help="tiny: start over even if OUT/checkpoint.pt exists")
     t.add_argument("--threads", type=int, default=0, help="CPU threads per process (default: torch's choice)")
+    t.add_argument("--device", default=None, help="tiny, tiny-open: cpu (default) or cuda")
     t.set_defaults(func=cmd_train)
 
     b = sub.add_parser("bench", help="benchmark against transformers/timm on the same weights (prints a table, writes JSON)")
     b.add_argument("--sizes", default="10m,125m", help="comma list of 10m, 125m, 1b")
+    b.add_argument("--moe", default="v3-small,mixtral-small", help="MoE decoders against transformers ('' to skip)")
     b.add_argument("--dtypes", default="float32,bfloat16")
     b.add_argument("--batches", default="1,8")
     b.add_argument("--new-tokens", type=int, default=128)

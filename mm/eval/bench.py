@@ -119,6 +119,82 @@ def bench_llama(size: str, dtype: torch.dtype, batch: int, new_tokens: int, prom
     return row
 
 
+MOE_SIZES = {  # name: (transformers class prefix, config kwargs); same 4-layer width, MLA + DeepSeekMoE vs GQA + top-2
+    "v3-small": ("DeepseekV3", dict(vocab_size=8000, hidden_size=512, intermediate_size=1024, moe_intermediate_size=256,
+                                    num_hidden_layers=4, num_attention_heads=8, q_lora_rank=192, kv_lora_rank=128,
+                                    qk_nope_head_dim=32, qk_rope_head_dim=32, v_head_dim=32, n_routed_experts=32,
+                                    n_shared_experts=1, num_experts_per_tok=4, n_group=4, topk_group=2,
+                                    first_k_dense_replace=1)),
+    "mixtral-small": ("Mixtral", dict(vocab_size=8000, hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
+                                      num_attention_heads=8, num_key_value_heads=2, num_local_experts=8,
+                                      num_experts_per_tok=2)),
+}
+
+
+def bench_moe(name: str, dtype: torch.dtype, batch: int, new_tokens: int, prompt_len: int, repeats: int,
+              compile: bool = False, device: str = "cpu") -> dict:
+    """Decode tokens/s of our DeepseekForCausalLM against transformers' generate on the same random checkpoint:
+    transformers' default experts kernel (grouped_mm in 5.x) and its per-expert loop ("eager"), greedy, same tokens."""
+    import transformers
+
+    from decoders import DeepseekForCausalLM
+
+    prefix, kw = MOE_SIZES[name]
+    torch.manual_seed(0)
+    cfg = getattr(transformers, f"{prefix}Config")(**kw, max_position_embeddings=2048, bos_token_id=1, eos_token_id=2)
+    ref = getattr(transformers, f"{prefix}ForCausalLM")(cfg).eval()
+    give_clear_choices(ref)
+    with tempfile.TemporaryDirectory() as d:
+        ref.save_pretrained(d)
+        ours = DeepseekForCausalLM.from_pretrained(d, dtype=dtype, device=device)
+        ref = getattr(transformers, f"{prefix}ForCausalLM").from_pretrained(d, dtype=dtype).to(device).eval()
+    ids = torch.randint(3, cfg.vocab_size, (batch, prompt_len), device=device)
+
+    def ref_gen(n):
+        return ref.generate(ids, max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+
+    def our_gen(n):
+        return ours.generate(ids, max_new_tokens=n, eos_token_id=None, compile=compile)
+
+    row = {"model": name, "dtype": str(dtype).removeprefix("torch."), "batch": batch, "new_tokens": new_tokens,
+           "compiled": compile, "experts": f"{kw.get('n_routed_experts', kw.get('num_local_experts'))} top-{kw['num_experts_per_tok']}"}
+    with torch.inference_mode():
+        a, b = ref_gen(new_tokens), our_gen(new_tokens)
+        differ = (a != b).any(dim=0).nonzero()
+        row["same_tokens"], row["first_difference"] = not len(differ), int(differ[0]) - prompt_len if len(differ) else None
+        ref_logits, our_logits = ref(a).logits.float(), ours(a).float()
+        row["logit_err"] = float((ref_logits - our_logits).abs().max() / ref_logits.abs().max())
+        for impl, label in ((None, "ref"), ("eager", "ref_loop"), ("ours", "ours")):
+            gen = our_gen if impl == "ours" else ref_gen
+            if impl is not None and impl != "ours":
+                ref.set_experts_implementation(impl)
+            prefill = best_time(lambda: gen(1), repeats)
+            total = best_time(lambda: gen(new_tokens), repeats)
+            row[f"{label}_decode_tok_s"] = batch * (new_tokens - 1) / max(total - prefill, 1e-9)
+    row["decode_ratio"] = row["ours_decode_tok_s"] / row["ref_decode_tok_s"]
+    row["ratio_vs_loop"] = row["ours_decode_tok_s"] / row["ref_loop_decode_tok_s"]
+    return row
+
+
+def bench_mla_cache(tokens: int = 4096) -> list[dict]:
+    """Measured cache bytes of DeepSeek-V3's MLA (61 layers, latent 512 + rope 64) against GQA and MHA of the same
+    width (128 heads of 128: what MLA's per-head keys and values would take), bf16, one sequence."""
+    from decoders import KVCache
+    from decoders.mla import LatentCache, latent_cache_bytes
+
+    mla = LatentCache(61, 1, 512 + 64, tokens, torch.bfloat16, device="meta")
+    rows = [{"attention": "MLA (latent)", "per_token_per_layer": 512 + 64, "bytes": mla.nbytes,
+             "formula": latent_cache_bytes(512, 64, 61, tokens), "equal": mla.nbytes == latent_cache_bytes(512, 64, 61, tokens)}]
+    for name, kv_heads in (("GQA 8 kv heads", 8), ("MHA 128 heads", 128)):
+        cache = KVCache(61, 1, kv_heads, 128, tokens, torch.bfloat16, device="meta")
+        formula = 2 * 61 * kv_heads * 128 * tokens * 2
+        rows.append({"attention": name, "per_token_per_layer": 2 * kv_heads * 128, "bytes": cache.nbytes,
+                     "formula": formula, "equal": cache.nbytes == formula})
+    for r in rows:
+        r["vs_mla"] = r["bytes"] / mla.nbytes
+    return rows
+
+
 def bench_kv_cache() -> list[dict]:
     """Measured KV cache bytes against 2 x layers x batch x kv_heads x head_dim x tokens x bytes (MHA/GQA/MQA)."""
     from decoders import KVCache
@@ -192,7 +268,8 @@ def format_table(rows: list[dict], cols: list[str]) -> str:
 
 
 def run(sizes=("10m", "125m"), dtypes=("float32", "bfloat16"), batches=(1, 8), new_tokens=128, prompt_len=16,
-        repeats=3, compile=True, vit=True, speech=True, device="cpu", out: str | None = None, log=print) -> dict:
+        repeats=3, compile=True, vit=True, speech=True, device="cpu", out: str | None = None, log=print,
+        moe=("v3-small", "mixtral-small")) -> dict:
     """Run the benchmark grid, print tables, and write JSON to `out` if given."""
     result = {"machine": {"platform": platform.platform(), "processor": platform.processor(), "device": device,
                           "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
@@ -213,6 +290,14 @@ def run(sizes=("10m", "125m"), dtypes=("float32", "bfloat16"), batches=(1, 8), n
                                    "fraction_of_bound", "same_tokens", "first_difference", "logit_err"]))
     result["kv_cache"] = bench_kv_cache()
     log("\n" + format_table(result["kv_cache"], ["attention", "kv_heads", "bytes", "formula", "equal", "vs_mha"]))
+    moe_cols = ["model", "experts", "dtype", "batch", "ref_decode_tok_s", "ref_loop_decode_tok_s", "ours_decode_tok_s",
+                "decode_ratio", "ratio_vs_loop", "same_tokens", "logit_err"]
+    result["moe"] = [bench_moe(m, getattr(torch, dt), b, min(new_tokens, 32), prompt_len, repeats, False, device)
+                     for m in moe for dt in dtypes for b in batches]  # eager: compiling an MoE step takes minutes here
+    if moe:
+        log("\n" + format_table(result["moe"], moe_cols))
+    result["mla_cache"] = bench_mla_cache()
+    log("\n" + format_table(result["mla_cache"], ["attention", "per_token_per_layer", "bytes", "formula", "equal", "vs_mla"]))
     if vit:
         result["vit"] = bench_vit(batch=8, repeats=repeats)
         log("\n" + format_table([result["vit"]], ["model", "batch", "ref_img_s", "ours_img_s", "ratio", "max_abs_err"]))

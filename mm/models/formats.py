@@ -7,6 +7,11 @@
     llava          config.json model_type llava / llava_llama / mm-llava,  LlavaForConditionalGeneration.from_pretrained
                    or mm_projector_type (original LLaVA)
     llama          config.json model_type llama                           LlamaForCausalLM.from_pretrained
+                   (+ quantization_config: AWQ GEMM, mm-int8, mm-w8a8)    decoders.awq_format.load_quantized
+    gguf           a *.gguf file (llama.cpp)                              decoders.gguf.load_gguf
+    deepseek_v3    config.json model_type deepseek_v3 / deepseek_v2 /    DeepseekForCausalLM.from_pretrained
+    deepseek_v2    mixtral (mixture-of-experts decoders)
+    mixtral
     mm-multimodal  config.json model_type mm-multimodal                   MultimodalModel.from_pretrained
     mm-asr         config.json model_type mm-asr                          ASRModel.from_pretrained
 """
@@ -20,6 +25,7 @@ from mm.assets import default_multimodal_dir
 from mm.models.espnet_files import is_espnet_dir
 
 LLAVA_TYPES = {"llava", "llava_llama", "mm-llava"}
+MOE_TYPES = ("deepseek_v3", "deepseek_v2", "mixtral")  # decoders.deepseek.DeepseekForCausalLM
 CAPTIONERS = ("llava", "mm-multimodal")  # formats whose models describe images
 TRANSCRIBERS = ("espnet", "mm-asr", "mm-multimodal")  # formats whose models transcribe speech
 
@@ -29,6 +35,8 @@ def detect(path: str | Path) -> str:
     path = Path(path)
     if path.suffix in (".yaml", ".yml") and path.is_file():  # an ESPnet config.yaml named directly
         return "espnet"
+    if path.suffix == ".gguf" and path.is_file():
+        return "gguf"
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a model directory")
     if (path / "params.json").is_file() and any(path.glob("consolidated.*.pth")):
@@ -41,7 +49,7 @@ def detect(path: str | Path) -> str:
     kind = cfg.get("model_type")
     if kind in LLAVA_TYPES or "mm_projector_type" in cfg:
         return "llava"
-    if kind in ("llama", "mm-multimodal", "mm-asr"):
+    if kind in ("llama", "mm-multimodal", "mm-asr") or kind in MOE_TYPES:
         return kind
     raise CheckpointError(f"{path / 'config.json'}: model_type {json.dumps(kind)} is not one mm can load")
 
@@ -63,9 +71,21 @@ def load(path: str | Path | None = None, *, expect: tuple[str, ...] | None = Non
 
         return LlamaForCausalLM.from_meta(path, **kwargs)
     if kind == "llama":
+        if "quantization_config" in read_json(path / "config.json"):  # written by mm quantize, or AutoAWQ
+            from decoders.awq_format import load_quantized
+
+            return load_quantized(path, **kwargs)
         from decoders import LlamaForCausalLM
 
         return LlamaForCausalLM.from_pretrained(path, **kwargs)
+    if kind == "gguf":
+        from decoders.gguf import load_gguf
+
+        return load_gguf(path, **kwargs)
+    if kind in MOE_TYPES:
+        from decoders import DeepseekForCausalLM
+
+        return DeepseekForCausalLM.from_pretrained(path, **kwargs)
     if kind == "llava":
         from mm.models.llava import LlavaForConditionalGeneration
 
