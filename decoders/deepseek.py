@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .causal_lm import CausalLM
 from .checkpoint import CheckpointError, load_state_dict_strict, read_hf_weights, read_json, write_hf_weights
 from .convert_deepseek import convert_hf_state_dict, to_hf_state_dict
-from .generate import generate
 from .kv_cache import KVCache
 from .llama import Attention, LlamaConfig, Pass, RMSNorm, rope_inv_freq
 from .masks import attention_mask_4d, positions_from_mask
@@ -202,7 +202,7 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class DeepseekForCausalLM(nn.Module):
+class DeepseekForCausalLM(CausalLM):
     """A DeepSeek-V2/V3 or Mixtral decoder with its language-model head: token ids [B, T] -> logits [B, T, V].
 
     `mtp`: V3's multi-token-prediction modules (decoders/mtp.py) when the checkpoint has them, else None."""
@@ -222,32 +222,6 @@ class DeepseekForCausalLM(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.mtp = MTP(cfg, mtp_depth, DecoderLayer) if mtp_depth else None
         self.compiled_decode_step = None
-
-    @property
-    def device(self) -> torch.device:
-        return self.embed_tokens.weight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.embed_tokens.weight.dtype
-
-    def check_ids(self, input_ids: torch.Tensor) -> None:
-        """Raise a clear error for empty input, ids outside the vocabulary, or more tokens than the context window."""
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be [batch, tokens], got shape {tuple(input_ids.shape)}")
-        if input_ids.shape[1] == 0:
-            raise ValueError("empty prompt: give at least one token (e.g. the BOS token)")
-        lo, hi = int(input_ids.min()), int(input_ids.max())
-        if lo < 0 or hi >= self.config.vocab_size:
-            raise ValueError(f"token id {lo if lo < 0 else hi} is outside the vocabulary [0, {self.config.vocab_size})")
-        if input_ids.shape[1] > self.config.max_position_embeddings:
-            raise ValueError(f"prompt of {input_ids.shape[1]} tokens exceeds the context window of "
-                             f"{self.config.max_position_embeddings} (max_position_embeddings)")
-
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Token embeddings [B, T, D]; checks the ids first."""
-        self.check_ids(input_ids)
-        return self.embed_tokens(input_ids)
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, *,
                 inputs_embeds: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
@@ -310,11 +284,6 @@ class DeepseekForCausalLM(nn.Module):
                                self.dtype, self.device)
         return KVCache(c.num_hidden_layers, batch_size, c.num_key_value_heads, c.head_dim, max_tokens, self.dtype,
                        self.device)
-
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 32,
-                 **kwargs) -> torch.Tensor:
-        """Prompt + new tokens [B, T + new]; greedy unless `temperature` > 0 (see `decoders.generate.generate`)."""
-        return generate(self, input_ids, attention_mask, max_new_tokens=max_new_tokens, **kwargs)
 
     # ----------------------------------------------------------------------------------- checkpoints
 

@@ -16,10 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import attend
+from .causal_lm import CausalLM
 from .checkpoint import CheckpointError, build_from_state_dict, read_hf_weights, read_json, read_torch, write_hf_weights
 from .convert_hf import convert_hf_state_dict, to_hf_state_dict
 from .convert_meta import hf_config_from_meta_params, merge_meta_shards, meta_to_hf_state_dict
-from .generate import generate
 from .kv_cache import KVCache
 from .masks import attention_mask_4d, positions_from_mask
 
@@ -221,7 +221,7 @@ class Block(nn.Module):
 
 # ------------------------------------------------------------------------------------------------ model
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(CausalLM):
     """Llama decoder with its language-model head: token ids [B, T] -> logits [B, T, V]."""
 
     def __init__(self, cfg: LlamaConfig):
@@ -233,35 +233,6 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self.compiled_decode_step = None
-
-    @property
-    def device(self) -> torch.device:
-        return self.embed_tokens.weight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.embed_tokens.weight.dtype
-
-    def check_ids(self, input_ids: torch.Tensor) -> None:
-        """Raise a clear error for empty input, ids outside the vocabulary, or more tokens than the context window."""
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be [batch, tokens], got shape {tuple(input_ids.shape)}")
-        if input_ids.shape[1] == 0:
-            raise ValueError("empty prompt: give at least one token (e.g. the BOS token)")
-        lo, hi = int(input_ids.min()), int(input_ids.max())
-        if lo < 0 or hi >= self.config.vocab_size:
-            bad = lo if lo < 0 else hi
-            raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
-        if input_ids.shape[1] > self.config.max_position_embeddings:
-            raise ValueError(
-                f"prompt of {input_ids.shape[1]} tokens exceeds the context window of "
-                f"{self.config.max_position_embeddings} (max_position_embeddings)"
-            )
-
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Token embeddings [B, T, D]; checks the ids first."""
-        self.check_ids(input_ids)
-        return self.embed_tokens(input_ids)
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, *,
                 inputs_embeds: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
@@ -320,11 +291,6 @@ class LlamaForCausalLM(nn.Module):
         """A static cache for `batch_size` rows of up to `max_tokens` tokens, in the model's dtype and device."""
         c = self.config
         return KVCache(c.num_hidden_layers, batch_size, c.num_key_value_heads, c.head_dim, max_tokens, self.dtype, self.device)
-
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 32,
-                 **kwargs) -> torch.Tensor:
-        """Prompt + new tokens [B, T + new]; greedy unless `temperature` > 0 (see `decoders.generate.generate`)."""
-        return generate(self, input_ids, attention_mask, max_new_tokens=max_new_tokens, **kwargs)
 
     # ----------------------------------------------------------------------------------- checkpoints
 

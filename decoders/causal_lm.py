@@ -1,0 +1,47 @@
+"""What every causal decoder here shares (`LlamaForCausalLM`, `DeepseekForCausalLM`): where its weights live, the
+check of a prompt's token ids, the embedding, and `generate` (decoders.generate)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .generate import generate
+
+
+class CausalLM(nn.Module):
+    """Base of the decoders: a subclass has `config` (vocab_size, max_position_embeddings), `embed_tokens`, and the
+    methods `decoders.generate` calls (`forward`, `decode_step`, `new_kv_cache`)."""
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    def check_ids(self, input_ids: torch.Tensor) -> None:
+        """Raise a clear error for empty input, ids outside the vocabulary, or more tokens than the context window."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, tokens], got shape {tuple(input_ids.shape)}")
+        if input_ids.shape[1] == 0:
+            raise ValueError("empty prompt: give at least one token (e.g. the BOS token)")
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= self.config.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
+        if input_ids.shape[1] > self.config.max_position_embeddings:
+            raise ValueError(
+                f"prompt of {input_ids.shape[1]} tokens exceeds the context window of "
+                f"{self.config.max_position_embeddings} (max_position_embeddings)"
+            )
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings [B, T, D]; checks the ids first."""
+        self.check_ids(input_ids)
+        return self.embed_tokens(input_ids)
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 32,
+                 **kwargs) -> torch.Tensor:
+        """Prompt + new tokens [B, T + new]; greedy unless `temperature` > 0 (see `decoders.generate.generate`)."""
+        return generate(self, input_ids, attention_mask, max_new_tokens=max_new_tokens, **kwargs)
