@@ -236,10 +236,11 @@ def build_demo(model_or_path=None, max_upload_mb: float = 10, max_new_tokens: in
 
 
 def launch(model_path=None, host: str = "127.0.0.1", port: int = 7860, max_upload_mb: float = 10,
-           share: bool = False, max_new_tokens: int = 64, block: bool = True):
+           share: bool = False, max_new_tokens: int = 64, block: bool = True, docs_db=None):
     """Serve the chat for a model directory (or a loaded model) on host:port, loopback by default; Gradio refuses
-    uploads over max_upload_mb. Returns the demo: with block=False at once (stop it with demo.close())."""
-    demo = build_demo(model_path, max_upload_mb, max_new_tokens)
+    uploads over max_upload_mb; the documents tab indexes into docs_db. Returns the demo: with block=False at once
+    (stop it with demo.close())."""
+    demo = build_demo(model_path, max_upload_mb, max_new_tokens, docs_db)
     # one generation at a time, others wait in Gradio's queue; an `mm serve` behind (--server) batches them instead
     demo.queue(default_concurrency_limit=16 if hasattr(model_path, "url") else 1)
     demo.launch(server_name=host, server_port=port, share=share, max_file_size=int(max_upload_mb * MB),
@@ -260,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--share", action="store_true", help="make a public gradio.live link")
     p.add_argument("--server", default=None, help="talk to an `mm serve` at this URL (e.g. http://127.0.0.1:8000) "
                    "instead of loading a model")
+    p.add_argument("--docs-db", default=None, help="the documents tab's index directory (an `mm rag index --db`; "
+                   "default: a temporary one made at the first upload)")
     return p
 
 
@@ -280,8 +283,9 @@ def run_chat(argv: list[str] | None = None) -> int:
     if args.server:
         from mm.apps.serve_client import ServerClient
 
-        launch(ServerClient(args.server), args.host, args.port, args.max_upload_mb, args.share, args.max_new_tokens)
+        launch(ServerClient(args.server), args.host, args.port, args.max_upload_mb, args.share, args.max_new_tokens,
+               docs_db=args.docs_db)
         return 0
     model = load(args.model, expect=("mm-multimodal",), dtype=getattr(torch, args.dtype), device=args.device).eval()
-    launch(model, args.host, args.port, args.max_upload_mb, args.share, args.max_new_tokens)
+    launch(model, args.host, args.port, args.max_upload_mb, args.share, args.max_new_tokens, docs_db=args.docs_db)
     return 0

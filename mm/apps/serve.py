@@ -152,7 +152,7 @@ class ChatServer:
         if ids.shape[1] >= limit:
             raise BadRequest(f"the prompt takes {ids.shape[1]} tokens; the context window of {limit} leaves no room "
                              "to answer", param="messages")
-        h = self.model._inputs_embeds(ids, inputs["pixel_values"], inputs["speech"], inputs["speech_lengths"])
+        h = self.model.inputs_embeds(ids, inputs["pixel_values"], inputs["speech"], inputs["speech_lengths"])
         return ids[0], h[0]  # [T], [T, D]
 
     def submit(self, ids, embeds, opts: dict, on_token=None):

@@ -183,7 +183,9 @@ class MultimodalModel(LlavaForConditionalGeneration):
                                    self.feature_lengths, template or cfg.template, cfg.system, cfg.max_audio_seconds,
                                    cfg.speech.frontend.sample_rate)
 
-    def _inputs_embeds(self, input_ids, pixel_values=None, speech=None, speech_lengths=None) -> torch.Tensor:
+    def inputs_embeds(self, input_ids, pixel_values=None, speech=None, speech_lengths=None) -> torch.Tensor:
+        """The prompt's embeddings [B, T, D], image and speech features in their placeholders' slots (inference
+        only): what generation, and `mm serve`'s batching engine, prefill from."""
         with torch.inference_mode():
             feats = None
             if speech is not None:
@@ -203,7 +205,7 @@ class MultimodalModel(LlavaForConditionalGeneration):
 
         if "eos_token_id" not in kwargs and self.tokenizer is not None:
             kwargs["eos_token_id"] = sorted(self.tokenizer.stop_ids) or None
-        h = self._inputs_embeds(input_ids, pixel_values, speech, speech_lengths)
+        h = self.inputs_embeds(input_ids, pixel_values, speech, speech_lengths)
         return generate(self.language_model, input_ids.to(self.device), attention_mask, max_new_tokens=max_new_tokens,
                         inputs_embeds=h, **kwargs)
 
@@ -213,7 +215,7 @@ class MultimodalModel(LlavaForConditionalGeneration):
         """Yield the next token of every row [B] per step, as LLaVA's `stream_tokens`, with the audio of `speech`."""
         from decoders.generate import stream_tokens
 
-        h = self._inputs_embeds(input_ids, pixel_values, speech, speech_lengths)
+        h = self.inputs_embeds(input_ids, pixel_values, speech, speech_lengths)
         yield from stream_tokens(self.language_model, input_ids.to(self.device), attention_mask, inputs_embeds=h,
                                  **kwargs)
 
@@ -263,7 +265,7 @@ class MultimodalModel(LlavaForConditionalGeneration):
     def _stream(self, inputs: dict, max_new_tokens: int, **kwargs) -> Iterator[str]:
         from decoders.generate import stream_text
 
-        h = self._inputs_embeds(inputs["input_ids"], inputs["pixel_values"], inputs["speech"], inputs["speech_lengths"])
+        h = self.inputs_embeds(inputs["input_ids"], inputs["pixel_values"], inputs["speech"], inputs["speech_lengths"])
         yield from stripped(stream_text(self.language_model, self.tokenizer, inputs["input_ids"].to(self.device),
                                         attention_mask=inputs["attention_mask"], inputs_embeds=h,
                                         max_new_tokens=max_new_tokens, **kwargs))
