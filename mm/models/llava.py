@@ -35,6 +35,7 @@ from torch import nn
 from tqdm import tqdm
 
 from decoders.checkpoint import CheckpointError, build_from_state_dict, check_config_keys, read_hf_weights, read_json, write_hf_weights
+from decoders.deepseek import MODEL_TYPES as MOE_TYPES, DeepseekConfig, DeepseekForCausalLM
 from decoders.llama import LlamaConfig, LlamaForCausalLM
 from encoders.image import ImageProcessor
 from encoders.vit import ViT, ViTConfig, quick_gelu
@@ -70,6 +71,11 @@ def stripped(pieces: Iterator[str]) -> Iterator[str]:
             held += piece
 
 
+def text_config(d: dict) -> LlamaConfig | DeepseekConfig:
+    """The decoder's config from a `text_config` dict: DeepSeek-V2/V3 or Mixtral by its model_type, else Llama."""
+    return DeepseekConfig.from_hf(d) if d.get("model_type") in MOE_TYPES else LlamaConfig.from_hf(d)
+
+
 def check_batch(images, batch_size: int) -> list:
     """The images as a list, after checking the batch size."""
     if batch_size < 1:
@@ -90,7 +96,7 @@ class LlavaConfig:
     template: the conversation template of `mm.models.conversation` the model was tuned with.
     """
 
-    text: LlamaConfig = field(default_factory=LlamaConfig)
+    text: LlamaConfig | DeepseekConfig = field(default_factory=LlamaConfig)  # the decoder: Llama or DeepSeek/Mixtral
     vision: ViTConfig = field(default_factory=lambda: ViTConfig.from_hf_clip_vision(LLAVA_VISION_DEFAULTS))
     image_token_index: int = 32000
     vision_feature_layer: int | list[int] = -2
@@ -103,7 +109,7 @@ class LlavaConfig:
 
     def __post_init__(self):
         if isinstance(self.text, dict):
-            self.text = LlamaConfig.from_hf(self.text)
+            self.text = text_config(self.text)
         if isinstance(self.vision, dict):
             self.vision = ViTConfig.from_dict(self.vision)
         if isinstance(self.vision_feature_layer, (list, tuple)):
@@ -157,7 +163,7 @@ class LlavaConfig:
             raise ValueError(f"config is not model_type {OUR_MODEL_TYPE!r}")
         text, vision = d.pop("text_config"), d.pop("vision_config")
         check_config_keys(cls, d)
-        return cls(text=LlamaConfig.from_hf(text), vision=ViTConfig.from_dict(vision), **d)
+        return cls(text=text_config(text), vision=ViTConfig.from_dict(vision), **d)
 
     @classmethod
     def from_hf(cls, d: dict) -> "LlavaConfig":
@@ -226,7 +232,7 @@ class LlavaForConditionalGeneration(nn.Module):
         self.config = cfg
         self.vision_tower = ViT(cfg.vision)
         self.projector = Projector(cfg)
-        self.language_model = LlamaForCausalLM(cfg.text)
+        self.language_model = (DeepseekForCausalLM if isinstance(cfg.text, DeepseekConfig) else LlamaForCausalLM)(cfg.text)
         self.tokenizer = None  # set by from_pretrained when the directory has tokenizer.model
         self.image_processor = ImageProcessor(size=cfg.vision.image_size, crop_size=cfg.vision.image_size)
 

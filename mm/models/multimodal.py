@@ -27,12 +27,12 @@ from tqdm import tqdm
 
 from decoders.checkpoint import CheckpointError, check_config_keys, read_hf_weights, read_json
 from decoders.ctc import CTC, ctc_greedy_decode
-from decoders.llama import LlamaConfig
 from decoders.loss import next_token_loss
 from encoders.speech_encoder import SpeechEncoder, SpeechEncoderConfig
 from encoders.vit import ViTConfig
 
-from mm.models.llava import LlavaConfig, LlavaForConditionalGeneration, _load_image_processor, check_batch, stripped
+from mm.models.llava import (LlavaConfig, LlavaForConditionalGeneration, _load_image_processor, check_batch, stripped,
+                             text_config)
 from mm.models.processor import AUDIO_PLACEHOLDER, InputError, MultimodalProcessor
 from mm.models.speech_adapter import (SpeechAdapter, SpeechAdapterConfig, encode_speech, encoder_lengths, fit_adapter,
                                       joint_beam_search, scatter_features)
@@ -87,7 +87,7 @@ class MultimodalConfig(LlavaConfig):
             raise ValueError(f"config is not model_type {MODEL_TYPE!r}")
         text, vision, speech = d.pop("text_config"), d.pop("vision_config"), d.pop("speech_config")
         check_config_keys(cls, d)
-        return cls(text=LlamaConfig.from_hf(text), vision=ViTConfig.from_dict(vision),
+        return cls(text=text_config(text), vision=ViTConfig.from_dict(vision),
                    speech=SpeechEncoderConfig.from_dict(speech), **d)
 
 
