@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import sys
 import time
 from pathlib import Path
@@ -12,23 +11,20 @@ DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 
 def cmd_generate(args) -> int:
-    """Stream a continuation of `--prompt` from a Llama checkpoint directory, then a one-line summary."""
+    """Stream a continuation of `--prompt` from a decoder checkpoint directory (Llama, Meta, quantized, DeepSeek,
+    Mixtral: `mm.models.formats.TEXT_MODELS`), then a one-line summary."""
     import torch
 
-    from decoders import LlamaForCausalLM, stream_text
+    from decoders import stream_text
     from decoders.tokenizer import load_tokenizer
 
     from mm.assets import default_model_dir
+    from mm.models.formats import TEXT_MODELS, load
 
     model_dir = Path(args.model) if args.model else default_model_dir()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if (model_dir / "config.json").is_file() and "quantization_config" in json.loads((model_dir / "config.json").read_text()):
-        from decoders.awq_format import load_quantized  # written by mm quantize (or AutoAWQ)
-
-        model = load_quantized(model_dir, dtype=getattr(torch, args.dtype))
-    else:
-        model = LlamaForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, args.dtype))
+    model = load(model_dir, expect=TEXT_MODELS, dtype=getattr(torch, args.dtype))
     tokenizer = load_tokenizer(model_dir)
     ids = torch.tensor([tokenizer.encode(args.prompt, bos=True)])
     t0 = time.perf_counter()

@@ -26,6 +26,7 @@ from mm.models.espnet_files import is_espnet_dir
 
 LLAVA_TYPES = {"llava", "llava_llama", "mm-llava"}
 MOE_TYPES = ("deepseek_v3", "deepseek_v2", "mixtral")  # decoders.deepseek.DeepseekForCausalLM
+TEXT_MODELS = ("llama", "meta-llama") + MOE_TYPES  # formats whose models are plain decoders (`mm generate`)
 CAPTIONERS = ("llava", "mm-multimodal")  # formats whose models describe images
 TRANSCRIBERS = ("espnet", "mm-asr", "mm-multimodal")  # formats whose models transcribe speech
 

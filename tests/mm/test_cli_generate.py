@@ -45,6 +45,36 @@ def test_mm_generate_streams_the_greedy_continuation(tmp_path):
     assert "tokens/s]" in summary
 
 
+def test_mm_generate_runs_a_mixture_of_experts_checkpoint(tmp_path):
+    """A Hugging Face deepseek_v3 directory (MLA + MoE) goes through the same command; greedy text = generate()."""
+    from decoders import DeepseekConfig, DeepseekForCausalLM
+    from mm.train.text import init_weights
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TEXT)
+    tok = train_sentencepiece([corpus], tmp_path / "tok", vocab_size=300)
+    cfg = DeepseekConfig.from_hf(dict(model_type="deepseek_v3", vocab_size=300, hidden_size=64, intermediate_size=96,
+                                      moe_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                      q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
+                                      v_head_dim=8, n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2,
+                                      first_k_dense_replace=1, max_position_embeddings=128))
+    torch.manual_seed(0)
+    model = DeepseekForCausalLM(cfg)
+    init_weights(model, std=0.2)  # sharp logits: no near-ties between the two runs
+    model.save_pretrained(tmp_path / "model")
+    shutil.copy(tmp_path / "tok" / "tokenizer.model", tmp_path / "model" / "tokenizer.model")
+    prompt = "a green triangle"
+    out = subprocess.run(mm_command() + ["generate", "--model", str(tmp_path / "model"), "--prompt", prompt,
+                                         "--max-new-tokens", "8"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    ids = tok.encode(prompt, bos=True)
+    new = DeepseekForCausalLM.from_pretrained(tmp_path / "model").generate(
+        torch.tensor([ids]), max_new_tokens=8, eos_token_id=None)[0, len(ids):].tolist()
+    n_new = next((i + 1 for i, t in enumerate(new) if t in tok.stop_ids), len(new))
+    shown = [t for t in new[:n_new] if t not in tok.stop_ids]
+    assert out.stdout.rsplit("\n[", 1)[0] == prompt + tok.decode(ids + shown)[len(tok.decode(ids)):]
+
+
 def test_mm_generate_reports_bad_input_clearly(tmp_path):
     model_dir, _ = make_checkpoint(tmp_path)
     out = subprocess.run(mm_command() + ["generate", "--model", str(tmp_path / "missing"), "--prompt", "x"],
