@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from .generate import generate
+from .masks import attention_mask_4d, positions_from_mask
 
 
 class CausalLM(nn.Module):
@@ -40,6 +41,25 @@ class CausalLM(nn.Module):
         """Token embeddings [B, T, D]; checks the ids first."""
         self.check_ids(input_ids)
         return self.embed_tokens(input_ids)
+
+    def prepare(self, input_ids, attention_mask, inputs_embeds, position_ids, kv_cache):
+        """A forward pass's checks and what the layers take: (h [B, T, D], position_ids [B, T], boolean mask or None,
+        is_causal, start: the first cache slot written)."""
+        h = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # [B, T, D]
+        B, T, _ = h.shape
+        start = kv_cache.length if kv_cache is not None else 0
+        if start + T > self.config.max_position_embeddings:
+            raise ValueError(f"{start + T} tokens exceed the context window of {self.config.max_position_embeddings}")
+        if attention_mask is not None and attention_mask.shape != (B, start + T):
+            raise ValueError(f"attention_mask must be [batch, past + new] = {(B, start + T)}, "
+                             f"got {tuple(attention_mask.shape)}")
+        if position_ids is None:
+            if attention_mask is not None:
+                position_ids = positions_from_mask(attention_mask)[:, start:]
+            else:
+                position_ids = torch.arange(start, start + T, device=h.device).expand(B, T)
+        mask, is_causal = attention_mask_4d(attention_mask, start, T, h.device)
+        return h, position_ids, mask, is_causal, start
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 32,
                  **kwargs) -> torch.Tensor:

@@ -62,6 +62,21 @@ def read_json(path: str | os.PathLike) -> dict:
     return obj
 
 
+def read_config(model_dir: str | os.PathLike, parse):
+    """`parse(config.json's dict)` for a model directory; a missing directory, and a ValueError from `parse`, become a
+    CheckpointError naming the path."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise CheckpointError(f"{model_dir}: not a model directory")
+    d = read_json(model_dir / "config.json")
+    try:
+        return parse(d)
+    except CheckpointError:
+        raise
+    except ValueError as e:
+        raise CheckpointError(f"{model_dir / 'config.json'}: {e}") from e
+
+
 def check_config_keys(cls, d: dict) -> None:
     """Raise ValueError naming the keys of `d` that the config dataclass `cls` lacks (a typo, or another format)."""
     unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})

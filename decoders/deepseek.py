@@ -17,11 +17,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .causal_lm import CausalLM
-from .checkpoint import CheckpointError, load_state_dict_strict, read_hf_weights, read_json, write_hf_weights
+from .checkpoint import load_state_dict_strict, read_config, read_hf_weights, write_hf_weights
 from .convert_deepseek import convert_hf_state_dict, to_hf_state_dict
 from .kv_cache import KVCache
-from .llama import Attention, LlamaConfig, Pass, RMSNorm, rope_inv_freq
-from .masks import attention_mask_4d, positions_from_mask
+from .llama import Attention, LlamaConfig, Pass, RMSNorm, rope_from_hf, rope_inv_freq
 from .mla import MLA, LatentCache, rope_cos_sin, rope_parameters, softmax_scale
 from .moe import MoE, Router, SwiGLU
 from .mtp import MTP, convert_mtp_state_dict, mtp_to_hf_state_dict
@@ -151,14 +150,7 @@ class DeepseekConfig:
                       n_shared_experts=0, first_k_dense_replace=0)
         if kind == "deepseek_v2":
             kw["rope_interleave"] = True  # V2 always rotates interleaved pairs
-        rope = d.get("rope_parameters") or d.get("rope_scaling") or None
-        if rope is not None:
-            rope = dict(rope)
-            if "type" in rope and "rope_type" not in rope:
-                rope["rope_type"] = rope.pop("type")
-            if "rope_theta" in rope:
-                kw["rope_theta"] = rope.pop("rope_theta")
-            kw["rope_scaling"] = rope if rope.get("rope_type", "default") != "default" else None
+        kw.update(rope_from_hf(d))
         return cls(**kw)
 
     def to_hf(self) -> dict:
@@ -229,23 +221,11 @@ class DeepseekForCausalLM(CausalLM):
                 return_hidden: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits [B, T, V] (or [B, 1, V] with `last_only`); see `LlamaForCausalLM.forward` for the arguments.
         return_hidden: also the final (normalised) hidden states [B, T, D], what MTP reads."""
-        h = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # [B, T, D]
-        B, T, _ = h.shape
-        start = kv_cache.length if kv_cache is not None else 0
-        if start + T > self.config.max_position_embeddings:
-            raise ValueError(f"{start + T} tokens exceed the context window of {self.config.max_position_embeddings}")
-        if attention_mask is not None and attention_mask.shape != (B, start + T):
-            raise ValueError(f"attention_mask must be [batch, past + new] = {(B, start + T)}, "
-                             f"got {tuple(attention_mask.shape)}")
-        if position_ids is None:
-            if attention_mask is not None:
-                position_ids = positions_from_mask(attention_mask)[:, start:]
-            else:
-                position_ids = torch.arange(start, start + T, device=h.device).expand(B, T)
-        mask, is_causal = attention_mask_4d(attention_mask, start, T, h.device)
+        h, position_ids, mask, is_causal, start = self.prepare(input_ids, attention_mask, inputs_embeds, position_ids,
+                                                               kv_cache)
         out = self.run_layers(h, position_ids, mask, is_causal, kv_cache, start, last_only, return_hidden=return_hidden)
         if kv_cache is not None:
-            kv_cache.length = start + T
+            kv_cache.length = start + h.shape[1]
         return out
 
     def run_layers(self, h, position_ids, mask, is_causal, kv_cache, start, last_only=False, cache_lens=None,
@@ -293,14 +273,7 @@ class DeepseekForCausalLM(CausalLM):
         """Load a Hugging Face deepseek_v3 / deepseek_v2 / mixtral directory (config.json + safetensors, sharded or
         not); V3's multi-token-prediction layers, when the checkpoint has them, go to `model.mtp`."""
         path = Path(path)
-        if not path.is_dir():
-            raise CheckpointError(f"{path}: not a model directory")
-        try:
-            cfg = DeepseekConfig.from_hf(read_json(path / "config.json"))
-        except CheckpointError:
-            raise
-        except ValueError as e:
-            raise CheckpointError(f"{path / 'config.json'}: {e}") from e
+        cfg = read_config(path, DeepseekConfig.from_hf)
         state_dict, mtp = convert_hf_state_dict(read_hf_weights(path), cfg, source=str(path))
         if mtp:
             state_dict.update(convert_mtp_state_dict(mtp, cfg, source=str(path)))

@@ -17,11 +17,26 @@ from torch import nn
 
 from .attention import attend
 from .causal_lm import CausalLM
-from .checkpoint import CheckpointError, build_from_state_dict, read_hf_weights, read_json, read_torch, write_hf_weights
+from .checkpoint import (CheckpointError, build_from_state_dict, read_config, read_hf_weights, read_json, read_torch,
+                         write_hf_weights)
 from .convert_hf import convert_hf_state_dict, to_hf_state_dict
 from .convert_meta import hf_config_from_meta_params, merge_meta_shards, meta_to_hf_state_dict
 from .kv_cache import KVCache
-from .masks import attention_mask_4d, positions_from_mask
+
+
+def rope_from_hf(d: dict) -> dict:
+    """`rope_scaling` (None for plain RoPE) and, when given there, `rope_theta` from a Hugging Face config dict: 5.x
+    keeps both in `rope_parameters`, 4.x in `rope_scaling` (before 4.45 spelled with "type")."""
+    rope = d.get("rope_parameters") or d.get("rope_scaling") or None
+    if rope is None:
+        return {}
+    rope, out = dict(rope), {}
+    if "type" in rope and "rope_type" not in rope:
+        rope["rope_type"] = rope.pop("type")
+    if "rope_theta" in rope:
+        out["rope_theta"] = rope.pop("rope_theta")
+    out["rope_scaling"] = rope if rope.get("rope_type", "default") != "default" else None
+    return out
 
 
 @dataclass
@@ -85,14 +100,7 @@ class LlamaConfig:
             raise ValueError(f"config hidden_act is {d.get('hidden_act')!r}; Llama uses 'silu'")
         known = {f.name for f in fields(cls)}
         kw = {k: v for k, v in d.items() if k in known}
-        rope = d.get("rope_parameters") or d.get("rope_scaling") or None  # 5.x keeps theta inside rope_parameters
-        if rope is not None:
-            rope = dict(rope)
-            if "type" in rope and "rope_type" not in rope:  # transformers < 4.45 spelling
-                rope["rope_type"] = rope.pop("type")
-            if "rope_theta" in rope:
-                kw["rope_theta"] = rope.pop("rope_theta")
-            kw["rope_scaling"] = rope if rope.get("rope_type", "default") != "default" else None
+        kw.update(rope_from_hf(d))
         return cls(**kw)
 
     def to_hf(self) -> dict:
@@ -243,22 +251,11 @@ class LlamaForCausalLM(CausalLM):
         position_ids [B, T]: RoPE positions; by default counted over real tokens of the mask.
         kv_cache: a static cache; the new keys/values are written at slots `kv_cache.length...`.
         """
-        h = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # [B, T, D]
-        B, T, _ = h.shape
-        start = kv_cache.length if kv_cache is not None else 0
-        if start + T > self.config.max_position_embeddings:
-            raise ValueError(f"{start + T} tokens exceed the context window of {self.config.max_position_embeddings}")
-        if attention_mask is not None and attention_mask.shape != (B, start + T):
-            raise ValueError(f"attention_mask must be [batch, past + new] = {(B, start + T)}, got {tuple(attention_mask.shape)}")
-        if position_ids is None:
-            if attention_mask is not None:
-                position_ids = positions_from_mask(attention_mask)[:, start:]
-            else:
-                position_ids = torch.arange(start, start + T, device=h.device).expand(B, T)
-        mask, is_causal = attention_mask_4d(attention_mask, start, T, h.device)
+        h, position_ids, mask, is_causal, start = self.prepare(input_ids, attention_mask, inputs_embeds, position_ids,
+                                                               kv_cache)
         logits = self.run_layers(h, position_ids, mask, is_causal, kv_cache, start, last_only)
         if kv_cache is not None:
-            kv_cache.length = start + T
+            kv_cache.length = start + h.shape[1]
         return logits
 
     def run_layers(self, h, position_ids, mask, is_causal, kv_cache, start, last_only=False, cache_lens=None) -> torch.Tensor:
@@ -299,14 +296,7 @@ class LlamaForCausalLM(CausalLM):
                         device: torch.device | str = "cpu") -> "LlamaForCausalLM":
         """Load a Hugging Face Llama directory (`config.json` + safetensors, single or sharded)."""
         path = Path(path)
-        if not path.is_dir():
-            raise CheckpointError(f"{path}: not a model directory")
-        try:
-            cfg = LlamaConfig.from_hf(read_json(path / "config.json"))
-        except CheckpointError:
-            raise
-        except ValueError as e:
-            raise CheckpointError(f"{path / 'config.json'}: {e}") from e
+        cfg = read_config(path, LlamaConfig.from_hf)
         state_dict = convert_hf_state_dict(read_hf_weights(path), cfg, source=str(path))
         return cls.from_state_dict(cfg, state_dict, dtype, device, source=str(path))
 
