@@ -55,13 +55,7 @@ def make_hf(path, variant, seed=0, **overrides):
     return model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Thousands of tiny ops: with several threads on a busy 2-core machine, thread hand-offs cost 100x the work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(params=list(VARIANTS), scope="module")

@@ -8,13 +8,7 @@ from decoders.moe import Experts, MoE, Router, load_imbalance, sequence_balance_
 D, E = 32, 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Many tiny ops: on a busy 2-core machine, thread hand-offs cost more than the work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def hf_router(kind, **kw):

@@ -15,13 +15,7 @@ from tests.decoders.test_deepseek import make_hf
 N_LAYERS = 3  # the test models' num_hidden_layers: the MTP module is layer 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Many tiny ops: on a busy 2-core machine, thread hand-offs cost more than the work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def hf_mtp_keys(mtp, main) -> dict:
