@@ -8,6 +8,10 @@ newline, as the model was trained: "<image>\\nwhat colour is the star?", "<image
 "<audio>\\ntranscribe the audio.". Earlier turns go with their media. A turn that fails (empty, a file too large,
 of the wrong type, unreadable, more than the model takes) gets an assistant reply starting with `ERROR_MARK` that
 says why; such turns are left out of the conversation the model sees, and the server keeps serving.
+
+A question asked with "look first." (`COT_INSTRUCTION`) is answered with the rationale first ("i see a big red star
+at the top left. answer: red", Multimodal-CoT); the chat shows that rationale folded above the answer, and gives the
+model the reply whole again in later turns.
 """
 from __future__ import annotations
 
@@ -20,6 +24,8 @@ from typing import Iterator
 from encoders.audio import AudioError, load_audio
 from encoders.image import ImageError, load_image
 
+from mm.data.scenes import COT_INSTRUCTION, split_cot
+
 
 ERROR_MARK = "⚠️"
 EMPTY_REPLY = "(the model gave an empty answer)"
@@ -29,10 +35,12 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".m4a", ".webm", ".opus")
 TITLE = "mm chat"
 DESCRIPTION = ("Ask about an image (upload it and type a question, or record the question with the microphone), "
-               "ask for a description (\"describe the image.\") or a transcript (\"transcribe the audio.\").")
+               "ask for a description (\"describe the image.\") or a transcript (\"transcribe the audio.\"). "
+               f"End a question with \"{COT_INSTRUCTION}\" to see the model's rationale before its answer.")
 
+RATIONALE_TITLE = "rationale"  # the folded message above an answer given with its rationale
 EXAMPLE_LABELS = ["what colour is the star?", "a spoken question about the image", "describe the image.",
-                  "transcribe the audio."]
+                  "transcribe the audio.", f"what colour is the star? {COT_INSTRUCTION}"]
 
 log = logging.getLogger(__name__)
 
@@ -74,22 +82,40 @@ def _message_text_and_files(message: dict) -> tuple[str, list[str]]:
 
 
 def history_to_messages(history: list[dict]) -> list[dict]:
-    """Gradio's chat history -> the model's messages, leaving out failed turns (replies starting with ERROR_MARK)."""
+    """Gradio's chat history -> the model's messages, leaving out failed turns (replies starting with ERROR_MARK);
+    a folded rationale and the answer after it become one reply again ("<rationale> answer: <answer>")."""
     out: list[dict] = []
     pending: list[dict] = []  # user messages of the turn not yet answered
+    rationale = ""
     for m in history:
         text, files = _message_text_and_files(m)
         if m.get("role") == "user":
             pending.append({"text": text, "files": files})
         elif m.get("role") == "assistant":
-            if text.strip().startswith(ERROR_MARK) or not pending:
-                pending = []
+            if (m.get("metadata") or {}).get("title") == RATIONALE_TITLE:
+                rationale = text.strip()
                 continue
+            if text.strip().startswith(ERROR_MARK) or not pending:
+                pending, rationale = [], ""
+                continue
+            reply = "" if text.strip() == EMPTY_REPLY else text.strip()
+            if rationale:
+                reply, rationale = f"{rationale} answer: {reply}", ""
             t = "\n".join(p["text"] for p in pending if p["text"].strip())
             out.append({"role": "user", "content": user_content(t, [f for p in pending for f in p["files"]])})
-            out.append({"role": "assistant", "content": "" if text.strip() == EMPTY_REPLY else text.strip()})
+            out.append({"role": "assistant", "content": reply})
             pending = []
     return out
+
+
+def fold_rationale(reply: str) -> str | list[dict]:
+    """A reply with its rationale first -> two assistant messages, the rationale folded (a Gradio thought) above
+    the answer; any other reply as it is."""
+    rationale, answer = split_cot(reply)
+    if not rationale:
+        return reply
+    return [{"role": "assistant", "content": rationale, "metadata": {"title": RATIONALE_TITLE, "status": "done"}},
+            {"role": "assistant", "content": answer or EMPTY_REPLY}]
 
 
 def fit_context(model, messages: list[dict], max_new_tokens: int) -> list[dict]:
@@ -176,6 +202,8 @@ def make_respond(model, max_upload_mb: float = 10, max_new_tokens: int = 64):
             return
         if not reply.strip():
             yield EMPTY_REPLY
+        elif not isinstance(folded := fold_rationale(reply.strip()), str):
+            yield folded
 
     return respond
 
@@ -192,14 +220,15 @@ def _load(model_or_path):
 
 
 def examples() -> list[dict] | None:
-    """The four tasks (EXAMPLE_LABELS) on the bundled scene and spoken question (None if this install lacks them)."""
+    """The four tasks and a question with its rationale (EXAMPLE_LABELS) on the bundled scene and spoken question (None if this install lacks them)."""
     from mm.assets import EXAMPLES_DIR
 
     image, audio = str(EXAMPLES_DIR / "scene.png"), str(EXAMPLES_DIR / "question.wav")
     if not (Path(image).is_file() and Path(audio).is_file()):
         return None
     return [{"text": "what colour is the star?", "files": [image]}, {"text": "", "files": [image, audio]},
-            {"text": "describe the image.", "files": [image]}, {"text": "transcribe the audio.", "files": [audio]}]
+            {"text": "describe the image.", "files": [image]}, {"text": "transcribe the audio.", "files": [audio]},
+            {"text": f"what colour is the star? {COT_INSTRUCTION}", "files": [image]}]
 
 
 def build_demo(model_or_path=None, max_upload_mb: float = 10, max_new_tokens: int = 64, docs_db=None):

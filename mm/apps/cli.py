@@ -72,7 +72,12 @@ def cmd_train(args) -> int:
     if args.recipe in ("tiny", "tiny-open"):
         from mm.train.recipe_tiny import TinyRecipe, train_tiny
 
-        recipe = TinyRecipe.smoke() if args.smoke else TinyRecipe() if args.recipe == "tiny" else TinyRecipe.open_vocab()
+        if args.recipe == "tiny-open" and not args.init:
+            raise ValueError("--recipe tiny-open continues from a model of the tiny recipe: give --init DIR "
+                             "(e.g. runs/tiny/model after `mm train --recipe tiny --out runs/tiny`)")
+        recipe = TinyRecipe() if args.recipe == "tiny" else TinyRecipe.open_vocab(args.init)
+        if args.smoke:
+            recipe = TinyRecipe.smoke(init=recipe.init)
         recipe.seed = args.seed
         train_tiny(args.out or f"runs/{args.recipe}", recipe, resume=not args.no_resume, threads=args.threads or None,
                    device=args.device)
@@ -177,7 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a model by a recipe")
     t.add_argument("--recipe", default="tiny", choices=["tiny", "tiny-open", "text-tiny"],
                    help="tiny: the shipped multimodal model (runs under torchrun too); tiny-open: the same with speech "
-                        "beyond the scene grammar and rationales (issue 22, sized for a GPU); text-tiny: the text model")
+                        "beyond the scene grammar and rationales, continuing from a tiny model (--init); text-tiny: "
+                        "the text model")
+    t.add_argument("--init", default=None, help="tiny-open: the model directory to continue from")
     t.add_argument("--out", default=None, help="output directory (default: runs/RECIPE)")
     t.add_argument("--steps", type=int, default=0, help="text-tiny: training steps (default 600)")
     t.add_argument("--seed", type=int, default=0)

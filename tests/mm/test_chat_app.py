@@ -9,6 +9,7 @@ import json
 import socket
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -124,6 +125,37 @@ def test_input_error_text_is_shown(model, tmp_path):
     replies = list(make_respond(model)({"text": "transcribe the audio.", "files": [str(long)]}, []))
     assert replies == [f"{ERROR_MARK} long.wav: {seconds:.1f} s is longer than the limit of "
                        f"{model.config.max_audio_seconds:g} s"]
+
+
+class ScriptedModel:
+    """Streams a fixed reply word by word and keeps the messages it was given: the handler's side of folding."""
+
+    config = SimpleNamespace(max_audio_seconds=30.0)
+
+    def __init__(self, reply: str):
+        self.reply, self.seen = reply, []
+
+    def chat(self, messages, stream, max_new_tokens):
+        self.seen.append(messages)
+        for k, word in enumerate(self.reply.split(" ")):
+            yield word if k == 0 else " " + word
+
+
+def test_a_rationale_is_folded_above_the_answer(media):
+    """"look first." replies ("i see ... answer: red") end as a folded rationale message and the answer; in the next
+    turn the model gets its reply whole again; other replies stay one message."""
+    reply = "i see a big red star at the top left. answer: red"
+    model = ScriptedModel(reply)
+    turns = list(make_respond(model)({"text": f"{QUESTION} look first.", "files": [media["image"]]}, []))
+    assert turns[-2] == reply  # streamed as text first
+    rationale, answer = turns[-1]
+    assert rationale["content"] == "i see a big red star at the top left." and answer["content"] == "red"
+    assert rationale["metadata"]["title"] == "rationale" and "metadata" not in answer
+    history = gradio_turn(f"{QUESTION} look first.", [media["image"]], "")[:1] + turns[-1]
+    model.reply = "blue"
+    assert list(make_respond(model)({"text": "and the circle?", "files": []}, history)) == ["blue"]
+    assert model.seen[-1][1] == {"role": "assistant", "content": reply}
+    assert model.seen[-1][2] == {"role": "user", "content": "and the circle?"}
 
 
 def test_demo_script_serves_on_loopback(model_dir):

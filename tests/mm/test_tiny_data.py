@@ -67,12 +67,38 @@ class _Chars:
         return [ord(c) - 96 for c in text]
 
 
-def test_the_recipe_trains_with_open_speech_silence_and_rationales(tmp_path):
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A smoke run of the recipe with open speech, silence and rationales: (output directory, model directory)."""
     torch.set_num_threads(1)
-    model_dir = train_tiny(tmp_path, OPEN, progress=False)
+    out = tmp_path_factory.mktemp("open")
+    return out, train_tiny(out, OPEN, progress=False)
+
+
+def test_the_recipe_trains_with_open_speech_silence_and_rationales(trained):
+    tmp_path, model_dir = trained
     rows = [json.loads(line) for line in (tmp_path / "losses.jsonl").read_text().splitlines()]
     assert len(rows) == sum(OPEN.steps) and all(math.isfinite(h["loss"]) for h in rows)
     assert all(math.isfinite(h["ctc_loss"]) for h in rows if "ctc_loss" in h)
     tok = MultimodalModel.from_pretrained(model_dir).tokenizer
     for text in ("answer", "look first", "i see a big red star", "faithless orphan"):
         assert tok.decode(tok.encode(text)) == text  # rationales and open words round-trip
+
+
+def test_tiny_open_continues_from_the_model_it_is_given(trained, tmp_path):
+    """`TinyRecipe.open_vocab(init)` starts from init's config, weights and tokenizer (not the recipe's own model
+    sizes, 256 wide where the smoke model is 64): with no steps it saves init's weights unchanged; with steps it
+    trains them on."""
+    _, init = trained
+    base = MultimodalModel.from_pretrained(init)
+    small = dict(n_text=24, n_speech=6, n_spoken=6, n_open=4, n_silence=2, batch=(2, 2, 2, 2), save_every=2)
+    same = MultimodalModel.from_pretrained(train_tiny(tmp_path / "none", replace(
+        TinyRecipe.open_vocab(str(init)), steps=(0, 0, 0), **small), progress=False))
+    assert same.config.to_dict() == base.config.to_dict()
+    assert all(torch.equal(v, base.state_dict()[k]) for k, v in same.state_dict().items())
+    assert (tmp_path / "none" / "tokenizer" / "tokenizer.model").read_bytes() == (init / "tokenizer.model").read_bytes()
+    moved = MultimodalModel.from_pretrained(train_tiny(tmp_path / "two", replace(
+        TinyRecipe.open_vocab(str(init)), steps=(2, 0, 2), speech_steps=2, **small), progress=False))
+    assert moved.config.to_dict() == base.config.to_dict()
+    changed = [k for k, v in moved.state_dict().items() if not torch.equal(v, base.state_dict()[k])]
+    assert any(k.startswith("speech_encoder.") for k in changed) and any(k.startswith("language_model.") for k in changed)
