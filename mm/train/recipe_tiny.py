@@ -44,10 +44,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from decoders.llama import LlamaConfig
+from decoders.tokenizer import load_tokenizer
 from decoders.tokenizer_train import train_sentencepiece
 from encoders.ebranchformer import EBranchformerConfig
 from encoders.speech_encoder import SpeechEncoderConfig
@@ -58,8 +58,9 @@ from encoders.vit import ViTConfig
 from mm.models.multimodal import MultimodalConfig, MultimodalModel
 from mm.models.speech_adapter import SpeechAdapterConfig
 from mm.train.text import init_weights
-from mm.train.tiny_data import (GRID_CLASSES, TASK_CYCLE, TASKS, corpus_lines, ctc_targets, make_data, sample_batch,
-                                scene_rows, transcribe_pool)
+from mm.train.grid_probe import GridHead, vit_grid_loss
+from mm.train.tiny_data import (TASK_CYCLE, TASKS, corpus_lines, ctc_targets, make_data, sample_batch, scene_rows,
+                                transcribe_pool)
 
 
 @dataclass
@@ -133,32 +134,7 @@ def model_config(r: TinyRecipe, vocab_size: int, bos: int, eos: int) -> Multimod
                             system="", template="llava_v1")
 
 
-# ------------------------------------------------------------------------------------------------- probe
-
-
-class GridHead(torch.nn.Module):
-    """Training-only probe on the ViT's patch features, one patch per grid cell: what is in the cell (shape,
-    colour, size) and which cell it is (row, column).
-
-    The speech encoder has its CTC loss; this is the vision tower's counterpart, standing in for the pretraining
-    (CLIP) a LLaVA vision tower comes with. It makes each image token say what is where, which the decoder then
-    only has to look up. Not part of the saved model."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.proj = torch.nn.Linear(dim, sum(GRID_CLASSES))
-
-    def loss(self, feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """feats [N, 9, d], labels [N, 9, 5] -> the sum over the five properties of the mean cross-entropy."""
-        parts = self.proj(feats).split(GRID_CLASSES, dim=-1)  # 5 x [N, 9, classes]
-        return sum(F.cross_entropy(p.flatten(0, 1), labels[..., k].flatten()) for k, p in enumerate(parts))
-
-
-def vit_grid_loss(model: MultimodalModel, head: GridHead, pixel_values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The probe's loss on the normed patch features the projector reads."""
-    vit = model.vision_tower
-    feats = vit.norm(vit.hidden_states(pixel_values, [-1])[0][:, vit.cfg.num_prefix_tokens:])  # [N, 9, d]
-    return head.loss(feats, labels.to(feats.device))
+# ------------------------------------------------------------------------------------------------- speech features
 
 
 def set_mvn(model: MultimodalModel, waves: list[torch.Tensor]) -> None:
@@ -238,9 +214,90 @@ def plot_losses(history: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def tokenizer_for(r: TinyRecipe, data: dict, out: Path, main: bool, world: int):
+    """`out/tokenizer/tokenizer.model`: init's (a continued run) or a BPE of `r.vocab_size` trained on the corpus."""
+    tok_dir = out / "tokenizer"
+    if main and not (tok_dir / "tokenizer.model").is_file():
+        tok_dir.mkdir(exist_ok=True)
+        if r.init:
+            shutil.copy(Path(r.init) / "tokenizer.model", tok_dir / "tokenizer.model")
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                corpus = Path(tmp) / "corpus.txt"
+                corpus.write_text("\n".join(corpus_lines(data)))
+                train_sentencepiece([corpus], Path(tmp) / "tok", vocab_size=r.vocab_size, model_type="bpe")
+                shutil.copy(Path(tmp) / "tok" / "tokenizer.model", tok_dir / "tokenizer.model")
+    if world > 1:
+        dist.barrier()
+    return load_tokenizer(tok_dir)
+
+
+def new_model(r: TinyRecipe, data: dict, tokenizer) -> MultimodalModel:
+    """The model to train: init's (config, weights, speech normalisation) or a new one of the recipe's sizes."""
+    torch.manual_seed(r.seed)
+    if r.init:
+        model = MultimodalModel.from_pretrained(r.init)
+    else:
+        model = MultimodalModel(model_config(r, tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eos_id))
+        init_weights(model.language_model)
+        model.image_processor = ImageProcessor(size=r.image_size, crop_size=r.image_size, resample="bicubic")
+        set_mvn(model, [w for w, _ in data["transcribe"][:200]])
+    model.tokenizer = tokenizer
+    if model.config.tokens_per_image() != 9:
+        raise ValueError(f"the recipe's probe needs one patch per grid cell (9 image tokens), got "
+                         f"{model.config.tokens_per_image()} from image_size {r.image_size} and patch_size {r.patch_size}")
+    return model
+
+
+def encoder_loss(r: TinyRecipe, model: MultimodalModel, grid_head: GridHead, tokenizer, data: dict, step: int,
+                 rng: random.Random, device: torch.device, row: dict) -> torch.Tensor:
+    """Stage 0: the ViT's grid probe on new scenes, and for the first `speech_steps` steps CTC on transcribe clips."""
+    rows = scene_rows(r, r.grid_batch, rng)
+    loss = vit_grid_loss(model, grid_head, model.image_processor([im for _, im, _ in rows]).to(device),
+                         torch.stack([g for *_, g in rows]))
+    row["grid_loss"] = loss.item()
+    if step < r.speech_steps:
+        clips = [rng.choice(transcribe_pool(r, data, rng)) for _ in range(r.batch[2])]
+        waves = [w for w, _ in clips]
+        lengths = torch.tensor([w.shape[0] for w in waves])
+        enc, enc_lengths = model.speech_encoder.encode(
+            torch.nn.utils.rnn.pad_sequence(waves, batch_first=True).to(device), lengths.to(device))
+        ys, ys_len = ctc_targets(tokenizer, [t for _, t in clips])
+        ctc = model.ctc.loss(enc, enc_lengths, ys.to(device), ys_len.to(device)) / ys_len.float().mean().clamp_min(1)
+        loss = loss + ctc
+        row["ctc_loss"] = ctc.item()
+    return loss
+
+
+def joint_loss(r: TinyRecipe, model: MultimodalModel, ddp: torch.nn.Module, grid_head: GridHead, processor, tokenizer,
+               data: dict, step: int, rng: random.Random, device: torch.device, row: dict) -> torch.Tensor:
+    """Stages 1 and 2: one task's rows (TASK_CYCLE), next-token loss + CTC (speech) + the grid probe (images)."""
+    task = TASK_CYCLE[step % len(TASK_CYCLE)]
+    convs, images, grids, audios, texts = sample_batch(r, data, task, r.batch[TASKS.index(task)], rng)
+    inputs = processor(convs, images, audios, add_generation_prompt=False, labels=True)
+    speech = inputs["speech"]
+    ys = ys_len = None
+    w = 0.0
+    if texts:  # CTC per target token (ESPnet sums over each utterance), so it weighs like next-token loss
+        ys, ys_len = ctc_targets(tokenizer, texts)
+        w = r.ctc_weight / ys_len.float().mean().clamp_min(1).item()
+    o = ddp(inputs["input_ids"].to(device), inputs["pixel_values"], None if speech is None else speech.to(device),
+            inputs["speech_lengths"], inputs["attention_mask"].to(device), inputs["labels"].to(device), ys, ys_len, w)
+    loss = o.loss
+    row.update(task=task, lm_loss=o.lm_loss.item())
+    if images:
+        grid = vit_grid_loss(model, grid_head, inputs["pixel_values"].to(device), torch.stack(grids))
+        loss = loss + r.grid_weight * grid
+        row["grid_loss"] = grid.item()
+    if o.ctc_loss is not None:
+        row["ctc_loss"] = o.ctc_loss.item() * w / r.ctc_weight
+    return loss
+
+
 def train_tiny(out_dir: str | Path, recipe: TinyRecipe | None = None, resume: bool = True, threads: int | None = None,
                progress: bool = True, stop_after: int | None = None, device: str | None = None) -> Path | None:
-    """Run the recipe (all stages; under torchrun, data parallel); returns the saved model directory.
+    """Run the recipe (all stages; under torchrun, data parallel); returns the saved model directory. The loop over
+    stages and steps with its checkpointing is one piece (about 90 lines) so that resuming reads in one place.
 
     device: 'cuda' trains one process on the GPU (under torchrun each rank takes its local GPU when CUDA is there).
 
@@ -271,38 +328,9 @@ def train_tiny(out_dir: str | Path, recipe: TinyRecipe | None = None, resume: bo
 
     log(f"recipe tiny: {json.dumps(asdict(r))}, world size {world}, device {device}")
     data = make_data(r, out / "cache" / "speech", log)
-
-    tok_dir = out / "tokenizer"
-    if main and r.init and not (tok_dir / "tokenizer.model").is_file():
-        tok_dir.mkdir(exist_ok=True)
-        shutil.copy(Path(r.init) / "tokenizer.model", tok_dir / "tokenizer.model")
-    if main and not (tok_dir / "tokenizer.model").is_file():
-        with tempfile.TemporaryDirectory() as tmp:
-            corpus = Path(tmp) / "corpus.txt"
-            corpus.write_text("\n".join(corpus_lines(data)))
-            train_sentencepiece([corpus], Path(tmp) / "tok", vocab_size=r.vocab_size, model_type="bpe")
-            tok_dir.mkdir(exist_ok=True)
-            shutil.copy(Path(tmp) / "tok" / "tokenizer.model", tok_dir / "tokenizer.model")
-    if world > 1:
-        dist.barrier()
-    from decoders.tokenizer import load_tokenizer
-
-    tokenizer = load_tokenizer(tok_dir)
-    torch.manual_seed(r.seed)
-    if r.init:  # continue from a trained model: its config, weights, tokenizer and speech normalisation
-        model = MultimodalModel.from_pretrained(r.init)
-        cfg = model.config
-    else:
-        cfg = model_config(r, tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eos_id)
-        model = MultimodalModel(cfg)
-        init_weights(model.language_model)
-        model.image_processor = ImageProcessor(size=r.image_size, crop_size=r.image_size, resample="bicubic")
-        set_mvn(model, [w for w, _ in data["transcribe"][:200]])
-    model.tokenizer = tokenizer
-    if cfg.tokens_per_image() != 9:
-        raise ValueError(f"the recipe's probe needs one patch per grid cell (9 image tokens), got "
-                         f"{cfg.tokens_per_image()} from image_size {r.image_size} and patch_size {r.patch_size}")
-    grid_head = GridHead(cfg.vision.dim)
+    tokenizer = tokenizer_for(r, data, out, main, world)
+    model = new_model(r, data, tokenizer)
+    grid_head = GridHead(model.config.vision.dim)
     processor = model.processor()
 
     ckpt = out / "checkpoint.pt"
@@ -343,44 +371,10 @@ def train_tiny(out_dir: str | Path, recipe: TinyRecipe | None = None, resume: bo
             torch.manual_seed(hash((r.seed, stage, step, rank)) % 2**31)
             row = {"stage": stage, "step": offsets[stage] + step}
             if stage == 0:
-                rows = scene_rows(r, r.grid_batch, rng)
-                grid = vit_grid_loss(model, grid_head, model.image_processor([im for _, im, _ in rows]).to(device),
-                                     torch.stack([g for *_, g in rows]))
-                loss = grid
-                row["grid_loss"] = grid.item()
-                if step < r.speech_steps:
-                    clips = [rng.choice(transcribe_pool(r, data, rng)) for _ in range(r.batch[2])]
-                    waves = [w for w, _ in clips]
-                    lengths = torch.tensor([w.shape[0] for w in waves])
-                    enc, enc_lengths = model.speech_encoder.encode(
-                        torch.nn.utils.rnn.pad_sequence(waves, batch_first=True).to(device), lengths.to(device))
-                    ys, ys_len = ctc_targets(tokenizer, [t for _, t in clips])
-                    ctc = model.ctc.loss(enc, enc_lengths, ys.to(device), ys_len.to(device)) / ys_len.float().mean().clamp_min(1)
-                    loss = loss + ctc
-                    row["ctc_loss"] = ctc.item()
-                row["loss"] = loss.item()
+                loss = encoder_loss(r, model, grid_head, tokenizer, data, step, rng, device, row)
             else:
-                task = TASK_CYCLE[step % len(TASK_CYCLE)]
-                convs, images, grids, audios, texts = sample_batch(r, data, task, r.batch[TASKS.index(task)], rng)
-                inputs = processor(convs, images, audios, add_generation_prompt=False, labels=True)
-                speech = inputs["speech"]
-                ys = ys_len = None
-                w = 0.0
-                if texts:  # CTC per target token (ESPnet sums over each utterance), so it weighs like next-token loss
-                    ys, ys_len = ctc_targets(tokenizer, texts)
-                    w = r.ctc_weight / ys_len.float().mean().clamp_min(1).item()
-                o = ddp(inputs["input_ids"].to(device), inputs["pixel_values"], None if speech is None else speech.to(device),
-                        inputs["speech_lengths"], inputs["attention_mask"].to(device), inputs["labels"].to(device),
-                        ys, ys_len, w)
-                loss = o.loss
-                row.update(task=task, lm_loss=o.lm_loss.item())
-                if images:
-                    grid = vit_grid_loss(model, grid_head, inputs["pixel_values"].to(device), torch.stack(grids))
-                    loss = loss + r.grid_weight * grid
-                    row["grid_loss"] = grid.item()
-                row["loss"] = loss.item()
-                if o.ctc_loss is not None:
-                    row["ctc_loss"] = o.ctc_loss.item() * w / r.ctc_weight
+                loss = joint_loss(r, model, ddp, grid_head, processor, tokenizer, data, step, rng, device, row)
+            row["loss"] = loss.item()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if world > 1:  # what DDP does not see (the probe; all of stage 0) is averaged by hand

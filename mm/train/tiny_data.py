@@ -23,6 +23,7 @@ from mm.data.scenes import (COLOURS, COLS, COT_INSTRUCTION, COUNT_WORDS, NUMBERS
 from mm.data.speech_data import speech_examples, spoken_questions, transcript
 from mm.data.words import non_speech, open_speech_examples
 from mm.models.multimodal import CAPTION_PROMPT, TRANSCRIBE_PROMPT
+from mm.train.grid_probe import grid_labels
 
 if TYPE_CHECKING:
     from mm.train.recipe_tiny import TinyRecipe
@@ -55,21 +56,6 @@ def scene_rows(r: TinyRecipe, n: int, rng: random.Random) -> list[tuple[list, ob
     for _ in range(n):
         scene = sample_split_scene(rng, "train")
         out.append((scene, render(scene, r.image_size, rng), grid_labels(scene)))
-    return out
-
-
-# what the probe tells of each grid cell: shape, colour and size (class 0: the cell is empty), row and column
-GRID_CLASSES = (len(SHAPES) + 1, len(COLOURS) + 1, len(SIZES) + 1, len(ROWS), len(COLS))
-
-
-def grid_labels(scene) -> torch.Tensor:
-    """[9, 5]: shape, colour and size class of the object in each grid cell (reading order, 0 where empty), and
-    the cell's row and column."""
-    out = torch.zeros(9, 5, dtype=torch.long)
-    out[:, 3], out[:, 4] = torch.arange(9) // 3, torch.arange(9) % 3
-    for o in scene:
-        out[o.row * 3 + o.col, :3] = torch.tensor([SHAPES.index(o.shape) + 1, COLOURS.index(o.colour) + 1,
-                                                   SIZES.index(o.size) + 1])
     return out
 
 

@@ -16,7 +16,7 @@ from mm.models.formats import detect
 from mm.models.multimodal import MultimodalModel
 from mm.models.processor import InputError
 from mm.train.recipe_tiny import TinyRecipe, train_tiny, weights_digest
-from mm.train.tiny_data import grid_labels
+from mm.train.grid_probe import grid_labels
 from mm.data.scenes import COLOURS, SHAPES, SIZES, Obj, render, sample_scene
 from mm.data.speech_data import synthesize
 
