@@ -14,6 +14,7 @@ ESPnet's end detection. `attention_rescoring` is WeNet's second pass over a CTC 
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -48,9 +49,9 @@ def end_detect(ended: list[Hypothesis], i: int, M: int = 3, D_end: float = math.
     return count == M
 
 
-def _max_min_len(T: int, maxlenratio: float, minlenratio: float) -> tuple[int, int]:
+def _max_min_len(T: int, maxlenratio: float, minlenratio: float, n_prompt: int = 0) -> tuple[int, int]:
     if maxlenratio == 0:
-        maxlen = T
+        maxlen = max(1, T - n_prompt)
     elif maxlenratio < 0:
         maxlen = -int(maxlenratio)
     else:
@@ -86,14 +87,22 @@ def batch_beam_search(
     minlenratio: float = 0.0,
     pre_beam_ratio: float = 1.5,
     prefix: list[int] | None = None,
+    suppress: list[int] | None = None,
+    prompt_in_maxlen: bool = False,
 ) -> list[list[Hypothesis]]:
     """Joint CTC/attention beam search of a padded batch enc [B, T, D], ctc_log_probs [B, T, V]; every utterance
     gets the n-best ESPnet would give it alone, but the hypotheses of all utterances are scored together.
 
     ctc_weight: 0 -> attention only, 1 -> CTC only. maxlenratio: 0 -> max length T_b with end detection;
     < 0 -> constant max length; > 0 -> ratio * T_b. minlenratio: < 0 -> constant, else ratio * T_b.
-    prefix: start tokens (default [sos], e.g. Dolphin's <sos><lang><region><asr>); the CTC score counts only
-    the tokens after it.
+    prefix: start tokens (default [sos], e.g. Dolphin's <sos><lang><region><asr><notimestamp>); as ESPnet's CTC
+    scorer with a hyp_primer, the CTC score counts the tokens after it, the first from frame len(prefix) - 1 on.
+    prompt_in_maxlen (always with CTC): with maxlenratio 0 the prompt after sos takes len(prefix) - 1 of the T_b
+    positions, so the search stops at T_b + 1 - len(prefix) tokens, as Dolphin's (T' - 4 with its 5-token prompt);
+    a CTC prefix scorer that starts at frame len(prefix) - 1 has no frames for more (ESPnet's CTCPrefixScoreTH
+    fails there with an IndexError).
+    suppress: token ids that can never be chosen (-inf before the pre-beam, as ESPnet S2T's ScoreFilter does to
+    the time tokens after <notimestamps>).
     """
     use_ctc, use_dec = ctc_weight > 0, ctc_weight < 1
     if use_ctc and ctc_log_probs is None:
@@ -104,11 +113,12 @@ def batch_beam_search(
         raise ValueError(f"enc must be [B, T, D], got {tuple(enc.shape)}")
     B, dev = enc.shape[0], enc.device
     V = decoder.cfg.vocab_size if use_dec else ctc_log_probs.shape[-1]
-    limits = [_max_min_len(int(n), maxlenratio, minlenratio) for n in enc_lengths.tolist()]
+    prefix = [sos] if prefix is None else list(prefix)
+    n_prompt = len(prefix) - 1 if prompt_in_maxlen or use_ctc else 0
+    limits = [_max_min_len(int(n), maxlenratio, minlenratio, n_prompt) for n in enc_lengths.tolist()]
     maxlens = torch.tensor([m for m, _ in limits], device=dev)  # [B]
     pre_beam = int(pre_beam_ratio * beam_size)
     do_pre_beam = use_ctc and use_dec and pre_beam < V  # ESPnet: no pre-beam when CTC is the only scorer
-    prefix = [sos] if prefix is None else list(prefix)
 
     # running hypotheses of all utterances, grouped by utterance, best first within each
     utt = torch.arange(B, device=dev)  # [N]
@@ -118,7 +128,10 @@ def batch_beam_search(
     sums = {k: torch.zeros(B, device=dev) for k in used}  # unweighted score of each scorer
     cache = decoder.init_cache(enc, enc_lengths) if use_dec else None
     scorer = CTCPrefixScorer(ctc_log_probs, enc_lengths, eos) if use_ctc else None
-    ctc_state = scorer.init_state(utt) if use_ctc else None
+    ctc_state = None
+    if use_ctc:  # ESPnet counts the prefix after sos as emitted: the first token starts at frame len(prefix) - 1
+        ctc_state = dataclasses.replace(scorer.init_state(utt), n_out=min(len(prefix) - 1, scorer.T - 1))
+    banned = torch.tensor(sorted(set(suppress or [])), dtype=torch.long, device=dev)
     ended: list[list[Hypothesis]] = [[] for _ in range(B)]
 
     for i in range(max(m for m, _ in limits)):
@@ -131,6 +144,8 @@ def batch_beam_search(
             weighted += (1 - ctc_weight) * parts["decoder"].float()
         if length_bonus:
             weighted += length_bonus  # the length_bonus scorer gives 1 to every token
+        if banned.numel():
+            weighted[:, banned] = -math.inf
         if use_ctc:
             ids = torch.topk(weighted, pre_beam, dim=-1)[1] if do_pre_beam else None  # [N, pre_beam]
             parts["ctc"], scored = scorer.score(yseq[:, -1], ctc_state, ids)
@@ -182,7 +197,7 @@ def batch_beam_search(
             ended[b] = beam_search(decoder, enc[b, :T_b], lp, sos=sos, eos=eos, beam_size=beam_size,
                                    ctc_weight=ctc_weight, length_bonus=length_bonus, maxlenratio=maxlenratio,
                                    minlenratio=max(0.0, minlenratio - 0.1), pre_beam_ratio=pre_beam_ratio,
-                                   prefix=prefix)
+                                   prefix=prefix, suppress=suppress, prompt_in_maxlen=prompt_in_maxlen)
         out.append(sorted(ended[b], key=lambda h: h.score, reverse=True))
     return out
 

@@ -24,14 +24,16 @@ window. Silence between windows is not decoded. Windows of all files are decoded
 `batch_size` (as in ESPnet, convolutions see the padding, so a batch can differ from one-by-one decoding in the
 last digits), and their results are stitched with the window offsets added.
 
-Dolphin prompts. When the token list has `<asr>` and language tokens (`<xx>` / `<xxx>`, lower case), the decoder
-is primed with `<sos><lang>[<region>]<asr>[<notimestamps>]` (region tokens: `<XX>`, upper case; `<notimestamps>`
-when present, since our timestamps come from CTC rather than from time tokens). Unless `language` / `region` are
-given, they are detected per window as Dolphin does: the decoder's log-probabilities after `<sos>` restricted to
-the language tokens, argmax; then after `<sos><lang>` restricted to the region tokens, argmax. Dolphin decodes
-with the decoder alone (decode="attention"). In joint decoding the CTC prefix score counts only the tokens after
-the prompt; ESPnet's scorer with a hyp_primer instead lets the first token start only at frame len(prompt) - 1,
-so joint decoding with a prompt can differ from ESPnet's (without a prompt it is the same).
+Dolphin / OWSM prompts. When the token list has `<asr>` and language tokens (the blocks of s2t_tokens: Dolphin's
+138 languages <ab>..<zu> and 179 regions <AD>..<ZA>), the decoder is primed with
+`<sos><lang>[<region>]<asr>[<notimestamp>]` (<notimestamp>, or OWSM's <notimestamps>, whichever the list has: our
+timestamps come from CTC, never from time tokens), and while searching, the time tokens <0.00>..<30.00> are
+forbidden as ESPnet S2T's ScoreFilter forbids them after <notimestamp(s)>. Unless `language` is given, language and
+region are detected per window as Dolphin's DolphinSpeech2Text.detect_language does: the argmax of the decoder's
+log-probabilities after `<sos>` over the language block, then after `<sos><lang>` over the region block; a given
+language skips the first step; a region can only be given with its language. In joint decoding the CTC prefix
+scorer, as ESPnet's with a hyp_primer, lets the first token start at frame len(prompt) - 1. The text leaves out
+every `<...>` token, as ESPnet S2T's text_nospecial (what Dolphin returns); `tokens` / `token_ids` keep them.
 
 Checkpoints: `ASRModel.from_espnet_dir` reads an ESPnet/Dolphin experiment directory (config.yaml, *.pth,
 feats_stats.npz, BPE model; a recipe root with exp/*/; or a model-zoo pack whose meta.yaml names them);
@@ -44,7 +46,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +64,7 @@ from encoders.convert_espnet import convert_espnet_speech_encoder_state_dict
 from encoders.speech_encoder import SpeechEncoder, SpeechEncoderConfig
 from encoders.frontend import GlobalMVN
 from mm.models.espnet_files import find_espnet_files
+from mm.models.s2t_tokens import S2TTokens, is_special, token_id
 from mm.models.transcript import Segment, Transcript, Word, timed_words
 from mm.models.vad import speech_windows
 
@@ -71,9 +73,6 @@ MIN_FRAMES = 7  # feature frames the subsampling needs
 DECODE_MODES = ("ctc", "attention", "joint", "rescore")
 ESPNET_JOINT_CTC_WEIGHT = 0.5  # Speech2Text's default ctc_weight
 ESPNET_PARTS = ("frontend.", "normalize.", "encoder.", "ctc.", "decoder.")
-LANGUAGE_TOKEN = re.compile(r"^<[a-z]{2,3}>$")
-REGION_TOKEN = re.compile(r"^<[A-Z]{2}>$")
-NOT_LANGUAGES = {"<na>", "<asr>", "<unk>", "<sos>", "<eos>", "<sop>", "<pad>", "<mask>"}
 
 
 # ----------------------------------------------------------------------------------------------- config
@@ -177,17 +176,20 @@ class ASRModel(nn.Module):
         self.speech = SpeechEncoder(config.speech)
         self.ctc = CTC(len(config.token_list), config.speech.encoder.output_size)
         self.decoder = TransformerDecoder(config.decoder) if config.decoder is not None else None
-        tl = config.token_list
-        self.language_ids = [i for i, t in enumerate(tl) if LANGUAGE_TOKEN.match(t) and t not in NOT_LANGUAGES]
-        self.region_ids = [i for i, t in enumerate(tl) if REGION_TOKEN.match(t)]
-        self.asr_id = tl.index("<asr>") if "<asr>" in tl else None
-        self.notimestamps_id = tl.index("<notimestamps>") if "<notimestamps>" in tl else None
+        self.s2t = S2TTokens.from_token_list(config.token_list)
+        self.language_ids = list(self.s2t.languages)
+        self.region_ids = list(self.s2t.regions)
+        self.asr_id = self.s2t.asr
+        self.notimestamps_id = self.s2t.notimestamps
         self.special_ids = self._special_ids()
 
     def _special_ids(self) -> set[int]:
-        """Ids that print nothing: blank, sos, eos and `<...>` tokens that are not pieces of the BPE model."""
+        """Ids that print nothing: blank, sos, eos and `<...>` tokens; for an ASR (not S2T) model `<...>` pieces of the
+        BPE model (<unk>, user symbols) and char/word `<space>`, `<unk>` print, as in ESPnet's asr_inference text."""
         c = self.config
         out = {c.blank, c.sos, c.eos}
+        if self.has_prompt:  # ESPnet S2T's text_nospecial
+            return out | {i for i, t in enumerate(c.token_list) if is_special(t)}
         for i, t in enumerate(c.token_list):
             if t.startswith("<") and t.endswith(">") and len(t) > 2:
                 if c.token_type == "bpe" and self.tokenizer is not None:
@@ -252,14 +254,6 @@ class ASRModel(nn.Module):
 
     # ------------------------------------------------------------------------------------------- prompts
 
-    def _token_id(self, symbol: str, kind: str, allowed: list[int]) -> int:
-        tok = symbol if symbol.startswith("<") else f"<{symbol}>"
-        tl = self.config.token_list
-        if tok not in tl or tl.index(tok) not in allowed:
-            names = ", ".join(tl[i][1:-1] for i in allowed)
-            raise ValueError(f"{kind} {symbol!r} is not one of this model's {kind}s ({names})")
-        return tl.index(tok)
-
     @torch.no_grad()
     def detect_language(self, enc: torch.Tensor, enc_lengths: torch.Tensor) -> list[tuple[int, int | None]]:
         """Dolphin's detection per utterance: argmax of the decoder's log-probs after <sos> over the language
@@ -286,12 +280,15 @@ class ASRModel(nn.Module):
             if language is not None or region is not None:
                 raise ValueError("this model has no language/region tokens; language= and region= cannot be used")
             return [[sos]] * B, [(None, None)] * B
-        lang_id = None if language is None else self._token_id(language, "language", self.language_ids)
+        tl = self.config.token_list
+        if region is not None and language is None:
+            raise ValueError(f"region={region!r} needs its language= too (a region is read after its language)")
+        lang_id = None if language is None else token_id(tl, language, "language", self.s2t.languages)
         region_id = None
         if region is not None:
-            region_id = self._token_id(region, "region", self.region_ids)
-        if lang_id is None:  # detect the language (and the region after it), keep what was given
-            ids = [(l, r if region_id is None else region_id) for l, r in self.detect_language(enc, enc_lengths)]
+            region_id = token_id(tl, region, "region", self.s2t.regions)
+        if lang_id is None:  # detect the language and the region after it
+            ids = self.detect_language(enc, enc_lengths)
         elif region_id is None and self.region_ids:  # the language is given: detect only the region after it
             cache = self.decoder.init_cache(enc, enc_lengths)
             logp, _ = self.decoder.step(torch.tensor([[sos, lang_id]] * B, device=enc.device), cache)
@@ -299,7 +296,7 @@ class ASRModel(nn.Module):
             ids = [(lang_id, int(r)) for r in rid[logp[:, rid].argmax(-1)]]
         else:
             ids = [(lang_id, region_id)] * B
-        tail = [self.asr_id] + ([self.notimestamps_id] if self.notimestamps_id is not None else [])
+        tail = self.s2t.prompt_tail()
         prefixes = [[sos, l] + ([r] if r is not None else []) + tail for l, r in ids]
         return prefixes, ids
 
@@ -340,7 +337,8 @@ class ASRModel(nn.Module):
                 sel = torch.tensor(idx, device=dev)
                 lp = log_probs[sel] if ctc_weight > 0 else None
                 nbest = batch_beam_search(self.decoder, enc[sel], enc_lengths[sel], lp, sos=c.sos, eos=c.eos,
-                                          beam_size=beam, ctc_weight=ctc_weight, prefix=list(prefix))
+                                          beam_size=beam, ctc_weight=ctc_weight, prefix=list(prefix),
+                                          suppress=self.s2t.suppressed(list(prefix)), prompt_in_maxlen=True)
                 for b, n in zip(idx, nbest):
                     hyps[b] = n[0].tokens if n else []
         segments = []

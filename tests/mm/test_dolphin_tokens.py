@@ -1,0 +1,289 @@
+"""Dolphin's real token set and decoding rules (issue 24, item 5), against ESPnet S2T and Dolphin's own code.
+
+The assets come from the PyPI package dataoceanai-dolphin==20250716 (config.yaml with the 40002-token list,
+bpe.model, feats_stats.npz, and Dolphin's ESPnet-based DolphinSpeech2Text), fetched with pip --no-deps into
+~/.cache/mm-test (MM_TEST_CACHE) on first use; never committed. A tiny random S2T model is built by ESPnet's S2TTask
+from Dolphin's real config.yaml with small encoder/decoder sizes and the real token list, and saved as an ESPnet
+experiment (config.yaml + valid.acc.ave.pth); it is loaded through mm's format table (`load`)."""
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import types
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from mm.models.formats import load
+
+pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning", "ignore::DeprecationWarning"),
+              pytest.mark.usefixtures("one_thread")]
+
+DOLPHIN = "dataoceanai-dolphin==20250716"  # the last ESPnet-based release (later ones run a WeNet port)
+TINY_ENCODER = dict(output_size=32, attention_heads=4, cgmlp_linear_units=64, linear_units=48, num_blocks=2)
+TINY_DECODER = dict(attention_heads=4, linear_units=64, num_blocks=2)
+
+
+@pytest.fixture(scope="session")
+def dolphin_dir():
+    """The `dolphin` package directory of the pinned wheel (python files + assets/)."""
+    cache = Path(os.environ.get("MM_TEST_CACHE", Path.home() / ".cache" / "mm-test")) / DOLPHIN.replace("==", "-")
+    pkg = cache / "dolphin"
+    if not (pkg / "assets" / "config.yaml").is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        dl = cache / "download"
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", DOLPHIN,
+                        "-d", str(dl)], check=True, capture_output=True)
+        with zipfile.ZipFile(next(dl.glob("*.whl"))) as z:
+            z.extractall(cache / "unpack")
+        shutil.rmtree(pkg, ignore_errors=True)
+        (cache / "unpack" / "dolphin").rename(pkg)
+    return pkg
+
+
+def import_dolphin(pkg: Path):
+    """Dolphin's own modules without its __init__ (which imports modelscope/funasr for VAD, not installed)."""
+    if "dolphin" not in sys.modules:
+        mod = types.ModuleType("dolphin")
+        mod.__path__ = [str(pkg)]
+        sys.modules["dolphin"] = mod
+    import dolphin.languages
+    import dolphin.model
+
+    return dolphin.model, dolphin.languages
+
+
+@pytest.fixture(scope="session")
+def real_config(dolphin_dir):
+    return yaml.safe_load((dolphin_dir / "assets" / "config.yaml").read_text(encoding="utf-8"))
+
+
+def waves(seed: int, seconds=(1.2, 0.8)) -> list[np.ndarray]:
+    """Deterministic speech-like signals: harmonic tones with moving pitch and noise."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for k, sec in enumerate(seconds):
+        t = np.arange(int(16000 * sec)) / 16000
+        f0 = 110 + 70 * np.sin(2 * np.pi * (0.9 + k) * t)
+        phase = 2 * np.pi * np.cumsum(f0) / 16000
+        x = sum(np.sin(h * phase) / h for h in range(1, 6)) * (0.5 + 0.5 * np.sin(2 * np.pi * (3 + k) * t) ** 2)
+        out.append((0.2 * x + 0.02 * rng.standard_normal(t.size)).astype(np.float32))
+    return out
+
+
+@pytest.fixture(scope="module")
+def dolphin_exp(tmp_path_factory, dolphin_dir, real_config):
+    """An ESPnet experiment directory of a tiny random model with Dolphin's real config structure and token list."""
+    from espnet2.tasks.s2t import S2TTask
+
+    exp = tmp_path_factory.mktemp("dolphin_tiny")
+    for name in ("bpe.model", "feats_stats.npz"):
+        shutil.copy(dolphin_dir / "assets" / name, exp / name)
+    conf = dict(real_config)
+    conf["encoder_conf"] = {**conf["encoder_conf"], **TINY_ENCODER}
+    conf["decoder_conf"] = {**conf["decoder_conf"], **TINY_DECODER}
+    conf["bpemodel"] = str(exp / "bpe.model")
+    conf["normalize_conf"] = {"stats_file": str(exp / "feats_stats.npz")}
+    torch.manual_seed(0)
+    model = S2TTask.build_model(argparse.Namespace(**conf))  # as DolphinSpeech2Text.build_model_from_file does
+    tl = conf["token_list"]
+    with torch.no_grad():
+        for p in model.parameters():  # LayerNorm/bias defaults (1/0) would hide mistakes
+            p.add_(0.2 * torch.randn_like(p))
+        bias = model.decoder.output_layer.bias
+        model.decoder.output_layer.weight.mul_(3.0)
+        # a small active vocabulary of text pieces, the time tokens ahead of them (so that ScoreFilter decides),
+        # eos close enough to end hypotheses early
+        bias.fill_(-30.0)
+        bias[tl.index("<30.00>") + 1: tl.index("<30.00>") + 301] = 0.0
+        bias[tl.index("<0.00>"): tl.index("<30.00>") + 1] = 6.0
+        bias[tl.index("<ab>"): tl.index("<ZA>") + 1] = 0.0
+        bias[model.eos] = 3.0
+        model.ctc.ctc_lo.weight.mul_(3.0)
+        ctc_bias = model.ctc.ctc_lo.bias  # CTC: the same text pieces, blank ahead, two specials that must not print
+        ctc_bias.fill_(-30.0)
+        ctc_bias[tl.index("<30.00>") + 1: tl.index("<30.00>") + 301] = 0.0
+        ctc_bias[[tl.index("<14.20>"), tl.index("<SHANXI>")]] = 4.0
+        ctc_bias[0] = 2.0
+    (exp / "config.yaml").write_text(yaml.safe_dump(conf, allow_unicode=True, sort_keys=False), encoding="utf-8")
+    torch.save(model.state_dict(), exp / "valid.acc.ave.pth")
+    return exp
+
+
+@pytest.fixture(scope="module")
+def ours(dolphin_exp):
+    return load(dolphin_exp)  # the format table every entry point uses
+
+
+@pytest.fixture(scope="module")
+def dolphin(dolphin_dir, dolphin_exp):
+    """Dolphin's own DolphinSpeech2Text (ESPnet S2T + its ScoreFilter and SimpleBeamSearch) on the same weights."""
+    model, _ = import_dolphin(dolphin_dir)
+    d = model.DolphinSpeech2Text(s2t_train_config=str(dolphin_exp / "config.yaml"),
+                                 s2t_model_file=str(dolphin_exp / "valid.acc.ave.pth"), device="cpu", beam_size=3)
+    d.partial_ar = False  # read by espnet 202511's Speech2Text._decode_single_sample; Dolphin targets 202402
+    return d
+
+
+def espnet_s2t(exp: Path, ctc_weight: float, beam: int = 3):
+    from espnet2.bin.s2t_inference import Speech2Text
+
+    return Speech2Text(s2t_train_config=str(exp / "config.yaml"), s2t_model_file=str(exp / "valid.acc.ave.pth"),
+                       device="cpu", beam_size=beam, ctc_weight=ctc_weight, nbest=1)
+
+
+def espnet_decode(s2t, w: np.ndarray, primer: list[int], maxlenratio: float = 0.0):
+    """ESPnet S2T's search (BatchBeamSearch with its ScoreFilter) primed with `primer`, on the unpadded input as
+    Dolphin decodes it (Speech2Text.__call__ would pad to 30 s): (text, tokens, token_int, text_nospecial, T')."""
+    with torch.no_grad():
+        enc, _ = s2t.s2t_model.encode(torch.from_numpy(w)[None], torch.tensor([w.size]))
+    s2t.beam_search.set_hyp_primer(primer)
+    s2t.maxlenratio = maxlenratio
+    text, tokens, token_int, text_nospecial, _ = s2t._decode_single_sample(enc[0])[0]
+    return text, tokens, token_int, text_nospecial, enc.shape[1]
+
+
+def test_token_blocks_are_dolphins(ours, dolphin_dir, real_config):
+    """Languages, regions, <notimestamp> and time stamps are the blocks Dolphin's and ESPnet's code name."""
+    model, languages = import_dolphin(dolphin_dir)
+    tl = ours.config.token_list
+    assert len(tl) == 40002
+    span = lambda first, last: list(range(tl.index(first), tl.index(last) + 1))  # noqa: E731
+    assert ours.language_ids == span(model.FIRST_LANG_SYMBOL, model.LAST_LANG_SYMBOL)
+    assert ours.region_ids == span(model.FIRST_REGION_SYMBOL, model.LAST_REGION_SYMBOL)
+    assert (len(ours.language_ids), len(ours.region_ids)) == (138, 179)
+    assert {"<SICHUAN>", "<SHANXI>", "<WU>", "<NULL>", "<GLA>", "<LVT>"} <= {tl[i] for i in ours.region_ids}
+    assert not {"<itn>", "<asr>", "<na>", "<unk>", "<sos>"} & {tl[i] for i in ours.language_ids}
+    pre = real_config["preprocessor_conf"]  # what ESPnet's Speech2Text gives its ScoreFilter
+    assert tl[ours.notimestamps_id] == pre["notime_symbol"] == model.NOTIME_SYMBOL == "<notimestamp>"
+    assert list(ours.s2t.times) == span(pre["first_time_symbol"], pre["last_time_symbol"])
+    assert len(ours.s2t.times) == 1501
+    # every language-region pair of Dolphin's table is accepted and put in the prompt
+    w = waves(2, (0.3,))[0]
+    pairs = [p.split("-") for p in languages.LANGUAGE_REGION_CODES]
+    assert len(pairs) == 76
+    for lang, region in pairs:
+        got = ours.transcribe(w, sample_rate=16000, decode="ctc", language=lang, region=region)
+        assert (got.language, got.region) == (lang, region)
+    with pytest.raises(ValueError, match="region='SICHUAN' needs its language="):
+        ours.transcribe(w, sample_rate=16000, region="SICHUAN")
+    with pytest.raises(ValueError, match="language 'itn' is not one of this model's languages"):
+        ours.transcribe(w, sample_rate=16000, language="itn")
+    with pytest.raises(ValueError, match="region 'XY' is not one of this model's regions"):
+        ours.transcribe(w, sample_rate=16000, language="zh", region="XY")
+
+
+def test_attention_matches_espnet_s2t_and_dolphin(ours, dolphin_exp, dolphin):
+    """Attention decoding with <sos><zh><SICHUAN><asr><notimestamp> gives ESPnet S2T's tokens (its ScoreFilter on)
+    and Dolphin's own text, given or detected language; the time tokens, which the weights favour, never win."""
+    tl = ours.config.token_list
+    s2t = espnet_s2t(dolphin_exp, ctc_weight=0.0)
+    sos, asr, notime = ours.config.sos, tl.index("<asr>"), tl.index("<notimestamp>")
+    n_tokens, n_special = [], 0
+    for w in waves(3, (1.2, 0.8, 2.0)):
+        for given in (True, False):
+            opts = dict(language="zh", region="SICHUAN") if given else {}
+            got = ours.transcribe(w, sample_rate=16000, decode="attention", beam=3, **opts)
+            primer = [sos, tl.index(f"<{got.language}>"), tl.index(f"<{got.region}>"), asr, notime]
+            text, tokens, token_int, text_nospecial, T = espnet_decode(s2t, w, primer)
+            assert token_int[:4] == primer[1:]  # Speech2Text keeps the primer after <sos>
+            assert got.token_ids == token_int[4:] and got.tokens == tokens[4:]
+            assert got.text == text_nospecial and "<" not in got.text
+            assert not set(got.token_ids) & set(ours.s2t.times)
+            mine = dolphin(torch.from_numpy(w), lang_sym=opts.get("language"), region_sym=opts.get("region"),
+                           predict_time=False)
+            assert (mine.language, mine.region) == (got.language, got.region)
+            assert mine.text_nospecial == got.text and mine.text == text
+            n_tokens.append(len(got.token_ids))
+            n_special += sum(t.startswith("<") for t in got.tokens)
+        # without ScoreFilter a time token would come first: the filter decides here
+        with torch.no_grad():
+            enc, _ = s2t.s2t_model.encode(torch.from_numpy(w)[None], torch.tensor([w.size]))
+            logp, _ = s2t.s2t_model.decoder.batch_score(torch.tensor([primer]), [None], enc)
+        assert int(logp[0].argmax()) in ours.s2t.times
+    # real hypotheses (a detected language may end at once), with special tokens left out of the text
+    assert sum(n >= 3 for n in n_tokens) >= 4 and n_special >= 3
+
+
+@pytest.mark.parametrize("ctc_weight", [0.3, 0.5])
+def test_joint_matches_espnet_s2t(ours, dolphin_exp, ctc_weight):
+    """Joint CTC/attention decoding with Dolphin's prompt gives ESPnet S2T's tokens (ScoreFilter, CTC prefix scorer
+    with the hyp_primer). ESPnet's own search gets the same T' - 4 limit: with the 5-token primer its
+    CTCPrefixScoreTH fails with an IndexError on longer hypotheses unless end detection stops it first."""
+    tl = ours.config.token_list
+    s2t = espnet_s2t(dolphin_exp, ctc_weight=ctc_weight)
+    n_tokens = []
+    for w in waves(4, (1.2, 0.8, 2.0)):
+        got = ours.transcribe(w, sample_rate=16000, decode="joint", ctc_weight=ctc_weight, beam=3, language="zh",
+                              region="SICHUAN")
+        primer = [ours.config.sos] + [tl.index(t) for t in ("<zh>", "<SICHUAN>", "<asr>", "<notimestamp>")]
+        with torch.no_grad():
+            T = ours.encode(torch.from_numpy(w)[None], torch.tensor([w.size]))[1].item()
+        text, tokens, token_int, text_nospecial, T_ref = espnet_decode(s2t, w, primer, maxlenratio=-(T - 4))
+        assert T_ref == T
+        assert got.token_ids == token_int[4:] and got.text == text_nospecial
+        assert not set(got.token_ids) & set(ours.s2t.times)
+        n_tokens.append(len(got.token_ids))
+    assert min(n_tokens) >= 3
+
+
+def test_search_stops_at_T_minus_4_tokens(ours):
+    """A hypothesis that never ends stops at T' + 1 - len(prompt) = T' - 4 tokens, as Dolphin's search."""
+    bias = ours.decoder.output_layer.bias
+    saved = bias.clone()
+    try:
+        with torch.no_grad():
+            bias[ours.config.eos] -= 1000.0
+        for w in waves(5, (1.0, 0.7)):
+            with torch.no_grad():
+                T = ours.encode(torch.from_numpy(w)[None], torch.tensor([w.size]))[1].item()
+            for decode in ("attention", "joint"):
+                got = ours.transcribe(w, sample_rate=16000, decode=decode, beam=2, language="zh", region="CN")
+                assert len(got.token_ids) == T - 4, (decode, T)
+    finally:
+        with torch.no_grad():
+            bias.copy_(saved)
+
+
+def test_ctc_text_leaves_out_special_tokens(ours, dolphin_exp):
+    """Time stamps and region tokens the CTC head emits stay in `tokens` but never reach the text."""
+    from espnet2.text.build_tokenizer import build_tokenizer
+
+    tokenizer = build_tokenizer(token_type="bpe", bpemodel=str(dolphin_exp / "bpe.model"))
+    seen = set()
+    for w in waves(6, (1.2, 0.8, 2.0)):
+        got = ours.transcribe(w, sample_rate=16000, decode="ctc", language="zh", region="SHANXI")
+        assert got.text == tokenizer.tokens2text([t for t in got.tokens if not (t[0] == "<" and t[-1] == ">")])
+        assert "<" not in got.text
+        seen |= {t for t in got.tokens if t in ("<14.20>", "<SHANXI>")}
+    assert seen == {"<14.20>", "<SHANXI>"}
+
+
+def test_detection_follows_dolphin(ours, dolphin):
+    """A language from the language block (never <itn>), then a region from the region block (<SICHUAN> too),
+    as DolphinSpeech2Text.detect_language picks them on the same weights."""
+    tl = ours.config.token_list
+    w = waves(7, (1.0,))[0]
+    pushes = {("<itn>",): None, ("<zh>", "<SICHUAN>"): ("zh", "SICHUAN"), ("<ar>", "<LVT>"): ("ar", "LVT"),
+              ("<itn>", "<zh>", "<SHANXI>"): ("zh", "SHANXI")}
+    for push, want in pushes.items():
+        mine_bias, ref_bias = ours.decoder.output_layer.bias, dolphin.s2t_model.decoder.output_layer.bias
+        saved = mine_bias.clone()
+        try:
+            with torch.no_grad():
+                for t in push:
+                    mine_bias[tl.index(t)] += 30.0
+                    ref_bias[tl.index(t)] += 30.0
+            got = ours.transcribe(w, sample_rate=16000, decode="ctc")
+            lang, region, _ = dolphin.detect_language(torch.from_numpy(w))
+        finally:
+            with torch.no_grad():
+                mine_bias.copy_(saved)
+                ref_bias.copy_(saved)
+        assert (f"<{got.language}>", f"<{got.region}>") == (tl[lang], tl[region]), push
+        assert got.language != "itn" and (want is None or (got.language, got.region) == want)
