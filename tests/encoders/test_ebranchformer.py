@@ -8,8 +8,8 @@ import torch
 
 from decoders.checkpoint import CheckpointError, read_torch
 from encoders.convert_espnet import convert_espnet_encoder_state_dict, load_espnet_encoder, load_espnet_speech_encoder
-from encoders.ebranchformer import (Conv2dSubsampling4, EBranchformerConfig, EBranchformerEncoder, SpeechTooShortError,
-                                   rel_shift)
+from encoders.ebranchformer import Conv2dSubsampling4, EBranchformerConfig, EBranchformerEncoder, SpeechTooShortError
+from encoders.espnet_attention import rel_shift
 from encoders.speech_encoder import SpeechEncoderConfig
 
 import espnet2.asr.encoder.e_branchformer_encoder as espnet_encoder  # test-only reference (espnet==202511)
