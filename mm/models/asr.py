@@ -376,7 +376,7 @@ class ASRModel(nn.Module):
         if decode != "ctc" and self.decoder is None:
             raise ValueError(f"decode={decode!r} needs an attention decoder; this model is CTC only (use 'ctc')")
         default = {"ctc": 1.0, "attention": 0.0, "joint": ESPNET_JOINT_CTC_WEIGHT,
-                   "rescore": self.config.ctc_weight}[decode]
+                   "rescore": 0.0 if self.has_prompt else self.config.ctc_weight}[decode]  # Dolphin: 0
         if ctc_weight is None or decode in ("ctc", "attention"):
             ctc_weight = default
         if not 0.0 <= ctc_weight <= 1.0:
@@ -408,7 +408,8 @@ class ASRModel(nn.Module):
         """Transcribe a file path, a waveform (with sample_rate), or a list of them (then a list is returned).
 
         decode: "ctc" (greedy), "attention", "joint" (default with a decoder; ctc_weight 0.5 as ESPnet) or
-        "rescore" (CTC prefix beam n-best rescored by the decoder; ctc_weight from the training config).
+        "rescore" (CTC prefix beam n-best rescored by the decoder; ctc_weight from the training config, 0 for
+        Dolphin/OWSM prompt models as Dolphin's attention_rescoring).
         timestamps: word times from CTC forced alignment. progress: tqdm bar over windows (None: when a TTY).
         """
         from tqdm import tqdm

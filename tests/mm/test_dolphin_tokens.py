@@ -1,10 +1,13 @@
 """Dolphin's real token set and decoding rules (issue 24, item 5), against ESPnet S2T and Dolphin's own code.
 
-The assets come from the PyPI package dataoceanai-dolphin==20250716 (config.yaml with the 40002-token list,
-bpe.model, feats_stats.npz, and Dolphin's ESPnet-based DolphinSpeech2Text), fetched with pip --no-deps into
-~/.cache/mm-test (MM_TEST_CACHE) on first use; never committed. A tiny random S2T model is built by ESPnet's S2TTask
-from Dolphin's real config.yaml with small encoder/decoder sizes and the real token list, and saved as an ESPnet
-experiment (config.yaml + valid.acc.ave.pth); it is loaded through mm's format table (`load`)."""
+The assets come from the PyPI package dataoceanai-dolphin (assets/config.yaml with the 40002-token list, bpe.model,
+feats_stats.npz; the same files in both pinned releases), fetched with pip --no-deps into ~/.cache/mm-test
+(MM_TEST_CACHE) on first use; never committed. Dolphin's own code comes in two generations, both used here:
+20250716, the last ESPnet-based one (DolphinSpeech2Text: ESPnet S2T + its ScoreFilter + SimpleBeamSearch), and
+20260513, a WeNet port (its own ASRModel with `attention` and `attention_rescoring`) that loads ESPnet weights.
+A tiny random S2T model is built by ESPnet's S2TTask from Dolphin's real config.yaml with small encoder/decoder
+sizes and the real token list, saved as an ESPnet experiment (config.yaml + valid.acc.ave.pth) and loaded through
+mm's format table (`load`)."""
 import argparse
 import os
 import shutil
@@ -24,20 +27,20 @@ from mm.models.formats import load
 pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning", "ignore::DeprecationWarning"),
               pytest.mark.usefixtures("one_thread")]
 
-DOLPHIN = "dataoceanai-dolphin==20250716"  # the last ESPnet-based release (later ones run a WeNet port)
+DOLPHIN_ESPNET = "dataoceanai-dolphin==20250716"  # the last ESPnet-based release
+DOLPHIN_WENET = "dataoceanai-dolphin==20260513"  # the WeNet port
 TINY_ENCODER = dict(output_size=32, attention_heads=4, cgmlp_linear_units=64, linear_units=48, num_blocks=2)
 TINY_DECODER = dict(attention_heads=4, linear_units=64, num_blocks=2)
 
 
-@pytest.fixture(scope="session")
-def dolphin_dir():
-    """The `dolphin` package directory of the pinned wheel (python files + assets/)."""
-    cache = Path(os.environ.get("MM_TEST_CACHE", Path.home() / ".cache" / "mm-test")) / DOLPHIN.replace("==", "-")
+def fetch_dolphin(requirement: str) -> Path:
+    """The `dolphin` package directory (python files + assets/) of a pinned wheel, cached."""
+    cache = Path(os.environ.get("MM_TEST_CACHE", Path.home() / ".cache" / "mm-test")) / requirement.replace("==", "-")
     pkg = cache / "dolphin"
     if not (pkg / "assets" / "config.yaml").is_file():
         cache.mkdir(parents=True, exist_ok=True)
         dl = cache / "download"
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", DOLPHIN,
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", requirement,
                         "-d", str(dl)], check=True, capture_output=True)
         with zipfile.ZipFile(next(dl.glob("*.whl"))) as z:
             z.extractall(cache / "unpack")
@@ -46,16 +49,28 @@ def dolphin_dir():
     return pkg
 
 
-def import_dolphin(pkg: Path):
-    """Dolphin's own modules without its __init__ (which imports modelscope/funasr for VAD, not installed)."""
-    if "dolphin" not in sys.modules:
-        mod = types.ModuleType("dolphin")
-        mod.__path__ = [str(pkg)]
-        sys.modules["dolphin"] = mod
-    import dolphin.languages
-    import dolphin.model
+@pytest.fixture(scope="session")
+def dolphin_dir():
+    return fetch_dolphin(DOLPHIN_ESPNET)
 
-    return dolphin.model, dolphin.languages
+
+def import_dolphin(pkg: Path, *names: str) -> list:
+    """Modules `dolphin.<name>` of one Dolphin release, without its __init__ (which imports modelscope/funasr for
+    VAD, not installed); both releases are called `dolphin`, so sys.modules is restored afterwards."""
+    import importlib
+
+    saved = {k: v for k, v in sys.modules.items() if k == "dolphin" or k.startswith("dolphin.")}
+    for k in saved:
+        del sys.modules[k]
+    mod = types.ModuleType("dolphin")
+    mod.__path__ = [str(pkg)]
+    sys.modules["dolphin"] = mod
+    try:
+        return [importlib.import_module(f"dolphin.{n}") for n in names]
+    finally:
+        for k in [k for k in sys.modules if k == "dolphin" or k.startswith("dolphin.")]:
+            del sys.modules[k]
+        sys.modules.update(saved)
 
 
 @pytest.fixture(scope="session")
@@ -123,7 +138,7 @@ def ours(dolphin_exp):
 @pytest.fixture(scope="module")
 def dolphin(dolphin_dir, dolphin_exp):
     """Dolphin's own DolphinSpeech2Text (ESPnet S2T + its ScoreFilter and SimpleBeamSearch) on the same weights."""
-    model, _ = import_dolphin(dolphin_dir)
+    (model,) = import_dolphin(dolphin_dir, "model")
     d = model.DolphinSpeech2Text(s2t_train_config=str(dolphin_exp / "config.yaml"),
                                  s2t_model_file=str(dolphin_exp / "valid.acc.ave.pth"), device="cpu", beam_size=3)
     d.partial_ar = False  # read by espnet 202511's Speech2Text._decode_single_sample; Dolphin targets 202402
@@ -150,7 +165,7 @@ def espnet_decode(s2t, w: np.ndarray, primer: list[int], maxlenratio: float = 0.
 
 def test_token_blocks_are_dolphins(ours, dolphin_dir, real_config):
     """Languages, regions, <notimestamp> and time stamps are the blocks Dolphin's and ESPnet's code name."""
-    model, languages = import_dolphin(dolphin_dir)
+    model, languages = import_dolphin(dolphin_dir, "model", "languages")
     tl = ours.config.token_list
     assert len(tl) == 40002
     span = lambda first, last: list(range(tl.index(first), tl.index(last) + 1))  # noqa: E731
@@ -287,3 +302,67 @@ def test_detection_follows_dolphin(ours, dolphin):
                 ref_bias.copy_(saved)
         assert (f"<{got.language}>", f"<{got.region}>") == (tl[lang], tl[region]), push
         assert got.language != "itn" and (want is None or (got.language, got.region) == want)
+
+
+@pytest.fixture(scope="module")
+def dolphin_wenet(dolphin_exp):
+    """Dolphin's WeNet port (ASRModel, extract_feats, tokenizer) built for the tiny experiment: its train.yaml
+    settings written from the ESPnet config, the ESPnet weights loaded as its load_model does for them (MVN
+    statistics to encoder.global_cmvn, the decoder's positional table of its own)."""
+    pkg = fetch_dolphin(DOLPHIN_WENET)
+    model_mod, processor, tokenizer = import_dolphin(pkg, "model", "processor", "tokenizer")
+    conf = yaml.safe_load((dolphin_exp / "config.yaml").read_text(encoding="utf-8"))
+    tl, enc, dec = conf["token_list"], conf["encoder_conf"], conf["decoder_conf"]
+    units = dolphin_exp / "units.txt"
+    units.write_text("".join(f"{t} {i}\n" for i, t in enumerate(tl)), encoding="utf-8")
+    keys = ("output_size", "attention_heads", "linear_units", "cgmlp_linear_units", "cgmlp_conv_kernel",
+            "use_linear_after_conv", "gate_activation", "num_blocks", "input_layer", "merge_conv_kernel")
+    configs = {
+        "cmvn": "global_mvn", "cmvn_conf": {"cmvn_file": str(dolphin_exp / "feats_stats.npz")},
+        "input_dim": 80, "output_dim": len(tl),
+        "encoder_conf": {**{k: enc[k] for k in keys}, "pos_enc_layer_type": "rel_pos_v1",  # ESPnet's "latest"
+                         "dropout_rate": 0.0, "positional_dropout_rate": 0.0, "attention_dropout_rate": 0.0},
+        "decoder_conf": {**{k: dec[k] for k in ("attention_heads", "linear_units", "num_blocks")},
+                         "dropout_rate": 0.0, "positional_dropout_rate": 0.0, "self_attention_dropout_rate": 0.0,
+                         "src_attention_dropout_rate": 0.0},
+        "ctc_conf": {"ctc_blank_id": 0}, "model_conf": {"ctc_weight": 0.3},
+        "tokenizer": "bpe",
+        "tokenizer_conf": {"special_tokens": {"<sos>": tl.index("<sos>"), "<eos>": tl.index("<eos>")},
+                           "symbol_table_path": str(units), "bpe_path": str(dolphin_exp / "bpe.model")},
+        "dataset_conf": {"frontend_conf": {k: conf["frontend_conf"][k] for k in ("n_fft", "win_length", "hop_length")}},
+    }
+    model = model_mod.init_speech_model(configs)
+    sd = torch.load(dolphin_exp / "valid.acc.ave.pth", weights_only=True)
+    sd["encoder.global_cmvn.mean"], sd["encoder.global_cmvn.std"] = sd.pop("normalize.mean"), sd.pop("normalize.std")
+    sd["decoder.embed.1.pe"] = model.state_dict()["decoder.embed.1.pe"]
+    del sd["frontend.logmel.melmat"]
+    model.load_state_dict(sd)  # strict: every tensor has its place
+    model.model_configs = configs
+    model.device = "cpu"
+    return model.eval(), processor, tokenizer.init_tokenizer(configs)
+
+
+def test_rescore_matches_dolphins_attention_rescoring(ours, dolphin_wenet):
+    """decode="rescore" with Dolphin's prompt gives the tokens of Dolphin's own (WeNet port) attention_rescoring:
+    CTC prefix beam search n-best rescored by the decoder after <sos><zh><SICHUAN><asr><notimestamp>, ctc_weight 0
+    (Dolphin's default, and ours for prompt models). Its encoder equals ours first."""
+    model, processor, tokenizer = dolphin_wenet
+    n_tokens = []
+    for w in waves(8, (1.2, 0.8, 2.0)):
+        x = torch.from_numpy(w)
+        feats = lambda: processor.extract_feats([x[None]], model.model_configs)  # noqa: E731 (normalised in place)
+        with torch.no_grad():
+            batch = feats()
+            ref_enc, _ = model._forward_encoder(batch["feats"], batch["feats_lengths"])
+            enc, _ = ours.encode(x[None], torch.tensor([w.size]))
+            assert (ref_enc - enc).abs().max() < 1e-4
+            batch = feats()
+            ref = model.decode(["attention_rescoring"], batch["feats"], batch["feats_lengths"], beam_size=3,
+                               infos={"tokenizer": tokenizer, "langs": ["<zh>"], "regions": ["<SICHUAN>"]})
+        tl = ours.config.token_list
+        ref_tokens = ref["attention_rescoring"][0].tokens
+        assert ref_tokens[:4] == [tl.index(t) for t in ("<zh>", "<SICHUAN>", "<asr>", "<notimestamp>")]
+        got = ours.transcribe(w, sample_rate=16000, decode="rescore", beam=3, language="zh", region="SICHUAN")
+        assert got.token_ids == ref_tokens[4:]
+        n_tokens.append(len(got.token_ids))
+    assert min(n_tokens) >= 3
