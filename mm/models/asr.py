@@ -32,8 +32,10 @@ forbidden as ESPnet S2T's ScoreFilter forbids them after <notimestamp(s)>. Unles
 region are detected per window as Dolphin's DolphinSpeech2Text.detect_language does: the argmax of the decoder's
 log-probabilities after `<sos>` over the language block, then after `<sos><lang>` over the region block; a given
 language skips the first step; a region can only be given with its language. In joint decoding the CTC prefix
-scorer, as ESPnet's with a hyp_primer, lets the first token start at frame len(prompt) - 1. The text leaves out
-every `<...>` token, as ESPnet S2T's text_nospecial (what Dolphin returns); `tokens` / `token_ids` keep them.
+scorer, as ESPnet's with a hyp_primer, lets the first token start at frame len(prompt) - 1, and the search stops
+at T' + 1 - len(prompt) tokens (T' - 4 with Dolphin's prompt), as Dolphin's. "rescore" is Dolphin's
+attention_rescoring (ctc_weight 0 by default for these models). The text leaves out every `<...>` token, as ESPnet
+S2T's text_nospecial (what Dolphin returns); `tokens` / `token_ids` keep them.
 
 Checkpoints: `ASRModel.from_espnet_dir` reads an ESPnet/Dolphin experiment directory (config.yaml, *.pth,
 feats_stats.npz, BPE model; a recipe root with exp/*/; or a model-zoo pack whose meta.yaml names them);
