@@ -247,22 +247,30 @@ def test_joint_matches_espnet_s2t(ours, dolphin_exp, ctc_weight):
     assert min(n_tokens) >= 3
 
 
-def test_search_stops_at_T_minus_4_tokens(ours):
-    """A hypothesis that never ends stops at T' + 1 - len(prompt) = T' - 4 tokens, as Dolphin's search."""
-    bias = ours.decoder.output_layer.bias
-    saved = bias.clone()
+def test_search_stops_at_T_minus_4_tokens(ours, dolphin_exp):
+    """A hypothesis that never ends stops at T' + 1 - len(prompt) = T' - 4 tokens, as Dolphin's (WeNet port) search;
+    its tokens are ESPnet S2T's when ESPnet is given that maximum length (maxlenratio = -(T' - 4)): ESPnet's own
+    attention search would go on to T' tokens, its joint search would fail (see test_joint_matches_espnet_s2t)."""
+    tl = ours.config.token_list
+    primer = [ours.config.sos] + [tl.index(t) for t in ("<zh>", "<CN>", "<asr>", "<notimestamp>")]
+    refs = {"attention": espnet_s2t(dolphin_exp, 0.0, beam=2), "joint": espnet_s2t(dolphin_exp, 0.5, beam=2)}
+    biases = [ours.decoder.output_layer.bias] + [r.s2t_model.decoder.output_layer.bias for r in refs.values()]
+    saved = biases[0].clone()
     try:
         with torch.no_grad():
-            bias[ours.config.eos] -= 1000.0
+            for bias in biases:
+                bias[ours.config.eos] -= 1000.0
         for w in waves(5, (1.0, 0.7)):
             with torch.no_grad():
                 T = ours.encode(torch.from_numpy(w)[None], torch.tensor([w.size]))[1].item()
-            for decode in ("attention", "joint"):
+            for decode, ref in refs.items():
                 got = ours.transcribe(w, sample_rate=16000, decode=decode, beam=2, language="zh", region="CN")
                 assert len(got.token_ids) == T - 4, (decode, T)
+                assert got.token_ids == espnet_decode(ref, w, primer, maxlenratio=-(T - 4))[2][4:], decode
     finally:
         with torch.no_grad():
-            bias.copy_(saved)
+            for bias in biases:
+                bias.copy_(saved)
 
 
 def test_ctc_text_leaves_out_special_tokens(ours, dolphin_exp):
