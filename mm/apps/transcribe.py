@@ -89,7 +89,8 @@ def run_transcribe(files: list[str], model_dir: str | None, decode: str | None =
 
     decode / beam: the search (see --decode) and its width (None: 10 for ESPnet/Dolphin models, 4 for the multimodal).
     progress: a tqdm bar over the decoded windows on stderr (None: only when stderr is a terminal).
-    language / region: Dolphin prompt symbols such as "en" / "US" (default: detected per window).
+    language / region: Dolphin prompt symbols such as "en" / "US" (default: detected per window); a region needs
+    its language.
     """
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
@@ -166,7 +167,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="windows decoded together")
     p.add_argument("--out-dir", default=None, help="write one output file per input here instead of stdout")
     p.add_argument("--language", default=None, help="Dolphin-style models: language symbol, e.g. en (default: detect)")
-    p.add_argument("--region", default=None, help="Dolphin-style models: region symbol, e.g. US (default: detect)")
+    p.add_argument("--region", default=None,
+                   help="Dolphin-style models: region symbol, e.g. US or SICHUAN; needs --language (default: detect)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
     p.add_argument("--threads", type=int, default=0,
                    help="CPU threads (default: torch's choice; 1 is often fastest for small models on busy machines)")
