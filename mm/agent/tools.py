@@ -179,8 +179,8 @@ def calculator(expression: str) -> str:
 
 def model_tools(model) -> list[Tool]:
     """`caption`, `transcribe` and `ask_image` over a model with `caption` / `transcribe` / `chat` (`mm.load()`)."""
-    tools = []
-    if hasattr(model, "caption"):
+    tools, modalities = [], getattr(model, "modalities", ())  # a fusion model's: "image", "speech"
+    if "image" in modalities:
         @tool
         def caption(image: str) -> str:
             """Describe an image file: what it shows, in one sentence."""
@@ -193,7 +193,7 @@ def model_tools(model) -> list[Tool]:
             return model.chat([{"role": "user", "content": content}])
 
         tools += [caption, ask_image]
-    if hasattr(model, "encode_speech") or type(model).__name__ == "ASRModel":
+    if "speech" in modalities or type(model).__name__ == "ASRModel":
         @tool
         def transcribe(audio: str) -> str:
             """Transcribe an audio file (speech to text)."""

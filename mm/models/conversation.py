@@ -1,4 +1,5 @@
-"""Conversation templates with `<image>` slots, and the processor that turns prompts + images into model inputs.
+"""Conversation templates with `<image>` / `<audio>` slots, and their encoding into token ids (the processor,
+`mm.models.processor`, turns conversations + media into model inputs with them).
 
 Messages are `[{"role": "system"|"user"|"assistant", "content": str}, ...]`; an image goes where the user text
 says `<image>`. Templates:
@@ -17,8 +18,6 @@ from __future__ import annotations
 
 import re
 from typing import Callable, Sequence
-
-import torch
 
 from decoders.chat_template import apply_chat_template
 from decoders.loss import IGNORE_INDEX
@@ -41,11 +40,6 @@ def _check(messages) -> None:
             raise ValueError(f"message {k} has role {m['role']!r}; expected system, user or assistant")
         if m["role"] == "system" and k:
             raise ValueError(f"message {k} is a system message; only the first message may be one")
-
-
-def user_prompt(question: str, n_images: int = 1) -> list[dict]:
-    """The usual first turn: the image(s), a newline, then the question."""
-    return [{"role": "user", "content": IMAGE_PLACEHOLDER * n_images + "\n" + question}]
 
 
 def segments(messages, template: str = "llava_v1", add_generation_prompt: bool = True,
@@ -147,73 +141,3 @@ def encode_pieces(tokenizer, pieces: Sequence[tuple[str, str | None]], slots: di
         ids += new
         labels += [t if answer and t not in slot_ids else IGNORE_INDEX for t in new]
     return ids, labels, seen
-
-
-def encode_with_images(tokenizer, pieces: Sequence[tuple[str, str | None]], image_token_index: int,
-                       tokens_per_image: int, bos: bool = True,
-                       space_before_answer: bool = False) -> tuple[list[int], list[int], int]:
-    """(ids, labels, number of images) of prompt pieces; labels keep answer tokens and are IGNORE_INDEX elsewhere."""
-    ids, labels, seen = encode_pieces(tokenizer, pieces, {IMAGE_PLACEHOLDER: (image_token_index, lambda k: tokens_per_image)},
-                                      bos, space_before_answer)
-    return ids, labels, seen[IMAGE_PLACEHOLDER]
-
-
-class LlavaProcessor:
-    """Prompts (raw text or messages) with `<image>` placeholders + images -> input_ids, attention_mask, pixel_values.
-
-    Batches are left-padded (pad id: the tokenizer's, else 0) with attention_mask 1 on real tokens. Images come as
-    one flat list in placeholder order over the whole batch, or one list per prompt.
-    """
-
-    def __init__(self, tokenizer, image_processor, image_token_index: int, tokens_per_image: int,
-                 template: str = "llava_v1", system: str | None = None):
-        if template not in TEMPLATES:
-            raise ValueError(f"unknown conversation template {template!r}; expected one of {TEMPLATES}")
-        self.tokenizer, self.image_processor = tokenizer, image_processor
-        self.image_token_index, self.tokens_per_image = image_token_index, tokens_per_image
-        self.template, self.system = template, system
-
-    def encode(self, prompt: str | list[dict], add_generation_prompt: bool = True) -> tuple[list[int], list[int], int]:
-        """(ids, labels, number of images) of one prompt: raw text (BOS + text) or messages (through the template)."""
-        if isinstance(prompt, str):
-            pieces = [("text", prompt)]
-        else:
-            pieces = segments(prompt, self.template, add_generation_prompt, self.system)
-        bos = not (not isinstance(prompt, str) and self.template == "llama3")  # <|begin_of_text|> is the BOS there
-        return encode_with_images(self.tokenizer, pieces, self.image_token_index, self.tokens_per_image, bos=bos,
-                                  space_before_answer=self.template == "llava_v1")
-
-    def __call__(self, prompts, images=None, add_generation_prompt: bool = True, labels: bool = False) -> dict:
-        """Model inputs for one prompt or a batch; with labels=True also `labels` (answer tokens only)."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], dict)):
-            prompts = [prompts]
-        encoded = [self.encode(p, add_generation_prompt) for p in prompts]
-        n_placeholders = [n for _, _, n in encoded]
-        if images is None:
-            images = []
-        elif not isinstance(images, (list, tuple)):
-            images = [images]
-        if images and all(isinstance(x, (list, tuple)) for x in images):  # one list per prompt
-            if len(images) != len(prompts):
-                raise ValueError(f"{len(images)} image lists for {len(prompts)} prompts")
-            for k, (n, im) in enumerate(zip(n_placeholders, images)):
-                if n != len(im):
-                    raise ValueError(f"prompt {k} has {n} '{IMAGE_PLACEHOLDER}' placeholder(s) but {len(im)} image(s)")
-            images = [x for im in images for x in im]
-        if sum(n_placeholders) != len(images):
-            raise ValueError(f"the prompts have {sum(n_placeholders)} '{IMAGE_PLACEHOLDER}' placeholder(s) "
-                             f"(per prompt: {n_placeholders}) but {len(images)} image(s) were given")
-        T = max(len(ids) for ids, _, _ in encoded)
-        pad = self.tokenizer.pad_id if getattr(self.tokenizer, "pad_id", None) is not None else 0
-        input_ids = torch.full((len(prompts), T), pad, dtype=torch.long)
-        label_ids = torch.full((len(prompts), T), IGNORE_INDEX, dtype=torch.long)
-        attention_mask = torch.zeros((len(prompts), T), dtype=torch.long)
-        for b, (ids, lab, _) in enumerate(encoded):
-            input_ids[b, T - len(ids):] = torch.tensor(ids)
-            label_ids[b, T - len(ids):] = torch.tensor(lab)
-            attention_mask[b, T - len(ids):] = 1
-        out = {"input_ids": input_ids, "attention_mask": attention_mask,
-               "pixel_values": self.image_processor(list(images)) if images else None}
-        if labels:
-            out["labels"] = label_ids
-        return out

@@ -1,4 +1,4 @@
-"""Chat messages holding text, images and audio -> model inputs for `mm.models.multimodal.MultimodalModel`.
+"""Chat messages holding text, images and audio -> model inputs for `mm.models.fusion.FusionModel`.
 
 A message's content is a string with `<image>` / `<audio>` placeholders (the media then come as `images=` /
 `audios=`, in placeholder order), or a list of parts in the Hugging Face style:
@@ -7,6 +7,8 @@ A message's content is a string with `<image>` / `<audio>` placeholders (the med
     {"type": "audio", "audio": path | waveform array/tensor, "sampling_rate": 16000 (arrays only)}
 Each `<image>` becomes `tokens_per_image` image tokens and each `<audio>` as many audio tokens as its utterance
 gives adapted features. Batches are left-padded with attention_mask 1 on real tokens; positions follow the mask.
+Token ids follow `mm.models.conversation` (LLaVA's `tokenizer_image_token`). A model without speech (LLaVA) gets a
+processor without audio, one without vision one without images: media it cannot take are an InputError.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from decoders.loss import IGNORE_INDEX
 from encoders.audio import AudioError, load_audio
 from encoders.image import ImageError, load_image
 
-from mm.models.conversation import IMAGE_PLACEHOLDER, encode_pieces, segments
+from mm.models.conversation import IMAGE_PLACEHOLDER, TEMPLATES, encode_pieces, segments
 
 AUDIO_PLACEHOLDER = "<audio>"
 PLACEHOLDERS = (IMAGE_PLACEHOLDER, AUDIO_PLACEHOLDER)
@@ -83,9 +85,12 @@ def as_list(media, name: str) -> list:
 class MultimodalProcessor:
     """Conversations + images + audio -> input_ids, attention_mask, pixel_values, speech, speech_lengths (+ labels)."""
 
-    def __init__(self, tokenizer, image_processor, image_token_id: int, tokens_per_image: int, audio_token_id: int,
-                 audio_feature_lengths: Callable[[torch.Tensor], torch.Tensor], template: str = "llava_v1",
-                 system: str | None = None, max_audio_seconds: float = 30.0, sample_rate: int = 16000):
+    def __init__(self, tokenizer, image_processor, image_token_id: int, tokens_per_image: int | None,
+                 template: str = "llava_v1", system: str | None = None, *, audio_token_id: int | None = None,
+                 audio_feature_lengths: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 max_audio_seconds: float = 30.0, sample_rate: int = 16000):
+        if template not in TEMPLATES:
+            raise ValueError(f"unknown conversation template {template!r}; expected one of {TEMPLATES}")
         self.tokenizer, self.image_processor = tokenizer, image_processor
         self.image_token_id, self.tokens_per_image = image_token_id, tokens_per_image
         self.audio_token_id, self.audio_feature_lengths = audio_token_id, audio_feature_lengths
@@ -135,12 +140,13 @@ class MultimodalProcessor:
                              f"{len(audio_lengths)} audio input(s) were given")
         slots = {IMAGE_PLACEHOLDER: (self.image_token_id, lambda k: self.tokens_per_image),
                  AUDIO_PLACEHOLDER: (self.audio_token_id, lambda k: audio_lengths[k])}
-        return encode_pieces(self.tokenizer, pieces, slots, bos=True, space_before_answer=self.template == "llava_v1")
+        bos = isinstance(messages, str) or self.template != "llama3"  # <|begin_of_text|> is the BOS there
+        return encode_pieces(self.tokenizer, pieces, slots, bos=bos, space_before_answer=self.template == "llava_v1")
 
-    def __call__(self, conversations, images=None, audios=None, add_generation_prompt: bool = True,
-                 labels: bool = False) -> dict:
-        """Model inputs for one conversation or a batch; `images` / `audios` are flat lists over the batch, in
-        placeholder order, added after any media given as content parts."""
+    def gather(self, conversations, images=None, audios=None) -> tuple[list, list[list], list[list]]:
+        """(conversations with placeholder strings, images per conversation, audios per conversation): media given
+        as content parts, then `images` / `audios` (flat lists over the batch in placeholder order, or for images one
+        list per conversation) filling the placeholders left without a part, conversation after conversation."""
         if not isinstance(conversations, (str, dict, list, tuple)):
             raise InputError(f"a conversation must be a list of {{'role', 'content'}} messages, got "
                              f"{type(conversations).__name__}")
@@ -148,44 +154,43 @@ class MultimodalProcessor:
             conversations = [conversations]
         if not conversations:
             raise InputError("messages is empty: give at least one {'role': 'user', 'content': ...} message")
-        images, audios = as_list(images, "images"), as_list(audios, "audios")
-        flat, per_images, per_audios = [], [], []
-        for c in conversations:
-            if isinstance(c, str):
-                flat.append(c)
-                per_images.append([])
-                per_audios.append([])
-                continue
-            msgs, ims, auds = flatten_parts(c)
-            flat.append(msgs)
-            per_images.append(ims)
-            per_audios.append(auds)
-        # media given as lists go to placeholders left without a part, conversation after conversation
-        counts = []
-        for c, ims, auds in zip(flat, per_images, per_audios):
-            text = c if isinstance(c, str) else "".join(m["content"] for m in c)
+        nested = isinstance(images, (list, tuple)) and bool(images) and all(isinstance(x, (list, tuple)) for x in images)
+        if nested and len(images) != len(conversations):
+            raise InputError(f"{len(images)} image lists for {len(conversations)} prompts")
+        per_prompt, images, audios = (images if nested else None), ([] if nested else as_list(images, "images")), \
+            as_list(audios, "audios")
+        flat, per_images, per_audios, counts = [], [], [], []
+        for k, c in enumerate(conversations):
+            msgs, ims, auds = (c, [], []) if isinstance(c, str) else flatten_parts(c)
+            text = msgs if isinstance(c, str) else "".join(m["content"] for m in msgs)
             n_img, n_aud = text.count(IMAGE_PLACEHOLDER), text.count(AUDIO_PLACEHOLDER)
+            if per_prompt is not None:
+                ims += per_prompt[k]
+                if len(ims) != n_img:
+                    raise InputError(f"prompt {k} has {n_img} '{IMAGE_PLACEHOLDER}' placeholder(s) but {len(ims)} image(s)")
             need_img, need_aud = n_img - len(ims), n_aud - len(auds)
             if need_img < 0 or need_aud < 0:
                 raise InputError(f"a conversation has {n_img} image and {n_aud} audio placeholder(s) but "
                                  f"{len(ims)} image and {len(auds)} audio part(s)")
-            ims += images[:need_img]
-            auds += audios[:need_aud]
+            flat.append(msgs)
+            per_images.append(ims + images[:need_img])
+            per_audios.append(auds + audios[:need_aud])
             images, audios = images[need_img:], audios[need_aud:]
             counts.append((n_img, n_aud))
-        for name, ph, rest, per in (("image", IMAGE_PLACEHOLDER, images, per_images),
-                                    ("audio", AUDIO_PLACEHOLDER, audios, per_audios)):
-            given = sum(len(p) for p in per) + len(rest)
-            wanted = sum(c[0 if name == "image" else 1] for c in counts)
-            if given != wanted or rest:
-                raise InputError(f"the conversation(s) have {wanted} '{ph}' placeholder(s) but {given} {name}(s) "
-                                 f"were given: one {name} per placeholder")
-        all_images = [self.load_image(im, k) for k, im in enumerate(x for p in per_images for x in p)]
-        sources = [x for p in per_audios for x in p]
-        waves = [self.load_audio(a, k) for k, a in enumerate(sources)]
+        for i, (name, ph, rest, per) in enumerate((("image", IMAGE_PLACEHOLDER, images, per_images),
+                                                   ("audio", AUDIO_PLACEHOLDER, audios, per_audios))):
+            given, wanted = sum(len(p) for p in per) + len(rest), [c[i] for c in counts]
+            if given != sum(wanted) or rest:
+                raise InputError(f"the conversation(s) have {sum(wanted)} '{ph}' placeholder(s) but {given} {name}(s) "
+                                 f"were given: one {name} per placeholder (placeholders per conversation: {wanted}, "
+                                 f"but {given} {name}(s))")
+        return flat, per_images, per_audios
+
+    def audio_lengths(self, sources: list, waves: list[torch.Tensor]) -> list[int]:
+        """Audio tokens of each waveform; an utterance too short to hear is an InputError naming it."""
         speech_lengths = torch.tensor([w.shape[0] for w in waves], dtype=torch.long)
         try:
-            feature_lengths = self.audio_feature_lengths(speech_lengths).tolist() if waves else []
+            return self.audio_feature_lengths(speech_lengths).tolist() if waves else []
         except ValueError:  # SpeechTooShortError: name the first utterance too short to hear
             for k, (source, wave) in enumerate(zip(sources, waves)):
                 try:
@@ -195,6 +200,20 @@ class MultimodalProcessor:
                     raise InputError(f"audio {k}: {name}{wave.shape[0] / self.sample_rate * 1000:.0f} ms is too short "
                                      f"to hear ({e})") from e
             raise
+
+    def __call__(self, conversations, images=None, audios=None, add_generation_prompt: bool = True,
+                 labels: bool = False) -> dict:
+        """Model inputs for one conversation (messages, or raw text: BOS + text) or a batch, media as `gather` takes
+        them; with labels=True also `labels` (answer tokens only)."""
+        flat, per_images, per_audios = self.gather(conversations, images, audios)
+        sources = [x for p in per_audios for x in p]
+        if sources and self.audio_feature_lengths is None:
+            raise InputError("this model has no speech encoder: it takes no audio")
+        if any(per_images) and self.image_processor is None:
+            raise InputError("this model has no vision tower: it takes no images")
+        all_images = [self.load_image(im, k) for k, im in enumerate(x for p in per_images for x in p)]
+        waves = [self.load_audio(a, k) for k, a in enumerate(sources)]
+        feature_lengths = self.audio_lengths(sources, waves)
         encoded, at = [], 0
         for c, auds in zip(flat, per_audios):
             encoded.append(self.encode(c, feature_lengths[at:at + len(auds)], add_generation_prompt))
@@ -211,7 +230,10 @@ class MultimodalProcessor:
             label_ids[b, T - len(ids):] = torch.tensor(lab)
         out["pixel_values"] = self.image_processor(all_images) if all_images else None
         out["speech"] = torch.nn.utils.rnn.pad_sequence(waves, batch_first=True) if waves else None
-        out["speech_lengths"] = speech_lengths if waves else None
+        out["speech_lengths"] = torch.tensor([w.shape[0] for w in waves], dtype=torch.long) if waves else None
         if labels:
             out["labels"] = label_ids
         return out
+
+
+LlavaProcessor = MultimodalProcessor  # the same processor; a LLaVA model's has no audio

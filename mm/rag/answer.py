@@ -96,7 +96,7 @@ def ask_messages(model, index: Index, question: str, k: int, max_new_tokens: int
     if not question.strip():
         raise ValueError("the question is empty")
     hits = index.search(question, k=k, **search)
-    can_see = getattr(getattr(model, "config", None), "image_token_index", None) is not None
+    can_see = "image" in getattr(model, "modalities", ())  # a fusion model with a vision tower
     image = next((h.source for h in hits if h.kind == "image"), None) if can_see else None
     return fit(model, question, hits, image, max_new_tokens)
 

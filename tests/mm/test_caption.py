@@ -11,7 +11,8 @@ from decoders.tokenizer_train import train_bpe_ranks
 from encoders.image import ImageProcessor
 from mm.apps.caption import run_caption
 from mm.models.llava import DEFAULT_PROMPT
-from mm.models.conversation import LLAVA_V1_SYSTEM, LlavaProcessor, format_prompt
+from mm.models.conversation import LLAVA_V1_SYSTEM, format_prompt
+from mm.models.processor import LlavaProcessor
 from mm.models.llava import LlavaForConditionalGeneration
 from tests.mm.llava_fixtures import CORPUS, IMAGE_SIZE, make_our_llava
 

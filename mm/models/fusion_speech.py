@@ -1,0 +1,124 @@
+"""Transcription for `mm.models.fusion.FusionModel` (a mixin: it needs the model's speech modality, processor,
+decoder and tokenizer): joint CTC/LLM beam search, the decoder alone, and timed transcripts of long recordings."""
+from __future__ import annotations
+
+import sys
+
+import torch
+from tqdm import tqdm
+
+from decoders.ctc import ctc_forced_align, ctc_greedy_decode
+from mm.models.speech_adapter import joint_beam_search
+from mm.models.transcript import Segment, Transcript, timed_words
+from mm.models.vad import speech_windows
+
+TRANSCRIBE_PROMPT = "transcribe the audio."
+DECODE_CTC_WEIGHT = {"ctc": 1.0, "attention": 0.0, "joint": 0.5, None: 0.5}  # CTC prefix weight in joint search
+
+
+def check_decode(decode: str | None, option: str | None = None) -> None:
+    """ValueError unless `decode` is a search the multimodal model has (a key of DECODE_CTC_WEIGHT); the message
+    names the option as `option` (default: the keyword argument)."""
+    if decode not in DECODE_CTC_WEIGHT:
+        raise ValueError(f"{option or f'decode={decode!r}'}: the multimodal model decodes with ctc (its CTC head alone), "
+                         "attention (its decoder alone) or joint (both, the default)")
+
+
+def transcribe_messages(audio) -> list[dict]:
+    """The one-turn conversation that asks for the transcript of `audio`."""
+    return [{"role": "user", "content": [{"type": "audio", "audio": audio},
+                                         {"type": "text", "text": "\n" + TRANSCRIBE_PROMPT}]}]
+
+
+class SpeechInference:
+    """`transcribe`, `joint_search` and `transcript` of a fusion model (ValueError when it has no speech)."""
+
+    def transcribe(self, audio, stream: bool = False, max_new_tokens: int = 96, ctc_weight: float = 0.5,
+                   beam_size: int = 4):
+        """Transcript of one utterance (path, (waveform, sampling_rate) or a tensor at the model's rate).
+
+        ctc_weight > 0: joint CTC/LLM beam search (`mm.models.speech_adapter.joint_beam_search`), the decoder's scores
+        joined with the CTC head's prefix scores, as ESPnet/Dolphin decode; the text then comes whole (stream=True
+        yields it once). ctc_weight=0: the decoder alone, greedy, streamed token by token."""
+        self.need("speech", "transcribe")
+        if ctc_weight <= 0:
+            return self.chat(transcribe_messages(audio), stream=stream, max_new_tokens=max_new_tokens)
+        ids, _, _ = self._joint_transcribe(audio, max_new_tokens, ctc_weight, beam_size)
+        text = self.tokenizer.decode(ids).strip()
+        return iter([text]) if stream else text
+
+    @torch.inference_mode()
+    def joint_search(self, inputs: dict, max_new_tokens: int = 96, ctc_weight: float = 0.5, beam_size: int = 4,
+                     eos_token_id: int | None = None, **kwargs):
+        """Joint CTC/LLM beam search (`mm.models.speech_adapter.joint_beam_search`) for model inputs with one
+        utterance per row (`input_ids` with expanded audio tokens, `attention_mask`, `speech`, `speech_lengths`,
+        optionally `pixel_values`): the encoder runs once, its CTC posteriors score prefixes and its adapted features
+        fill the prompt. Returns (n-best hypotheses per row, CTC log-probs [B, T', V], their lengths [B])."""
+        enc, enc_lengths, f, f_len = self.encode_speech(inputs["speech"], inputs["speech_lengths"])
+        h = self.embed(inputs["input_ids"], inputs.get("pixel_values"), (f, f_len))
+        log_probs = self.ctc.log_softmax(enc)  # [B, T', V]
+        mask = inputs.get("attention_mask")
+        hyps = joint_beam_search(self.language_model, h, None if mask is None else mask.to(self.device), log_probs,
+                                 enc_lengths, eos_token_id=self.tokenizer.eos_id if eos_token_id is None else eos_token_id,
+                                 beam_size=beam_size, ctc_weight=ctc_weight, max_new_tokens=max_new_tokens, **kwargs)
+        return hyps, log_probs, enc_lengths
+
+    def _joint_transcribe(self, audio, max_new_tokens: int, ctc_weight: float, beam_size: int):
+        """(best token ids, CTC log-probs [T', V] of the utterance, its length in samples)."""
+        inputs = self.processor()(transcribe_messages(audio))
+        hyps, log_probs, enc_lengths = self.joint_search(inputs, max_new_tokens, ctc_weight, beam_size)
+        return hyps[0][0].tokens, log_probs[0, : int(enc_lengths[0])], int(inputs["speech_lengths"][0])
+
+    @torch.inference_mode()
+    def transcript(self, audio, source: str | None = None, max_new_tokens: int = 96, ctc_weight: float | None = None,
+                   beam_size: int = 4, progress: bool = False, decode: str | None = None, beam: int | None = None):
+        """`mm.models.transcript.Transcript` of a recording: the text of `transcribe`, and word times from a CTC forced
+        alignment of its tokens on the encoder's CTC posteriors (words the alignment cannot place get none).
+
+        A recording longer than `max_audio_seconds` is cut into its speech runs (the energy VAD of the ESPnet/Dolphin
+        path, `mm.models.vad.speech_windows`, without packing runs together: the model learnt single utterances), at
+        most that long each, decoded one after the other (a tqdm bar when `progress`), one Segment each with times in
+        the recording; the silence between them is not decoded.
+        decode / beam: as the ESPnet/Dolphin model's `transcript`: "ctc" (the CTC head alone), "attention" (the decoder
+        alone), "joint" (both; the default), i.e. a CTC weight of 1, 0 or 0.5 (`ctc_weight` sets it directly)."""
+        self.need("speech", "transcribe")
+        check_decode(decode)
+        ctc_weight = DECODE_CTC_WEIGHT[decode] if ctc_weight is None else ctc_weight
+        beam_size = beam or beam_size
+        rate = self.config.speech.frontend.sample_rate
+        wave = self.processor().load_audio(audio, whole=True)  # [S]
+        if wave.numel() <= self.config.max_audio_seconds * rate:
+            windows = [(0, wave.numel())]
+        else:
+            windows = speech_windows(wave, rate, max_window=self.config.max_audio_seconds, pack=False)
+        segments = [self._segment(wave[s:e], s / rate, max_new_tokens, ctc_weight, beam_size)
+                    for s, e in tqdm(windows, desc="transcribing", unit="window", disable=not progress, file=sys.stderr)]
+        text = " ".join(sg.text for sg in segments if sg.text)
+        return Transcript(text, [t for sg in segments for t in sg.tokens], [i for sg in segments for i in sg.token_ids],
+                          segments, wave.numel() / rate, source=source)
+
+    def _segment(self, wave: torch.Tensor, offset: float, max_new_tokens: int, ctc_weight: float, beam_size: int):
+        """The Segment of one window wave [S] that starts `offset` seconds into the recording."""
+        rate = self.config.speech.frontend.sample_rate
+        ids, log_probs, n_samples = self._joint_transcribe((wave, rate), max_new_tokens, ctc_weight, beam_size)
+        try:
+            spans = ctc_forced_align(log_probs, ids) if ids else []
+        except ValueError:  # more tokens than frames
+            spans = []
+        pieces = [self.tokenizer.sp.id_to_piece(i) for i in ids]
+        groups = []
+        for i, piece, span in zip(ids, pieces, spans):
+            if piece.startswith("\u2581") or not groups:
+                groups.append([])
+            groups[-1].append((i, span))
+        words = timed_words(groups, self.tokenizer.decode, self.config.speech.frame_shift, offset)
+        end = offset + n_samples / rate
+        return Segment(round(offset, 3), round(end, 3), self.tokenizer.decode(ids).strip(), pieces, ids, words)
+
+    @torch.inference_mode()
+    def ctc_transcribe(self, audio) -> str:
+        """Greedy CTC transcript of one utterance from the encoder alone (no decoder)."""
+        self.need("speech", "transcribe")
+        wave = self.processor().load_audio(audio)
+        enc, enc_lengths, _, _ = self.encode_speech(wave[None], torch.tensor([wave.shape[0]]))
+        return self.tokenizer.decode(ctc_greedy_decode(self.ctc.log_softmax(enc), enc_lengths)[0]).strip()
