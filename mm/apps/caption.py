@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from mm.models.llava import DEFAULT_PROMPT
+from mm.models.fusion import CAPTION_PROMPT, DEFAULT_PROMPT
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,7 +17,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="*", help="image files (default: the bundled example scene)")
     p.add_argument("--model", default=None, help="our multimodal directory, or LLaVA: llava-hf, original LLaVA or ours "
                    "(default: the shipped multimodal model)")
-    p.add_argument("--prompt", default=None, help=f"question asked about each image (default: {DEFAULT_PROMPT!r})")
+    p.add_argument("--prompt", default=None, help=f"question asked about each image (default: the model's own, "
+                   f"{CAPTION_PROMPT!r} for ours, {DEFAULT_PROMPT!r} for LLaVA)")
     p.add_argument("--vision-tower", default=None, help="CLIP directory, for original LLaVA checkpoints")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=64)
