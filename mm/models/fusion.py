@@ -165,8 +165,9 @@ class FusionModel(SpeechInference, nn.Module):
             raise ValueError(f"input_ids must be [batch, tokens], got shape {tuple(input_ids.shape)}")
         cfg = self.config
         input_ids = input_ids.to(self.device)
-        is_image = (input_ids == cfg.image_token_index) if cfg.vision else torch.zeros_like(input_ids, dtype=torch.bool)
-        is_audio = (input_ids == cfg.audio_token_id) if cfg.speech else torch.zeros_like(is_image)
+        none = torch.zeros_like(input_ids, dtype=torch.bool)  # [B, T]
+        is_image = none if cfg.vision is None else input_ids == cfg.image_token_index
+        is_audio = none if cfg.speech is None else input_ids == cfg.audio_token_id
         n_images, per_image = 0, 0
         if pixel_values is not None:
             if pixel_values.dim() != 4:
