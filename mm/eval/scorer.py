@@ -125,7 +125,7 @@ class ChatLM:
 
     def __init__(self, model, max_new_tokens: int = 64):
         self.model, self.max_new_tokens = model.eval(), max_new_tokens
-        self.takes_audio = hasattr(model, "encode_speech")
+        self.takes_audio = "speech" in getattr(model, "modalities", ())
 
     def messages(self, prompt: Prompt, answer: str | None = None) -> list[dict]:
         """The conversation: user/assistant turns, then the open user turn (answered by `answer` when given)."""
