@@ -1,7 +1,12 @@
-"""Joint CTC/attention decoding (Watanabe et al. 2017) and training loss of the hybrid ASR model.
+"""Beam search with weighted scorers (ESPnet's BeamSearch(scorers, weights)), joint CTC/attention decoding
+(Watanabe et al. 2017) and the training loss of the hybrid ASR model.
 
-Beam search follows ESPnet's `BatchBeamSearch` (the hypotheses of an utterance, here of a whole batch of
-utterances, scored as one batch):
+`weighted_beam_search` scores the hypotheses of a whole batch of utterances as one batch with the scorers of
+`decoders.scorers` (attention decoder, Llama decoder, CTC prefix score, length bonus):
+
+    score(h + c) = score(h) + sum_k weight_k * score_k(c | h)
+
+`batch_beam_search` is ESPnet's joint CTC/attention search with it, as `BatchBeamSearch`:
 
     score(h + c) = score(h) + (1 - ctc_weight) * log p_att(c | h, x)
                             + ctc_weight * [log psi_ctc(h + c) - log psi_ctc(h)]
@@ -14,14 +19,14 @@ ESPnet's end detection. `attention_rescoring` is WeNet's second pass over a CTC 
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 
 import torch
 
 from .asr_decoder import TransformerDecoder, add_sos_eos, label_smoothing_loss
-from .ctc import CTC, CTCPrefixScorer, ctc_prefix_beam_search
+from .ctc import CTC, ctc_prefix_beam_search
+from .scorers import CTCScorer, DecoderScorer, LengthBonus
 
 
 @dataclass
@@ -61,6 +66,137 @@ def _max_min_len(T: int, maxlenratio: float, minlenratio: float, n_prompt: int =
 
 
 @torch.no_grad()
+def weighted_beam_search(scorers: dict, weights: dict[str, float], maxlens: list[int], *, vocab_size: int, eos: int,
+                         beam_size: int, device: torch.device | str | None = None, prefix: list[int] = (),
+                         minlens: list[int] | None = None, pre_beam_ratio: float = 1.5,
+                         pre_beam_score_key: str | None = "full", suppress: list[int] | None = None,
+                         stop: str | None = None, eos_at_maxlen: bool = True) -> list[list[Hypothesis]]:
+    """Beam search of len(maxlens) utterances with scorers (`decoders.scorers`), as ESPnet's BeamSearch(scorers,
+    weights): score(h + c) = score(h) + sum_k weights[k] * scorers[k](c | h). Each utterance has beam_size rows
+    (rows without a hypothesis score -inf); all rows are scored as one batch; an utterance that stops leaves it.
+
+    maxlens / minlens: per utterance, the most tokens (the running hypotheses then end, yseq + [eos] when
+    eos_at_maxlen, as ESPnet) and the fewest (an earlier eos hypothesis is dropped). pre_beam_score_key: "full"
+    (the weighted sum of the full scorers), a scorer's name, or None: the partial scorers score only the
+    int(pre_beam_ratio * beam_size) best tokens of it. suppress: tokens never chosen. stop: when an utterance
+    stops before its maxlen: "end_detect" (ESPnet's), "best_ended" (its best ended hypothesis beats every running
+    one: exact for the best when no score is positive), None (when none runs). Returns each utterance's ended
+    hypotheses, best first; their scores hold each scorer's unweighted sum.
+    """
+    B, K, V = len(maxlens), beam_size, vocab_size
+    if not 1 <= K <= V:
+        raise ValueError(f"beam_size must lie in [1, vocab_size={V}], got {K}")
+    prefix, minlens = list(prefix), minlens or [0] * B
+    utt = torch.arange(B, device=device).repeat_interleave(K)  # [N]: rows b*K .. b*K+K-1 hold utterance b
+    yseq = torch.tensor([prefix] * (B * K), dtype=torch.long, device=device).view(B * K, len(prefix))
+    score = torch.tensor([0.0] + [-math.inf] * (K - 1), device=device).repeat(B)  # at first one hypothesis each
+    states = {k: s.init_state(utt, prefix) for k, s in scorers.items()}
+    sums = {k: torch.zeros(B * K, device=device) for k in scorers}
+    pre_beam = int(pre_beam_ratio * K)
+    if pre_beam >= V or not any(s.partial for s in scorers.values()):  # ESPnet: no pre-beam then
+        pre_beam_score_key = None
+    banned = torch.tensor(sorted(set(suppress or [])), dtype=torch.long, device=device)
+    maxlen_of = torch.tensor(maxlens, device=device)
+    ended: list[list[Hypothesis]] = [[] for _ in range(B)]
+
+    for i in range(max(maxlens)):
+        weighted, parts, scored = _score_all(scorers, weights, states, yseq, V, banned, pre_beam_score_key, pre_beam)
+        weighted += score[:, None]
+        prev, tok, score = _best(weighted, score, K)
+        sums = {k: v[prev] + parts[k][prev, tok] for k, v in sums.items()}
+        yseq = torch.cat([yseq[prev], tok[:, None]], dim=1)
+
+        # hypotheses end on eos, or all of an utterance's at its last step (no eos score, as ESPnet)
+        finishing = torch.isfinite(score) & ((tok == eos) | (maxlen_of[utt] - 1 == i))
+        for j in finishing.nonzero().squeeze(1).tolist():
+            b = int(utt[j])
+            if i >= minlens[b]:
+                ys = yseq[j].tolist() + ([eos] if eos_at_maxlen and i == maxlens[b] - 1 else [])
+                tokens = ys[len(prefix):]
+                while tokens and tokens[-1] == eos:
+                    tokens.pop()
+                ended[b].append(Hypothesis(tokens, ys, float(score[j]), {k: float(v[j]) for k, v in sums.items()}))
+        score = score.masked_fill(finishing, -math.inf)
+        keep = _running(score, utt, ended, i, K, stop)
+        if keep is None:
+            break
+        if keep.numel() < utt.numel():
+            yseq, utt, score, prev, tok = yseq[keep], utt[keep], score[keep], prev[keep], tok[keep]
+            sums = {k: v[keep] for k, v in sums.items()}
+        states = {k: s.select(scored[k], prev, tok) for k, s in scorers.items()}
+    return [sorted(h, key=lambda h: h.score, reverse=True) for h in ended]
+
+
+def _best(weighted: torch.Tensor, score: torch.Tensor, K: int):
+    """The best K extensions (prev row [N'], token [N'], score [N']) of each utterance's running hypotheses of
+    weighted [N, V], K rows per utterance: as ESPnet, a top-k over the running rows only (so ties go as its do)."""
+    V = weighted.shape[1]
+    running = torch.isfinite(score).view(-1, K)
+    flat = []
+    for r in range(running.shape[0]):
+        rows = r * K + running[r].nonzero().squeeze(1)
+        top = weighted[rows].view(-1).topk(K)[1]
+        flat.append(rows[top // V] * V + top % V)
+    flat = torch.cat(flat)
+    return flat // V, flat % V, weighted.view(-1)[flat]
+
+
+def _score_all(scorers: dict, weights: dict, states: dict, yseq: torch.Tensor, V: int, banned: torch.Tensor,
+               pre_beam_score_key: str | None, pre_beam: int):
+    """Weighted scores [N, V] of every extension (the full scorers first; suppressed tokens -inf; the partial ones
+    on the pre-beam), each scorer's own scores [N, V], and what each scorer selects its next states from."""
+    weighted = torch.zeros(yseq.shape[0], V, device=yseq.device)
+    parts, scored = {}, {}
+    for partial in (False, True):
+        ids = None
+        if partial and pre_beam_score_key is not None:
+            key = weighted if pre_beam_score_key == "full" else parts[pre_beam_score_key]
+            ids = torch.topk(key, pre_beam, dim=-1)[1]  # [N, pre_beam]
+        for k, s in scorers.items():
+            if s.partial == partial:
+                parts[k], scored[k] = s.score(yseq, states[k], ids)
+                weighted += weights[k] * parts[k]
+        if not partial and banned.numel():
+            weighted[:, banned] = -math.inf
+    return weighted, parts, scored
+
+
+def _running(score: torch.Tensor, utt: torch.Tensor, ended: list[list[Hypothesis]], i: int, K: int,
+             stop: str | None) -> torch.Tensor | None:
+    """Rows [N'] of the utterances that go on searching after step i (K per utterance), None when none does."""
+    best = score.view(-1, K).max(1).values.tolist()  # best running hypothesis of each utterance
+    keep = []
+    for r, b in enumerate(utt[::K].tolist()):
+        done = best[r] == -math.inf
+        if stop == "end_detect":
+            done = done or end_detect(ended[b], i)
+        elif stop == "best_ended":
+            done = done or bool(ended[b]) and max(h.score for h in ended[b]) >= best[r]
+        if not done:
+            keep.append(r)
+    if not keep:
+        return None
+    return (torch.tensor(keep, device=score.device)[:, None] * K + torch.arange(K, device=score.device)).view(-1)
+
+
+def joint_scorers(name: str, make_decoder, ctc_log_probs: torch.Tensor | None, ctc_lengths: torch.Tensor | None,
+                  eos: int, ctc_weight: float, length_bonus: float, V: int) -> tuple[dict, dict]:
+    """Scorers and weights of joint CTC/attention decoding: the decoder's (`name`, made by make_decoder())
+    1 - ctc_weight, "ctc" ctc_weight, "length_bonus" length_bonus; those of weight 0 are left out."""
+    if not 0.0 <= ctc_weight <= 1.0:
+        raise ValueError(f"ctc_weight must lie in [0, 1], got {ctc_weight}")
+    if ctc_weight > 0 and (ctc_log_probs is None or ctc_lengths is None):
+        raise ValueError(f"ctc_weight={ctc_weight} needs ctc_log_probs and their lengths")
+    scorers = {name: make_decoder()} if ctc_weight < 1 else {}
+    if ctc_weight > 0:
+        scorers["ctc"] = CTCScorer(ctc_log_probs, ctc_lengths, eos)
+    if length_bonus:
+        scorers["length_bonus"] = LengthBonus(V)
+    weights = {name: 1 - ctc_weight, "ctc": ctc_weight, "length_bonus": length_bonus}
+    return scorers, {k: weights[k] for k in scorers}
+
+
+@torch.no_grad()
 def beam_search(decoder: TransformerDecoder | None, enc: torch.Tensor, ctc_log_probs: torch.Tensor | None,
                 **opts) -> list[Hypothesis]:
     """Joint CTC/attention beam search of one utterance: enc [T, D], ctc_log_probs [T, V] (None when
@@ -72,24 +208,11 @@ def beam_search(decoder: TransformerDecoder | None, enc: torch.Tensor, ctc_log_p
 
 
 @torch.no_grad()
-def batch_beam_search(
-    decoder: TransformerDecoder | None,
-    enc: torch.Tensor,
-    enc_lengths: torch.Tensor,
-    ctc_log_probs: torch.Tensor | None,
-    *,
-    sos: int,
-    eos: int,
-    beam_size: int = 10,
-    ctc_weight: float = 0.5,
-    length_bonus: float = 0.0,
-    maxlenratio: float = 0.0,
-    minlenratio: float = 0.0,
-    pre_beam_ratio: float = 1.5,
-    prefix: list[int] | None = None,
-    suppress: list[int] | None = None,
-    prompt_in_maxlen: bool = False,
-) -> list[list[Hypothesis]]:
+def batch_beam_search(decoder: TransformerDecoder | None, enc: torch.Tensor, enc_lengths: torch.Tensor,
+                      ctc_log_probs: torch.Tensor | None, *, sos: int, eos: int, beam_size: int = 10,
+                      ctc_weight: float = 0.5, length_bonus: float = 0.0, maxlenratio: float = 0.0,
+                      minlenratio: float = 0.0, pre_beam_ratio: float = 1.5, prefix: list[int] | None = None,
+                      suppress: list[int] | None = None, prompt_in_maxlen: bool = False) -> list[list[Hypothesis]]:
     """Joint CTC/attention beam search of a padded batch enc [B, T, D], ctc_log_probs [B, T, V]; every utterance
     gets the n-best ESPnet would give it alone, but the hypotheses of all utterances are scored together.
 
@@ -105,92 +228,21 @@ def batch_beam_search(
     the time tokens after <notimestamps>).
     """
     use_ctc, use_dec = ctc_weight > 0, ctc_weight < 1
-    if use_ctc and ctc_log_probs is None:
-        raise ValueError(f"ctc_weight={ctc_weight} needs ctc_log_probs")
     if use_dec and decoder is None:
         raise ValueError(f"ctc_weight={ctc_weight} < 1 needs the attention decoder")
     if enc.dim() != 3:
         raise ValueError(f"enc must be [B, T, D], got {tuple(enc.shape)}")
-    B, dev = enc.shape[0], enc.device
-    V = decoder.cfg.vocab_size if use_dec else ctc_log_probs.shape[-1]
+    V = decoder.cfg.vocab_size if use_dec else None if ctc_log_probs is None else ctc_log_probs.shape[-1]
     prefix = [sos] if prefix is None else list(prefix)
     n_prompt = len(prefix) - 1 if prompt_in_maxlen or use_ctc else 0
     limits = [_max_min_len(int(n), maxlenratio, minlenratio, n_prompt) for n in enc_lengths.tolist()]
-    maxlens = torch.tensor([m for m, _ in limits], device=dev)  # [B]
-    pre_beam = int(pre_beam_ratio * beam_size)
-    do_pre_beam = use_ctc and use_dec and pre_beam < V  # ESPnet: no pre-beam when CTC is the only scorer
-
-    # running hypotheses of all utterances, grouped by utterance, best first within each
-    utt = torch.arange(B, device=dev)  # [N]
-    yseq = torch.tensor([prefix] * B, dtype=torch.long, device=dev)  # [N, len]
-    score = torch.zeros(B, device=dev)
-    used = [k for k, on in (("decoder", use_dec), ("ctc", use_ctc), ("length_bonus", length_bonus != 0)) if on]
-    sums = {k: torch.zeros(B, device=dev) for k in used}  # unweighted score of each scorer
-    cache = decoder.init_cache(enc, enc_lengths) if use_dec else None
-    scorer = CTCPrefixScorer(ctc_log_probs, enc_lengths, eos) if use_ctc else None
-    ctc_state = None
-    if use_ctc:  # ESPnet counts the prefix after sos as emitted: the first token starts at frame len(prefix) - 1
-        ctc_state = dataclasses.replace(scorer.init_state(utt), n_out=min(len(prefix) - 1, scorer.T - 1))
-    banned = torch.tensor(sorted(set(suppress or [])), dtype=torch.long, device=dev)
-    ended: list[list[Hypothesis]] = [[] for _ in range(B)]
-
-    for i in range(max(m for m, _ in limits)):
-        N = yseq.shape[0]
-        weighted = torch.zeros(N, V, device=dev)
-        parts = {}
-        if use_dec:
-            feed = yseq if cache.length == 0 else yseq[:, -1:]
-            parts["decoder"], cache = decoder.step(feed, cache)  # [N, V]
-            weighted += (1 - ctc_weight) * parts["decoder"].float()
-        if length_bonus:
-            weighted += length_bonus  # the length_bonus scorer gives 1 to every token
-        if banned.numel():
-            weighted[:, banned] = -math.inf
-        if use_ctc:
-            ids = torch.topk(weighted, pre_beam, dim=-1)[1] if do_pre_beam else None  # [N, pre_beam]
-            parts["ctc"], scored = scorer.score(yseq[:, -1], ctc_state, ids)
-            weighted += ctc_weight * parts["ctc"]
-        weighted += score[:, None]
-
-        # best beam_size extensions of each utterance's hypotheses
-        prev = []
-        for b in utt.unique_consecutive().tolist():
-            rows = (utt == b).nonzero().squeeze(1)
-            top = weighted[rows].view(-1).topk(min(beam_size, rows.numel() * V))[1]
-            prev.append(rows[top // V] * V + top % V)
-        flat = torch.cat(prev)
-        prev, tok = flat // V, flat % V
-        score = weighted.view(-1)[flat]
-        sums = {k: v[prev] + (parts[k][prev, tok] if k in parts else 1.0) for k, v in sums.items()}
-        yseq, utt = torch.cat([yseq[prev], tok[:, None]], dim=1), utt[prev]
-
-        # hypotheses end on eos, or all of an utterance's at its last step (no eos score, as ESPnet)
-        is_eos = (tok == eos) | (maxlens[utt] - 1 == i)
-        for j in is_eos.nonzero().squeeze(1).tolist():
-            b = int(utt[j])
-            if i >= limits[b][1]:
-                ys = yseq[j].tolist() + ([eos] if i == limits[b][0] - 1 else [])  # ESPnet appends even after eos
-                tokens = ys[len(prefix):]
-                while tokens and tokens[-1] == eos:
-                    tokens.pop()
-                ended[b].append(Hypothesis(tokens, ys, float(score[j]), {k: float(v[j]) for k, v in sums.items()}))
-        alive = ~is_eos
-        if maxlenratio == 0.0:
-            for b in utt.unique_consecutive().tolist():
-                if end_detect(ended[b], i):
-                    alive &= utt != b
-        keep = alive.nonzero().squeeze(1)
-        if keep.numel() == 0:
-            break
-        yseq, utt, score, prev, tok = yseq[keep], utt[keep], score[keep], prev[keep], tok[keep]
-        sums = {k: v[keep] for k, v in sums.items()}
-        if use_dec:
-            cache = cache.select(prev)
-        if use_ctc:
-            ctc_state = scorer.select(scored, prev, tok)
-
-    out = []
-    for b in range(B):
+    scorers, weights = joint_scorers("decoder", lambda: DecoderScorer(decoder, enc, enc_lengths), ctc_log_probs,
+                                     enc_lengths, eos, ctc_weight, length_bonus, V)
+    ended = weighted_beam_search(scorers, weights, [m for m, _ in limits], minlens=[m for _, m in limits],
+                                 vocab_size=V, eos=eos, beam_size=beam_size, device=enc.device, prefix=prefix,
+                                 pre_beam_ratio=pre_beam_ratio, pre_beam_score_key="full" if use_dec else None,
+                                 suppress=suppress, stop="end_detect" if maxlenratio == 0 else None)
+    for b in range(enc.shape[0]):
         if not ended[b] and minlenratio >= 0.1:  # ESPnet retries with a smaller minimum length
             T_b = int(enc_lengths[b])
             lp = None if ctc_log_probs is None else ctc_log_probs[b, :T_b]
@@ -198,8 +250,7 @@ def batch_beam_search(
                                    ctc_weight=ctc_weight, length_bonus=length_bonus, maxlenratio=maxlenratio,
                                    minlenratio=max(0.0, minlenratio - 0.1), pre_beam_ratio=pre_beam_ratio,
                                    prefix=prefix, suppress=suppress, prompt_in_maxlen=prompt_in_maxlen)
-        out.append(sorted(ended[b], key=lambda h: h.score, reverse=True))
-    return out
+    return ended
 
 
 @torch.no_grad()

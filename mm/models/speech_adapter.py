@@ -22,16 +22,15 @@ mapping table between the two vocabularies; that is not implemented.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from decoders.beam_search import Hypothesis
-from decoders.ctc import CTCPrefixScorer
+from decoders.beam_search import Hypothesis, joint_scorers, weighted_beam_search
 from decoders.llama import LlamaForCausalLM
+from decoders.scorers import LlamaScorer
 from encoders.ebranchformer import Conv2dSubsampling4, SpeechTooShortError
 from encoders.speech_encoder import SpeechEncoder
 
@@ -167,114 +166,37 @@ def joint_beam_search(llm: LlamaForCausalLM, inputs_embeds: torch.Tensor, attent
                       ctc_log_probs: torch.Tensor | None, ctc_lengths: torch.Tensor | None, *, eos_token_id: int,
                       beam_size: int = 4, ctc_weight: float = 0.3, max_new_tokens: int = 64,
                       pre_beam_ratio: float = 1.5, length_bonus: float = 0.0) -> list[list[Hypothesis]]:
-    """Beam search over the Llama decoder's next-token log-probs joined with the CTC prefix score, per prompt.
+    """Beam search over the Llama decoder's next-token log-probs joined with the CTC prefix score, per prompt
+    (`decoders.beam_search.weighted_beam_search` with `joint_scorers`; a scorer of weight 0 is not run):
 
         score(h + c) = score(h) + (1 - ctc_weight) * log p_llm(c | prompt, h)
                                 + ctc_weight * [log psi_ctc(h + c) - log psi_ctc(h)] + length_bonus
 
     inputs_embeds [B, T, D] (left-padded prompts, attention_mask [B, T]); ctc_log_probs [B, T', V] over the SAME
-    ids as the LLM (blank 0), ctc_lengths [B]. As in ESPnet: with 0 < ctc_weight < 1 only the int(pre_beam_ratio *
-    beam) best LLM tokens get a CTC score (the others cannot be chosen); EOS always does, and its CTC score is the
-    probability of the whole hypothesis (psi of exactly h); ctc_weight = 1 scores the full vocabulary. Each step
-    keeps the `beam_size` best extensions of each prompt's running hypotheses; those ending in EOS leave the beam.
-    The beams of all prompts run as one batch of B * beam rows over one static KV cache, reordered on selection.
-    A prompt stops when its best ended hypothesis beats all running ones (exact for the best when length_bonus
-    <= 0, as every term is <= 0) or at max_new_tokens, where the running hypotheses end without EOS.
-    Returns each prompt's ended hypotheses, best first (tokens without EOS; scores: unweighted "llm", "ctc" sums).
+    ids as the LLM (blank 0), ctc_lengths [B]. As in ESPnet, with 0 < ctc_weight < 1 only the int(pre_beam_ratio *
+    beam) best LLM tokens get a CTC score (EOS always does: the probability of exactly h). The beams of all prompts
+    run as one batch of B * beam rows over one static KV cache. A prompt stops when its best ended hypothesis beats
+    all running ones (exact for the best when length_bonus <= 0) or at max_new_tokens, where the running hypotheses
+    end without EOS. Returns each prompt's ended hypotheses, best first (tokens without EOS; scores: the unweighted
+    sum of each scorer that ran).
     """
     if inputs_embeds.dim() != 3:
         raise ValueError(f"inputs_embeds must be [B, T, D], got {tuple(inputs_embeds.shape)}")
-    if not 0.0 <= ctc_weight <= 1.0:
-        raise ValueError(f"ctc_weight must lie in [0, 1], got {ctc_weight}")
-    if beam_size < 1:
-        raise ValueError(f"beam_size must be >= 1, got {beam_size}")
     B, T, _ = inputs_embeds.shape
-    V, K, dev = llm.config.vocab_size, beam_size, inputs_embeds.device
-    N = B * K
-    use_ctc, use_llm = ctc_weight > 0, ctc_weight < 1
-    if use_ctc:
-        if ctc_log_probs is None or ctc_lengths is None:
-            raise ValueError(f"ctc_weight={ctc_weight} needs ctc_log_probs and ctc_lengths")
-        if ctc_log_probs.dim() != 3 or ctc_log_probs.shape[0] != B or ctc_log_probs.shape[2] != V:
-            raise ValueError(
-                f"ctc_log_probs must be [B={B}, T', V={V}] over the LLM's token ids (the CTC head is trained over "
-                f"the Llama tokenizer's ids), got {tuple(ctc_log_probs.shape)}")
+    V = llm.config.vocab_size
+    if ctc_weight > 0 and ctc_log_probs is not None and (ctc_log_probs.dim() != 3 or ctc_log_probs.shape[0] != B
+                                                         or ctc_log_probs.shape[2] != V):
+        raise ValueError(f"ctc_log_probs must be [B={B}, T', V={V}] over the LLM's token ids (the CTC head is trained "
+                         f"over the Llama tokenizer's ids), got {tuple(ctc_log_probs.shape)}")
     if not 0 < eos_token_id < V:
         raise ValueError(f"eos_token_id {eos_token_id} must lie in [1, {V}) (id 0 is the CTC blank)")
     max_new_tokens = min(max_new_tokens, llm.config.max_position_embeddings - T)
     if max_new_tokens <= 0:
         raise ValueError(f"prompt of {T} tokens leaves no room in the context window of "
                          f"{llm.config.max_position_embeddings}")
-    pre_beam = int(pre_beam_ratio * K)
-    do_pre_beam = use_ctc and use_llm and pre_beam < V
-
-    # prefill the B prompts once, then give each prompt K rows (rows b*K .. b*K+K-1)
-    key_mask = torch.ones(B, T + max_new_tokens, dtype=torch.bool, device=dev)  # cache slots to attend to
-    if attention_mask is not None:
-        key_mask[:, :T] = attention_mask.to(dev).bool()
-    cache = llm.new_kv_cache(B, T + max_new_tokens)
-    logits = llm(None, key_mask[:, :T], inputs_embeds=inputs_embeds, kv_cache=cache, last_only=True)  # [B, 1, V]
-    rows = torch.arange(B, device=dev).repeat_interleave(K)  # [N]
-    cache.reorder(rows)
-    key_mask = key_mask[rows]
-    lp_llm = torch.log_softmax(logits[rows, -1].float(), dim=-1)  # [N, V]
-
-    # only the first row of each prompt is alive at the start; dead rows carry score -inf
-    score = torch.full((B, K), -math.inf, device=dev)
-    score[:, 0] = 0.0
-    score = score.view(N)
-    sums = {"llm": torch.zeros(N, device=dev), "ctc": torch.zeros(N, device=dev)}
-    yseq = torch.zeros(N, 0, dtype=torch.long, device=dev)
-    if use_ctc:
-        scorer = CTCPrefixScorer(ctc_log_probs, ctc_lengths, eos_token_id)
-        ctc_state = scorer.init_state(rows)
-    last = torch.full((N,), -1, dtype=torch.long, device=dev)  # no token yet: never equals a candidate
-    ended: list[list[Hypothesis]] = [[] for _ in range(B)]
-    done = torch.zeros(B, dtype=torch.bool, device=dev)
-
-    for i in range(max_new_tokens):
-        weighted = torch.full((N, V), length_bonus, device=dev)
-        if use_llm:
-            weighted += (1 - ctc_weight) * lp_llm
-        ctc_scores = torch.zeros(N, V, device=dev)
-        if use_ctc:
-            ids = torch.topk(lp_llm, pre_beam, dim=-1)[1] if do_pre_beam else None  # [N, pre_beam]
-            ctc_scores, scored = scorer.score(last, ctc_state, ids)
-            weighted += ctc_weight * ctc_scores
-        weighted += score[:, None]
-
-        # best K extensions of each prompt's hypotheses
-        top_score, top = weighted.view(B, K * V).topk(K, dim=-1)  # [B, K]
-        prev = (torch.arange(B, device=dev)[:, None] * K + top // V).view(N)
-        tok = (top % V).view(N)
-        score = top_score.view(N)
-        sums = {"llm": sums["llm"][prev] + lp_llm[prev, tok], "ctc": sums["ctc"][prev] + ctc_scores[prev, tok]}
-        yseq = torch.cat([yseq[prev], tok[:, None]], dim=1)
-
-        alive = torch.isfinite(score)
-        finishing = alive & ((tok == eos_token_id) | (i == max_new_tokens - 1))
-        for j in finishing.nonzero().squeeze(1).tolist():
-            tokens = yseq[j].tolist()
-            if tokens[-1] == eos_token_id:
-                tokens = tokens[:-1]
-            ended[j // K].append(Hypothesis(tokens, yseq[j].tolist(), float(score[j]),
-                                            {k: float(v[j]) for k, v in sums.items()}))
-        score = score.masked_fill(finishing, -math.inf)
-        if length_bonus <= 0:  # every term is <= 0: no running hypothesis can overtake a better ended one
-            best_running = score.view(B, K).max(1).values.tolist()
-            for b in range(B):
-                if ended[b] and max(h.score for h in ended[b]) >= best_running[b]:
-                    done[b] = True
-        score = score.view(B, K).masked_fill(done[:, None], -math.inf).view(N)
-        if not bool(torch.isfinite(score).any()) or i == max_new_tokens - 1:
-            break
-
-        cache.reorder(prev)
-        if use_ctc:
-            ctc_state = scorer.select(scored, prev, tok)
-        last = tok
-        key_mask[:, T + i] = True
-        logits = llm(tok[:, None], key_mask[:, : T + i + 1], kv_cache=cache)  # [N, 1, V]
-        lp_llm = torch.log_softmax(logits[:, -1].float(), dim=-1)
-
-    return [sorted(h, key=lambda h: h.score, reverse=True) for h in ended]
+    scorers, weights = joint_scorers("llm", lambda: LlamaScorer(llm, inputs_embeds, attention_mask, max_new_tokens),
+                                     ctc_log_probs, ctc_lengths, eos_token_id, ctc_weight, length_bonus, V)
+    return weighted_beam_search(scorers, weights, [max_new_tokens] * B, vocab_size=V, eos=eos_token_id,
+                                beam_size=beam_size, device=inputs_embeds.device, pre_beam_ratio=pre_beam_ratio,
+                                pre_beam_score_key="llm" if ctc_weight < 1 else None,
+                                stop="best_ended" if length_bonus <= 0 else None, eos_at_maxlen=False)

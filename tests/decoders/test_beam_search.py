@@ -11,9 +11,10 @@ from espnet.nets.scorers.ctc import CTCPrefixScorer as EspnetCTCScorer
 from espnet.nets.scorers.length_bonus import LengthBonus
 
 from decoders.asr_decoder import ASRDecoderConfig, TransformerDecoder, convert_espnet_decoder_state_dict
-from decoders.beam_search import attention_rescoring, batch_beam_search, beam_search, hybrid_loss
+from decoders.beam_search import attention_rescoring, batch_beam_search, beam_search, hybrid_loss, weighted_beam_search
 from decoders.checkpoint import load_state_dict_strict, read_torch
 from decoders.ctc import CTC, convert_espnet_ctc_state_dict, ctc_prefix_beam_search
+from decoders.scorers import CTCScorer, DecoderScorer, LengthBonus as OurLengthBonus
 
 V, D = 40, 32
 SOS = EOS = V - 1  # ESPnet's <sos/eos>
@@ -149,6 +150,98 @@ def test_batch_beam_search_on_padded_batch(models, ctc_weight):
     for b in range(3):
         ref_hyps = espnet_search(ref_dec, ref_ctc, enc[b, : lengths[b]], 3, ctc_weight)
         assert_same_nbest(ref_hyps, out[b])
+
+
+def plain_beam_search(ref_dec, enc, beam, maxlen):
+    """Textbook beam search over ESPnet's own decoder, every hypothesis rescored from scratch each step; running
+    hypotheses end at maxlen with eos appended (ESPnet's yseq). The n-best as (yseq, score), best first."""
+    running, ended = [([SOS], 0.0)], []
+    for i in range(maxlen):
+        cands = []
+        for ys, s in running:
+            lp = ref_dec.score(torch.tensor(ys), None, enc)[0]
+            cands += [(ys + [c], s + float(lp[c])) for c in range(V)]
+        cands.sort(key=lambda c: c[1], reverse=True)
+        running = []
+        for ys, s in cands[:beam]:
+            if ys[-1] == EOS or i == maxlen - 1:
+                ended.append((ys + ([EOS] if i == maxlen - 1 else []), s))
+            else:
+                running.append((ys, s))
+        if not running:
+            break
+    return sorted(ended, key=lambda e: e[1], reverse=True)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("beam", [1, 3])
+def test_search_with_the_decoder_scorer_alone_is_plain_beam_search(models, beam):
+    """The scorer search with one scorer (weight 1, no pre-beam, no end detection) is the textbook beam search;
+    beam 1 is greedy decoding."""
+    ref_dec, _, dec, _ = models
+    torch.manual_seed(12)
+    enc = torch.randn(10, D)
+    scorers = {"decoder": DecoderScorer(dec, enc[None], torch.tensor([10]))}
+    hyps = weighted_beam_search(scorers, {"decoder": 1.0}, [8], vocab_size=V, eos=EOS, beam_size=beam, prefix=[SOS])[0]
+    ref = plain_beam_search(ref_dec, enc, beam, 8)
+    assert [h.yseq for h in hyps] == [ys for ys, _ in ref]
+    assert [h.score for h in hyps] == pytest.approx([s for _, s in ref], abs=1e-4)
+    assert all(h.scores["decoder"] == h.score for h in hyps)
+    if beam == 1:  # greedy: each token the argmax of ESPnet's decoder after the tokens before it
+        ys = hyps[0].yseq
+        for i in range(1, min(len(ys) - 1, 8) + 1):  # the tokens scored: all but an eos appended at maxlen
+            assert ys[i] == int(ref_dec.score(torch.tensor(ys[:i]), None, enc)[0].argmax())
+    assert len(hyps[0].tokens) >= 2
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("bonus", [0.7, -0.4])
+def test_length_bonus_scorer_shifts_scores_as_espnet(models, bonus):
+    """The length bonus scorer gives what ESPnet's LengthBonus gives, and a search with it (decoder + bonus, no
+    CTC) equals ESPnet's BatchBeamSearch with the same two scorers: each hypothesis gains bonus per scored token."""
+    ref_dec, _, dec, _ = models
+    ys = torch.tensor([[SOS, 3, 4], [SOS, 5, 6]])
+    ref_scores = LengthBonus(V).batch_score(ys, None, torch.zeros(2, 5, D))[0]
+    assert torch.equal(OurLengthBonus(V).score(ys, None)[0], ref_scores)
+    torch.manual_seed(13)
+    enc = torch.randn(12, D)
+    search = BatchBeamSearch(scorers={"decoder": ref_dec, "length_bonus": LengthBonus(V)},
+                             weights={"decoder": 1.0, "length_bonus": bonus}, beam_size=3, vocab_size=V, sos=SOS,
+                             eos=EOS, pre_beam_score_key="full")
+    ref_hyps = search(enc, maxlenratio=0.0, minlenratio=0.0)
+    scorers = {"decoder": DecoderScorer(dec, enc[None], torch.tensor([12])), "length_bonus": OurLengthBonus(V)}
+    hyps = weighted_beam_search(scorers, {"decoder": 1.0, "length_bonus": bonus}, [12], vocab_size=V, eos=EOS,
+                                beam_size=3, prefix=[SOS], stop="end_detect")[0]
+    assert_same_nbest(ref_hyps, hyps)
+    for h in hyps:
+        steps = len(h.yseq) - 1 - (len(h.yseq) - 1 > 12)  # every token after sos was scored, bar a forced eos
+        assert h.scores["length_bonus"] == steps
+        assert h.score == pytest.approx(h.scores["decoder"] + bonus * steps, abs=1e-5)
+
+
+@torch.no_grad()
+def test_partial_scorer_sees_only_the_pre_beam(models):
+    """A partial scorer (CTC) is asked only about the pre-beam of the key scorer; tokens outside it cannot win."""
+    _, _, dec, ctc = models
+    torch.manual_seed(14)
+    enc = torch.randn(12, D)
+    lengths = torch.tensor([12])
+    seen = []
+
+    class Spy(CTCScorer):
+        def score(self, yseq, state, ids=None):
+            seen.append(ids)
+            return super().score(yseq, state, ids)
+
+    scorers = {"decoder": DecoderScorer(dec, enc[None], lengths), "ctc": Spy(ctc.log_softmax(enc[None]), lengths, EOS)}
+    weights = {"decoder": 0.7, "ctc": 0.3}
+    hyps = weighted_beam_search(scorers, weights, [12], vocab_size=V, eos=EOS, beam_size=2, prefix=[SOS],
+                                pre_beam_ratio=2.0, pre_beam_score_key="decoder")[0]
+    first = dec.step(torch.tensor([[SOS]]), dec.init_cache(enc[None], lengths))[0][0]
+    assert seen[0].shape == (2, 4)  # beam rows x int(2.0 * 2) candidates
+    assert set(seen[0][0].tolist()) == set(first.topk(4).indices.tolist())  # the decoder's own 4 best
+    assert hyps[0].tokens[0] in first.topk(4).indices.tolist()
+    assert len(seen) > 1 and all(ids.shape[1] == 4 for ids in seen)
 
 
 def test_attention_rescoring(models):
