@@ -112,15 +112,17 @@ def make_espnet_experiment(root: Path, encoder: str, prompts: bool = False, seed
         os.chdir(cwd)
 
 
-def waveforms(seed: int = 0, seconds=(1.3, 0.9, 1.7)) -> list[np.ndarray]:
-    """Deterministic speech-like test signals: harmonic tones with moving pitch, bursts and noise."""
+def waveforms(seed: int = 0, seconds=(1.3, 0.9, 1.7), pitch=(120, 60), vibrato: float = 0.7,
+              tremolo: float = 2) -> list[np.ndarray]:
+    """Deterministic speech-like test signals: harmonic tones with moving pitch (pitch[0] +- pitch[1] Hz), bursts
+    and noise."""
     rng = np.random.default_rng(seed)
     out = []
     for k, sec in enumerate(seconds):
         t = np.arange(int(16000 * sec)) / 16000
-        f0 = 120 + 60 * np.sin(2 * np.pi * (0.7 + k) * t)
+        f0 = pitch[0] + pitch[1] * np.sin(2 * np.pi * (vibrato + k) * t)
         phase = 2 * np.pi * np.cumsum(f0) / 16000
-        x = sum(np.sin(h * phase) / h for h in range(1, 6)) * (0.5 + 0.5 * np.sin(2 * np.pi * (2 + k) * t) ** 2)
+        x = sum(np.sin(h * phase) / h for h in range(1, 6)) * (0.5 + 0.5 * np.sin(2 * np.pi * (tremolo + k) * t) ** 2)
         out.append((0.2 * x + 0.02 * rng.standard_normal(t.size)).astype(np.float32))
     return out
 

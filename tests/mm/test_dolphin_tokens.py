@@ -23,6 +23,7 @@ import torch
 import yaml
 
 from mm.models.formats import load
+from tests.mm.test_asr import waveforms
 
 pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning", "ignore::DeprecationWarning"),
               pytest.mark.usefixtures("one_thread")]
@@ -79,16 +80,8 @@ def real_config(dolphin_dir):
 
 
 def waves(seed: int, seconds=(1.2, 0.8)) -> list[np.ndarray]:
-    """Deterministic speech-like signals: harmonic tones with moving pitch and noise."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for k, sec in enumerate(seconds):
-        t = np.arange(int(16000 * sec)) / 16000
-        f0 = 110 + 70 * np.sin(2 * np.pi * (0.9 + k) * t)
-        phase = 2 * np.pi * np.cumsum(f0) / 16000
-        x = sum(np.sin(h * phase) / h for h in range(1, 6)) * (0.5 + 0.5 * np.sin(2 * np.pi * (3 + k) * t) ** 2)
-        out.append((0.2 * x + 0.02 * rng.standard_normal(t.size)).astype(np.float32))
-    return out
+    """Deterministic speech-like signals (test_asr's, at another pitch)."""
+    return waveforms(seed, seconds, pitch=(110, 70), vibrato=0.9, tremolo=3)
 
 
 @pytest.fixture(scope="module")
