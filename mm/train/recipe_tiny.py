@@ -178,7 +178,7 @@ def weights_digest(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def plot_losses(history: list[dict], path: Path) -> None:
+def plot_losses(history: list[dict], path: Path, title: str = "mm train --recipe tiny") -> None:
     """loss.png: each task's next-token loss and the CTC loss (running means) against the step, stages shaded."""
     import matplotlib
 
@@ -206,7 +206,7 @@ def plot_losses(history: list[dict], path: Path) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
-    ax.set_title("mm train --recipe tiny")
+    ax.set_title(title)
     if ax.get_legend_handles_labels()[0]:  # a run of no steps has nothing to plot
         ax.legend()
     fig.tight_layout()
@@ -413,7 +413,7 @@ def train_tiny(out_dir: str | Path, recipe: TinyRecipe | None = None, resume: bo
     if main:
         with open(out / "losses.jsonl", "w") as f:
             f.writelines(json.dumps(h) + "\n" for h in history)
-        plot_losses(history, out / "loss.png")
+        plot_losses(history, out / "loss.png", f"mm train --recipe {'tiny-open' if r.init else 'tiny'}")
         model.to("cpu").save_pretrained(model_dir)
         log(f"saved {model_dir} and {out / 'loss.png'}")
     if world > 1:
