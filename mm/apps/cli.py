@@ -1,4 +1,4 @@
-"""The `mm` command line: `mm generate`, ... (one function per subcommand)."""
+"""The `mm` command line: `generate`, `transcribe`, `train`, `bench` parsed here; the others (DELEGATED) by their modules."""
 from __future__ import annotations
 
 import argparse
@@ -90,53 +90,23 @@ def cmd_train(args) -> int:
     raise ValueError(f"unknown recipe {args.recipe!r} (available: tiny, tiny-open, text-tiny)")
 
 
-def cmd_caption(args) -> int:
-    """`mm caption IMAGE...`: see `mm caption --help`."""
-    from mm.apps.caption import run_caption
-
-    return run_caption(args.args)
-
-
-def cmd_eval(args) -> int:
-    """`mm eval`: see `mm eval --help`."""
-    from mm.eval.evaluate import run_eval
-
-    return run_eval(args.args)
-
-
-def cmd_quantize(args) -> int:
-    """`mm quantize`: see `mm quantize --help`."""
-    from mm.apps.quantize import run_quantize
-
-    return run_quantize(args.args)
+# subcommands with their own parser in their own module: name -> (module, function taking argv, help)
+DELEGATED = {
+    "caption": ("mm.apps.caption", "run_caption", "caption images (mm caption --help)"),
+    "eval": ("mm.eval.evaluate", "run_eval", "held-out figures of a multimodal model (mm eval --help)"),
+    "chat": ("mm.apps.chat", "run_chat", "the Gradio multimodal chat on 127.0.0.1 (mm chat --help)"),
+    "quantize": ("mm.apps.quantize", "run_quantize",
+                 "RTN / AWQ / SmoothQuant a Llama to 8, 4 or 3 bits (mm quantize --help)"),
+    "agent": ("mm.apps.agent", "run_agent", "a ReAct agent with tools, or a YAML procedure (mm agent --help)"),
+    "serve": ("mm.apps.serve", "run_serve", "OpenAI-compatible chat server with continuous batching (mm serve --help)"),
+    "rag": ("mm.apps.rag", "run_rag", "index your files, search them, ask with citations (mm rag --help)"),
+}
 
 
-def cmd_chat(args) -> int:
-    """`mm chat`: see `mm chat --help`."""
-    from mm.apps.chat import run_chat
-
-    return run_chat(args.args)
-
-
-def cmd_agent(args) -> int:
-    """`mm agent`: see `mm agent --help`."""
-    from mm.apps.agent import run_agent
-
-    return run_agent(args.args)
-
-
-def cmd_rag(args) -> int:
-    """`mm rag index|search|ask`: see `mm rag --help`."""
-    from mm.apps.rag import run_rag
-
-    return run_rag(args.args)
-
-
-def cmd_serve(args) -> int:
-    """`mm serve`: see `mm serve --help`."""
-    from mm.apps.serve import run_serve
-
-    return run_serve(args.args)
+def cmd_delegated(args) -> int:
+    """`mm caption|eval|chat|...`: the subcommand's module parses the rest of the command line (imported only now)."""
+    module, function, _ = DELEGATED[args.command]
+    return getattr(importlib.import_module(module), function)(args.args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -156,22 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
     g.set_defaults(func=cmd_generate)
 
-    c = sub.add_parser("caption", help="caption images (mm caption --help)", add_help=False)
-    c.set_defaults(func=cmd_caption, delegated=True)
-    e = sub.add_parser("eval", help="held-out figures of a multimodal model (mm eval --help)", add_help=False)
-    e.set_defaults(func=cmd_eval, delegated=True)
-    ch = sub.add_parser("chat", help="the Gradio multimodal chat on 127.0.0.1 (mm chat --help)", add_help=False)
-    ch.set_defaults(func=cmd_chat, delegated=True)
-    qz = sub.add_parser("quantize", help="RTN / AWQ / SmoothQuant a Llama to 8, 4 or 3 bits (mm quantize --help)",
-                        add_help=False)
-    qz.set_defaults(func=cmd_quantize, delegated=True)
-    ag = sub.add_parser("agent", help="a ReAct agent with tools, or a YAML procedure (mm agent --help)", add_help=False)
-    ag.set_defaults(func=cmd_agent, delegated=True)
-    sv = sub.add_parser("serve", help="OpenAI-compatible chat server with continuous batching (mm serve --help)",
-                        add_help=False)
-    sv.set_defaults(func=cmd_serve, delegated=True)
-    r = sub.add_parser("rag", help="index your files, search them, ask with citations (mm rag --help)", add_help=False)
-    r.set_defaults(func=cmd_rag, delegated=True)
+    for name, (_, _, help_text) in DELEGATED.items():
+        sub.add_parser(name, help=help_text, add_help=False).set_defaults(func=cmd_delegated, delegated=True)
 
     from mm.apps.transcribe import add_arguments, cmd_transcribe
 
