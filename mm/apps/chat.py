@@ -24,7 +24,7 @@ from typing import Iterator
 from encoders.audio import AudioError, load_audio
 from encoders.image import ImageError, load_image
 
-from mm.data.scenes import COT_INSTRUCTION, split_cot
+from mm.data.scenes import COT_INSTRUCTION, join_cot, split_cot
 
 
 ERROR_MARK = "⚠️"
@@ -100,7 +100,7 @@ def history_to_messages(history: list[dict]) -> list[dict]:
                 continue
             reply = "" if text.strip() == EMPTY_REPLY else text.strip()
             if rationale:
-                reply, rationale = f"{rationale} answer: {reply}", ""
+                reply, rationale = join_cot(rationale, reply), ""
             t = "\n".join(p["text"] for p in pending if p["text"].strip())
             out.append({"role": "user", "content": user_content(t, [f for p in pending for f in p["files"]])})
             out.append({"role": "assistant", "content": reply})

@@ -283,7 +283,12 @@ COT_INSTRUCTION = "look first."  # appended to a question: answer with the ratio
 
 def cot_target(qa: QA) -> str:
     """The reply to a question asked with COT_INSTRUCTION: 'i see a big red star at the top left. answer: red'."""
-    return f"{qa.rationale} answer: {qa.answer}"
+    return join_cot(qa.rationale, qa.answer)
+
+
+def join_cot(rationale: str, answer: str) -> str:
+    """A reply with its rationale first; `split_cot` takes it apart."""
+    return f"{rationale} answer: {answer}"
 
 
 def split_cot(reply: str) -> tuple[str, str]:
