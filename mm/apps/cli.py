@@ -69,15 +69,19 @@ def cmd_bench(args) -> int:
 
 def cmd_train(args) -> int:
     """Run a training recipe and save the model directory."""
-    if args.recipe in ("tiny", "tiny-open"):
+    if args.recipe in ("tiny", "tiny-open", "tiny-agent"):
+        import dataclasses
+
         from mm.train.recipe_tiny import TinyRecipe, train_tiny
 
-        if args.recipe == "tiny-open" and not args.init:
-            raise ValueError("--recipe tiny-open continues from a model of the tiny recipe: give --init DIR "
-                             "(e.g. runs/tiny/model after `mm train --recipe tiny --out runs/tiny`)")
-        recipe = TinyRecipe() if args.recipe == "tiny" else TinyRecipe.open_vocab(args.init)
+        if args.recipe != "tiny" and not args.init:
+            raise ValueError(f"--recipe {args.recipe} continues from a model: give --init DIR (tiny-open: a tiny "
+                             "model, e.g. runs/tiny/model; tiny-agent: a tiny-open model, e.g. runs/tiny-open/model)")
+        recipe = {"tiny": TinyRecipe, "tiny-open": TinyRecipe.open_vocab, "tiny-agent": TinyRecipe.agent}[args.recipe]
+        recipe = recipe(args.init) if args.init and args.recipe != "tiny" else recipe()
         if args.smoke:
-            recipe = TinyRecipe.smoke(init=recipe.init)
+            recipe = dataclasses.replace(TinyRecipe.smoke(init=recipe.init), agent_share=recipe.agent_share,
+                                         context=recipe.context, name=recipe.name)
         recipe.seed = args.seed
         train_tiny(args.out or f"runs/{args.recipe}", recipe, resume=not args.no_resume, threads=args.threads or None,
                    device=args.device)
@@ -87,7 +91,7 @@ def cmd_train(args) -> int:
 
         train_text_tiny(args.out or "runs/text-tiny", steps=args.steps or 600, seed=args.seed)
         return 0
-    raise ValueError(f"unknown recipe {args.recipe!r} (available: tiny, tiny-open, text-tiny)")
+    raise ValueError(f"unknown recipe {args.recipe!r} (available: tiny, tiny-open, tiny-agent, text-tiny)")
 
 
 # subcommands with their own parser in their own module: name -> (module, function taking argv, help)
@@ -136,11 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.set_defaults(func=cmd_transcribe)
 
     t = sub.add_parser("train", help="train a model by a recipe")
-    t.add_argument("--recipe", default="tiny", choices=["tiny", "tiny-open", "text-tiny"],
+    t.add_argument("--recipe", default="tiny", choices=["tiny", "tiny-open", "tiny-agent", "text-tiny"],
                    help="tiny: the shipped multimodal model (runs under torchrun too); tiny-open: the same with speech "
-                        "beyond the scene grammar and rationales, continuing from a tiny model (--init); text-tiny: "
-                        "the text model")
-    t.add_argument("--init", default=None, help="tiny-open: the model directory to continue from")
+                        "beyond the scene grammar and rationales, continuing from a tiny model (--init); tiny-agent: "
+                        "tool use (ReAct) continuing from a tiny-open model (--init); text-tiny: the text model")
+    t.add_argument("--init", default=None, help="tiny-open, tiny-agent: the model directory to continue from")
     t.add_argument("--out", default=None, help="output directory (default: runs/RECIPE)")
     t.add_argument("--steps", type=int, default=0, help="text-tiny: training steps (default 600)")
     t.add_argument("--seed", type=int, default=0)

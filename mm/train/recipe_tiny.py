@@ -39,6 +39,7 @@ import shutil
 import sys
 import tempfile
 import time
+import dataclasses
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -91,6 +92,10 @@ class TinyRecipe:
     open_share: float = 0.0  # of the transcribe rows, word sequences
     silence_share: float = 0.0  # of the transcribe rows, clips without speech
     cot_share: float = 0.0  # of the question turns, asked for the rationale first (COT_INSTRUCTION)
+    agent_share: float = 0.0  # of the joint steps, ReAct tool-use episodes (mm.data.react_episodes), text only
+    agent_batch: int = 8  # episodes per agent step
+    context: int = 0  # the decoder's context window if not the init's (0: keep); episodes need about 620 tokens
+    name: str = "tiny"  # the recipe's name on its plot
     init: str = ""  # a model directory to continue from (weights and tokenizer), e.g. the tiny recipe's `model/`
     # model (ignored with `init`: the model is the one in that directory)
     vit_dim: int = 128
@@ -107,7 +112,18 @@ class TinyRecipe:
         without speech (and fits a new grid probe on the ViT); stage 2 trains everything jointly with rationale
         turns mixed into the questions. Made the shipped weights: about 1 h 55 min on the loaded 2-core CPU machine."""
         return cls(init=init, n_speech=6000, n_open=12000, n_silence=300, open_share=0.5, silence_share=0.05,
-                   cot_share=0.25, steps=(2000, 0, 1500), lr=(1e-3, 1e-3, 5e-4), grid_batch=16, speech_steps=2000)
+                   cot_share=0.25, steps=(2000, 0, 1500), lr=(1e-3, 1e-3, 5e-4), grid_batch=16, speech_steps=2000,
+                   name="tiny-open")
+
+    @classmethod
+    def agent(cls, init: str) -> "TinyRecipe":
+        """Issue 21's tool use: the tiny-open model (`init`) trained on in stage 2 only, with 30% of the steps
+        ReAct episodes (transcribe, then ask_image; caption; calculator...) in the brief prompt its context now holds
+        (1024 tokens), the other steps the tiny-open mix so that nothing is forgotten. The grid probe is not
+        refitted (grid_weight 0): a fresh probe would only pull the ViT towards noise."""
+        return dataclasses.replace(cls.open_vocab(init), steps=(0, 0, 1000), lr=(1e-3, 1e-3, 5e-4), speech_steps=0,
+                                   agent_share=0.3, agent_batch=12, context=1024, grid_weight=0.0,
+                                   name="tiny-agent")
 
     @classmethod
     def smoke(cls, init: str = "") -> "TinyRecipe":
@@ -237,6 +253,7 @@ def new_model(r: TinyRecipe, data: dict, tokenizer) -> MultimodalModel:
     torch.manual_seed(r.seed)
     if r.init:
         model = MultimodalModel.from_pretrained(r.init)
+        model.config.text.max_position_embeddings = r.context or model.config.text.max_position_embeddings
     else:
         model = MultimodalModel(model_config(r, tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eos_id))
         init_weights(model.language_model)
@@ -270,10 +287,14 @@ def encoder_loss(r: TinyRecipe, model: MultimodalModel, grid_head: GridHead, tok
 
 
 def joint_loss(r: TinyRecipe, model: MultimodalModel, ddp: torch.nn.Module, grid_head: GridHead, processor, tokenizer,
-               data: dict, step: int, rng: random.Random, device: torch.device, row: dict) -> torch.Tensor:
-    """Stages 1 and 2: one task's rows (TASK_CYCLE), next-token loss + CTC (speech) + the grid probe (images)."""
+               data: dict, stage: int, step: int, rng: random.Random, device: torch.device, row: dict) -> torch.Tensor:
+    """Stages 1 and 2: one task's rows (TASK_CYCLE; in stage 2 an `agent_share` of ReAct episodes), next-token loss +
+    CTC (speech) + the grid probe (images)."""
     task = TASK_CYCLE[step % len(TASK_CYCLE)]
-    convs, images, grids, audios, texts = sample_batch(r, data, task, r.batch[TASKS.index(task)], rng)
+    if stage == 2 and r.agent_share and rng.random() < r.agent_share:  # draws only when set: other recipes' rows stay
+        task = "agent"
+    size = r.agent_batch if task == "agent" else r.batch[TASKS.index(task)]
+    convs, images, grids, audios, texts = sample_batch(r, data, task, size, rng)
     inputs = processor(convs, images, audios, add_generation_prompt=False, labels=True)
     speech = inputs["speech"]
     ys = ys_len = None
@@ -285,7 +306,7 @@ def joint_loss(r: TinyRecipe, model: MultimodalModel, ddp: torch.nn.Module, grid
             inputs["speech_lengths"], inputs["attention_mask"].to(device), inputs["labels"].to(device), ys, ys_len, w)
     loss = o.loss
     row.update(task=task, lm_loss=o.lm_loss.item())
-    if images:
+    if images and r.grid_weight:
         grid = vit_grid_loss(model, grid_head, inputs["pixel_values"].to(device), torch.stack(grids))
         loss = loss + r.grid_weight * grid
         row["grid_loss"] = grid.item()
@@ -373,7 +394,7 @@ def train_tiny(out_dir: str | Path, recipe: TinyRecipe | None = None, resume: bo
             if stage == 0:
                 loss = encoder_loss(r, model, grid_head, tokenizer, data, step, rng, device, row)
             else:
-                loss = joint_loss(r, model, ddp, grid_head, processor, tokenizer, data, step, rng, device, row)
+                loss = joint_loss(r, model, ddp, grid_head, processor, tokenizer, data, stage, step, rng, device, row)
             row["loss"] = loss.item()
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -413,7 +434,7 @@ def train_tiny(out_dir: str | Path, recipe: TinyRecipe | None = None, resume: bo
     if main:
         with open(out / "losses.jsonl", "w") as f:
             f.writelines(json.dumps(h) + "\n" for h in history)
-        plot_losses(history, out / "loss.png", f"mm train --recipe {'tiny-open' if r.init else 'tiny'}")
+        plot_losses(history, out / "loss.png", f"mm train --recipe {r.name}")
         model.to("cpu").save_pretrained(model_dir)
         log(f"saved {model_dir} and {out / 'loss.png'}")
     if world > 1:

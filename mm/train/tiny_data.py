@@ -8,6 +8,8 @@ Besides the four tasks of the shipped recipe (module docstring of mm.train.recip
     silence       clips of silence and noise whose transcript is empty (`silence_share` of the transcribe rows)
     rationales    questions asked with COT_INSTRUCTION answered "i see <the objects it is about>. answer: <a>"
                   (`cot_share` of the question turns): Multimodal-CoT's rationale, then the answer
+    agent         ReAct episodes in text (mm.data.react_episodes: call a tool, read its observation, answer), built
+                  from the scenes' questions, captions and transcripts (`agent_share` of the joint steps)
 """
 from __future__ import annotations
 
@@ -20,8 +22,9 @@ import torch
 
 from mm.data.scenes import (COLOURS, COLS, COT_INSTRUCTION, COUNT_WORDS, NUMBERS, ROWS, SHAPES, SIZES, cot_target,
                             describe, item_rng, questions, render, sample_question, sample_split_scene)
+from mm.data.react_episodes import episode
 from mm.data.speech_data import speech_examples, spoken_questions, transcript
-from mm.data.words import non_speech, open_speech_examples
+from mm.data.words import non_speech, open_speech_examples, word_list
 from mm.models.multimodal import CAPTION_PROMPT, TRANSCRIBE_PROMPT
 from mm.train.grid_probe import grid_labels
 
@@ -95,6 +98,10 @@ def sample_batch(r: TinyRecipe, data: dict, task: str, size: int, rng: random.Ra
                 convs.append(conv)
             images.append(image)
             grids.append(grid)
+    elif task == "agent":  # text only: the tools do the looking and listening
+        for _ in range(size):
+            heard = rng.choice(data["open"] if data["open"] and rng.random() < 0.5 else data["transcribe"])[1]
+            convs.append(episode(rng, word_list(), rng.choice(data["question"]), rng.choice(data["caption"]), heard))
     elif task == "transcribe":
         for _ in range(size):
             wave, t = rng.choice(transcribe_pool(r, data, rng))
