@@ -9,7 +9,8 @@ forgivingly, and every step comes out as an `Event` while it happens.
     ...
     Final Answer: yellow
 
-The conversation: a system message with the tools and the format, the task as the first user message, then each
+The conversation: a system message with the tools and the format (mm.data.react_episodes: the full prompt, or the
+brief one that small models read and the shipped model was trained on), the task as the first user message, then each
 model reply (cut before any "Observation:" the model invents) as an assistant message and its observation as the next
 user message. Stops at a final answer, after `max_steps` model replies, or once `max_seconds` have passed (checked
 between calls; a call under way is not interrupted).
@@ -23,18 +24,9 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
 from mm.agent.tools import Tool, ToolError, describe
+from mm.data.react_episodes import SYSTEM, brief_system
 
-SYSTEM = """Answer the task as well as you can. You can use these tools:
-{tools}
-
-Use this format:
-Thought: what to do next
-Action: the tool to use, one of [{names}]
-Action Input: the tool's arguments as a JSON object, e.g. {example}
-Observation: the tool's result (written for you)
-... (Thought / Action / Action Input / Observation repeat as needed)
-Thought: I know the answer
-Final Answer: the answer to the task"""
+BRIEF_BELOW = 2048  # a model whose context window is shorter reads the brief system prompt (`for_model`)
 
 _FIELD = re.compile(r"^\s*(Thought|Action Input|Action|Observation|Final Answer)\s*:", re.I | re.M)
 _NAMES = {"thought": "thought", "action": "action", "action input": "input", "observation": "observation",
@@ -145,13 +137,16 @@ class ReAct:
     """The loop over a chat callable and tools; `stream(task)` yields Events, `run(task)` returns the final answer."""
 
     def __init__(self, chat: Callable[[list[dict]], str | Iterable[str]], tools: dict[str, Tool], max_steps: int = 8,
-                 max_seconds: float = 120.0, clock: Callable[[], float] = time.monotonic):
+                 max_seconds: float = 120.0, clock: Callable[[], float] = time.monotonic, brief: bool = False):
         if max_steps < 1:
             raise ValueError(f"max_steps must be >= 1, got {max_steps}")
         self.chat, self.tools, self.max_steps, self.max_seconds, self.clock = chat, tools, max_steps, max_seconds, clock
+        self.brief = brief
 
     def system(self) -> str:
-        """The system message: the tools and the format."""
+        """The system message: the tools and the format (brief: the tools' signatures and one line of format)."""
+        if self.brief:
+            return brief_system([t.signature() for t in self.tools.values()])
         example = "{}"
         if self.tools:
             first = next(iter(self.tools.values()))
@@ -206,3 +201,14 @@ def _kept(reply: str) -> str:
 def model_chat(model, max_new_tokens: int = 128) -> Callable[[list[dict]], Iterator[str]]:
     """A chat callable over one of our models (`model.chat(messages, stream=True)`)."""
     return lambda messages: model.chat(messages, stream=True, max_new_tokens=max_new_tokens)
+
+
+def for_model(model, tools: dict[str, Tool], max_steps: int = 8, max_seconds: float = 120.0,
+              max_new_tokens: int = 128, prompt: str = "auto") -> ReAct:
+    """The agent over one of our chat models; prompt 'auto' gives models with a context under BRIEF_BELOW tokens
+    (the shipped model: 1024) the brief system prompt, others the full one ('brief', 'full': as said)."""
+    if prompt not in ("auto", "brief", "full"):
+        raise ValueError(f"prompt must be auto, brief or full, got {prompt!r}")
+    config = getattr(model.config, "text", model.config)
+    brief = prompt == "brief" or (prompt == "auto" and config.max_position_embeddings < BRIEF_BELOW)
+    return ReAct(model_chat(model, max_new_tokens), tools, max_steps, max_seconds, brief=brief)
