@@ -46,6 +46,7 @@ class Transcript:
     def __init__(self, task: str):
         self.messages: list[dict] = [{"role": "user", "content": task}]
         self.error = None  # the last unreadable reply's error: the observation that repeats it is not shown
+        self.streamed = 0  # the last step whose reply had text
 
     def say(self, text: str) -> None:
         """An assistant message of its own (and the streaming reply, if any, marked done)."""
@@ -69,6 +70,7 @@ class Transcript:
                                      "status": "pending"}}
                 self.messages.append(last)
             last["content"] += e.text
+            self.streamed = e.step if e.text.strip() else self.streamed
         elif e.kind == "thought":
             self.say(f"Thought: {e.text}")
         elif e.kind == "action":
@@ -76,7 +78,8 @@ class Transcript:
             self.say(f"Action: {e.text}" + ("" if given is None else f"\nAction Input: {given}"))
         elif e.kind == "error":
             self.error = e.text
-            self.say(f"{ERROR_MARK} step {e.step}: the reply cannot be used: {e.text}")
+            reason = f"the reply cannot be used: {e.text}" if self.streamed == e.step else "the model's reply is empty"
+            self.say(f"{ERROR_MARK} step {e.step}: {reason}")
         elif e.kind == "observation":
             if self.error is not None and e.text == f"Error: {self.error}":  # told to the model, shown just above
                 self.done()

@@ -23,7 +23,7 @@ class ScriptedModel:
     """A chat model that streams prepared replies in order (each in `pieces` parts) and records what it was shown;
     `caption`/`transcribe`/a plain `chat` (ask_image) give fixed answers, so the model's tools are there too."""
 
-    config = SimpleNamespace(max_audio_seconds=1.0)
+    config = SimpleNamespace(max_audio_seconds=1.0, max_position_embeddings=4096)  # a context for the full prompt
     modalities = ("image", "speech")
 
     def __init__(self, *replies, pieces: int = 3, seconds: float = 0.0):
@@ -35,7 +35,7 @@ class ScriptedModel:
         self.seen.append([dict(m) for m in messages])  # a copy: the agent grows its list
         time.sleep(self.seconds)
         reply = self.replies[min(len(self.seen), len(self.replies)) - 1]
-        size = -(-len(reply) // self.pieces)
+        size = max(1, -(-len(reply) // self.pieces))
         return iter([reply[i:i + size] for i in range(0, len(reply), size)])
 
     def caption(self, image):
@@ -93,6 +93,15 @@ def test_unreadable_replies_and_tool_errors_are_shown():
             "transcribe"),
         step(3, "Final Answer: 5"), say("Final Answer: 5")]
     assert model.seen[1][-1] == {"role": "user", "content": f"Observation: Error: {UNREADABLE}"}  # told to the model
+
+
+def test_an_empty_reply_is_said_to_be_empty():
+    model = ScriptedModel("", "Final Answer: 4")
+    shown = list(make_run(model, accept, file_kind)("what is 2 + 2?"))[-1]
+    assert shown[1:] == [say("⚠️ step 1: the model's reply is empty"), step(2, "Final Answer: 4"),
+                         say("Final Answer: 4")]
+    assert model.seen[1][-2:] == [{"role": "assistant", "content": ""},
+                                  {"role": "user", "content": f"Observation: Error: {UNREADABLE}"}]
 
 
 def test_step_and_time_limits_stop_the_run():
