@@ -154,7 +154,8 @@ def make_run(model, check: Callable[[str], str | None], kind: Callable[[str], st
 
 
 def tool_names(model, docs_db: str | Path | None) -> list[str]:
-    """The tools the agent has (search once `docs_db` holds documents)."""
+    """The tools the agent has, for the tab's text (search with a `docs_db`: the agent gets it once that holds
+    documents)."""
     return list(build_tools(model, None)) + (["search"] if docs_db is not None else [])
 
 
