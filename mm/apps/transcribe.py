@@ -17,7 +17,8 @@ import json
 import sys
 from pathlib import Path
 
-from mm.models.asr import DECODE_MODES, ASRModel
+from mm.models.asr import ASRModel
+from mm.models.asr_search import DECODE_MODES
 from mm.models.multimodal import check_decode
 from mm.models.transcript import Transcript
 from mm.models.formats import TRANSCRIBERS, load
@@ -80,6 +81,27 @@ def render(results: list[Transcript], fmt: str, timestamps: bool) -> str:
     return "".join(f"{r.source}: {r.text.strip()}\n" for r in results)
 
 
+def check_out_names(files: list[str], fmt: str) -> None:
+    """ValueError when two inputs would write one output file (out_dir/<stem><suffix>)."""
+    seen: dict[str, str] = {}
+    for f in files:
+        name = Path(f).stem + SUFFIX[fmt]
+        if name in seen:
+            raise ValueError(f"--out-dir: {seen[name]} and {f} would both write {name}; rename one, or write to stdout")
+        seen[name] = str(f)
+
+
+def write_files(files: list[str], results: list[Transcript], fmt: str, timestamps: bool, out_dir: Path) -> None:
+    """Write each transcript to out_dir/<stem><suffix> in fmt (json: one object per file)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for f, r in zip(files, results):
+        if fmt == "json":
+            text = json.dumps(to_json_obj(r, timestamps), indent=2, ensure_ascii=False) + "\n"
+        else:
+            text = render([r], fmt, timestamps)
+        (out_dir / (Path(f).stem + SUFFIX[fmt])).write_text(text, encoding="utf-8")
+
+
 def run_transcribe(files: list[str], model_dir: str | None, decode: str | None = None, beam: int | None = None,
                    timestamps: bool = False, fmt: str = "text", batch_size: int = 8, out=None,
                    out_dir: str | None = None, progress: bool | None = None, device: str = "cpu",
@@ -98,13 +120,8 @@ def run_transcribe(files: list[str], model_dir: str | None, decode: str | None =
         raise ValueError("no audio files given")
     if fmt == "srt":
         timestamps = True  # cues are trimmed to the words
-    if out_dir is not None:  # two inputs must not write one output file
-        seen: dict[str, str] = {}
-        for f in files:
-            name = Path(f).stem + SUFFIX[fmt]
-            if name in seen:
-                raise ValueError(f"--out-dir: {seen[name]} and {f} would both write {name}; rename one, or write to stdout")
-            seen[name] = str(f)
+    if out_dir is not None:
+        check_out_names(files, fmt)
     if beam is not None and beam < 1:
         raise ValueError(f"--beam must be >= 1, got {beam}")
     if batch_size < 1:
@@ -138,14 +155,7 @@ def run_transcribe(files: list[str], model_dir: str | None, decode: str | None =
                 failed[f] = str(e).removeprefix("audio 0: ")
         files = [f for f in files if f not in failed]
     if out_dir is not None:
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for f, r in zip(files, results):
-            if fmt == "json":  # one object per file
-                text = json.dumps(to_json_obj(r, timestamps), indent=2, ensure_ascii=False) + "\n"
-            else:
-                text = render([r], fmt, timestamps)
-            (out_dir / (Path(f).stem + SUFFIX[fmt])).write_text(text, encoding="utf-8")
+        write_files(files, results, fmt, timestamps, Path(out_dir))
     else:
         (out or sys.stdout).write(render(results, fmt, timestamps))
     if failed:

@@ -9,8 +9,8 @@ from tqdm import tqdm
 
 from decoders.ctc import ctc_forced_align, ctc_greedy_decode
 from mm.models.speech_adapter import joint_beam_search
-from mm.models.transcript import Segment, Transcript, timed_words
-from mm.models.vad import speech_windows
+from mm.models.transcript import Segment, Transcript, timed_words, word_groups
+from mm.models.vad import decode_windows
 
 TRANSCRIBE_PROMPT = "transcribe the audio."
 DECODE_CTC_WEIGHT = {"ctc": 1.0, "attention": 0.0, "joint": 0.5, None: 0.5}  # CTC prefix weight in joint search
@@ -87,15 +87,10 @@ class SpeechInference:
         beam_size = beam or beam_size
         rate = self.config.speech.frontend.sample_rate
         wave = self.processor().load_audio(audio, whole=True)  # [S]
-        if wave.numel() <= self.config.max_audio_seconds * rate:
-            windows = [(0, wave.numel())]
-        else:
-            windows = speech_windows(wave, rate, max_window=self.config.max_audio_seconds, pack=False)
+        windows = decode_windows(wave, rate, self.config.max_audio_seconds, pack=False)
         segments = [self._segment(wave[s:e], s / rate, max_new_tokens, ctc_weight, beam_size)
                     for s, e in tqdm(windows, desc="transcribing", unit="window", disable=not progress, file=sys.stderr)]
-        text = " ".join(sg.text for sg in segments if sg.text)
-        return Transcript(text, [t for sg in segments for t in sg.tokens], [i for sg in segments for i in sg.token_ids],
-                          segments, wave.numel() / rate, source=source)
+        return Transcript.from_segments(segments, wave.numel() / rate, source)
 
     def _segment(self, wave: torch.Tensor, offset: float, max_new_tokens: int, ctc_weight: float, beam_size: int):
         """The Segment of one window wave [S] that starts `offset` seconds into the recording."""
@@ -106,12 +101,7 @@ class SpeechInference:
         except ValueError:  # more tokens than frames
             spans = []
         pieces = [self.tokenizer.sp.id_to_piece(i) for i in ids]
-        groups = []
-        for i, piece, span in zip(ids, pieces, spans):
-            if piece.startswith("\u2581") or not groups:
-                groups.append([])
-            groups[-1].append((i, span))
-        words = timed_words(groups, self.tokenizer.decode, self.config.speech.frame_shift, offset)
+        words = timed_words(word_groups(ids, spans, pieces), self.tokenizer.decode, self.config.speech.frame_shift, offset)
         end = offset + n_samples / rate
         return Segment(round(offset, 3), round(end, 3), self.tokenizer.decode(ids).strip(), pieces, ids, words)
 

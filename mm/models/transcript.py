@@ -1,8 +1,9 @@
 """What transcription returns: words with times, segments (the windows a recording was decoded in), the transcript;
-and the one function that times words from a CTC forced alignment. Shared by the ASR and the multimodal models."""
+and the one way words are grouped and timed from a CTC forced alignment. Shared by the ASR and the multimodal models."""
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 from dataclasses import dataclass, field
 
 from decoders.ctc import TokenSpan
@@ -16,6 +17,23 @@ class Word:
     start: float
     end: float
     score: float
+
+
+def word_groups(ids: list[int], spans: list[TokenSpan], pieces: list[str], token_type: str = "bpe",
+                skip=frozenset()) -> list[list[tuple[int, TokenSpan]]]:
+    """CTC-aligned tokens grouped into words: a word starts at a BPE piece beginning with '▁', after a char
+    `<space>`, or at every word token; ids in `skip` (specials that print nothing) are left out."""
+    groups: list[list[tuple[int, TokenSpan]]] = []
+    for i, piece, span in zip(ids, pieces, spans):
+        if i in skip:
+            continue
+        if token_type == "char" and piece == "<space>":
+            groups.append([])
+            continue
+        if token_type == "word" or (token_type == "bpe" and piece.startswith("▁")) or not groups:
+            groups.append([])
+        groups[-1].append((i, span))
+    return groups
 
 
 def timed_words(groups: list[list[tuple[int, TokenSpan]]], to_text, frame_shift: float, offset: float = 0.0) -> list[Word]:
@@ -59,6 +77,17 @@ class Transcript:
     language: str | None = None
     region: str | None = None
     source: str | None = None
+
+    @classmethod
+    def from_segments(cls, segments: list[Segment], duration: float, source: str | None = None,
+                      joiner: str = " ") -> "Transcript":
+        """The transcript of a recording decoded in these windows (in time order): one window keeps its text exactly,
+        several are joined by `joiner` without their edge spaces; the language/region most windows found."""
+        langs = Counter((s.language, s.region) for s in segments if s.language is not None).most_common(1)
+        text = segments[0].text if len(segments) == 1 else joiner.join(s.text.strip() for s in segments if s.text.strip())
+        return cls(text, [t for s in segments for t in s.tokens], [i for s in segments for i in s.token_ids], segments,
+                   duration, language=langs[0][0][0] if langs else None, region=langs[0][0][1] if langs else None,
+                   source=source)
 
     @property
     def words(self) -> list[Word]:

@@ -10,6 +10,14 @@ from __future__ import annotations
 import torch
 
 
+def decode_windows(wave: torch.Tensor, sample_rate: int, max_window: float, pack: bool = True) -> list[tuple[int, int]]:
+    """The [start, end) sample ranges a model decodes wave [S] in: the whole recording when it is at most max_window
+    seconds long (as ESPnet and Dolphin decode), else its `speech_windows`."""
+    if wave.numel() <= max_window * sample_rate:
+        return [(0, wave.numel())]
+    return speech_windows(wave, sample_rate, max_window, pack=pack)
+
+
 def speech_windows(wave: torch.Tensor, sample_rate: int = 16000, max_window: float = 30.0, min_silence: float = 0.3,
                    pad: float = 0.2, pack: bool = True) -> list[tuple[int, int]]:
     """Energy VAD: [start, end) sample ranges of at most max_window seconds that hold the speech of wave [S].
