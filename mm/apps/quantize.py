@@ -101,11 +101,8 @@ def quantize_dir(args) -> int:
     group = None if args.bits == 8 else args.group_size
     if args.method == "smoothquant" and args.bits != 8:
         raise ValueError(f"--method smoothquant is W8A8: use --bits 8 (got {args.bits})")
-    model = load(src, dtype=torch.float32)
-    if kind == "gguf":  # requantize from the float weights
-        from decoders.gguf import load_gguf
-
-        model = load_gguf(src, quantized=False)
+    # a GGUF file is requantized from its float weights
+    model = load(src, dtype=torch.float32, **({"quantized": False} if kind == "gguf" else {}))
     skip = tuple(s for s in args.skip.split(",") if s)
     calib = None
     if args.method != "rtn":

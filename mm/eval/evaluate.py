@@ -181,8 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_eval(argv: list[str] | None = None) -> int:
     """`mm eval [--model DIR] [--n N] [--json FILE]`; with `--data FILE.jsonl` the harness (`mm.eval.harness`)."""
-    from mm.assets import default_multimodal_dir
-    from mm.models.multimodal import MultimodalModel
+    from mm.models.formats import load
 
     argv = sys.argv[1:] if argv is None else argv
     if any(a == "--data" or a.startswith("--data=") for a in argv):  # the user's own JSONL file: mm.eval.harness
@@ -198,7 +197,7 @@ def run_eval(argv: list[str] | None = None) -> int:
     unknown = set(tasks) - set(TASKS)
     if unknown:
         raise ValueError(f"unknown task(s) {sorted(unknown)}; choose from {', '.join(TASKS)}")
-    model = MultimodalModel.from_pretrained(args.model or default_multimodal_dir())
+    model = load(args.model, expect=("mm-multimodal",))
     t0 = time.time()
     results = evaluate(model, args.n, args.batch_size, args.cache_dir, args.seed, tasks, args.split)
     results["model"] = str(args.model or "shipped")

@@ -1,5 +1,5 @@
 """What a checkpoint path holds, and which loader opens it: the one table every entry point uses (`mm.load`,
-`mm caption`, `mm transcribe`, `mm chat`, the demos).
+`mm generate|caption|transcribe|chat|eval|quantize|rag|serve|agent`, the demos).
 
     format         told apart by                                          opened by
     meta-llama     params.json + consolidated.*.pth                       LlamaForCausalLM.from_meta
@@ -7,7 +7,8 @@
     llava          config.json model_type llava / llava_llama / mm-llava,  LlavaForConditionalGeneration.from_pretrained
                    or mm_projector_type (original LLaVA)
     llama          config.json model_type llama                           LlamaForCausalLM.from_pretrained
-                   (+ quantization_config: AWQ GEMM, mm-int8, mm-w8a8)    decoders.awq_format.load_quantized
+                   (+ quantization_config: AWQ GEMM, mm-int8, mm-w8a8:    decoders.awq_format.load_quantized
+                   opened as llama-quantized)
     gguf           a *.gguf file (llama.cpp)                              decoders.gguf.load_gguf
     deepseek_v3    config.json model_type deepseek_v3 / deepseek_v2 /    DeepseekForCausalLM.from_pretrained
     deepseek_v2    mixtral (mixture-of-experts decoders)
@@ -20,15 +21,32 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from decoders import DeepseekForCausalLM, LlamaForCausalLM
+from decoders.awq_format import load_quantized
 from decoders.checkpoint import CheckpointError, read_json
+from decoders.gguf import load_gguf
 from mm.assets import default_multimodal_dir
+from mm.models.asr import ASRModel
 from mm.models.espnet_files import is_espnet_dir
+from mm.models.llava import LlavaForConditionalGeneration
+from mm.models.multimodal import MultimodalModel
 
 LLAVA_TYPES = {"llava", "llava_llama", "mm-llava"}
 MOE_TYPES = ("deepseek_v3", "deepseek_v2", "mixtral")  # decoders.deepseek.DeepseekForCausalLM
 TEXT_MODELS = ("llama", "meta-llama") + MOE_TYPES  # formats whose models are plain decoders (`mm generate`)
 CAPTIONERS = ("llava", "mm-multimodal")  # formats whose models describe images
 TRANSCRIBERS = ("espnet", "mm-asr", "mm-multimodal")  # formats whose models transcribe speech
+LOADERS = {  # format -> the function that opens it (the table above)
+    "meta-llama": LlamaForCausalLM.from_meta,
+    "llama": LlamaForCausalLM.from_pretrained,
+    "llama-quantized": load_quantized,
+    "gguf": load_gguf,
+    **dict.fromkeys(MOE_TYPES, DeepseekForCausalLM.from_pretrained),
+    "llava": LlavaForConditionalGeneration.from_pretrained,
+    "mm-multimodal": MultimodalModel.from_pretrained,
+    "mm-asr": ASRModel.from_pretrained,
+    "espnet": ASRModel.from_espnet_dir,
+}
 
 
 def detect(path: str | Path) -> str:
@@ -59,44 +77,13 @@ def load(path: str | Path | None = None, *, expect: tuple[str, ...] | None = Non
     """Open a checkpoint path with its format's loader (None: the shipped multimodal model).
 
     `expect`: the formats the caller can use (e.g. CAPTIONERS); another format is a CheckpointError saying what the
-    path holds. Keyword arguments (dtype, device, and vision_tower for original LLaVA) go to the loader; only the
-    found format's model module is imported."""
+    path holds. Keyword arguments (dtype, device, and vision_tower for original LLaVA) go to the loader."""
     path = Path(path) if path is not None else default_multimodal_dir()
     kind = detect(path)
     if expect is not None and kind not in expect:
         raise CheckpointError(f"{path}: a {kind} checkpoint; this needs one of: {', '.join(expect)}")
     if kind != "llava":
         kwargs.pop("vision_tower", None)
-    if kind == "meta-llama":
-        from decoders import LlamaForCausalLM
-
-        return LlamaForCausalLM.from_meta(path, **kwargs)
-    if kind == "llama":
-        if "quantization_config" in read_json(path / "config.json"):  # written by mm quantize, or AutoAWQ
-            from decoders.awq_format import load_quantized
-
-            return load_quantized(path, **kwargs)
-        from decoders import LlamaForCausalLM
-
-        return LlamaForCausalLM.from_pretrained(path, **kwargs)
-    if kind == "gguf":
-        from decoders.gguf import load_gguf
-
-        return load_gguf(path, **kwargs)
-    if kind in MOE_TYPES:
-        from decoders import DeepseekForCausalLM
-
-        return DeepseekForCausalLM.from_pretrained(path, **kwargs)
-    if kind == "llava":
-        from mm.models.llava import LlavaForConditionalGeneration
-
-        return LlavaForConditionalGeneration.from_pretrained(path, **kwargs)
-    if kind == "mm-multimodal":
-        from mm.models.multimodal import MultimodalModel
-
-        return MultimodalModel.from_pretrained(path, **kwargs)
-    from mm.models.asr import ASRModel
-
-    if kind == "mm-asr":
-        return ASRModel.from_pretrained(path, **kwargs)
-    return ASRModel.from_espnet_dir(path, **kwargs)
+    if kind == "llama" and "quantization_config" in read_json(path / "config.json"):  # mm quantize, or AutoAWQ
+        kind = "llama-quantized"
+    return LOADERS[kind](path, **kwargs)
