@@ -78,6 +78,7 @@ def stream_tokens(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_ma
     Decoding runs `model.decode_step` on a static cache; `compile=True` (or an earlier `decoders.compile.compile_decode(model)`)
     runs it through `torch.compile`: on CPU compiling takes 20-130 s and then decodes 2-5x faster, so it pays
     for itself after some thousands of tokens (a server, a benchmark, long generations), not for one short reply.
+    Over 60 lines: prefill, the static cache, the eager/compiled/CUDA-graph step and sampling share one loop's state.
     """
     check_options(max_new_tokens, temperature, top_k, top_p)
     cfg = model.config
