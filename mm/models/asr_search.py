@@ -89,9 +89,7 @@ class ASRSearch:
         offsets = offsets or [0.0] * len(waves)
         dev = self.device
         lengths = torch.tensor([w.numel() for w in waves], device=dev)
-        batch = torch.zeros(len(waves), int(lengths.max()), device=dev)  # [B, S]
-        for b, w in enumerate(waves):
-            batch[b, : w.numel()] = w.to(dev)
+        batch = torch.nn.utils.rnn.pad_sequence([w.to(dev) for w in waves], batch_first=True)  # [B, S], zeros after
         enc, enc_lengths = self.encode(batch, lengths)  # [B, T', d]
         log_probs = self.ctc_log_probs(enc)  # [B, T', V]
         # the prompt (and language detection) even for CTC decoding, which reports the language too
