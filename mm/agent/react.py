@@ -209,6 +209,7 @@ def for_model(model, tools: dict[str, Tool], max_steps: int = 8, max_seconds: fl
     (the shipped model: 1024) the brief system prompt, others the full one ('brief', 'full': as said)."""
     if prompt not in ("auto", "brief", "full"):
         raise ValueError(f"prompt must be auto, brief or full, got {prompt!r}")
-    config = getattr(model.config, "text", model.config)
-    brief = prompt == "brief" or (prompt == "auto" and config.max_position_embeddings < BRIEF_BELOW)
+    config = getattr(model, "config", None)
+    context = getattr(getattr(config, "text", config), "max_position_embeddings", None)  # None: not known (a server)
+    brief = prompt == "brief" or (prompt == "auto" and context is not None and context < BRIEF_BELOW)
     return ReAct(model_chat(model, max_new_tokens), tools, max_steps, max_seconds, brief=brief)

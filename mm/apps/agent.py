@@ -11,9 +11,10 @@ import argparse
 import json
 import sys
 
-from mm.agent.react import ReAct, model_chat
+from mm.agent.react import for_model
 from mm.agent.sop import load_sop, run_sop
 from mm.agent.tools import calculator, index_search, model_tools, registry, search_tool
+from mm.data.react_episodes import files_line
 
 MODEL_TOOLS = {"caption", "ask_image", "transcribe"}
 
@@ -30,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, default=8, help="model replies before giving up")
     p.add_argument("--max-seconds", type=float, default=120.0, help="time limit, checked between steps")
     p.add_argument("--max-new-tokens", type=int, default=128, help="tokens per model reply")
+    p.add_argument("--prompt", default="auto", choices=["auto", "brief", "full"],
+                   help="the system prompt: brief (tool signatures; what the shipped model was trained on), full (tools "
+                        "described and the format spelt out), auto: brief for contexts under 2048 tokens")
     p.add_argument("--json", action="store_true", help="print the events as JSON lines")
     return p
 
@@ -82,18 +86,16 @@ def run_agent(argv: list[str] | None = None) -> int:
         model = mm.load(args.model)
         if not hasattr(model, "chat"):
             raise ValueError(f"{args.model}: the agent needs a chat model (the multimodal model, LLaVA)")
-        files = [f"{k}: {v}" for k, v in (("image", args.image), ("audio", args.audio)) if v]
-        task = args.task + ("\nFiles: " + "; ".join(files) if files else "")
-        agent = ReAct(model_chat(model, args.max_new_tokens), build_tools(model, args.db), args.max_steps,
-                      args.max_seconds)
-        events = agent.stream(task)
+        agent = for_model(model, build_tools(model, args.db), args.max_steps, args.max_seconds, args.max_new_tokens,
+                          args.prompt)
+        events = agent.stream(files_line(args.task, args.image, args.audio))
     final = None
     try:
         for e in events:
             print_event(e, args.json)
             final = e.text if e.kind == "final" else final
     except ValueError as e:
-        if "context window" in str(e) and not args.sop:  # the shipped model's 512 tokens cannot hold the ReAct prompt
+        if "context window" in str(e) and not args.sop:  # a model with a short context and a long task
             raise ValueError(f"{e}: this model's context is too short for the ReAct prompt; give a model with a longer "
                              "context (--model DIR), or a fixed procedure (--sop FILE)") from None
         raise

@@ -2,7 +2,7 @@
 over the chat's model and tools (calculator; caption, ask_image and transcribe when the model has them; search over
 `mm chat --docs-db` once it holds documents). Every step shows as it happens, in the order the agent works:
 
-    user        what colour is the star?\\nFiles: image: scene.png    the task as the agent reads it (`agent_task`)
+    user        what colour is the star?\\nFiles: image: scene.png    the task as the agent reads it (`files_line`)
     step 1 ...  Thought: I should look.\\nAction: ask_image\\n...     the model's reply as it streams, folded once read
     Thought: I should look.
     Action: ask_image\\nAction Input: {"image": "...", "question": "what colour is the star?"}
@@ -20,8 +20,9 @@ import logging
 from pathlib import Path
 from typing import Callable, Iterator
 
-from mm.agent.react import Event, ReAct, model_chat
-from mm.apps.agent import agent_task, build_tools
+from mm.agent.react import Event, for_model
+from mm.apps.agent import build_tools
+from mm.data.react_episodes import files_line
 
 ERROR_MARK = "⚠️"  # as the chat tab's replies that say what went wrong
 MAX_STEPS, MAX_SECONDS = 8, 120.0  # the defaults of `mm agent`
@@ -29,13 +30,6 @@ STEP_CAP, SECONDS_CAP = 32, 600.0  # the most a user may ask for: one run holds 
 NEW_TOKENS = 128  # tokens per model reply: a thought, an action and its input
 
 log = logging.getLogger(__name__)
-
-
-def make_agent(model, tools: dict, max_steps: int = MAX_STEPS, max_seconds: float = MAX_SECONDS,
-               max_new_tokens: int = NEW_TOKENS) -> ReAct:
-    """The agent the tab runs over `model` (anything with `chat(messages, stream=True, max_new_tokens=N)`): the one
-    place that chooses how it is prompted."""
-    return ReAct(model_chat(model, max_new_tokens), tools, max_steps, max_seconds)
 
 
 class Transcript:
@@ -117,7 +111,7 @@ def make_run(model, check: Callable[[str], str | None], kind: Callable[[str], st
         task = (task or "").strip()
         image, audio = _path(image), _path(audio)
         names = [Path(f).name if f else None for f in (image, audio)]
-        shown = Transcript(agent_task(task, *names))
+        shown = Transcript(files_line(task, *names))
         problems = [] if task else ["The task is empty: type what the agent should do."]
         if max_steps is None or not 1 <= max_steps <= STEP_CAP or max_steps != int(max_steps):
             problems.append(f"The step limit must be a whole number from 1 to {STEP_CAP}, got {max_steps}.")
@@ -136,8 +130,8 @@ def make_run(model, check: Callable[[str], str | None], kind: Callable[[str], st
         yield shown.snapshot()
         try:
             db = docs_db if docs_db is not None and (Path(docs_db) / "chunks.sqlite").exists() else None
-            agent = make_agent(model, build_tools(model, db), int(max_steps), float(max_seconds), max_new_tokens)
-            for e in agent.stream(agent_task(task, image, audio)):
+            agent = for_model(model, build_tools(model, db), int(max_steps), float(max_seconds), max_new_tokens)
+            for e in agent.stream(files_line(task, image, audio)):
                 shown.add(e)
                 yield shown.snapshot()
         except ValueError as e:  # a prompt past the context window, an unreadable file, ...

@@ -234,9 +234,10 @@ def examples() -> list[dict] | None:
 def build_demo(model_or_path=None, max_upload_mb: float = 10, max_new_tokens: int = 64, docs_db=None):
     """The chat app (gr.Blocks) for a MultimodalModel or its directory (None: the shipped model); a "documents" tab
     indexes uploads into `docs_db` (default: a temporary directory made at the first upload) and answers from them
-    with citations."""
+    with citations; an "agent" tab runs a ReAct agent with tools on a task, every step shown (`mm.apps.agent_tab`)."""
     import gradio as gr
 
+    from mm.apps.agent_tab import agent_tab
     from mm.apps.rag import documents_tab
 
     model = _load(model_or_path)
@@ -261,6 +262,9 @@ def build_demo(model_or_path=None, max_upload_mb: float = 10, max_new_tokens: in
             )
         with gr.Tab("documents"):
             documents_tab(model, docs_db, max_new_tokens=max_new_tokens)
+        with gr.Tab("agent"):  # uploads pass the chat's checks
+            agent_tab(model, docs_db, kind=file_kind,
+                      check=lambda f: check_file(f, max_upload_mb, model.config.max_audio_seconds))
     return demo
 
 
