@@ -30,16 +30,12 @@ Outputs in `out/`: the model directory `model/`, `train.log`, `losses.jsonl`, `l
 """
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import json
-import math
 import os
 import random
-import shutil
 import sys
-import tempfile
 import time
-import dataclasses
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -47,21 +43,11 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from decoders.llama import LlamaConfig
-from decoders.tokenizer import load_tokenizer
-from decoders.tokenizer_train import train_sentencepiece
-from encoders.ebranchformer import EBranchformerConfig
-from encoders.speech_encoder import SpeechEncoderConfig
-from encoders.frontend import FrontendConfig
-from encoders.image import ImageProcessor
-from encoders.vit import ViTConfig
-
-from mm.models.multimodal import MultimodalConfig, MultimodalModel
-from mm.models.speech_adapter import SpeechAdapterConfig
-from mm.train.text import init_weights
+from mm.models.multimodal import MultimodalModel
 from mm.train.grid_probe import GridHead, vit_grid_loss
-from mm.train.tiny_data import (TASK_CYCLE, TASKS, corpus_lines, ctc_targets, make_data, sample_batch, scene_rows,
-                                transcribe_pool)
+from mm.train.loop import adamw, plot_losses, save_atomic, schedule, weights_digest
+from mm.train.tiny_data import TASK_CYCLE, TASKS, ctc_targets, make_data, sample_batch, scene_rows, transcribe_pool
+from mm.train.tiny_model import new_model, tokenizer_for, trainable
 
 
 @dataclass
@@ -132,140 +118,6 @@ class TinyRecipe:
                    grid_batch=4, save_every=2, vit_dim=32, vit_depth=1, speech_dim=32, speech_blocks=1, llama_dim=64, llama_layers=1, speech_steps=2)
 
 
-def model_config(r: TinyRecipe, vocab_size: int, bos: int, eos: int) -> MultimodalConfig:
-    """The tiny model: 48 px ViT (16 px patches: 9 image tokens), E-Branchformer, Llama, token ids for image/audio past the vocab."""
-    text = LlamaConfig(vocab_size=vocab_size, hidden_size=r.llama_dim, intermediate_size=int(r.llama_dim * 8 / 3) // 16 * 16,
-                       num_hidden_layers=r.llama_layers, num_attention_heads=max(1, r.llama_dim // 64),
-                       num_key_value_heads=max(1, r.llama_dim // 128), max_position_embeddings=512,
-                       rms_norm_eps=1e-5, bos_token_id=bos, eos_token_id=eos)
-    vision = ViTConfig(image_size=r.image_size, patch_size=r.patch_size, dim=r.vit_dim, depth=r.vit_depth,
-                       num_heads=max(1, r.vit_dim // 32), mlp_dim=4 * r.vit_dim)
-    d = r.speech_dim
-    speech = SpeechEncoderConfig(frontend=FrontendConfig(n_mels=80), encoder=EBranchformerConfig(
-        input_size=80, output_size=d, attention_heads=max(1, d // 32), cgmlp_linear_units=4 * d, cgmlp_conv_kernel=15,
-        num_blocks=r.speech_blocks, use_ffn=True, macaron_ffn=True, linear_units=2 * d))
-    return MultimodalConfig(text=text, vision=vision, speech=speech, image_token_index=vocab_size,
-                            vision_feature_layer=-1, vision_feature_norm=True, audio_token_id=vocab_size + 1, ctc_weight=r.ctc_weight,
-                            adapter=SpeechAdapterConfig(input_size=d, hidden_size=r.llama_dim, downsample=4),
-                            system="", template="llava_v1")
-
-
-# ------------------------------------------------------------------------------------------------- speech features
-
-
-def set_mvn(model: MultimodalModel, waves: list[torch.Tensor]) -> None:
-    """Global mean/variance normalisation statistics of the log-mel features of `waves` (ESPnet's GlobalMVN)."""
-    frontend, norm = model.speech_encoder.frontend, model.speech_encoder.normalize
-    with torch.no_grad():
-        lengths = torch.tensor([w.shape[0] for w in waves])
-        feats, feat_lengths = frontend(torch.nn.utils.rnn.pad_sequence(waves, batch_first=True), lengths)
-        valid = torch.arange(feats.shape[1])[None, :] < feat_lengths[:, None]
-        x = feats[valid]  # [frames, n_mels]
-        norm.mean.copy_(x.mean(0))
-        norm.std.copy_(x.std(0).clamp_min(1e-5))
-
-
-# ------------------------------------------------------------------------------------------------- training
-
-
-def trainable(model: MultimodalModel, stage: int) -> list[torch.nn.Parameter]:
-    """Stage 0: the ViT, the speech encoder and CTC head; stage 1: everything but the decoder; stage 2: everything."""
-    for name, p in model.named_parameters():
-        if stage == 0:
-            p.requires_grad_(name.startswith(("vision_tower.", "speech_encoder.", "ctc.")))
-        else:
-            p.requires_grad_(stage == 2 or not name.startswith("language_model."))
-    return [p for p in model.parameters() if p.requires_grad]
-
-
-def schedule(step: int, total: int, warmup: int = 30) -> float:
-    """Linear warm-up, then cosine decay to 10%."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-
-def weights_digest(model: torch.nn.Module) -> str:
-    """sha256 of every parameter and buffer, in name order: equal digests mean equal weights."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
-def plot_losses(history: list[dict], path: Path, title: str = "mm train --recipe tiny") -> None:
-    """loss.png: each task's next-token loss and the CTC loss (running means) against the step, stages shaded."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    def smooth(pts, k=25):  # running mean over the last k points of a series
-        ys = [y for _, y in pts]
-        return [x for x, _ in pts], [sum(ys[max(0, i - k + 1):i + 1]) / (i + 1 - max(0, i - k + 1)) for i in range(len(ys))]
-
-    fig, ax = plt.subplots(figsize=(9, 5), dpi=100)
-    series = [(t, "lm_loss", f"{t}: next-token") for t in TASKS]
-    series.append((None, "ctc_loss", "speech encoder: CTC per token"))
-    series.append((None, "grid_loss", "vision tower: grid cells (auxiliary)"))
-    for task, key, label in series:
-        pts = [(h["step"], h[key]) for h in history if h.get(key) is not None
-               and (task is None or h.get("task") == task)]
-        if pts:
-            ax.plot(*smooth(pts), label=label, linewidth=1.2)
-    for stage in (0, 1, 2):
-        steps = [h["step"] for h in history if h["stage"] == stage]
-        if steps:
-            ax.axvspan(min(steps), max(steps), alpha=0.08, color=f"C{stage + 3}")
-            ax.text(min(steps), 1.0, f" stage {stage}", transform=ax.get_xaxis_transform(), va="top", fontsize=8)
-    ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title(title)
-    if ax.get_legend_handles_labels()[0]:  # a run of no steps has nothing to plot
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-def tokenizer_for(r: TinyRecipe, data: dict, out: Path, main: bool, world: int):
-    """`out/tokenizer/tokenizer.model`: init's (a continued run) or a BPE of `r.vocab_size` trained on the corpus."""
-    tok_dir = out / "tokenizer"
-    if main and not (tok_dir / "tokenizer.model").is_file():
-        tok_dir.mkdir(exist_ok=True)
-        if r.init:
-            shutil.copy(Path(r.init) / "tokenizer.model", tok_dir / "tokenizer.model")
-        else:
-            with tempfile.TemporaryDirectory() as tmp:
-                corpus = Path(tmp) / "corpus.txt"
-                corpus.write_text("\n".join(corpus_lines(data)))
-                train_sentencepiece([corpus], Path(tmp) / "tok", vocab_size=r.vocab_size, model_type="bpe")
-                shutil.copy(Path(tmp) / "tok" / "tokenizer.model", tok_dir / "tokenizer.model")
-    if world > 1:
-        dist.barrier()
-    return load_tokenizer(tok_dir)
-
-
-def new_model(r: TinyRecipe, data: dict, tokenizer) -> MultimodalModel:
-    """The model to train: init's (config, weights, speech normalisation) or a new one of the recipe's sizes."""
-    torch.manual_seed(r.seed)
-    if r.init:
-        model = MultimodalModel.from_pretrained(r.init)
-        model.config.text.max_position_embeddings = r.context or model.config.text.max_position_embeddings
-    else:
-        model = MultimodalModel(model_config(r, tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eos_id))
-        init_weights(model.language_model)
-        model.image_processor = ImageProcessor(size=r.image_size, crop_size=r.image_size, resample="bicubic")
-        set_mvn(model, [w for w, _ in data["transcribe"][:200]])
-    model.tokenizer = tokenizer
-    if model.config.tokens_per_image() != 9:
-        raise ValueError(f"the recipe's probe needs one patch per grid cell (9 image tokens), got "
-                         f"{model.config.tokens_per_image()} from image_size {r.image_size} and patch_size {r.patch_size}")
-    return model
-
-
 def encoder_loss(r: TinyRecipe, model: MultimodalModel, grid_head: GridHead, tokenizer, data: dict, step: int,
                  rng: random.Random, device: torch.device, row: dict) -> torch.Tensor:
     """Stage 0: the ViT's grid probe on new scenes, and for the first `speech_steps` steps CTC on transcribe clips."""
@@ -315,10 +167,23 @@ def joint_loss(r: TinyRecipe, model: MultimodalModel, ddp: torch.nn.Module, grid
     return loss
 
 
+def setup(device: str | None) -> tuple[int, int, torch.device]:
+    """(world size, rank, device) of this process; under torchrun, joins the process group (each rank on its local
+    GPU when CUDA is there)."""
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    device = torch.device(device or "cpu")
+    if world > 1:
+        if torch.cuda.is_available():
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return world, rank, device
+
+
 def train_tiny(out_dir: str | Path, recipe: TinyRecipe | None = None, resume: bool = True, threads: int | None = None,
                progress: bool = True, stop_after: int | None = None, device: str | None = None) -> Path | None:
     """Run the recipe (all stages; under torchrun, data parallel); returns the saved model directory. The loop over
-    stages and steps with its checkpointing is one piece (about 90 lines) so that resuming reads in one place.
+    stages and steps with its checkpointing is one piece (about 100 lines) so that resuming reads in one place.
 
     device: 'cuda' trains one process on the GPU (under torchrun each rank takes its local GPU when CUDA is there).
 
@@ -326,14 +191,7 @@ def train_tiny(out_dir: str | Path, recipe: TinyRecipe | None = None, resume: bo
     saved, returning None; a later call resumes from it."""
     r = recipe or TinyRecipe()
     out = Path(out_dir)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    device = torch.device(device or "cpu")
-    if world > 1:
-        if torch.cuda.is_available():
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    world, rank, device = setup(device)
     if threads:
         torch.set_num_threads(threads)
     main = rank == 0
@@ -347,7 +205,7 @@ def train_tiny(out_dir: str | Path, recipe: TinyRecipe | None = None, resume: bo
             log_file.write(line + "\n")
             log_file.flush()
 
-    log(f"recipe tiny: {json.dumps(asdict(r))}, world size {world}, device {device}")
+    log(f"recipe {r.name}: {json.dumps(asdict(r))}, world size {world}, device {device}")
     data = make_data(r, out / "cache" / "speech", log)
     tokenizer = tokenizer_for(r, data, out, main, world)
     model = new_model(r, data, tokenizer)
@@ -356,25 +214,21 @@ def train_tiny(out_dir: str | Path, recipe: TinyRecipe | None = None, resume: bo
 
     ckpt = out / "checkpoint.pt"
     history: list[dict] = []
-    start_stage, start_step = 0, 0
-    state = None
+    start_stage, start_step, state = 0, 0, None
     if resume and ckpt.is_file():
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
         grid_head.load_state_dict(state["grid_head"])
-        start_stage, start_step = int(state["stage"]), int(state["step"])
-        history = json.loads(state["history"])
+        start_stage, start_step, history = int(state["stage"]), int(state["step"]), json.loads(state["history"])
         log(f"resumed from {ckpt}: stage {start_stage}, step {start_step}")
     model.to(device)
     grid_head.to(device)
 
     offsets = [0, r.steps[0], r.steps[0] + r.steps[1]]
+    stopping = False
     for stage in range(start_stage, 3):
         params = trainable(model, stage) + list(grid_head.parameters())
-        decay = [p for p in params if p.dim() > 1]  # matrices; norms, biases and 1-D tables keep their scale
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05},
-                                 {"params": [p for p in params if p.dim() <= 1], "weight_decay": 0.0}],
-                                lr=r.lr[stage], betas=(0.9, 0.98))
+        opt = adamw(params, r.lr[stage])
         first = start_step if stage == start_stage else 0
         if state is not None and stage == start_stage and first > 0:
             opt.load_state_dict(state["optimizer"])
@@ -382,7 +236,6 @@ def train_tiny(out_dir: str | Path, recipe: TinyRecipe | None = None, resume: bo
         if world > 1 and stage > 0:
             ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
         model.train()
-        stopping = False
         bar = tqdm(range(first, r.steps[stage]), desc=f"stage {stage}", unit="step", disable=not (main and progress),
                    file=sys.stderr, initial=first, total=r.steps[stage])
         for step in bar:
@@ -410,11 +263,9 @@ def train_tiny(out_dir: str | Path, recipe: TinyRecipe | None = None, resume: bo
             done_stage = step + 1 == r.steps[stage]
             stopping = stop_after is not None and offsets[stage] + step + 1 >= stop_after
             if main and ((step + 1) % r.save_every == 0 or done_stage or stopping):
-                save = {"model": model.state_dict(), "grid_head": grid_head.state_dict(), "optimizer": opt.state_dict(),
-                        "history": json.dumps(history),
-                        "stage": stage + 1 if done_stage else stage, "step": 0 if done_stage else step + 1}
-                torch.save(save, ckpt.with_suffix(".tmp"))
-                os.replace(ckpt.with_suffix(".tmp"), ckpt)  # a kill mid-write leaves the previous checkpoint
+                save_atomic({"model": model.state_dict(), "grid_head": grid_head.state_dict(),
+                             "optimizer": opt.state_dict(), "history": json.dumps(history),
+                             "stage": stage + 1 if done_stage else stage, "step": 0 if done_stage else step + 1}, ckpt)
                 recent = [h for h in history[-r.save_every:] if h["stage"] == stage]
                 log(f"stage {stage} step {step + 1}/{r.steps[stage]}: loss "
                     f"{sum(h['loss'] for h in recent) / len(recent):.4f} (mean of the last {len(recent)} steps)")
@@ -423,24 +274,26 @@ def train_tiny(out_dir: str | Path, recipe: TinyRecipe | None = None, resume: bo
         bar.close()
         state = None
         if stopping:
-            if world > 1:
-                dist.barrier()
-                dist.destroy_process_group()
-            if log_file:
-                log_file.close()
-            return None
+            break
+    model_dir = None if stopping else finish(r, model, history, out, main, log)
+    if world > 1:
+        if model_dir is not None:
+            (out / f"weights-rank{rank}.sha256").write_text(weights_digest(model) + "\n")
+        dist.barrier()
+        dist.destroy_process_group()
+    if log_file:
+        log_file.close()
+    return model_dir
+
+
+def finish(r: TinyRecipe, model: MultimodalModel, history: list[dict], out: Path, main: bool, log) -> Path:
+    """The end of a run: `model/`, `losses.jsonl` and `loss.png` (written by rank 0)."""
     model.eval()
     model_dir = out / "model"
     if main:
         with open(out / "losses.jsonl", "w") as f:
             f.writelines(json.dumps(h) + "\n" for h in history)
-        plot_losses(history, out / "loss.png", f"mm train --recipe {r.name}")
+        plot_losses(history, out / "loss.png", TASKS + ("agent",) * bool(r.agent_share), f"mm train --recipe {r.name}")
         model.to("cpu").save_pretrained(model_dir)
         log(f"saved {model_dir} and {out / 'loss.png'}")
-    if world > 1:
-        (out / f"weights-rank{rank}.sha256").write_text(weights_digest(model) + "\n")
-        dist.barrier()
-        dist.destroy_process_group()
-    if log_file:
-        log_file.close()
     return model_dir
