@@ -1,0 +1,198 @@
+"""A soak of the browser chat server: REQUESTS requests, CONCURRENCY at a time, against the real Gradio app
+(`mm.apps.chat.launch`) serving the shipped model on 127.0.0.1, through Gradio's own client and HTTP.
+
+Half the requests are good (a question about an image, a description, a transcript, a spoken question, text) and
+half hostile: an audio bomb (a 330 KB FLAC of 30 minutes of 48 kHz stereo silence), a pixel bomb (a 12 KB PNG of
+10000x10000 pixels), a truncated PNG, text named .wav, an empty .wav, 31 s of audio, a PDF, a 100 kB
+prompt, an empty message, uploads over the size limit, and a request naming a file on the server's disk.
+
+Asserted: every good request gets the model's own answer (`model.chat` on the same messages; greedy decoding is
+deterministic), every hostile one its clear message, the server process grows by less than RSS_GROWTH_MB after a
+warm-up round (the server runs in this process, in Gradio's threads), and the server still answers at the end.
+The figures are printed (pytest -s shows them).
+"""
+import gc
+import random
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import soundfile as sf
+from PIL import Image
+
+import mm
+from mm.apps.chat import EMPTY_REPLY, ERROR_MARK, launch
+from mm.assets import example
+
+REQUESTS, CONCURRENCY, MAX_NEW_TOKENS = 200, 8, 8
+WARMUP = 100  # requests before the RSS is first read
+UPLOAD_MB = 1  # the server's upload limit (small, so that uploads over it are small too)
+RSS_GROWTH_MB = 100
+AUDIO_FORMATS = ".wav, .flac, .ogg, .mp3, .m4a, .webm, .opus"
+IMAGE_FORMATS = ".png, .jpg, .jpeg, .bmp, .gif, .webp, .tif, .tiff"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_mb() -> float:
+    """Resident memory of this process (the server's: it runs in this process) in MB."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """The hostile uploads, each named for what is wrong with it."""
+    d = tmp_path_factory.mktemp("soak")
+    sf.write(d / "bomb.flac", np.zeros((30 * 60 * 48000, 2), np.int16), 48000, subtype="PCM_16")  # ~330 KB
+    Image.new("1", (10000, 10000)).save(d / "pixels.png")  # 10^8 pixels in ~12 KB
+    Image.new("RGB", (40, 30), "red").save(d / "ok.png")
+    (d / "truncated.png").write_bytes((d / "ok.png").read_bytes()[:60])
+    (d / "notes.wav").write_text("not audio")
+    (d / "empty.wav").write_bytes(b"")
+    sf.write(d / "long.wav", np.zeros(31 * 16000, np.int16), 16000)  # 0.95 MB: under the upload limit
+    for mb in (2, 50):  # over the upload limit: sent from disk, so that this process (the server's) never holds them
+        with open(d / f"{mb}mb.png", "wb") as f:
+            f.truncate(mb * 2**20)
+    (d / "paper.pdf").write_bytes(b"%PDF-1.4\n1 0 obj <<>> endobj\ntrailer <<>>\n%%EOF\n")
+    assert (d / "bomb.flac").stat().st_size < 400_000 and (d / "pixels.png").stat().st_size < 20_000
+    return d
+
+
+def kinds(files):
+    """{kind: (message, the reply it must get)}: a reply None is the model's own answer (a good request)."""
+    scene, question = str(example("scene.png")), str(example("question.wav"))
+    long_text = ("red " * 25_000).strip()  # the chat strips the text
+
+    def refused(name, why):
+        return f"{ERROR_MARK} {name}: {why}"
+
+    return {
+        # good
+        "image question": ({"text": "what colour is the star?", "files": [scene]}, None),
+        "description": ({"text": "describe the image.", "files": [scene]}, None),
+        "transcript": ({"text": "transcribe the audio.", "files": [question]}, None),
+        "spoken question": ({"text": "", "files": [scene, question]}, None),
+        "text": ({"text": "hello", "files": []}, None),
+        "image alone": ({"text": "", "files": [scene]}, None),
+        # hostile
+        "audio bomb": ({"text": "transcribe the audio.", "files": [str(files / "bomb.flac")]},
+                       refused("bomb.flac", "1800.0 s is longer than the limit of 30 s")),
+        "pixel bomb": ({"text": "describe the image.", "files": [str(files / "pixels.png")]},
+                       refused("pixels.png", "100000000 pixels exceeds the limit of 89478485 pixels "
+                               "(PIL.Image.MAX_IMAGE_PIXELS; possible decompression bomb)")),
+        "truncated image": ({"text": "describe the image.", "files": [str(files / "truncated.png")]},
+                            refused("truncated.png", "corrupt or truncated PNG image: image file is truncated")),
+        "text named .wav": ({"text": "transcribe the audio.", "files": [str(files / "notes.wav")]},
+                            refused("notes.wav", "not a readable audio file (libsndfile: Error opening "
+                                    "'notes.wav': Format not recognised.)")),
+        "empty audio": ({"text": "transcribe the audio.", "files": [str(files / "empty.wav")]},
+                        refused("empty.wav", "empty file (0 bytes)")),
+        "31 s of audio": ({"text": "transcribe the audio.", "files": [str(files / "long.wav")]},
+                          refused("long.wav", "31.0 s is longer than the limit of 30 s")),
+        "pdf": ({"text": "summarize this.", "files": [str(files / "paper.pdf")]},
+                refused("paper.pdf", f".pdf files are not supported; upload an image ({IMAGE_FORMATS}) or audio "
+                        f"({AUDIO_FORMATS})")),
+        "100 kB of text": ({"text": long_text, "files": []}, ValueError),  # the library's message
+        "empty message": ({"text": "  ", "files": []},
+                          f"{ERROR_MARK} The message is empty: type a question or upload an image or audio file."),
+        "upload of 2 MB": (files / "2mb.png", f"413 File size exceeded maximum allowed size of {UPLOAD_MB * 2**20} bytes."),
+        "upload of 50 MB": (files / "50mb.png", f"413 File size exceeded maximum allowed size of {UPLOAD_MB * 2**20} bytes."),
+        "a file on the server": ("/etc/passwd", "error"),
+    }
+
+
+def schedule(table: dict, n: int, seed: int) -> list[str]:
+    """n request kinds in a shuffled order, half good and half hostile, each kind about equally often."""
+    good = [k for k, (_, reply) in table.items() if reply is None]
+    bad = [k for k in table if k not in good]
+    kinds = [good[i // 2 % len(good)] if i % 2 == 0 else bad[i // 2 % len(bad)] for i in range(n)]
+    random.Random(seed).shuffle(kinds)
+    return kinds
+
+
+def as_messages(message: dict) -> list[dict]:
+    """A chat-box message {"text", "files"} as the model's one user message: images, audio, then "\\n" + text."""
+    content = [{"type": "image", "image": f} for f in message["files"] if f.endswith(".png")]
+    content += [{"type": "audio", "audio": f} for f in message["files"] if f.endswith(".wav")]
+    if not content:
+        return [{"role": "user", "content": message["text"]}]
+    return [{"role": "user", "content": content + [{"type": "text", "text": "\n" + message["text"]}] * bool(message["text"])}]
+
+
+def test_chat_server_soak(files, capsys):
+    from gradio_client import Client, handle_file
+
+    model = mm.load()
+    table = kinds(files)
+    want = {}
+    for kind, (message, reply) in table.items():  # the model's own answers and errors, before the server exists
+        if reply is None:
+            want[kind] = model.chat(as_messages(message), max_new_tokens=MAX_NEW_TOKENS).strip() or EMPTY_REPLY
+            assert not want[kind].startswith(ERROR_MARK)
+        elif reply is ValueError:
+            with pytest.raises(ValueError, match=r"^prompt of \d+ tokens exceeds the context window of 512") as e:
+                model.chat(as_messages(message), max_new_tokens=MAX_NEW_TOKENS)
+            want[kind] = f"{ERROR_MARK} {e.value}"
+        else:
+            want[kind] = reply
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    demo = launch(model, port=port, max_upload_mb=UPLOAD_MB, max_new_tokens=MAX_NEW_TOKENS, block=False)
+    try:
+        clients = threading.local()  # one client per worker thread, a new session (an empty chat) per request
+
+        def ask(kind: str) -> tuple[str, str]:
+            """(kind, what the server answered) for one request of that kind."""
+            message = table[kind][0]
+            if isinstance(message, Path):  # an upload over the limit, refused by the upload route
+                with open(message, "rb") as f:
+                    r = httpx.post(f"{url}/gradio_api/upload", files=[("files", (message.name, f))], timeout=60)
+                return kind, f"{r.status_code} {r.text}"
+            if isinstance(message, str):  # a path on the server's disk, never uploaded: refused, nothing read
+                call = f"{url}/gradio_api/call/respond"
+                files_ = [{"path": message, "meta": {"_type": "gradio.FileData"}}]
+                event = httpx.post(call, json={"data": [{"text": "x", "files": files_}]}, timeout=30).json()
+                stream = httpx.get(f"{call}/{event['event_id']}", timeout=60).text
+                return kind, "error" if stream.startswith("event: error") and "root:" not in stream else stream
+            if not hasattr(clients, "client"):
+                clients.client = Client(url + "/", verbose=False)
+            clients.client.reset_session()
+            upload = {"text": message["text"], "files": [handle_file(f) for f in message["files"]]}
+            return kind, clients.client.predict(upload, api_name="/respond")
+
+        def run(batch: list[str]) -> list[tuple[str, str]]:
+            with ThreadPoolExecutor(CONCURRENCY) as pool:
+                return list(pool.map(ask, batch))
+
+        warmup = run(schedule(table, WARMUP, seed=1))  # Gradio's, the allocator's and torch's caches filled
+        gc.collect()
+        rss_before = rss_mb()
+        batch = schedule(table, REQUESTS, seed=0)
+        start = time.monotonic()
+        answers = run(batch)
+        seconds = time.monotonic() - start
+        gc.collect()
+        rss_after = rss_mb()
+        last = ask("image question")
+    finally:
+        demo.close()
+
+    wrong = [(kind, got) for kind, got in warmup + answers + [last] if got != want[kind]]
+    good = sum(table[k][1] is None for k in batch)
+    with capsys.disabled():
+        print(f"\nchat soak: after {WARMUP} requests, {REQUESTS} requests ({good} good, {REQUESTS - good} hostile), {CONCURRENCY} at a time, "
+              f"{len(wrong)} wrong, {seconds:.1f} s; RSS {rss_before:.0f} -> {rss_after:.0f} MB "
+              f"(+{rss_after - rss_before:.1f} MB)")
+    assert not wrong, wrong[:5]
+    assert rss_after - rss_before < RSS_GROWTH_MB
