@@ -19,8 +19,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("index", help="add files and folders to an index (changed files are re-indexed)")
     i.add_argument("paths", nargs="+", help="files or folders: text, Markdown, HTML, PDF, images, audio")
-    i.add_argument("--embedder", default=None, help="sentence-transformers model directory for dense vectors "
-                   "(a new index only; default: BM25 alone, nothing downloaded)")
+    i.add_argument("--embedder", default=None, help="dense vectors (a new index only): wordllama (after pip install "
+                   "wordllama), a WordLlama .safetensors file or a sentence-transformers model directory; default: "
+                   "BM25 alone, nothing downloaded")
     i.add_argument("--qdrant", default=None, help="keep the vectors in Qdrant: a server URL (http://host:6333) or a "
                    "directory for its local mode (a new index with --embedder only)")
     i.add_argument("--max-tokens", type=int, default=200, help="chunk size in words and punctuation marks")

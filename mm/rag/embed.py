@@ -1,9 +1,12 @@
-"""Embedding and scoring: BM25 (lexical, offline, bm25s), dense vectors from a sentence-transformers model directory
-(optional), and their fusion by reciprocal rank (Cormack et al., 2009).
+"""Embedding and scoring: BM25 (lexical, offline, bm25s), dense vectors (WordLlama's table, or a sentence-transformers
+model directory; optional), and their fusion by reciprocal rank (Cormack et al., 2009).
 
 BM25 (Robertson et al.) scores a chunk by the query words it holds, weighted by their rarity across the chunks and
 damped by the chunk's length; it needs nothing downloaded. Words are lowercased, English stop words dropped and,
 when PyStemmer is installed, stemmed with Snowball's English stemmer (the choice is kept with the index).
+
+An embedder is named by `--embedder`: `wordllama` (the weights the wordllama wheel installs), a WordLlama
+`.safetensors` file, or a sentence-transformers model directory.
 """
 from __future__ import annotations
 
@@ -101,6 +104,76 @@ class Dense:
             return np.zeros((0, self.dim), np.float32)
         return np.asarray(self.model.encode(list(texts), batch_size=batch_size, convert_to_numpy=True,
                                             show_progress_bar=False), dtype=np.float32)
+
+
+class WordLlama:
+    """WordLlama (Miller, 2024): a text's embedding is the mean of its tokens' rows in a [V, D] table distilled from
+    Llama 2's token embeddings and trained for sentence similarity, L2-normalised; Llama 2's tokenizer, no special
+    tokens, no truncation (as the wordllama package's `embed(texts, norm=True)`, binarisation off).
+
+    Read with safetensors and tokenizers from the wordllama wheel's files (weights/l2_supercat_256.safetensors,
+    tensor "embedding.weight"; tokenizers/l2_supercat_tokenizer_config.json) rather than through the package, whose
+    import sets the root logger to INFO, needs toml, pydantic and requests, and whose `load` falls back to downloading
+    from Hugging Face; the few lines here match its `embed` within 1e-6 (tests/mm/test_rag_wordllama.py)."""
+
+    def __init__(self, weights: str | Path):
+        from safetensors import safe_open
+        from tokenizers import Tokenizer
+
+        self.weights = Path(weights)
+        if not self.weights.is_file():
+            raise FileNotFoundError(f"{self.weights}: no WordLlama weights file there")
+        config = re.sub(r"_(binary_)?\d+$", "", self.weights.stem)  # l2_supercat_256 -> l2_supercat
+        name = f"{config}_tokenizer_config.json"
+        found = [d / name for d in (self.weights.parent, self.weights.parent.parent / "tokenizers")
+                 if (d / name).is_file()]
+        if not found:
+            raise FileNotFoundError(f"{self.weights}: its tokenizer {name} is neither beside it nor in ../tokenizers/")
+        self.tokenizer = Tokenizer.from_file(str(found[0]))
+        with safe_open(self.weights, framework="np") as f:
+            if "embedding.weight" not in f.keys():
+                raise ValueError(f"{self.weights}: no tensor 'embedding.weight' (has {', '.join(f.keys())})")
+            self.table = f.get_tensor("embedding.weight").astype(np.float32)  # [V, D], stored as float16
+        if self.table.ndim != 2 or self.table.shape[0] < self.tokenizer.get_vocab_size():
+            raise ValueError(f"{self.weights}: embedding.weight has shape {self.table.shape}, not "
+                             f"[{self.tokenizer.get_vocab_size()} (the tokenizer's vocabulary), D]")
+        self.dim = self.table.shape[1]
+
+    @classmethod
+    def installed(cls) -> "WordLlama":
+        """The l2_supercat 256-d model of the installed wordllama package (found, not imported)."""
+        import importlib.util
+
+        spec = importlib.util.find_spec("wordllama")
+        if spec is None or not spec.submodule_search_locations:
+            raise ValueError("--embedder wordllama needs the wordllama package's weights: pip install wordllama "
+                             "(or give the path of a WordLlama .safetensors file)")
+        return cls(Path(spec.submodule_search_locations[0]) / "weights" / "l2_supercat_256.safetensors")
+
+    def encode(self, texts: list[str], batch_size: int = 256) -> np.ndarray:
+        """float32 unit-length embeddings of the texts, [N, D] (an empty text: zeros)."""
+        out = np.zeros((len(texts), self.dim), np.float32)
+        for start in range(0, len(texts), batch_size):
+            for i, enc in enumerate(self.tokenizer.encode_batch(list(texts[start:start + batch_size]),
+                                                                add_special_tokens=False), start=start):
+                x = self.table[enc.ids].sum(axis=0, dtype=np.float32) / np.float32(max(len(enc.ids), 1))  # [D]
+                out[i] = x / max(np.linalg.norm(x), 1e-12)
+        return out
+
+
+def embedder_name(embedder: str | Path) -> str:
+    """How an index remembers its embedder: "wordllama" as such, a file or directory by its absolute path."""
+    return "wordllama" if str(embedder) == "wordllama" else str(Path(embedder).resolve())
+
+
+def load_embedder(embedder: str | Path) -> "WordLlama | Dense":
+    """The embedder named by `--embedder`: "wordllama", a WordLlama .safetensors file or a sentence-transformers
+    model directory."""
+    if str(embedder) == "wordllama":
+        return WordLlama.installed()
+    if str(embedder).endswith(".safetensors"):
+        return WordLlama(embedder)
+    return Dense(embedder)
 
 
 def reciprocal_rank_fusion(*rankings: list[tuple[int, float]], k: int = RRF_K) -> list[tuple[int, float]]:

@@ -1,7 +1,7 @@
 """An index directory: files in, ranked cited chunks out. Incremental: a file whose content hash is unchanged is
 skipped, a changed one has its chunks replaced, and BM25's statistics are rebuilt over the whole collection.
 
-    index = Index.open("docs.db")                  # BM25 alone; Index.open(db, embedder=ST_MODEL_DIR) adds vectors
+    index = Index.open("docs.db")                  # BM25 alone; Index.open(db, embedder="wordllama") adds vectors
     index.add(["notes/", "talk.wav"], model=mm.load())
     for hit in index.search("when is the meeting", k=5):
         print(hit.source, hit.location, hit.score)
@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from mm.rag.documents import kind_of, load
-from mm.rag.embed import BM25, Dense, default_stemming, reciprocal_rank_fusion
+from mm.rag.embed import BM25, Dense, WordLlama, default_stemming, embedder_name, load_embedder, reciprocal_rank_fusion
 from mm.rag.store import Store, check_metric
 
 MODES = ("bm25", "dense", "hybrid")
@@ -74,10 +74,10 @@ class Index:
         self.dir = self.store.dir
         stored = self.store.meta("embedder")
         if stored is None:  # a new index fixes its embedder and stemming
-            stored = str(Path(embedder).resolve()) if embedder else ""
+            stored = embedder_name(embedder) if embedder else ""
             self.store.set_meta("embedder", stored)
             self.store.set_meta("stemming", default_stemming())
-        elif embedder and str(Path(embedder).resolve()) != stored:
+        elif embedder and embedder_name(embedder) != stored:
             raise ValueError(f"{self.dir} was indexed with embedder {stored or 'BM25 alone'!r}, not {str(embedder)!r}; "
                              "use a new --db directory to change it")
         self.embedder = stored
@@ -86,16 +86,17 @@ class Index:
 
     @classmethod
     def open(cls, directory: str | Path, embedder: str | Path | None = None, qdrant: str | None = None) -> "Index":
-        """Open (or create) the index in `directory`; `embedder`: a sentence-transformers model directory for dense
-        vectors (kept with a new index; an existing one remembers its own); `qdrant`: keep the vectors in Qdrant (a
-        server URL, or a directory for its local mode) instead of the index's SQLite."""
+        """Open (or create) the index in `directory`; `embedder`: "wordllama", a WordLlama .safetensors file or a
+        sentence-transformers model directory, for dense vectors (kept with a new index; an existing one remembers its
+        own); `qdrant`: keep the vectors in Qdrant (a server URL, or a directory for its local mode) instead of the
+        index's SQLite."""
         return cls(directory, embedder, qdrant)
 
     @property
-    def dense(self) -> Dense | None:
-        """The sentence-transformers embedder, loaded on first use; None for BM25 alone."""
+    def dense(self) -> WordLlama | Dense | None:
+        """The embedder, loaded on first use; None for BM25 alone."""
         if self.embedder and self._dense is None:
-            self._dense = Dense(self.embedder)
+            self._dense = load_embedder(self.embedder)
         return self._dense
 
     def add(self, paths, model=None, progress: bool = False, max_tokens: int = 200, overlap: int = 40) -> dict:
@@ -173,7 +174,8 @@ class Index:
         if (metric or mode != "bm25") and not self.embedder:
             raise ValueError(f"{self.dir} has no vectors (indexed with BM25 alone), so it cannot be searched by "
                              f"{'metric ' + repr(metric) if metric else 'mode ' + repr(mode)}; index into a new --db "
-                             "with --embedder MODEL_DIR (a sentence-transformers model directory)")
+                             "with --embedder wordllama (pip install wordllama) or a sentence-transformers model "
+                             "directory")
         metric = check_metric(metric or "cosine")
         if mode == "bm25":
             ranked = self.bm25.search(query, k)

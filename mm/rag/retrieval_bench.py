@@ -7,14 +7,17 @@ Queries are sentences of the chunks. Two tasks:
 - ict (the inverse cloze task of Lee et al., 2019): the sentence is deleted from the index, and the chunk(s) it
   came from must be found from the rest of their text: no exact copy to match, only the topic and its words.
 Reported: recall@1, recall@5 (a chunk the sentence came from in the top k) and MRR (over the top 100), for BM25 and,
-with --embedder (a sentence-transformers model directory), dense (cosine) and hybrid.
+with an embedder, dense (cosine) and hybrid (their reciprocal rank fusion), on the same chunks and queries. The
+embedder (`--embedder`, as `mm rag index` takes it): by default WordLlama when the wordllama package is installed
+(pip install wordllama), else none; a WordLlama .safetensors file or a sentence-transformers model directory.
 
-    python -m mm.rag.retrieval_bench [--queries 500] [--embedder DIR]
+    python -m mm.rag.retrieval_bench [--queries 500] [--embedder auto|none|wordllama|FILE|DIR]
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import inspect
 import os
 import random
@@ -124,15 +127,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--queries", type=int, default=500)
     p.add_argument("--max-tokens", type=int, default=200)
     p.add_argument("--overlap", type=int, default=40)
-    p.add_argument("--embedder", default=None, help="sentence-transformers model directory (dense and hybrid rows)")
+    p.add_argument("--embedder", default="auto", help="dense and hybrid rows: wordllama, a WordLlama .safetensors "
+                   "file or a sentence-transformers model directory; auto (default): wordllama if installed; none")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    if args.embedder == "auto":
+        args.embedder = "wordllama" if importlib.util.find_spec("wordllama") else None
+    elif args.embedder == "none":
+        args.embedder = None
     modules = stdlib_modules()
     chunks = corpus(modules, args.max_tokens, args.overlap)
     queries = pick_queries(chunks, args.queries, args.seed)
     tokens = sum(count_tokens(c.text) for c in chunks)
     print(f"corpus: the docstrings of {len(modules)} standard modules (Python {sys.version.split()[0]}), {len(chunks)} chunks, "
-          f"{tokens:,} tokens; {len(queries)} query sentences")
+          f"{tokens:,} tokens; {len(queries)} query sentences; embedder: {args.embedder or 'none (BM25 alone)'}")
     modes = ["bm25"] + (["dense", "hybrid"] if args.embedder else [])
     print("| task | retriever | recall@1 | recall@5 | MRR | ms/query |\n|---|---|---|---|---|---|")
     for task in ("lookup", "ict"):
