@@ -10,6 +10,8 @@ config.json read as image-only configs (`from_hf`, `from_original`).
 """
 from __future__ import annotations
 
+import json
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -37,9 +39,33 @@ PROJECTOR_ACTS = {
 }
 
 
+# text_config keys read by the decoders' `from_hf` or written by their `to_hf` beside their fields
+TEXT_HF_KEYS = frozenset("model_type architectures hidden_act attention_bias mlp_bias rope_parameters rope_scaling "
+                         "num_local_experts sliding_window moe_layer_freq".split())
+# keys transformers writes into config.json that change nothing at inference (its Llama ignores them too): bookkeeping,
+# training-only settings, and the generation/task defaults that 4.x wrote into every nested config
+HF_INERT_KEYS = frozenset("""_name_or_path _commit_hash _attn_implementation_autoset auto_map dtype torch_dtype
+    transformers_version attention_dropout initializer_range pretraining_tp use_cache add_cross_attention bad_words_ids
+    begin_suppress_tokens chunk_size_feed_forward cross_attention_hidden_size decoder_start_token_id diversity_penalty
+    do_sample early_stopping encoder_no_repeat_ngram_size exponential_decay_length_penalty finetuning_task
+    forced_bos_token_id forced_eos_token_id id2label is_decoder is_encoder_decoder label2id length_penalty max_length
+    min_length no_repeat_ngram_size num_beam_groups num_beams num_return_sequences output_attentions
+    output_hidden_states output_scores prefix problem_type pruned_heads remove_invalid_values repetition_penalty
+    return_dict return_dict_in_generate sep_token_id suppress_tokens task_specific_params temperature tf_legacy_loss
+    tie_encoder_decoder tokenizer_class top_k top_p torchscript typical_p use_bfloat16""".split())
+TEXT_SIZE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+
+
 def text_config(d: dict) -> LlamaConfig | DeepseekConfig:
     """The decoder's config from a `text_config` dict: DeepSeek-V2/V3 or Mixtral by its model_type, else Llama."""
     return DeepseekConfig.from_hf(d) if d.get("model_type") in MOE_TYPES else LlamaConfig.from_hf(d)
+
+
+def unknown_text_keys(d: dict) -> list[str]:
+    """The keys of a `text_config` dict that its decoder does not take and transformers does not write (a typo, or a
+    setting of another architecture)."""
+    decoder = DeepseekConfig if d.get("model_type") in MOE_TYPES else LlamaConfig
+    return sorted(set(d) - {f.name for f in fields(decoder)} - TEXT_HF_KEYS - HF_INERT_KEYS)
 
 
 @dataclass
@@ -162,9 +188,15 @@ class FusionConfig:
         kind = d.pop("model_type", None)
         if kind not in (LLAVA_TYPE, MULTIMODAL_TYPE):
             raise ValueError(f"config is not model_type {LLAVA_TYPE!r} or {MULTIMODAL_TYPE!r}")
-        text, vision = d.pop("text_config"), d.pop("vision_config")
-        speech = d.pop("speech_config") if kind == MULTIMODAL_TYPE else None
+        text, vision = d.pop("text_config", None), d.pop("vision_config", None)
+        speech = d.pop("speech_config", None) if kind == MULTIMODAL_TYPE else None
         check_config_keys(cls, d)
+        if not isinstance(text, dict):
+            raise ValueError(f"text_config must be a JSON object, got {json.dumps(text)}")
+        if unknown := unknown_text_keys(text):  # our own files hold no others
+            raise ValueError(f"text_config: unknown keys {unknown}")
+        if missing := [k for k in TEXT_SIZE_KEYS if k not in text]:  # ours always hold them: no 7B defaults here
+            raise ValueError(f"text_config lacks {missing}")
         speech_keys = sorted(set(d) & {*SPEECH_KEYS, "speech"}) if kind == LLAVA_TYPE else []
         if speech_keys:
             raise ValueError(f"{cls.__name__}: an {LLAVA_TYPE} config (no speech) with speech keys {speech_keys}")
@@ -240,6 +272,8 @@ def read_checkpoint(path: Path, config_class=FusionConfig, vision_tower: str | P
         sd = read_hf_weights(path)
     elif kind == "llava":
         cfg = config_class.from_hf(raw)
+        if ignored := unknown_text_keys(raw.get("text_config") or {}):  # transformers' Llama ignores them too
+            warnings.warn(f"{path / 'config.json'}: text_config keys {ignored} are not Llama settings; ignored")
         sd = convert_hf_llava_state_dict(read_hf_weights(path), cfg, source=str(path))
     elif kind == "llava_llama" or "mm_projector_type" in raw or "mm_hidden_size" in raw:
         weights = read_hf_weights(path)

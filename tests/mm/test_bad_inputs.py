@@ -1,6 +1,9 @@
 """Nonsense given to the shipped model's Python API and to the `mm` command line: a message naming what is wrong,
 exit code 2 on the command line, never a traceback."""
 
+import json
+import warnings
+
 import numpy as np
 import pytest
 import soundfile as sf
@@ -68,6 +71,7 @@ def files(tmp_path_factory):
     sf.write(str(d / "nan.wav"), np.full(16000, np.nan, np.float32), 16000, subtype="FLOAT")
     sf.write(str(d / "long.wav"), np.zeros(31 * 16000, np.float32), 16000)
     (d / "pcm.raw").write_bytes(np.zeros(1600, "<i2").tobytes())
+    Image.new("1", (10000, 10000)).save(d / "pixels.png")  # 10^8 pixels in 12 KB: a decompression bomb
     return d
 
 
@@ -124,7 +128,31 @@ CHECKPOINTS = [  # (what, how to spoil a copy of the shipped model's directory, 
     ("weights missing", lambda d: (d / "model.safetensors").unlink(), "no weights found"),
     ("weights truncated", lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:1000]),
      "not a readable safetensors file"),
+    ("text_config: an unknown key", lambda d: edit_text_config(d, hiden_size=256),
+     "config.json: text_config: unknown keys ['hiden_size']"),
+    ("text_config without hidden_size", lambda d: edit_text_config(d, hidden_size=None),
+     "config.json: text_config lacks ['hidden_size']"),
+    ("text_config null", lambda d: edit_config(d, text_config=None), "config.json: text_config must be a JSON object, got null"),
+    ("max_position_embeddings 1e9", lambda d: edit_text_config(d, max_position_embeddings=1e9),
+     "config.json: config max_position_embeddings must be a positive integer, got 1000000000.0 (float)"),
+    ("hidden_size a string", lambda d: edit_text_config(d, hidden_size="256"),
+     "config.json: config hidden_size must be a positive integer, got '256' (str)"),
 ]
+
+
+def edit_config(d, **changes):
+    """Set (None: delete) top-level keys of d/config.json."""
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(changes)
+    (d / "config.json").write_text(json.dumps(cfg))
+
+
+def edit_text_config(d, **changes):
+    """Set (None: delete) keys of d/config.json's text_config."""
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["text_config"].update(changes)
+    cfg["text_config"] = {k: v for k, v in cfg["text_config"].items() if v is not None}
+    (d / "config.json").write_text(json.dumps(cfg))
 
 
 @pytest.mark.parametrize("what,spoil,message", CHECKPOINTS, ids=[w for w, _, _ in CHECKPOINTS])
@@ -141,3 +169,86 @@ def test_bad_checkpoint_matrix(tmp_path, what, spoil, message, capsys):
         mm.load(d)
     assert message in str(e.value) and str(d) in str(e.value)
     assert main(["caption", "--model", str(d)]) == 2 and message in capsys.readouterr().err
+
+
+def test_llava_hf_text_config_keys_unknown_to_llama_are_named(tmp_path):
+    """A llava-hf config.json's text_config: what transformers writes (llava-1.5-7b-hf's `_name_or_path`,
+    `torch_dtype`; 4.x generation defaults; 5.x `use_cache`) passes quietly, any other key is named in a warning
+    (transformers' Llama ignores it too, so the numbers stay the reference's)."""
+    from mm.models.fusion_config import read_checkpoint
+    from tests.mm.llava_fixtures import make_hf_llava
+
+    make_hf_llava(tmp_path)
+    edit_text_config(tmp_path, _name_or_path="lmsys/vicuna-7b-v1.5", torch_dtype="float16", bad_words_ids=[[5]],
+                     use_cache=True, architectures=["LlamaForCausalLM"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        read_checkpoint(tmp_path)
+    edit_text_config(tmp_path, hiden_size=64, partial_rotary_factor=0.5)
+    with pytest.warns(UserWarning) as w:
+        read_checkpoint(tmp_path)
+    assert [str(x.message) for x in w] == [f"{tmp_path / 'config.json'}: text_config keys ['hiden_size', "
+                                           "'partial_rotary_factor'] are not Llama settings; ignored"]
+
+
+CLI_MATRIX = [  # (what, argv with {d} for the bad files' directory, the last line of stderr); each exits 2
+    ("caption: text as image", ["caption", "{d}/notes.png"],
+     "mm caption: error: image 0: {d}/notes.png: not an image file (Pillow cannot identify its format)"),
+    ("caption: truncated png", ["caption", "{d}/truncated.png"],
+     "mm caption: error: image 0: {d}/truncated.png: corrupt or truncated PNG image: image file is truncated"),
+    ("caption: empty image", ["caption", "{d}/empty.png"],
+     "mm caption: error: image 0: {d}/empty.png: not an image file (Pillow cannot identify its format)"),
+    ("caption: missing image", ["caption", "{d}/missing.png"], "mm caption: error: image not found: {d}/missing.png"),
+    ("caption: pixel bomb", ["caption", "{d}/pixels.png"],
+     "mm caption: error: image 0: {d}/pixels.png: 100000000 pixels exceeds the limit of 89478485 pixels "
+     "(PIL.Image.MAX_IMAGE_PIXELS; possible decompression bomb)"),
+    ("caption: max-new-tokens -1", ["caption", "{d}/ok.png", "--max-new-tokens", "-1"],
+     "mm caption: error: max_new_tokens must be an integer >= 0, got -1"),
+    ("caption: batch-size 0", ["caption", "{d}/ok.png", "--batch-size", "0"],
+     "mm caption: error: batch_size must be >= 1, got 0"),
+    ("caption: prompt past the window", ["caption", "{d}/ok.png", "--prompt", "red " * 2000],
+     "mm caption: error: prompt of 6031 tokens exceeds the context window of 512 (max_position_embeddings)"),
+    ("transcribe: text as audio", ["transcribe", "{d}/notes.wav"],
+     "mm transcribe: error: 1 of 1 files failed (the others were written): {d}/notes.wav: not a readable audio file "
+     "(libsndfile: Error opening '{d}/notes.wav': Format not recognised.)"),
+    ("transcribe: empty audio", ["transcribe", "{d}/empty.wav"],
+     "mm transcribe: error: 1 of 1 files failed (the others were written): {d}/empty.wav: empty file (0 bytes)"),
+    ("transcribe: NaN audio", ["transcribe", "{d}/nan.wav"],
+     "mm transcribe: error: 1 of 1 files failed (the others were written): {d}/nan.wav: 16000 NaN/inf samples "
+     "(first at sample 0, 0.000 s)"),
+    ("transcribe: missing audio", ["transcribe", "{d}/missing.wav"],
+     "mm transcribe: error: 1 of 1 files failed (the others were written): {d}/missing.wav: no such audio file"),
+    ("transcribe: headerless pcm", ["transcribe", "{d}/pcm.raw"],
+     "mm transcribe: error: 1 of 1 files failed (the others were written): {d}/pcm.raw: headerless PCM has no sample "
+     "rate; pass sample_rate= to read it as 16-bit signed little-endian mono, or convert it to WAV (sox -r RATE -e "
+     "signed -b 16 -c 1 in.raw out.wav)"),
+    ("transcribe: decode rescore", ["transcribe", "{d}/short.wav", "--decode", "rescore"],
+     "mm transcribe: error: --decode rescore: the multimodal model decodes with ctc (its CTC head alone), attention "
+     "(its decoder alone) or joint (both, the default)"),
+    ("generate: max-new-tokens -5", ["generate", "--prompt", "hi", "--max-new-tokens", "-5"],
+     "mm generate: error: max_new_tokens must be an integer >= 0, got -5"),
+    ("generate: temperature -1", ["generate", "--prompt", "hi", "--temperature", "-1"],
+     "mm generate: error: temperature must be a finite number >= 0 (0: greedy), got -1.0"),
+    ("generate: temperature nan", ["generate", "--prompt", "hi", "--temperature", "nan"],
+     "mm generate: error: temperature must be a finite number >= 0 (0: greedy), got nan"),
+    ("generate: top-p 5", ["generate", "--prompt", "hi", "--top-p", "5"],
+     "mm generate: error: top_p must lie in (0, 1] (or None), got 5.0"),
+    ("generate: top-k -3", ["generate", "--prompt", "hi", "--top-k", "-3"],
+     "mm generate: error: top_k must be an integer >= 0 (0 or None: no top-k), got -3"),
+    ("generate: prompt past the window", ["generate", "--prompt", "red " * 2000],
+     "mm generate: error: prompt of 2002 tokens exceeds the context window of 256 (max_position_embeddings)"),
+    ("generate: no model directory", ["generate", "--prompt", "hi", "--model", "{d}/missing"],
+     "mm generate: error: {d}/missing: not a model directory"),
+    ("chat: max-upload-mb 0", ["chat", "--max-upload-mb", "0"],
+     "mm chat: error: --max-upload-mb must be > 0, got 0.0"),
+    ("chat: no model directory", ["chat", "--model", "{d}/missing"],
+     "mm chat: error: model directory not found: {d}/missing"),
+    ("chat: port -1", ["chat", "--port", "-1"], "mm chat: error: --port must lie in 0..65535, got -1"),
+]
+
+
+@pytest.mark.parametrize("what,argv,message", CLI_MATRIX, ids=[w for w, _, _ in CLI_MATRIX])
+def test_command_line_bad_input_matrix(files, what, argv, message, capsys):
+    """Each bad input on the command line: exit code 2 and, last on stderr, one line naming the input and the limit."""
+    assert main([a.replace("{d}", str(files)) for a in argv]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == message.replace("{d}", str(files))
