@@ -20,7 +20,7 @@ import soundfile as sf
 
 from mm.agent.react import for_model
 from mm.agent.tools import calculator, model_tools, registry
-from mm.data.react_episodes import MATH_TASKS, SPOKEN_TASKS, expression, files_line
+from mm.data.react_episodes import MATH_TASKS, SPOKEN_TASKS, attachments, expression, files_line
 from mm.data.speech_data import spoken_questions
 from mm.eval.metrics import normalize_answer
 
@@ -42,7 +42,6 @@ def run_task(agent, task: str) -> tuple[str | None, int, int]:
 
 def evaluate(model, n: int = 50, seed: int = 7, progress=None) -> dict:
     """{task: {phrasing: {"success": %, "errors": count, "replies": mean}}} over `n` items a task and phrasing."""
-    agent = for_model(model, registry(calculator, *model_tools(model)), max_steps=6, max_seconds=600)
     items = spoken_questions(n, "heldout", seed=seed, size=model.config.vision.image_size)
     rng = random.Random(seed)
     results: dict = {}
@@ -62,6 +61,8 @@ def evaluate(model, n: int = 50, seed: int = 7, progress=None) -> dict:
             }
             for kind, (phrasings, files, right) in cases.items():
                 for phrasing, task in zip(("seen", "unseen"), phrasings):
+                    tools = registry(calculator, *model_tools(model, attachments(**files)))
+                    agent = for_model(model, tools, max_steps=6, max_seconds=600)
                     answer, replies, errors = run_task(agent, files_line(task, **files))
                     r = results.setdefault(kind, {}).setdefault(phrasing, {"right": 0, "errors": 0, "replies": 0})
                     r["right"] += answer is not None and right(answer)

@@ -177,19 +177,24 @@ def calculator(expression: str) -> str:
 # ------------------------------------------------------------------------------------------------ model and index
 
 
-def model_tools(model) -> list[Tool]:
-    """`caption`, `transcribe` and `ask_image` over a model with `caption` / `transcribe` / `chat` (`mm.load()`)."""
+def model_tools(model, files: dict[str, str] | None = None) -> list[Tool]:
+    """`caption`, `transcribe` and `ask_image` over a model with `caption` / `transcribe` / `chat` (`mm.load()`);
+    a file argument is a path or the name of one of the task's `files` (name -> path, e.g. {"image1": "scene.png"})."""
     tools, modalities = [], getattr(model, "modalities", ())  # a fusion model's: "image", "speech"
+
+    def path(name: str) -> str:
+        return (files or {}).get(name.strip(), name)
+
     if "image" in modalities:
         @tool
         def caption(image: str) -> str:
             """Describe an image file: what it shows, in one sentence."""
-            return model.caption(image)
+            return model.caption(path(image))
 
         @tool
         def ask_image(image: str, question: str) -> str:
             """Answer a question about an image file, e.g. what colour is the star?"""
-            content = [{"type": "image", "image": image}, {"type": "text", "text": "\n" + question}]
+            content = [{"type": "image", "image": path(image)}, {"type": "text", "text": "\n" + question}]
             return model.chat([{"role": "user", "content": content}])
 
         tools += [caption, ask_image]
@@ -197,7 +202,7 @@ def model_tools(model) -> list[Tool]:
         @tool
         def transcribe(audio: str) -> str:
             """Transcribe an audio file (speech to text)."""
-            return model.transcribe(audio)
+            return model.transcribe(path(audio))
 
         tools.append(transcribe)
     return tools

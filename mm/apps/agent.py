@@ -14,7 +14,7 @@ import sys
 from mm.agent.react import for_model
 from mm.agent.sop import load_sop, run_sop
 from mm.agent.tools import calculator, index_search, model_tools, registry, search_tool
-from mm.data.react_episodes import files_line
+from mm.data.react_episodes import attachments, files_line
 
 MODEL_TOOLS = {"caption", "ask_image", "transcribe"}
 
@@ -38,9 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def build_tools(model, db: str | None) -> dict:
-    """calculator, the model's tools (if a model), search over `db` (if given)."""
-    tools = [calculator] + (model_tools(model) if model is not None else [])
+def build_tools(model, db: str | None, files: dict[str, str] | None = None) -> dict:
+    """calculator, the model's tools (if a model; taking the task's `files` by name), search over `db` (if given)."""
+    tools = [calculator] + (model_tools(model, files) if model is not None else [])
     if db:
         tools.append(search_tool(index_search(db)))
     return registry(*tools)
@@ -86,7 +86,8 @@ def run_agent(argv: list[str] | None = None) -> int:
         model = mm.load(args.model)
         if not hasattr(model, "chat"):
             raise ValueError(f"{args.model}: the agent needs a chat model (the multimodal model, LLaVA)")
-        agent = for_model(model, build_tools(model, args.db), args.max_steps, args.max_seconds, args.max_new_tokens,
+        tools = build_tools(model, args.db, attachments(args.image, args.audio))
+        agent = for_model(model, tools, args.max_steps, args.max_seconds, args.max_new_tokens,
                           args.prompt)
         events = agent.stream(files_line(args.task, args.image, args.audio))
     final = None

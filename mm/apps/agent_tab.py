@@ -22,7 +22,7 @@ from typing import Callable, Iterator
 
 from mm.agent.react import Event, for_model
 from mm.apps.agent import build_tools
-from mm.data.react_episodes import files_line
+from mm.data.react_episodes import attachments, files_line
 
 ERROR_MARK = "⚠️"  # as the chat tab's replies that say what went wrong
 MAX_STEPS, MAX_SECONDS = 8, 120.0  # the defaults of `mm agent`
@@ -130,7 +130,8 @@ def make_run(model, check: Callable[[str], str | None], kind: Callable[[str], st
         yield shown.snapshot()
         try:
             db = docs_db if docs_db is not None and (Path(docs_db) / "chunks.sqlite").exists() else None
-            agent = for_model(model, build_tools(model, db), int(max_steps), float(max_seconds), max_new_tokens)
+            tools = build_tools(model, db, attachments(image, audio))
+            agent = for_model(model, tools, int(max_steps), float(max_seconds), max_new_tokens)
             for e in agent.stream(files_line(task, image, audio)):
                 shown.add(e)
                 yield shown.snapshot()

@@ -1,17 +1,17 @@
 """The ReAct text format (Yao et al. 2022) and training episodes written in it, so that a small model learns to use
 tools: the agent (mm.agent.react) and the recipe (mm.train) read the format from here, one definition for both.
 
-A conversation: a system message naming the tools, the task as the first user message (files appended as
-`Files: image: PATH; audio: PATH`, `files_line`), then each assistant reply and the tool's result as the next user
-message:
+A conversation: a system message naming the tools, the task as the first user message (its files appended by
+name, `Files: image1 = PATH; audio1 = PATH`, `files_line`; the tools take the name or a path), then each assistant
+reply and the tool's result as the next user message:
 
     Thought: i need the question first.
     Action: transcribe
-    Action Input: {"audio": "question.wav"}
+    Action Input: {"audio": "audio1"}
     Observation: what colour is the shape at the bottom     <- written by the agent, never by the model
     Thought: now i look at the image.
     Action: ask_image
-    Action Input: {"image": "scene.png", "question": "what colour is the shape at the bottom"}
+    Action Input: {"image": "image1", "question": "what colour is the shape at the bottom"}
     Observation: yellow
     Thought: i know the answer.
     Final Answer: yellow
@@ -20,7 +20,10 @@ message:
 tokenizer) is for chat models with room; `BRIEF` (tool signatures only) is what a small model reads and what the
 shipped model was trained on (`episode`). The tasks of `episode`: a spoken question about an image (transcribe,
 then ask_image), a written question (ask_image), a caption (caption), a transcript (transcribe) and arithmetic
-(calculator); file names are drawn from a general word list so that the model learns to copy, not to remember.
+(calculator). Files go by their names (image1, audio1) rather than their paths: a small model that has to copy an
+arbitrary path letter by letter gets it wrong (measured: 0 of 3 paths copied after 3,600 episodes), and engines name
+attachments by handle too; the paths in the task are drawn from a general word list so that nothing is learnt from
+them.
 """
 from __future__ import annotations
 
@@ -51,9 +54,14 @@ def brief_system(signatures: list[str] | tuple[str, ...]) -> str:
     return BRIEF.format(signatures=", ".join(signatures))
 
 
+def attachments(image: str | None = None, audio: str | None = None) -> dict[str, str]:
+    """The files of a task by the names the agent uses for them (image1, audio1) -> their paths."""
+    return {k: v for k, v in (("image1", image), ("audio1", audio)) if v}
+
+
 def files_line(task: str, image: str | None = None, audio: str | None = None) -> str:
-    """The task as the agent's first user message: `task`, then the files it is about on a line of their own."""
-    files = [f"{k}: {v}" for k, v in (("image", image), ("audio", audio)) if v]
+    """The task as the agent's first user message: `task`, then its files by name on a line of their own."""
+    files = [f"{k} = {v}" for k, v in attachments(image, audio).items()]
     return task + ("\nFiles: " + "; ".join(files) if files else "")
 
 
@@ -110,19 +118,19 @@ def episode(rng: random.Random, words: tuple[str, ...], qa: tuple[str, str], cap
     if kind == "spoken":
         spoken = " ".join(question.replace("?", " ").split())  # what the transcribe tool returns (no punctuation)
         task = files_line(rng.choice(SPOKEN_TASKS), image, audio)
-        steps = [(action("i need the question first.", "transcribe", {"audio": audio}), spoken),
-                 (action("now i look at the image.", "ask_image", {"image": image, "question": spoken}), answer)]
+        steps = [(action("i need the question first.", "transcribe", {"audio": "audio1"}), spoken),
+                 (action("now i look at the image.", "ask_image", {"image": "image1", "question": spoken}), answer)]
         end = answer
     elif kind == "question":
         task = files_line(question, image)
-        steps = [(action("i look at the image.", "ask_image", {"image": image, "question": question}), answer)]
+        steps = [(action("i look at the image.", "ask_image", {"image": "image1", "question": question}), answer)]
         end = answer
     elif kind == "caption":
         task = files_line(rng.choice(IMAGE_TASKS), image)
-        steps, end = [(action("i look at the image.", "caption", {"image": image}), caption)], caption
+        steps, end = [(action("i look at the image.", "caption", {"image": "image1"}), caption)], caption
     elif kind == "transcribe":
         task = files_line(rng.choice(AUDIO_TASKS), audio=audio)
-        steps, end = [(action("i listen to the audio.", "transcribe", {"audio": audio}), heard)], heard
+        steps, end = [(action("i listen to the audio.", "transcribe", {"audio": "audio1"}), heard)], heard
     else:
         e, value = expression(rng)
         task = rng.choice(MATH_TASKS).format(e=e)

@@ -9,7 +9,7 @@ import pytest
 
 from mm.agent.react import BRIEF_BELOW, ReAct, for_model
 from mm.agent.tools import Tool, calculator, evaluate, model_tools, registry
-from mm.data.react_episodes import SHIPPED_TOOLS, brief_system, episode, expression, files_line
+from mm.data.react_episodes import SHIPPED_TOOLS, attachments, brief_system, episode, expression, files_line
 
 WORDS = ("apple", "river", "stone", "x", "meeting", "notes")
 
@@ -75,15 +75,30 @@ def test_spoken_question_is_passed_on_as_heard_and_answered():
     assert conv[-1]["content"].endswith("Final Answer: " + conv[5]["content"].removeprefix("Observation: "))
 
 
-def test_files_are_named_on_their_own_line():
-    assert files_line("describe it.", "a.png", "b.wav") == "describe it.\nFiles: image: a.png; audio: b.wav"
-    assert files_line("hi") == "hi"
+def test_files_are_named_on_their_own_line_and_passed_by_name():
+    assert files_line("describe it.", "a.png", "b.wav") == "describe it.\nFiles: image1 = a.png; audio1 = b.wav"
+    assert files_line("hi", audio="x.flac") == "hi\nFiles: audio1 = x.flac" and files_line("hi") == "hi"
+    assert attachments("a.png", "b.wav") == {"image1": "a.png", "audio1": "b.wav"}
     for conv in sample(50):
         for m in conv:
             if m["role"] == "assistant" and "Action Input: " in m["content"]:
                 args = json.loads(m["content"].split("Action Input: ")[1])
-                for kind in set(args) & {"image", "audio"}:  # the file passed on is the one the task names
-                    assert f"{kind}: {args[kind]}" in conv[1]["content"].split("\nFiles: ")[1]
+                for kind in set(args) & {"image", "audio"}:  # the name the task gives the file
+                    assert f"{kind}1 = " in conv[1]["content"].split("\nFiles: ")[1] and args[kind] == f"{kind}1"
+
+
+def test_model_tools_take_a_files_name_or_a_path():
+    class Model:
+        modalities = ("image", "speech")
+        caption = staticmethod(lambda path: f"caption of {path}")
+        transcribe = staticmethod(lambda path: f"words of {path}")
+        chat = staticmethod(lambda messages: f"answer about {messages[0]['content'][0]['image']}")
+
+    tools = registry(*model_tools(Model(), attachments("/data/scene.png", "/data/q.wav")))
+    assert tools["caption"]({"image": "image1"}) == "caption of /data/scene.png"
+    assert tools["transcribe"]({"audio": " audio1 "}) == "words of /data/q.wav"
+    assert tools["ask_image"]({"image": "image1", "question": "what?"}) == "answer about /data/scene.png"
+    assert tools["caption"]({"image": "other.png"}) == "caption of other.png"  # a path stays a path
 
 
 def test_calculator_episodes_agree_with_the_calculator():
