@@ -2,7 +2,7 @@
 over the chat's model and tools (calculator; caption, ask_image and transcribe when the model has them; search over
 `mm chat --docs-db` once it holds documents). Every step shows as it happens, in the order the agent works:
 
-    user        what colour is the star?\\nFiles: image: scene.png    the task as the agent reads it (`files_line`)
+    user        what colour is the star?\\nFiles: image1 = scene.png   the task as the agent reads it (`files_line`)
     step 1 ...  Thought: I should look.\\nAction: ask_image\\n...     the model's reply as it streams, folded once read
     Thought: I should look.
     Action: ask_image\\nAction Input: {"image": "...", "question": "what colour is the star?"}

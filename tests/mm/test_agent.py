@@ -333,3 +333,23 @@ def test_cli_runs_the_sop_and_prints_each_step(tmp_path, capsys, truth):
     assert lines[-1]["text"] == truth["answer"]
     assert main(["agent", "--sop", str(tmp_path / "none.yaml")]) == 2
     assert "none.yaml: no such SOP file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("task", ["answer the spoken question about the image.",  # a task sentence of training
+                                  "please answer the question asked in the recording, about the picture."])  # unseen
+def test_shipped_model_chooses_the_tools_itself(capsys, truth, task):
+    """ReAct end to end with the shipped model choosing the steps (no SOP): it transcribes the question, asks it
+    about the image with what it heard, and gives the scene's answer."""
+    from mm.apps.cli import main
+    from mm.assets import example
+    from mm.eval.metrics import normalize_answer
+
+    audio, image = str(example("question.wav")), str(example("scene.png"))
+    assert main(["agent", task, "--audio", audio, "--image", image, "--json"]) == 0
+    events = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    actions = [e for e in events if e["kind"] == "action"]
+    assert [(a["text"], json.loads(a["input"])) for a in actions][:1] == [("transcribe", {"audio": "audio1"})]
+    heard = events[events.index(actions[0]) + 1]["text"]
+    assert normalize_answer(heard) == normalize_answer(truth["text"])  # the tool found the file by its name
+    assert (actions[1]["text"], json.loads(actions[1]["input"])) == ("ask_image", {"image": "image1", "question": heard})
+    assert events[-1]["kind"] == "final" and normalize_answer(events[-1]["text"]) == normalize_answer(truth["answer"])

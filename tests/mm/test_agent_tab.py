@@ -117,7 +117,7 @@ def test_step_and_time_limits_stop_the_run():
 
 
 def test_files_go_to_the_task_as_mm_agent_gives_them(tmp_path, monkeypatch):
-    """The tab and `mm agent` hand the agent one task text: "<task>\\nFiles: image: PATH; audio: PATH"; the chatbot
+    """The tab and `mm agent` hand the agent one task text: "<task>\\nFiles: image1 = PATH; audio1 = PATH"; the chatbot
     shows the upload names (not the server's cache paths)."""
     import mm
     from mm.apps.agent import run_agent
@@ -128,9 +128,9 @@ def test_files_go_to_the_task_as_mm_agent_gives_them(tmp_path, monkeypatch):
     script = ('Action: transcribe\nAction Input: {"audio": "%s"}' % audio, "Final Answer: red")
     model = ScriptedModel(*script)
     shown = list(make_run(model, accept, file_kind)("answer the question", str(image), str(audio)))[-1]
-    asked = f"answer the question\nFiles: image: {image}; audio: {audio}"
+    asked = f"answer the question\nFiles: image1 = {image}; audio1 = {audio}"
     assert model.seen[0][1] == {"role": "user", "content": asked}
-    assert shown[0] == {"role": "user", "content": "answer the question\nFiles: image: scene.png; audio: question.wav"}
+    assert shown[0] == {"role": "user", "content": "answer the question\nFiles: image1 = scene.png; audio1 = question.wav"}
     assert say("Observation: what colour is the star") in shown  # the model's transcribe tool ran
 
     cli = ScriptedModel(*script)
@@ -138,7 +138,7 @@ def test_files_go_to_the_task_as_mm_agent_gives_them(tmp_path, monkeypatch):
     assert run_agent(["answer the question", "--image", str(image), "--audio", str(audio)]) == 0
     assert cli.seen[0][1] == model.seen[0][1]
     assert run_agent(["answer the question", "--image", str(image)]) == 0
-    assert cli.seen[-1][1]["content"] == f"answer the question\nFiles: image: {image}"
+    assert cli.seen[-1][1]["content"] == f"answer the question\nFiles: image1 = {image}"
 
 
 def test_uploads_are_refused_with_the_chats_checks(tmp_path):
@@ -151,7 +151,7 @@ def test_uploads_are_refused_with_the_chats_checks(tmp_path):
     run = make_run(model, lambda f: check_file(f, 0.1, 1.0), file_kind)
     size = big.stat().st_size / MB
     assert list(run("what is in the picture?", str(big), str(long))) == [[
-        {"role": "user", "content": "what is in the picture?\nFiles: image: big.png; audio: long.wav"},
+        {"role": "user", "content": "what is in the picture?\nFiles: image1 = big.png; audio1 = long.wav"},
         say(f"⚠️ big.png is {size:.2f} MB, over the upload limit of 0.1 MB; upload a smaller file\n"
             "long.wav: 2.0 s is longer than the limit of 1 s")]]
     small = tmp_path / "small.wav"
@@ -234,7 +234,7 @@ def test_the_served_app_streams_the_agent(tmp_path):
         assert want[-1][-1]["content"] == "Final Answer: 395"
         refused = client.predict("what is said?", None, handle_file(str(long)), 8, 120, api_name="/agent")
         assert [m["content"][0]["text"] for m in refused] == [
-            "what is said?\nFiles: audio: long.wav", "⚠️ long.wav: 2.0 s is longer than the limit of 1 s"]
+            "what is said?\nFiles: audio1 = long.wav", "⚠️ long.wav: 2.0 s is longer than the limit of 1 s"]
         assert len(model.seen) == 2  # the refused run never reached the model
     finally:
         demo.close()
