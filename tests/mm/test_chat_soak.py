@@ -1,5 +1,6 @@
 """A soak of the browser chat server: REQUESTS requests, CONCURRENCY at a time, against the real Gradio app
-(`mm.apps.chat.launch`) serving the shipped model on 127.0.0.1, through Gradio's own client and HTTP.
+(`mm.apps.chat.launch`) serving the shipped model on 127.0.0.1 in this process, from CONCURRENCY client processes
+(Gradio's own client, and plain HTTP).
 
 Half the requests are good (a question about an image, a description, a transcript, a spoken question, text) and
 half hostile: an audio bomb (a 330 KB FLAC of 30 minutes of 48 kHz stereo silence), a pixel bomb (a 12 KB PNG of
@@ -7,16 +8,17 @@ half hostile: an audio bomb (a 330 KB FLAC of 30 minutes of 48 kHz stereo silenc
 prompt, an empty message, uploads over the size limit, and a request naming a file on the server's disk.
 
 Asserted: every good request gets the model's own answer (`model.chat` on the same messages; greedy decoding is
-deterministic), every hostile one its clear message, the server process grows by less than RSS_GROWTH_MB after a
-warm-up round (the server runs in this process, in Gradio's threads), and the server still answers at the end.
+deterministic), every hostile one its clear message, the server's process grows by less than RSS_GROWTH_MB after a
+warm-up round, and the server still answers at the end.
 The figures are printed (pytest -s shows them).
 """
 import gc
+import multiprocessing
 import random
 import socket
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -72,6 +74,7 @@ def kinds(files):
     """{kind: (message, the reply it must get)}: a reply None is the model's own answer (a good request)."""
     scene, question = str(example("scene.png")), str(example("question.wav"))
     long_text = ("red " * 25_000).strip()  # the chat strips the text
+    too_large = f"413 File size exceeded maximum allowed size of {UPLOAD_MB * 2**20} bytes."  # Gradio's upload route
 
     def refused(name, why):
         return f"{ERROR_MARK} {name}: {why}"
@@ -105,8 +108,8 @@ def kinds(files):
         "100 kB of text": ({"text": long_text, "files": []}, ValueError),  # the library's message
         "empty message": ({"text": "  ", "files": []},
                           f"{ERROR_MARK} The message is empty: type a question or upload an image or audio file."),
-        "upload of 2 MB": (files / "2mb.png", f"413 File size exceeded maximum allowed size of {UPLOAD_MB * 2**20} bytes."),
-        "upload of 50 MB": (files / "50mb.png", f"413 File size exceeded maximum allowed size of {UPLOAD_MB * 2**20} bytes."),
+        "upload of 2 MB": (files / "2mb.png", too_large),
+        "upload of 50 MB": (files / "50mb.png", too_large),
         "a file on the server": ("/etc/passwd", "error"),
     }
 
@@ -126,12 +129,37 @@ def as_messages(message: dict) -> list[dict]:
     content += [{"type": "audio", "audio": f} for f in message["files"] if f.endswith(".wav")]
     if not content:
         return [{"role": "user", "content": message["text"]}]
-    return [{"role": "user", "content": content + [{"type": "text", "text": "\n" + message["text"]}] * bool(message["text"])}]
+    text = [{"type": "text", "text": "\n" + message["text"]}] if message["text"] else []
+    return [{"role": "user", "content": content + text}]
+
+
+_client = None  # a client process's Gradio client
+
+
+def ask(url: str, kind: str, message) -> tuple[str, str]:
+    """(kind, what the server answered) for one request, sent from a client process (so that this process, the
+    server's, holds no client): a chat message in a new session (an empty chat), an upload from disk, or a path."""
+    global _client
+    from gradio_client import Client, handle_file
+
+    if isinstance(message, Path):  # an upload over the limit, refused by the upload route
+        with open(message, "rb") as f:
+            r = httpx.post(f"{url}/gradio_api/upload", files=[("files", (message.name, f))], timeout=60)
+        return kind, f"{r.status_code} {r.text}"
+    if isinstance(message, str):  # a path on the server's disk, never uploaded: refused, nothing read
+        call = f"{url}/gradio_api/call/respond"
+        files = [{"path": message, "meta": {"_type": "gradio.FileData"}}]
+        event = httpx.post(call, json={"data": [{"text": "x", "files": files}]}, timeout=30).json()
+        stream = httpx.get(f"{call}/{event['event_id']}", timeout=60).text
+        return kind, "error" if stream.startswith("event: error") and "root:" not in stream else stream
+    if _client is None:
+        _client = Client(url + "/", verbose=False)
+    _client.reset_session()
+    upload = {"text": message["text"], "files": [handle_file(f) for f in message["files"]]}
+    return kind, _client.predict(upload, api_name="/respond")
 
 
 def test_chat_server_soak(files, capsys):
-    from gradio_client import Client, handle_file
-
     model = mm.load()
     table = kinds(files)
     want = {}
@@ -149,31 +177,10 @@ def test_chat_server_soak(files, capsys):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     demo = launch(model, port=port, max_upload_mb=UPLOAD_MB, max_new_tokens=MAX_NEW_TOKENS, block=False)
+    pool = ProcessPoolExecutor(CONCURRENCY, mp_context=multiprocessing.get_context("spawn"))  # 8 users
     try:
-        clients = threading.local()  # one client per worker thread, a new session (an empty chat) per request
-
-        def ask(kind: str) -> tuple[str, str]:
-            """(kind, what the server answered) for one request of that kind."""
-            message = table[kind][0]
-            if isinstance(message, Path):  # an upload over the limit, refused by the upload route
-                with open(message, "rb") as f:
-                    r = httpx.post(f"{url}/gradio_api/upload", files=[("files", (message.name, f))], timeout=60)
-                return kind, f"{r.status_code} {r.text}"
-            if isinstance(message, str):  # a path on the server's disk, never uploaded: refused, nothing read
-                call = f"{url}/gradio_api/call/respond"
-                files_ = [{"path": message, "meta": {"_type": "gradio.FileData"}}]
-                event = httpx.post(call, json={"data": [{"text": "x", "files": files_}]}, timeout=30).json()
-                stream = httpx.get(f"{call}/{event['event_id']}", timeout=60).text
-                return kind, "error" if stream.startswith("event: error") and "root:" not in stream else stream
-            if not hasattr(clients, "client"):
-                clients.client = Client(url + "/", verbose=False)
-            clients.client.reset_session()
-            upload = {"text": message["text"], "files": [handle_file(f) for f in message["files"]]}
-            return kind, clients.client.predict(upload, api_name="/respond")
-
         def run(batch: list[str]) -> list[tuple[str, str]]:
-            with ThreadPoolExecutor(CONCURRENCY) as pool:
-                return list(pool.map(ask, batch))
+            return list(pool.map(partial(ask, url), batch, [table[kind][0] for kind in batch]))
 
         warmup = run(schedule(table, WARMUP, seed=1))  # Gradio's, the allocator's and torch's caches filled
         gc.collect()
@@ -184,15 +191,16 @@ def test_chat_server_soak(files, capsys):
         seconds = time.monotonic() - start
         gc.collect()
         rss_after = rss_mb()
-        last = ask("image question")
+        last = ask(url, "image question", table["image question"][0])
     finally:
+        pool.shutdown()
         demo.close()
 
     wrong = [(kind, got) for kind, got in warmup + answers + [last] if got != want[kind]]
     good = sum(table[k][1] is None for k in batch)
     with capsys.disabled():
-        print(f"\nchat soak: after {WARMUP} requests, {REQUESTS} requests ({good} good, {REQUESTS - good} hostile), {CONCURRENCY} at a time, "
-              f"{len(wrong)} wrong, {seconds:.1f} s; RSS {rss_before:.0f} -> {rss_after:.0f} MB "
-              f"(+{rss_after - rss_before:.1f} MB)")
+        print(f"\nchat soak: after {WARMUP} requests, {REQUESTS} requests ({good} good, {REQUESTS - good} hostile), "
+              f"{CONCURRENCY} at a time, {len(wrong)} wrong, {seconds:.1f} s; "
+              f"RSS {rss_before:.0f} -> {rss_after:.0f} MB (+{rss_after - rss_before:.1f} MB)")
     assert not wrong, wrong[:5]
     assert rss_after - rss_before < RSS_GROWTH_MB
