@@ -55,14 +55,16 @@ def rss_mb() -> float:
 def files(tmp_path_factory):
     """The hostile uploads, each named for what is wrong with it."""
     d = tmp_path_factory.mktemp("soak")
-    sf.write(d / "bomb.flac", np.zeros((30 * 60 * 48000, 2), np.int16), 48000, subtype="PCM_16")  # ~330 KB
+    with sf.SoundFile(d / "bomb.flac", "w", 48000, 2, "PCM_16") as f:  # 30 minutes of stereo silence in ~330 KB
+        for _ in range(30):
+            f.write(np.zeros((60 * 48000, 2), np.int16))
     Image.new("1", (10000, 10000)).save(d / "pixels.png")  # 10^8 pixels in ~12 KB
     Image.new("RGB", (40, 30), "red").save(d / "ok.png")
     (d / "truncated.png").write_bytes((d / "ok.png").read_bytes()[:60])
     (d / "notes.wav").write_text("not audio")
     (d / "empty.wav").write_bytes(b"")
     sf.write(d / "long.wav", np.zeros(31 * 16000, np.int16), 16000)  # 0.95 MB: under the upload limit
-    for mb in (2, 50):  # over the upload limit: sent from disk, so that this process (the server's) never holds them
+    for mb in (2, 50):  # over the upload limit (sparse files, streamed from disk)
         with open(d / f"{mb}mb.png", "wb") as f:
             f.truncate(mb * 2**20)
     (d / "paper.pdf").write_bytes(b"%PDF-1.4\n1 0 obj <<>> endobj\ntrailer <<>>\n%%EOF\n")
