@@ -9,12 +9,9 @@ A tiny random S2T model is built by ESPnet's S2TTask from Dolphin's real config.
 sizes and the real token list, saved as an ESPnet experiment (config.yaml + valid.acc.ave.pth) and loaded through
 mm's format table (`load`)."""
 import argparse
-import os
 import shutil
-import subprocess
 import sys
 import types
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +21,7 @@ import yaml
 
 from mm.models.formats import load
 from tests.mm.test_asr import waveforms
+from tests.mm.wheels import fetch_package
 
 pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning", "ignore::DeprecationWarning"),
               pytest.mark.usefixtures("one_thread")]
@@ -36,18 +34,7 @@ TINY_DECODER = dict(attention_heads=4, linear_units=64, num_blocks=2)
 
 def fetch_dolphin(requirement: str) -> Path:
     """The `dolphin` package directory (python files + assets/) of a pinned wheel, cached."""
-    cache = Path(os.environ.get("MM_TEST_CACHE", Path.home() / ".cache" / "mm-test")) / requirement.replace("==", "-")
-    pkg = cache / "dolphin"
-    if not (pkg / "assets" / "config.yaml").is_file():
-        cache.mkdir(parents=True, exist_ok=True)
-        dl = cache / "download"
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", requirement,
-                        "-d", str(dl)], check=True, capture_output=True)
-        with zipfile.ZipFile(next(dl.glob("*.whl"))) as z:
-            z.extractall(cache / "unpack")
-        shutil.rmtree(pkg, ignore_errors=True)
-        (cache / "unpack" / "dolphin").rename(pkg)
-    return pkg
+    return fetch_package(requirement, "dolphin", "assets/config.yaml")
 
 
 @pytest.fixture(scope="session")

@@ -7,12 +7,9 @@ its __init__ (which needs toml, not installed) and built as its `WordLlama.load`
 "embedding.weight" and `Tokenizer.from_file` of the config."""
 import inspect
 import json
-import os
 import shutil
-import subprocess
 import sys
 import types
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +17,7 @@ import pytest
 from scipy.spatial.distance import cdist
 
 from mm.rag import Index
+from tests.mm.wheels import fetch_package
 from mm.rag.embed import RRF_K, WordLlama, load_embedder
 
 WORDLLAMA = "wordllama==0.4.0.post1"
@@ -28,19 +26,7 @@ SCIPY_METRIC = {"cosine": "cosine", "l2": "euclidean", "l1": "cityblock"}
 
 def fetch_wordllama(requirement: str = WORDLLAMA) -> Path:
     """The folder holding the unpacked `wordllama` package of a pinned wheel, cached."""
-    cache = Path(os.environ.get("MM_TEST_CACHE", Path.home() / ".cache" / "mm-test")) / requirement.replace("==", "-")
-    pkg = cache / "site" / "wordllama"
-    if not (pkg / "weights" / "l2_supercat_256.safetensors").is_file():
-        cache.mkdir(parents=True, exist_ok=True)
-        dl = cache / "download"
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", requirement,
-                        "-d", str(dl)], check=True, capture_output=True)
-        with zipfile.ZipFile(next(dl.glob("*.whl"))) as z:
-            z.extractall(cache / "unpack")
-        shutil.rmtree(cache / "site", ignore_errors=True)
-        (cache / "site").mkdir()
-        (cache / "unpack" / "wordllama").rename(pkg)
-    return pkg.parent
+    return fetch_package(requirement, "wordllama", "weights/l2_supercat_256.safetensors").parent
 
 
 @pytest.fixture(scope="module")
