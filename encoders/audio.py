@@ -51,24 +51,80 @@ def _to_mono(samples: np.ndarray, source: str) -> np.ndarray:
 RAW_SUFFIXES = (".raw", ".pcm")  # headerless PCM: 16-bit signed little-endian mono at a rate the caller gives
 
 
-def _read_bounded(path: Path, max_seconds: float | None, **raw) -> tuple[np.ndarray, int]:
-    """Samples [S, C] float32 and the rate, reading at most `max_seconds` (+ one frame) of audio: a file whose
-    header or content runs longer fails before it is decoded whole (a compressed file can hold hours of silence)."""
+BLOCK_FRAMES = 1 << 16  # frames decoded at a time: 1.4 s at 48 kHz, 512 KB for stereo float32
+
+
+def _check_length(source: str, frames: int, rate: int, max_seconds: float | None) -> None:
+    """AudioError when `frames` at `rate` run past `max_seconds` (+ one frame)."""
+    if max_seconds is not None and frames > int(max_seconds * rate) + 1:
+        raise AudioError(f"{source}: {frames / rate:.1f} s is longer than the limit of {max_seconds:g} s")
+
+
+def _stream_mono(path: Path, target_rate: int, max_seconds: float | None, **raw) -> tuple[np.ndarray, int]:
+    """(mono float32 [S'] at target_rate, the file's rate), decoded BLOCK_FRAMES at a time: each block is averaged
+    to mono and fed to soxr's stream resampler (bit-identical to its one-shot resample), so the peak memory is the
+    result plus a block, not the multichannel whole. A header longer than `max_seconds` fails before decoding;
+    content that runs past it fails as soon as it does (a compressed file can hold hours of silence)."""
     import soundfile as sf
 
-    with sf.SoundFile(str(path), **raw) as f:
-        rate = f.samplerate
-        limit = None if max_seconds is None else int(max_seconds * rate) + 1
-        if limit is not None and f.frames > limit:
-            raise AudioError(f"{path}: {f.frames / rate:.1f} s is longer than the limit of {max_seconds:g} s")
-        samples = f.read(frames=-1 if limit is None else limit, dtype="float32", always_2d=True)
-    if limit is not None and len(samples) >= limit:
-        raise AudioError(f"{path}: longer than the limit of {max_seconds:g} s")
-    return samples, int(rate)
+    source = str(path)
+    with sf.SoundFile(source, **raw) as f:
+        rate = int(f.samplerate)
+        if rate <= 0:
+            raise AudioError(f"{source}: sample rate must be positive, got {rate}")
+        _check_length(source, f.frames, rate, max_seconds)
+        stream = None
+        if rate != target_rate:
+            import soxr
+
+            stream = soxr.ResampleStream(rate, target_rate, 1, dtype="float32", quality="HQ")
+        out = np.zeros(int(np.ceil(max(f.frames, 0) * target_rate / rate)) + 1, np.float32)  # grows if the header lied
+        n_in = n_out = n_bad = 0
+        first_bad = -1
+        while True:
+            block = f.read(BLOCK_FRAMES, dtype="float32", always_2d=True)  # [B, C]
+            last = len(block) < BLOCK_FRAMES
+            mono = block.mean(axis=1, dtype=np.float64).astype(np.float32)  # as _to_mono
+            bad = ~np.isfinite(mono)
+            if bad.any():
+                first_bad = n_in + int(np.flatnonzero(bad)[0]) if n_bad == 0 else first_bad
+                n_bad += int(bad.sum())
+            n_in += len(block)
+            _check_length(source, n_in, rate, max_seconds)
+            if n_bad == 0:
+                chunk = mono if stream is None else stream.resample_chunk(mono, last=last)
+                if n_out + len(chunk) > len(out):
+                    out = np.concatenate([out, np.zeros(max(len(chunk), len(out) // 2), np.float32)])
+                out[n_out:n_out + len(chunk)] = chunk
+                n_out += len(chunk)
+            if last:
+                break
+    if n_in == 0:
+        raise AudioError(f"{source}: contains no samples")
+    if n_bad:
+        raise AudioError(f"{source}: {n_bad} NaN/inf samples (first at sample {first_bad}, {first_bad / rate:.3f} s)")
+    n = n_in if stream is None else int(np.ceil(n_in * target_rate / rate))  # librosa's fix_length
+    if len(out) < n:
+        out = np.concatenate([out, np.zeros(n - len(out), np.float32)])
+    return out[:n], rate
 
 
-def _read_file(path: Path, sample_rate: int | None = None, max_seconds: float | None = None) -> tuple[np.ndarray, int]:
-    """Samples [S, C] float32 and the file's sample rate (`sample_rate`: a headerless file's rate)."""
+def audio_seconds(path: str | os.PathLike) -> float | None:
+    """A file's duration from its header (libsndfile), without decoding it; None when libsndfile cannot tell
+    (headerless PCM, containers read through librosa)."""
+    import soundfile as sf
+
+    try:
+        info = sf.info(str(path))
+    except (RuntimeError, OSError, TypeError):  # LibsndfileError is a RuntimeError; TypeError: headerless
+        return None
+    return info.frames / info.samplerate if info.samplerate > 0 else None
+
+
+def _read_file(path: Path, sample_rate: int | None, target_rate: int,
+               max_seconds: float | None) -> tuple[np.ndarray | None, np.ndarray | None, int]:
+    """(mono float32 at target_rate, None, file rate) for files libsndfile reads, decoded block-wise; (None, samples
+    [S, C], rate) from librosa for other containers (m4a, ...). `sample_rate`: a headerless file's rate."""
     source = str(path)
     if not path.is_file():
         raise AudioError(f"{source}: no such audio file")
@@ -79,10 +135,12 @@ def _read_file(path: Path, sample_rate: int | None = None, max_seconds: float | 
             raise AudioError(f"{source}: headerless PCM has no sample rate; pass sample_rate= to read it as 16-bit "
                              "signed little-endian mono, or convert it to WAV (sox -r RATE -e signed -b 16 -c 1 "
                              "in.raw out.wav)")
-        return _read_bounded(path, max_seconds, samplerate=int(sample_rate), channels=1, subtype="PCM_16",
-                             endian="LITTLE", format="RAW")
+        wave, rate = _stream_mono(path, target_rate, max_seconds, samplerate=int(sample_rate), channels=1,
+                                  subtype="PCM_16", endian="LITTLE", format="RAW")
+        return wave, None, rate
     try:
-        return _read_bounded(path, max_seconds)
+        wave, rate = _stream_mono(path, target_rate, max_seconds)
+        return wave, None, rate
     except RuntimeError as e:  # soundfile.LibsndfileError is a RuntimeError
         sf_error = e
     # libsndfile did not recognise the container: try librosa's audioread (ffmpeg) path for m4a/aac/...,
@@ -100,7 +158,7 @@ def _read_file(path: Path, sample_rate: int | None = None, max_seconds: float | 
             f"{source}: not a readable audio file (libsndfile: {sf_error}; librosa/audioread: {e!r})"
         ) from e
     samples = samples.T if samples.ndim == 2 else samples[:, None]  # librosa gives [C, S]
-    return samples, int(rate)
+    return None, samples, int(rate)
 
 
 def resample(samples: np.ndarray, orig_rate: int, target_rate: int = SAMPLE_RATE) -> np.ndarray:
@@ -125,14 +183,18 @@ def load_audio(
     """Read a file (or take an array with its `sample_rate`) as a mono float32 tensor [S] at `target_rate`.
 
     A headerless `.raw`/`.pcm` file is 16-bit signed little-endian mono PCM at `sample_rate`, which it needs.
+    Files libsndfile reads are decoded BLOCK_FRAMES at a time (mono and resampled as they come: the peak memory is
+    the result plus a block); arrays and other containers whole, with the same numbers.
     `max_seconds`: longer audio is an AudioError, raised (for files libsndfile reads) before more than that is decoded.
     """
     if isinstance(path_or_array, (str, os.PathLike)):
         path = Path(path_or_array)
         source = str(path)
-        samples, rate = _read_file(path, sample_rate, max_seconds)
+        wave, samples, rate = _read_file(path, sample_rate, target_rate, max_seconds)
         if sample_rate is not None and sample_rate != rate:
             raise AudioError(f"{source}: the file says {rate} Hz but sample_rate={sample_rate} was given")
+        if wave is not None:  # read block-wise: already mono, finite and at target_rate
+            return torch.from_numpy(wave), target_rate
     else:
         source = f"array of shape {tuple(path_or_array.shape)}"
         if sample_rate is None:

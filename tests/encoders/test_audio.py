@@ -4,7 +4,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from encoders.audio import AudioError, load_audio
+from encoders.audio import BLOCK_FRAMES, AudioError, audio_seconds, load_audio
 from encoders.frontend import LogMelFrontend
 
 
@@ -198,8 +198,42 @@ def test_audio_bomb_is_refused_before_it_is_decoded(tmp_path, monkeypatch):
     with pytest.raises(AudioError, match=r"bomb.flac: 1800.0 s is longer than the limit of 30 s"):
         load_audio(path, max_seconds=30)
     assert reads == []  # refused from the header
+    assert audio_seconds(path) == 1800.0  # the header, for `mm transcribe --max-minutes`
     sf.write(str(tmp_path / "ok.wav"), tone(440, 16000, 2.0), 16000)
-    wave, _ = load_audio(tmp_path / "ok.wav", max_seconds=30)  # under the limit: read whole
-    assert wave.shape == (32000,) and reads[-1] == 30 * 16000 + 1
+    wave, _ = load_audio(tmp_path / "ok.wav", max_seconds=30)  # under the limit: read in blocks
+    assert wave.shape == (32000,) and reads == [BLOCK_FRAMES]
     with pytest.raises(AudioError, match=r"longer than the limit of 1 s"):
         load_audio(np.zeros(32000, np.float32), sample_rate=16000, max_seconds=1)
+
+
+@pytest.mark.parametrize("rate,channels,subtype,ext", [(44100, 3, "FLOAT", "wav"), (48000, 2, "PCM_16", "flac"),
+                                                       (16000, 2, "PCM_24", "wav")])
+def test_block_wise_reading_equals_the_whole_file_path(tmp_path, monkeypatch, rate, channels, subtype, ext):
+    """Files are decoded BLOCK_FRAMES at a time, averaged to mono and stream-resampled per block: bit for bit the
+    whole-file result (soundfile's float32 samples, channel mean in float64, librosa's soxr_hq resample)."""
+    import librosa
+
+    x = (0.3 * np.random.default_rng(rate).standard_normal((3 * BLOCK_FRAMES + 77, channels))).clip(-1, 1)
+    path = tmp_path / f"multi.{ext}"
+    sf.write(path, x.astype(np.float32), rate, subtype=subtype)
+    whole, _ = sf.read(path, dtype="float32", always_2d=True)
+    want = whole.mean(axis=1, dtype=np.float64).astype(np.float32)
+    if rate != 16000:
+        want = librosa.resample(want, orig_sr=rate, target_sr=16000, res_type="soxr_hq")
+    reads = []
+    real_read = sf.SoundFile.read
+    monkeypatch.setattr(sf.SoundFile, "read", lambda self, frames=-1, **kw: reads.append(frames) or
+                        real_read(self, frames, **kw))
+    got, _ = load_audio(path)
+    assert reads == [BLOCK_FRAMES] * 4  # never the whole file at once
+    assert got.dtype == torch.float32 and torch.equal(got, torch.from_numpy(want))
+    assert torch.equal(got, load_audio(whole, sample_rate=rate)[0])  # the array path, which takes it whole
+
+
+def test_nan_in_a_later_block_is_counted_from_the_file_start(tmp_path):
+    x = np.zeros((2 * BLOCK_FRAMES, 2), np.float32)
+    x[BLOCK_FRAMES + 5, 1] = np.nan
+    x[-1, 0] = np.inf
+    sf.write(tmp_path / "nan.wav", x, 48000, subtype="FLOAT")
+    with pytest.raises(AudioError, match=rf"nan\.wav: 2 NaN/inf samples \(first at sample {BLOCK_FRAMES + 5}, 1\.365 s\)"):
+        load_audio(tmp_path / "nan.wav")
