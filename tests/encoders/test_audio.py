@@ -235,5 +235,6 @@ def test_nan_in_a_later_block_is_counted_from_the_file_start(tmp_path):
     x[BLOCK_FRAMES + 5, 1] = np.nan
     x[-1, 0] = np.inf
     sf.write(tmp_path / "nan.wav", x, 48000, subtype="FLOAT")
-    with pytest.raises(AudioError, match=rf"nan\.wav: 2 NaN/inf samples \(first at sample {BLOCK_FRAMES + 5}, 1\.365 s\)"):
+    first = BLOCK_FRAMES + 5
+    with pytest.raises(AudioError, match=rf"nan\.wav: 2 NaN/inf samples \(first at sample {first}, 1\.365 s\)"):
         load_audio(tmp_path / "nan.wav")
