@@ -10,6 +10,12 @@ from pathlib import Path
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 
+def check_threads(threads: int) -> None:
+    """ValueError unless --threads is >= 0 (0: torch's choice)."""
+    if threads < 0:
+        raise ValueError(f"--threads must be >= 0 (0: torch's choice), got {threads}")
+
+
 def cmd_generate(args) -> int:
     """Stream a continuation of `--prompt` from a decoder checkpoint directory (Llama, Meta, quantized, DeepSeek,
     Mixtral: `mm.models.formats.TEXT_MODELS`), then a one-line summary."""
@@ -22,6 +28,7 @@ def cmd_generate(args) -> int:
     from mm.models.formats import TEXT_MODELS, load
 
     model_dir = Path(args.model) if args.model else default_model_dir()
+    check_threads(args.threads)
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load(model_dir, expect=TEXT_MODELS, dtype=getattr(torch, args.dtype))
@@ -51,6 +58,7 @@ def cmd_bench(args) -> int:
     if missing:  # the references are development dependencies, not the library's
         raise ValueError(f"mm bench compares against transformers, timm and espnet ({', '.join(missing)} missing); "
                          "install them with pip install -e '.[dev]'")
+    check_threads(args.threads)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = "cuda" if args.cuda else "cpu"
@@ -69,6 +77,7 @@ def cmd_bench(args) -> int:
 
 def cmd_train(args) -> int:
     """Run a training recipe and save the model directory."""
+    check_threads(args.threads)
     if args.recipe in ("tiny", "tiny-open", "tiny-agent"):
         import dataclasses
 
@@ -78,7 +87,7 @@ def cmd_train(args) -> int:
             raise ValueError(f"--recipe {args.recipe} continues from a model: give --init DIR (tiny-open: a tiny "
                              "model, e.g. runs/tiny/model; tiny-agent: a tiny-open model, e.g. runs/tiny-open/model)")
         recipe = {"tiny": TinyRecipe, "tiny-open": TinyRecipe.open_vocab, "tiny-agent": TinyRecipe.agent}[args.recipe]
-        recipe = recipe(args.init) if args.init and args.recipe != "tiny" else recipe()
+        recipe = (recipe(args.init) if args.init and args.recipe != "tiny" else recipe()).overridden(args.set)
         if args.smoke:
             recipe = dataclasses.replace(TinyRecipe.smoke(init=recipe.init), agent_share=recipe.agent_share,
                                          context=recipe.context, name=recipe.name)
@@ -148,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", default=None, help="output directory (default: runs/RECIPE)")
     t.add_argument("--steps", type=int, default=0, help="text-tiny: training steps (default 600)")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="tiny recipes: change a setting of the recipe, e.g. --set steps=0,0,600 agent_share=0.6")
     t.add_argument("--smoke", action="store_true", help="tiny: a few steps on a few examples, to check the setup")
     t.add_argument("--no-resume", action="store_true", help="tiny: start over even if OUT/checkpoint.pt exists")
     t.add_argument("--threads", type=int, default=0, help="CPU threads per process (default: torch's choice)")

@@ -111,6 +111,27 @@ class TinyRecipe:
                                    agent_share=0.3, agent_batch=12, context=1024, grid_weight=0.0,
                                    name="tiny-agent")
 
+    def overridden(self, settings: list[str]) -> "TinyRecipe":
+        """The recipe with `key=value` settings (`mm train --set`): numbers, strings, and comma-separated tuples such
+        as steps=0,0,600; an unknown key or a value of the wrong kind is a ValueError naming it."""
+        fields = {f.name: f for f in dataclasses.fields(self)}
+        changes = {}
+        for setting in settings:
+            key, sep, value = setting.partition("=")
+            if not sep or key not in fields:
+                raise ValueError(f"--set {setting!r}: give KEY=VALUE with KEY one of {', '.join(fields)}")
+            current = getattr(self, key)
+            kinds = [type(v) for v in current] if isinstance(current, tuple) else [type(current)]
+            parts = value.split(",") if isinstance(current, tuple) else [value]
+            if len(parts) != len(kinds):
+                raise ValueError(f"--set {setting!r}: {key} takes {len(kinds)} comma-separated values")
+            try:
+                values = [kind(part) for kind, part in zip(kinds, parts)]
+            except ValueError:
+                raise ValueError(f"--set {setting!r}: {key} takes {', '.join(k.__name__ for k in kinds)}") from None
+            changes[key] = tuple(values) if isinstance(current, tuple) else values[0]
+        return dataclasses.replace(self, **changes)
+
     @classmethod
     def smoke(cls, init: str = "") -> "TinyRecipe":
         """A few steps on a handful of examples: checks that the whole recipe runs (tests, `--smoke`)."""

@@ -102,3 +102,15 @@ def test_tiny_open_continues_from_the_model_it_is_given(trained, tmp_path):
     assert moved.config.to_dict() == base.config.to_dict()
     changed = [k for k, v in moved.state_dict().items() if not torch.equal(v, base.state_dict()[k])]
     assert any(k.startswith("speech_encoder.") for k in changed) and any(k.startswith("language_model.") for k in changed)
+
+
+def test_recipe_settings_from_the_command_line():
+    """`mm train --set KEY=VALUE`: typed like the field (tuples comma-separated); a wrong key, count or kind is refused
+    naming it."""
+    r = TinyRecipe.agent("m").overridden(["steps=0,0,600", "lr=1e-3,1e-3,3e-4", "agent_share=0.6", "agent_batch=16"])
+    assert (r.steps, r.lr, r.agent_share, r.agent_batch, r.init) == ((0, 0, 600), (1e-3, 1e-3, 3e-4), 0.6, 16, "m")
+    assert TinyRecipe.agent("m").overridden([]) == TinyRecipe.agent("m")
+    for bad, message in ((["stepz=1"], "give KEY=VALUE with KEY one of seed,"), (["steps=1,2"], "steps takes 3 comma"),
+                         (["agent_batch=x"], "agent_batch takes int"), (["lr=a,b,c"], "lr takes float, float, float")):
+        with pytest.raises(ValueError, match=message):
+            TinyRecipe().overridden(bad)
