@@ -319,6 +319,10 @@ def run_serve(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.max_batch < 1:
         raise ValueError(f"--max-batch must be >= 1, got {args.max_batch}")
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must lie in 0..65535, got {args.port}")
+    if args.threads < 0:
+        raise ValueError(f"--threads must be >= 0 (0: torch's choice), got {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
     path = args.model or default_multimodal_dir()

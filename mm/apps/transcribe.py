@@ -1,6 +1,6 @@
 """`mm transcribe AUDIO... [--model DIR] [--decode ctc|attention|joint|rescore] [--beam N] [--timestamps]
-[--format text|json|srt]`: batch transcription of files with an ASR model (our format or an ESPnet/Dolphin
-experiment directory).
+[--format text|json|srt] [--max-minutes M]`: batch transcription of files with an ASR model (our format or an
+ESPnet/Dolphin experiment directory).
 
 Output formats (to stdout, or one file per input with `out_dir`):
   text  one line per file (prefixed by "PATH: " when there are several); with --timestamps one line per segment,
@@ -16,6 +16,8 @@ import argparse
 import json
 import sys
 from pathlib import Path
+
+from encoders.audio import audio_seconds
 
 from mm.models.asr import ASRModel
 from mm.models.asr_search import DECODE_MODES
@@ -102,10 +104,23 @@ def write_files(files: list[str], results: list[Transcript], fmt: str, timestamp
         (out_dir / (Path(f).stem + SUFFIX[fmt])).write_text(text, encoding="utf-8")
 
 
+MAX_MINUTES = 240.0  # longest recording `mm transcribe` takes by default (--max-minutes)
+
+
+def too_long(path: str, max_minutes: float | None) -> str | None:
+    """Why `path` is refused for its length (from the header, not decoded), or None."""
+    seconds = audio_seconds(path) if max_minutes is not None else None
+    if seconds is None or seconds <= max_minutes * 60:
+        return None
+    return (f"{path}: {seconds:.1f} s ({seconds / 60:.1f} min) is longer than the limit of {max_minutes:g} min "
+            "(--max-minutes)")
+
+
 def run_transcribe(files: list[str], model_dir: str | None, decode: str | None = None, beam: int | None = None,
                    timestamps: bool = False, fmt: str = "text", batch_size: int = 8, out=None,
                    out_dir: str | None = None, progress: bool | None = None, device: str = "cpu",
-                   language: str | None = None, region: str | None = None) -> list[Transcript]:
+                   language: str | None = None, region: str | None = None,
+                   max_minutes: float | None = MAX_MINUTES) -> list[Transcript]:
     """Transcribe files in batches and write them in fmt to `out` (default stdout) or to out_dir/<name><suffix>.
     A file that cannot be decoded does not stop the others: they are written, then a ValueError names each failure.
 
@@ -113,6 +128,7 @@ def run_transcribe(files: list[str], model_dir: str | None, decode: str | None =
     progress: a tqdm bar over the decoded windows on stderr (None: only when stderr is a terminal).
     language / region: Dolphin prompt symbols such as "en" / "US" (default: detected per window); a region needs
     its language.
+    max_minutes: a longer recording (by its header, before it is decoded) fails, naming its length; None: no limit.
     """
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
@@ -126,6 +142,8 @@ def run_transcribe(files: list[str], model_dir: str | None, decode: str | None =
         raise ValueError(f"--beam must be >= 1, got {beam}")
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+    if max_minutes is not None and not max_minutes > 0:
+        raise ValueError(f"--max-minutes must be > 0, got {max_minutes}")
     model = load(model_dir, expect=TRANSCRIBERS, device=device)
     if not isinstance(model, ASRModel):  # an option error, before any file is decoded
         check_decode(decode, option=f"--decode {decode}")
@@ -142,17 +160,19 @@ def run_transcribe(files: list[str], model_dir: str | None, decode: str | None =
             segment.words = []
         return out
 
-    files = [str(f) for f in files]
-    failed: dict[str, str] = {}
+    checked = [(f, too_long(f, max_minutes)) for f in map(str, files)]  # before anything is decoded
+    files = [f for f, why in checked if why is None]
+    failed: dict[str, str] = {f: why for f, why in checked if why is not None}
     try:
-        results = decode_files(files)
+        results = decode_files(files) if files else []
     except ValueError:  # one bad file must not cost the others: decode them one by one, naming each failure
         results = []
         for f in files:
             try:
                 results += decode_files([f])
             except ValueError as e:
-                failed[f] = str(e).removeprefix("audio 0: ")
+                why = str(e).removeprefix("audio 0: ")
+                failed[f] = why if f in why else f"{f}: {why}"
         files = [f for f in files if f not in failed]
     if out_dir is not None:
         write_files(files, results, fmt, timestamps, Path(out_dir))
@@ -182,12 +202,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
     p.add_argument("--threads", type=int, default=0,
                    help="CPU threads (default: torch's choice; 1 is often fastest for small models on busy machines)")
+    p.add_argument("--max-minutes", type=float, default=MAX_MINUTES,
+                   help=f"refuse longer recordings, from their header before decoding (default {MAX_MINUTES:g})")
 
 
 def cmd_transcribe(args) -> int:
     """Entry point of `mm transcribe` for a parsed namespace from add_arguments."""
     import torch
 
+    if args.threads < 0:
+        raise ValueError(f"--threads must be >= 0 (0: torch's choice), got {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
     if not args.audio:
@@ -197,5 +221,5 @@ def cmd_transcribe(args) -> int:
         print(f"(no audio given: transcribing the bundled example {args.audio[0]})", file=sys.stderr)
     run_transcribe(args.audio, args.model, decode=args.decode, beam=args.beam, timestamps=args.timestamps,
                    fmt=args.fmt, batch_size=args.batch_size, out_dir=args.out_dir, device=args.device,
-                   language=args.language, region=args.region)
+                   language=args.language, region=args.region, max_minutes=args.max_minutes)
     return 0

@@ -2,6 +2,7 @@
 exit code 2 on the command line, never a traceback."""
 
 import json
+import struct
 import warnings
 
 import numpy as np
@@ -71,6 +72,11 @@ def files(tmp_path_factory):
     sf.write(str(d / "nan.wav"), np.full(16000, np.nan, np.float32), 16000, subtype="FLOAT")
     sf.write(str(d / "long.wav"), np.zeros(31 * 16000, np.float32), 16000)
     (d / "pcm.raw").write_bytes(np.zeros(1600, "<i2").tobytes())
+    with open(d / "hours.wav", "wb") as f:  # 241 minutes of 8 kHz 16-bit mono silence, as a sparse file
+        n_bytes = 241 * 60 * 8000 * 2
+        f.write(b"RIFF" + struct.pack("<I", 36 + n_bytes) + b"WAVEfmt " + struct.pack("<IHHIIHH", 16, 1, 1, 8000,
+                16000, 2, 16) + b"data" + struct.pack("<I", n_bytes))
+        f.truncate(44 + n_bytes)
     Image.new("1", (10000, 10000)).save(d / "pixels.png")  # 10^8 pixels in 12 KB: a decompression bomb
     return d
 
@@ -226,6 +232,25 @@ CLI_MATRIX = [  # (what, argv with {d} for the bad files' directory, the last li
     ("transcribe: decode rescore", ["transcribe", "{d}/short.wav", "--decode", "rescore"],
      "mm transcribe: error: --decode rescore: the multimodal model decodes with ctc (its CTC head alone), attention "
      "(its decoder alone) or joint (both, the default)"),
+    ("transcribe: 25 ms of audio", ["transcribe", "{d}/short.wav"],
+     "mm transcribe: error: 1 of 1 files failed (the others were written): {d}/short.wav: 25 ms is too short to hear "
+     "(speech lengths [400] samples give [3] frames; every utterance needs at least 7 frames (960 samples))"),
+    ("transcribe: longer than --max-minutes", ["transcribe", "{d}/long.wav", "{d}/short.wav", "--max-minutes", "0.5"],
+     "mm transcribe: error: 2 of 2 files failed (the others were written): {d}/long.wav: 31.0 s (0.5 min) is longer "
+     "than the limit of 0.5 min (--max-minutes); {d}/short.wav: 25 ms is too short to hear (speech lengths [400] "
+     "samples give [3] frames; every utterance needs at least 7 frames (960 samples))"),
+    ("transcribe: over 4 hours", ["transcribe", "{d}/hours.wav"],  # refused from the header, never decoded
+     "mm transcribe: error: 1 of 1 files failed (the others were written): {d}/hours.wav: 14460.0 s (241.0 min) is "
+     "longer than the limit of 240 min (--max-minutes)"),
+    ("transcribe: max-minutes 0", ["transcribe", "--max-minutes", "0"],
+     "mm transcribe: error: --max-minutes must be > 0, got 0.0"),
+    ("transcribe: threads -1", ["transcribe", "{d}/short.wav", "--threads", "-1"],
+     "mm transcribe: error: --threads must be >= 0 (0: torch's choice), got -1"),
+    ("generate: threads -2", ["generate", "--prompt", "hi", "--threads", "-2"],
+     "mm generate: error: --threads must be >= 0 (0: torch's choice), got -2"),
+    ("serve: port 99999", ["serve", "--port", "99999"], "mm serve: error: --port must lie in 0..65535, got 99999"),
+    ("serve: threads -1", ["serve", "--threads", "-1"],
+     "mm serve: error: --threads must be >= 0 (0: torch's choice), got -1"),
     ("generate: max-new-tokens -5", ["generate", "--prompt", "hi", "--max-new-tokens", "-5"],
      "mm generate: error: max_new_tokens must be an integer >= 0, got -5"),
     ("generate: temperature -1", ["generate", "--prompt", "hi", "--temperature", "-1"],
