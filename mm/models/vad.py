@@ -29,8 +29,10 @@ def speech_windows(wave: torch.Tensor, sample_rate: int = 16000, max_window: flo
     n = wave.numel() // hop
     if n == 0:
         return []
-    frames = wave[: n * hop].double().view(n, hop)
-    energy = 10 * torch.log10(frames.pow(2).mean(1) + 1e-10)  # [n] dBFS
+    frames = wave[: n * hop].view(n, hop)
+    chunk = 6000  # frames (a minute) at a time: the float64 copies stay small on hours of audio
+    energy = torch.cat([10 * torch.log10(frames[i:i + chunk].double().pow(2).mean(1) + 1e-10)  # [n] dBFS
+                        for i in range(0, n, chunk)])
     if n * hop < wave.numel():  # the last partial frame counts too
         tail = wave[n * hop:].double()
         energy = torch.cat([energy, 10 * torch.log10(tail.pow(2).mean()[None] + 1e-10)])
