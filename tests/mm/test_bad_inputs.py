@@ -103,7 +103,7 @@ MATRIX = [  # (what, call(model, files), the message must hold)
     ("message without content", lambda m, d: m.chat([{"role": "user"}]), "must be a dict with 'role' and 'content'"),
     ("video part", lambda m, d: m.chat([{"role": "user", "content": [{"type": "video", "video": "x"}]}]),
      "a content part must be a dict with type text, image or audio"),
-    ("prompt past the window", lambda m, d: say(m, "red " * 2000), "exceeds the context window of 512"),
+    ("prompt past the window", lambda m, d: say(m, "red " * 2000), "exceeds the context window of 1024"),
     ("two placeholders, one image", lambda m, d: say(m, "<image><image>", images=[str(d / "ok.png")]),
      "2 '<image>' placeholder(s) but 1 image(s)"),
     ("an image without a placeholder", lambda m, d: say(m, "hi", images=[str(d / "ok.png")]),
@@ -214,7 +214,7 @@ CLI_MATRIX = [  # (what, argv with {d} for the bad files' directory, the last li
     ("caption: batch-size 0", ["caption", "{d}/ok.png", "--batch-size", "0"],
      "mm caption: error: batch_size must be >= 1, got 0"),
     ("caption: prompt past the window", ["caption", "{d}/ok.png", "--prompt", "red " * 2000],
-     "mm caption: error: prompt of 6031 tokens exceeds the context window of 512 (max_position_embeddings)"),
+     "mm caption: error: prompt of 6031 tokens exceeds the context window of 1024 (max_position_embeddings)"),
     ("transcribe: text as audio", ["transcribe", "{d}/notes.wav"],
      "mm transcribe: error: 1 of 1 files failed (the others were written): {d}/notes.wav: not a readable audio file "
      "(libsndfile: Error opening '{d}/notes.wav': Format not recognised.)"),

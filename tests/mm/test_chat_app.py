@@ -367,7 +367,7 @@ def test_browser_chat(model_dir, model, media, browser):
 
 
 def test_fifty_turns_stay_in_the_context_window(model):
-    """50 turns about an image, far past the 512-token window: every turn is answered, from the newest turns that fit
+    """50 turns about an image, far past the 1024-token window: every turn is answered, from the newest turns that fit
     (the answer to turn 50 is the model's answer to the conversation cut by fit_context), never an error."""
     from mm.apps.chat import fit_context, history_to_messages, user_content
 

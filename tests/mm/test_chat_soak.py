@@ -170,7 +170,7 @@ def test_chat_server_soak(files, capsys):
             want[kind] = model.chat(as_messages(message), max_new_tokens=MAX_NEW_TOKENS).strip() or EMPTY_REPLY
             assert not want[kind].startswith(ERROR_MARK)
         elif reply is ValueError:
-            with pytest.raises(ValueError, match=r"^prompt of \d+ tokens exceeds the context window of 512") as e:
+            with pytest.raises(ValueError, match=r"^prompt of \d+ tokens exceeds the context window of 1024") as e:
                 model.chat(as_messages(message), max_new_tokens=MAX_NEW_TOKENS)
             want[kind] = f"{ERROR_MARK} {e.value}"
         else:

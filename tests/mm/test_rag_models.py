@@ -60,14 +60,14 @@ def test_answer_shows_the_image_and_fits_the_context(model, folder, tmp_path):
     assert str(result).endswith("Sources:\n[1] scene.png image")
 
     (tmp_path / "long").mkdir()
-    for i in range(6):  # six chunks of ~190 tokens: far more than the 512-token context holds
+    for i in range(12):  # twelve chunks of ~190 tokens: far more than the 1024-token context holds
         (tmp_path / "long" / f"{i}.txt").write_text(" ".join(f"budget{i} line {j}." for j in range(60)))
     index.add([tmp_path / "long"])
     result = answer(model, index, "budget line", k=6, max_new_tokens=32)
     assert 1 <= len(result.sources) < 6
     from mm.rag.answer import message
 
-    assert prompt_tokens(model, message("budget line", result.sources, None)) + 32 <= context_length(model) == 512
+    assert prompt_tokens(model, message("budget line", result.sources, None)) + 32 <= context_length(model) == 1024
 
 
 def run_cli(*args) -> subprocess.CompletedProcess:

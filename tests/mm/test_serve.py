@@ -113,7 +113,7 @@ def test_models_lists_the_model(client):
     (json.dumps(ask([{"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}])).encode(), 400, "audio 0"),
     (json.dumps(ask([{"type": "input_audio", "input_audio": {"data": "AAAA", "format": "aiff"}}])).encode(), 400, "format"),
     (json.dumps(ask([{"type": "video", "video": 1}])).encode(), 400, "type text, image_url or input_audio"),
-    (json.dumps(ask("word " * 600)).encode(), 400, "context window of 512"),
+    (json.dumps(ask("word " * 600)).encode(), 400, "context window of 1024"),
     (json.dumps(ask("hi", max_tokens=0)).encode(), 400, "max_tokens"),
     (json.dumps(ask("hi", temperature=-1)).encode(), 400, "temperature"),
     (json.dumps(ask("hi", n=2)).encode(), 400, "n: only one"),
@@ -174,6 +174,6 @@ def test_client_and_gradio_chat_through_the_server_reply_as_the_model(model, liv
     via_server = list(make_respond(client, max_new_tokens=48)({"text": text, "files": files}, []))[-1]
     assert via_server and not via_server.startswith(ERROR_MARK)
     assert via_server == list(make_respond(model, max_new_tokens=48)({"text": text, "files": files}, []))[-1]
-    with pytest.raises(ValueError, match="400.*context window of 512"):
+    with pytest.raises(ValueError, match="400.*context window of 1024"):
         client.chat([{"role": "user", "content": "word " * 600}])
     assert list(make_respond(client)({"text": "word " * 600, "files": []}, []))[-1].startswith(ERROR_MARK)
