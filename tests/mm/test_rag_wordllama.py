@@ -123,15 +123,21 @@ def test_named_installed_and_bad_files(site, weights, tmp_path, monkeypatch):
         load_embedder("wordllama")
 
 
-@pytest.mark.parametrize("metric", ["cosine", "l2", "l1"])
-def test_exact_top_k_equals_brute_force(weights, reference, tmp_path, metric):
-    texts = first_paragraphs(60)
+def indexed(texts: list[str], tmp_path, weights) -> Index:
+    """An index over one file per text (00.txt, 01.txt, ...) embedded with `weights`."""
     docs = tmp_path / "docs"
     docs.mkdir()
     for i, t in enumerate(texts):
         (docs / f"{i:02d}.txt").write_text(t)
     index = Index.open(tmp_path / "db", embedder=weights)
     index.add([docs])
+    return index
+
+
+@pytest.mark.parametrize("metric", ["cosine", "l2", "l1"])
+def test_exact_top_k_equals_brute_force(weights, reference, tmp_path, metric):
+    texts = first_paragraphs(60)
+    index = indexed(texts, tmp_path, weights)
     x = reference.embed(texts, norm=True).astype(np.float64)  # [60, 256]
     for query in ("serialize an object to a JSON string", "split a string by a regular expression",
                   "wrap text to a width", "cache the results of a function"):
@@ -183,12 +189,7 @@ def test_hybrid_is_the_reciprocal_rank_fusion_of_both(weights, reference, tmp_pa
              "A kitten sleeps on the rug.", "Dogs bark at the mail carrier.", "The baker sells fresh loaves.",
              "Rain fell on the city all night.", "Mice hide from the cat in the barn.", "Snow covered the roofs."]
     query = "baker's oven at night"
-    docs = tmp_path / "docs"
-    docs.mkdir()
-    for i, t in enumerate(texts):
-        (docs / f"{i}.txt").write_text(t)
-    index = Index.open(tmp_path / "db", embedder=weights)
-    index.add([docs])
+    index = indexed(texts, tmp_path, weights)
     x = reference.embed(texts, norm=True).astype(np.float64)
     similarity = x @ reference.embed([query], norm=True)[0].astype(np.float64)  # [8]
     dense = [texts[i] for i in np.argsort(-similarity, kind="stable")]  # all 8, best first
