@@ -105,7 +105,7 @@ def test_chat_documents_tab(model, folder, tmp_path):
 
     demo = build_demo(model, docs_db=tmp_path / "db")
     tabs = [c["props"]["label"] for c in demo.config["components"] if c.get("type") == "tabitem"]
-    assert tabs == ["chat", "documents"]
+    assert tabs == ["chat", "documents", "agent"]
     fns = {f.fn.__name__: f.fn for f in demo.fns.values() if f.fn is not None}
     assert fns["on_ask"]("budget?") == "error: no documents yet: upload some and press index"
     assert not (tmp_path / "db").exists()  # made at the first upload

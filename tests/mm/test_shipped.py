@@ -60,16 +60,18 @@ def test_transcript_times_the_words(model):
 
 def test_word_times_move_with_the_audio(model, tmp_path):
     """Word times are times in the recording: 0.5 s more silence before the clip moves every word 0.5 s later,
-    within one 40 ms encoder frame plus rounding. Both versions have silence first (0.1 s and 0.6 s): the clip as
+    within one 40 ms encoder frame plus rounding. Both versions have silence first (0.2 s and 0.7 s): the clip as
     recorded starts on its first word, whose alignment the recording's edge squeezes. (Some silences change what
-    this small model hears: 0.2-0.3 s before this clip make it hear "at the top" first.)"""
+    this small model hears: 0.3 s before this clip make it hear "at the bottom right" first, 0.6 s "the".) The first
+    word's start is not compared: the CTC spike of a recording's first word falls anywhere in the silence before it
+    (0.02-0.12 s early over 0.2-1.0 s of silence); its end and every later word's times are."""
     wave, rate = sf.read(str(example("question.wav")), dtype="float32")
-    for name, seconds in (("first.wav", 0.1), ("later.wav", 0.6)):
+    for name, seconds in (("first.wav", 0.2), ("later.wav", 0.7)):
         sf.write(str(tmp_path / name), np.concatenate([np.zeros(round(rate * seconds), np.float32), wave]), rate)
     first, later = model.transcript(str(tmp_path / "first.wav")), model.transcript(str(tmp_path / "later.wav"))
     assert [w.text for w in later.words] == [w.text for w in first.words] and first.words
-    for a, b in zip(first.words, later.words):
-        assert abs(b.start - a.start - 0.5) <= 0.05 and abs(b.end - a.end - 0.5) <= 0.05, (a, b)
+    for k, (a, b) in enumerate(zip(first.words, later.words)):
+        assert abs(b.end - a.end - 0.5) <= 0.05 and (k == 0 or abs(b.start - a.start - 0.5) <= 0.05), (a, b)
 
 
 def test_transcribe_decode_options_act_on_the_multimodal_model(model, tmp_path):
