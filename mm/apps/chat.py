@@ -24,6 +24,7 @@ from typing import Iterator
 from encoders.audio import AudioError, load_audio
 from encoders.image import ImageError, load_image
 
+from mm.apps.options import check_port
 from mm.data.scenes import COT_INSTRUCTION, join_cot, split_cot
 
 
@@ -319,8 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run_chat(argv: list[str] | None = None) -> int:
     """`mm chat --model DIR [--host H] [--port P] [--max-upload-mb MB]`: serve until interrupted; the exit code."""
     args = build_parser().parse_args(argv)
-    if not 0 <= args.port <= 65535:
-        raise ValueError(f"--port must lie in 0..65535, got {args.port}")
+    check_port(args.port)
     if args.max_upload_mb <= 0:
         raise ValueError(f"--max-upload-mb must be > 0, got {args.max_upload_mb}")
     if args.model is not None and not Path(args.model).is_dir():

@@ -7,13 +7,9 @@ import sys
 import time
 from pathlib import Path
 
+from mm.apps.options import check_threads, set_threads
+
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
-
-
-def check_threads(threads: int) -> None:
-    """ValueError unless --threads is >= 0 (0: torch's choice)."""
-    if threads < 0:
-        raise ValueError(f"--threads must be >= 0 (0: torch's choice), got {threads}")
 
 
 def cmd_generate(args) -> int:
@@ -28,9 +24,7 @@ def cmd_generate(args) -> int:
     from mm.models.formats import TEXT_MODELS, load
 
     model_dir = Path(args.model) if args.model else default_model_dir()
-    check_threads(args.threads)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     model = load(model_dir, expect=TEXT_MODELS, dtype=getattr(torch, args.dtype))
     tokenizer = load_tokenizer(model_dir)
     ids = torch.tensor([tokenizer.encode(args.prompt, bos=True)])
@@ -49,8 +43,6 @@ def cmd_generate(args) -> int:
 
 def cmd_bench(args) -> int:
     """Benchmark our decoder and ViT against transformers and timm on the same weights."""
-    import torch
-
     from mm.eval import bench
 
     speech = not args.no_speech and not args.cuda
@@ -58,9 +50,7 @@ def cmd_bench(args) -> int:
     if missing:  # the references are development dependencies, not the library's
         raise ValueError(f"mm bench compares against transformers, timm and espnet ({', '.join(missing)} missing); "
                          "install them with pip install -e '.[dev]'")
-    check_threads(args.threads)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     device = "cuda" if args.cuda else "cpu"
     unknown = sorted(set(args.sizes.split(",")) - set(bench.LLAMA_SIZES))
     if unknown:

@@ -35,6 +35,7 @@ from starlette.routing import Route
 from decoders.batching import BatchingEngine
 from decoders.stream_decoder import StreamDecoder
 
+from mm.apps.options import check_port, set_threads
 from mm.models.processor import InputError
 
 MB = 2**20
@@ -319,12 +320,8 @@ def run_serve(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.max_batch < 1:
         raise ValueError(f"--max-batch must be >= 1, got {args.max_batch}")
-    if not 0 <= args.port <= 65535:
-        raise ValueError(f"--port must lie in 0..65535, got {args.port}")
-    if args.threads < 0:
-        raise ValueError(f"--threads must be >= 0 (0: torch's choice), got {args.threads}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    check_port(args.port)
+    set_threads(args.threads)
     path = args.model or default_multimodal_dir()
     model = mm.load(path, dtype=getattr(torch, args.dtype))
     server = ChatServer(model, args.name or os.path.basename(os.path.normpath(path)), args.max_batch, args.max_new_tokens)

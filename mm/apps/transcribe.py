@@ -19,6 +19,7 @@ from pathlib import Path
 
 from encoders.audio import audio_seconds
 
+from mm.apps.options import set_threads
 from mm.models.asr import ASRModel
 from mm.models.asr_search import DECODE_MODES
 from mm.models.multimodal import check_decode
@@ -208,12 +209,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def cmd_transcribe(args) -> int:
     """Entry point of `mm transcribe` for a parsed namespace from add_arguments."""
-    import torch
-
-    if args.threads < 0:
-        raise ValueError(f"--threads must be >= 0 (0: torch's choice), got {args.threads}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     if not args.audio:
         from mm.assets import example
 
