@@ -27,6 +27,8 @@ from mm.agent.tools import Tool, ToolError, describe
 from mm.data.react_episodes import SYSTEM, brief_system
 
 BRIEF_BELOW = 2048  # a model whose context window is shorter reads the brief system prompt (`for_model`)
+MAX_STEPS, MAX_SECONDS = 8, 120.0  # model replies and seconds an agent gets by default (`mm agent`, the chat's tab)
+MAX_NEW_TOKENS = 128  # tokens per model reply: a thought, an action and its input
 
 _FIELD = re.compile(r"^\s*(Thought|Action Input|Action|Observation|Final Answer)\s*:", re.I | re.M)
 _NAMES = {"thought": "thought", "action": "action", "action input": "input", "observation": "observation",
@@ -136,8 +138,8 @@ def call_tool(tools: dict[str, Tool], step: Step) -> str:
 class ReAct:
     """The loop over a chat callable and tools; `stream(task)` yields Events, `run(task)` returns the final answer."""
 
-    def __init__(self, chat: Callable[[list[dict]], str | Iterable[str]], tools: dict[str, Tool], max_steps: int = 8,
-                 max_seconds: float = 120.0, clock: Callable[[], float] = time.monotonic, brief: bool = False):
+    def __init__(self, chat: Callable[[list[dict]], str | Iterable[str]], tools: dict[str, Tool],
+                 max_steps: int = MAX_STEPS, max_seconds: float = MAX_SECONDS, clock: Callable[[], float] = time.monotonic, brief: bool = False):
         if max_steps < 1:
             raise ValueError(f"max_steps must be >= 1, got {max_steps}")
         self.chat, self.tools, self.max_steps, self.max_seconds, self.clock = chat, tools, max_steps, max_seconds, clock
@@ -198,13 +200,13 @@ def _kept(reply: str) -> str:
     return (reply[:m.start()] if m else reply).rstrip()
 
 
-def model_chat(model, max_new_tokens: int = 128) -> Callable[[list[dict]], Iterator[str]]:
+def model_chat(model, max_new_tokens: int = MAX_NEW_TOKENS) -> Callable[[list[dict]], Iterator[str]]:
     """A chat callable over one of our models (`model.chat(messages, stream=True)`)."""
     return lambda messages: model.chat(messages, stream=True, max_new_tokens=max_new_tokens)
 
 
-def for_model(model, tools: dict[str, Tool], max_steps: int = 8, max_seconds: float = 120.0,
-              max_new_tokens: int = 128, prompt: str = "auto") -> ReAct:
+def for_model(model, tools: dict[str, Tool], max_steps: int = MAX_STEPS, max_seconds: float = MAX_SECONDS,
+              max_new_tokens: int = MAX_NEW_TOKENS, prompt: str = "auto") -> ReAct:
     """The agent over one of our chat models; prompt 'auto' gives models with a context under BRIEF_BELOW tokens
     (the shipped model: 1024) the brief system prompt, others the full one ('brief', 'full': as said)."""
     if prompt not in ("auto", "brief", "full"):

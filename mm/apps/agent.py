@@ -11,7 +11,7 @@ import argparse
 import json
 import sys
 
-from mm.agent.react import for_model
+from mm.agent.react import MAX_NEW_TOKENS, MAX_SECONDS, MAX_STEPS, for_model
 from mm.agent.sop import load_sop, run_sop
 from mm.agent.tools import calculator, index_search, model_tools, registry, search_tool
 from mm.data.react_episodes import attachments, files_line
@@ -28,9 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--audio", default=None, help="an audio file the task is about")
     p.add_argument("--sop", default=None, help="a YAML file of steps to run instead of letting the model choose")
     p.add_argument("--model", default=None, help="model directory (default: the shipped multimodal model)")
-    p.add_argument("--max-steps", type=int, default=8, help="model replies before giving up")
-    p.add_argument("--max-seconds", type=float, default=120.0, help="time limit, checked between steps")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens per model reply")
+    p.add_argument("--max-steps", type=int, default=MAX_STEPS, help="model replies before giving up")
+    p.add_argument("--max-seconds", type=float, default=MAX_SECONDS, help="time limit, checked between steps")
+    p.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS, help="tokens per model reply")
     p.add_argument("--prompt", default="auto", choices=["auto", "brief", "full"],
                    help="the system prompt: brief (tool signatures; what the shipped model was trained on), full (tools "
                         "described and the format spelt out), auto: brief for contexts under 2048 tokens")

@@ -20,14 +20,12 @@ import logging
 from pathlib import Path
 from typing import Callable, Iterator
 
-from mm.agent.react import Event, for_model
+from mm.agent.react import MAX_NEW_TOKENS, MAX_SECONDS, MAX_STEPS, Event, for_model
 from mm.apps.agent import build_tools
 from mm.data.react_episodes import attachments, files_line
 
 ERROR_MARK = "⚠️"  # as the chat tab's replies that say what went wrong
-MAX_STEPS, MAX_SECONDS = 8, 120.0  # the defaults of `mm agent`
 STEP_CAP, SECONDS_CAP = 32, 600.0  # the most a user may ask for: one run holds the app's one model
-NEW_TOKENS = 128  # tokens per model reply: a thought, an action and its input
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +98,7 @@ def _path(upload) -> str | None:
 
 
 def make_run(model, check: Callable[[str], str | None], kind: Callable[[str], str | None],
-             docs_db: str | Path | None = None, max_new_tokens: int = NEW_TOKENS):
+             docs_db: str | Path | None = None, max_new_tokens: int = MAX_NEW_TOKENS):
     """The tab's handler `run(task, image, audio, max_steps, max_seconds)` -> iterator of the chatbot's messages.
 
     `check(path)` says why an upload cannot be used (the chat's `check_file` with its limits) and `kind(path)` is
@@ -155,7 +153,7 @@ def tool_names(model, docs_db: str | Path | None) -> list[str]:
 
 
 def agent_tab(model, docs_db: str | Path | None = None, *, check: Callable[[str], str | None],
-              kind: Callable[[str], str | None], max_new_tokens: int = NEW_TOKENS) -> None:
+              kind: Callable[[str], str | None], max_new_tokens: int = MAX_NEW_TOKENS) -> None:
     """The chat's "agent" tab (inside a gr.Blocks): a task, an image and an audio file (optional), step and time
     limits, run and stop buttons, and the steps as a chatbot; `run` is the app's "/agent" endpoint."""
     import gradio as gr
