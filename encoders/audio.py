@@ -206,8 +206,7 @@ def load_audio(
         raise AudioError(f"{source}: sample rate must be positive, got {rate}")
     if samples.size == 0:
         raise AudioError(f"{source}: contains no samples")
-    if max_seconds is not None and max(samples.shape) > max_seconds * rate + 1:  # arrays, and the librosa fallback
-        raise AudioError(f"{source}: {max(samples.shape) / rate:.1f} s is longer than the limit of {max_seconds:g} s")
+    _check_length(source, max(samples.shape), rate, max_seconds)  # arrays, and the librosa fallback
     samples = _to_mono(_to_float(samples, source), source)
     bad = ~np.isfinite(samples)
     if bad.any():

@@ -30,6 +30,8 @@ from __future__ import annotations
 import json
 import random
 
+from mm.data.speech_data import transcript
+
 SYSTEM = """Answer the task as well as you can. You can use these tools:
 {tools}
 
@@ -116,7 +118,7 @@ def episode(rng: random.Random, words: tuple[str, ...], qa: tuple[str, str], cap
     image, audio = file_name(rng, words, IMAGE_EXT), file_name(rng, words, AUDIO_EXT)
     question, answer = qa
     if kind == "spoken":
-        spoken = " ".join(question.replace("?", " ").split())  # what the transcribe tool returns (no punctuation)
+        spoken = transcript(question)  # what the transcribe tool returns: lower case, no punctuation
         task = files_line(rng.choice(SPOKEN_TASKS), image, audio)
         steps = [(action("i need the question first.", "transcribe", {"audio": "audio1"}), spoken),
                  (action("now i look at the image.", "ask_image", {"image": "image1", "question": spoken}), answer)]
