@@ -121,6 +121,35 @@ def audio_seconds(path: str | os.PathLike) -> float | None:
     return info.frames / info.samplerate if info.samplerate > 0 else None
 
 
+MAX_MINUTES = 240.0  # longest recording transcribed by default: transcript(max_minutes=), mm transcribe --max-minutes
+
+
+def too_long(path: str | os.PathLike, max_minutes: float | None, option: str = "max_minutes") -> str | None:
+    """Why the file `path` is refused for its length by its header (nothing is decoded), naming the file, its length,
+    the limit and the `option` that sets it; None when it is within `max_minutes`, when there is no limit (None) or
+    when the header does not tell (headerless PCM, librosa containers: load_audio's max_seconds stops those)."""
+    seconds = audio_seconds(path) if max_minutes is not None else None
+    if seconds is None or seconds <= max_minutes * 60:
+        return None
+    return (f"{path}: {seconds:.1f} s ({seconds / 60:.1f} min) is longer than the limit of {max_minutes:g} min "
+            f"({option})")
+
+
+def check_minutes(sources: list, max_minutes: float | None, option: str = "max_minutes") -> float | None:
+    """The limit in seconds to decode `sources` with (load_audio's max_seconds; None: no limit), after checking
+    `max_minutes` and the header of every file path among `sources` before any is decoded: AudioError (`too_long`'s
+    message) for the first one that is longer. Arrays and files whose header does not tell are checked as they are
+    read, by load_audio(max_seconds=)."""
+    if max_minutes is None:
+        return None
+    if not max_minutes > 0:
+        raise ValueError(f"{option} must be > 0 (None: no limit), got {max_minutes}")
+    for source in sources:
+        if isinstance(source, (str, os.PathLike)) and (why := too_long(source, max_minutes, option)):
+            raise AudioError(why)
+    return max_minutes * 60
+
+
 def _read_file(path: Path, sample_rate: int | None, target_rate: int,
                max_seconds: float | None) -> tuple[np.ndarray | None, np.ndarray | None, int]:
     """(mono float32 at target_rate, None, file rate) for files libsndfile reads, decoded block-wise; (None, samples

@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-from encoders.audio import audio_seconds
+from encoders.audio import MAX_MINUTES, too_long
 
 from mm.apps.options import set_threads
 from mm.models.asr import ASRModel
@@ -105,18 +105,6 @@ def write_files(files: list[str], results: list[Transcript], fmt: str, timestamp
         (out_dir / (Path(f).stem + SUFFIX[fmt])).write_text(text, encoding="utf-8")
 
 
-MAX_MINUTES = 240.0  # longest recording `mm transcribe` takes by default (--max-minutes)
-
-
-def too_long(path: str, max_minutes: float | None) -> str | None:
-    """Why `path` is refused for its length (from the header, not decoded), or None."""
-    seconds = audio_seconds(path) if max_minutes is not None else None
-    if seconds is None or seconds <= max_minutes * 60:
-        return None
-    return (f"{path}: {seconds:.1f} s ({seconds / 60:.1f} min) is longer than the limit of {max_minutes:g} min "
-            "(--max-minutes)")
-
-
 def run_transcribe(files: list[str], model_dir: str | None, decode: str | None = None, beam: int | None = None,
                    timestamps: bool = False, fmt: str = "text", batch_size: int = 8, out=None,
                    out_dir: str | None = None, progress: bool | None = None, device: str = "cpu",
@@ -154,14 +142,16 @@ def run_transcribe(files: list[str], model_dir: str | None, decode: str | None =
     def decode_files(paths: list[str]) -> list[Transcript]:
         if isinstance(model, ASRModel):  # windows of all files decoded together in batches
             return model.transcribe(paths, decode=decode, beam=beam or 10, timestamps=timestamps,
-                                    batch_size=batch_size, progress=progress, language=language, region=region)
+                                    batch_size=batch_size, progress=progress, language=language, region=region,
+                                    max_minutes=max_minutes)
         out = [model.transcript(f, source=f, decode=decode, beam=beam,
-                                progress=sys.stderr.isatty() if progress is None else progress) for f in paths]
+                                progress=sys.stderr.isatty() if progress is None else progress,
+                                max_minutes=max_minutes) for f in paths]
         for segment in [sg for r in out for sg in r.segments] if not timestamps else []:
             segment.words = []
         return out
 
-    checked = [(f, too_long(f, max_minutes)) for f in map(str, files)]  # before anything is decoded
+    checked = [(f, too_long(f, max_minutes, "--max-minutes")) for f in map(str, files)]  # before anything is decoded
     files = [f for f, why in checked if why is None]
     failed: dict[str, str] = {f: why for f, why in checked if why is not None}
     try:

@@ -41,7 +41,7 @@ from decoders.asr_decoder import TransformerDecoder
 from decoders.checkpoint import CheckpointError, read_json, read_safetensors, write_hf_weights
 from decoders.ctc import CTC
 from decoders.tokenizer import SentencePieceTokenizer
-from encoders.audio import load_audio
+from encoders.audio import MAX_MINUTES, check_minutes, load_audio
 from encoders.speech_encoder import SpeechEncoder
 from mm.models.asr_config import OUR_MODEL_TYPE, ASRConfig
 from mm.models.asr_search import ASRSearch
@@ -149,13 +149,16 @@ class ASRModel(ASRSearch, nn.Module):
     def transcribe(self, audio, decode: str | None = None, beam: int = 10, ctc_weight: float | None = None,
                    timestamps: bool = False, batch_size: int = 8, sample_rate: int | None = None,
                    language: str | None = None, region: str | None = None, max_window: float = 30.0,
-                   progress: bool | None = False) -> Transcript | list[Transcript]:
+                   progress: bool | None = False,
+                   max_minutes: float | None = MAX_MINUTES) -> Transcript | list[Transcript]:
         """Transcribe a file path, a waveform (with sample_rate), or a list of them (then a list is returned).
 
         decode: "ctc" (greedy), "attention", "joint" (default with a decoder; ctc_weight 0.5 as ESPnet) or
         "rescore" (CTC prefix beam n-best rescored by the decoder; ctc_weight from the training config, 0 for
         Dolphin/OWSM prompt models as Dolphin's attention_rescoring).
         timestamps: word times from CTC forced alignment. progress: tqdm bar over windows (None: when a TTY).
+        max_minutes: a longer recording is an AudioError naming it, its length and the limit, from the file's header
+        before anything is decoded (arrays and headerless files as they are read); None: no limit.
         """
         from tqdm import tqdm
 
@@ -163,8 +166,9 @@ class ASRModel(ASRSearch, nn.Module):
         items = [audio] if single else list(audio)
         self._decode_options(decode, ctc_weight)  # bad options fail before any audio is read
         rate = self.config.speech.frontend.sample_rate
+        limit = check_minutes(items, max_minutes)  # every header before any file is decoded
         # read everything first: a bad file fails before minutes of decoding
-        waves = [load_audio(item, sample_rate=sample_rate, target_rate=rate)[0] for item in items]
+        waves = [load_audio(item, sample_rate=sample_rate, target_rate=rate, max_seconds=limit)[0] for item in items]
         jobs = [(r, s, e) for r, wave in enumerate(waves)  # (recording, start sample, end sample)
                 for s, e in decode_windows(wave, rate, max_window) if e - s >= self.config.min_samples]
         order = sorted(range(len(jobs)), key=lambda j: jobs[j][2] - jobs[j][1], reverse=True)  # less padding

@@ -8,6 +8,7 @@ import torch
 from tqdm import tqdm
 
 from decoders.ctc import ctc_forced_align, ctc_greedy_decode
+from encoders.audio import MAX_MINUTES, check_minutes
 from mm.models.speech_adapter import joint_beam_search
 from mm.models.transcript import Segment, Transcript, timed_words, word_groups
 from mm.models.vad import decode_windows
@@ -71,7 +72,8 @@ class SpeechInference:
 
     @torch.inference_mode()
     def transcript(self, audio, source: str | None = None, max_new_tokens: int = 96, ctc_weight: float | None = None,
-                   beam_size: int = 4, progress: bool = False, decode: str | None = None, beam: int | None = None):
+                   beam_size: int = 4, progress: bool = False, decode: str | None = None, beam: int | None = None,
+                   max_minutes: float | None = MAX_MINUTES):
         """`mm.models.transcript.Transcript` of a recording: the text of `transcribe`, and word times from a CTC forced
         alignment of its tokens on the encoder's CTC posteriors (words the alignment cannot place get none).
 
@@ -80,13 +82,16 @@ class SpeechInference:
         most that long each, decoded one after the other (a tqdm bar when `progress`), one Segment each with times in
         the recording; the silence between them is not decoded.
         decode / beam: as the ESPnet/Dolphin model's `transcript`: "ctc" (the CTC head alone), "attention" (the decoder
-        alone), "joint" (both; the default), i.e. a CTC weight of 1, 0 or 0.5 (`ctc_weight` sets it directly)."""
+        alone), "joint" (both; the default), i.e. a CTC weight of 1, 0 or 0.5 (`ctc_weight` sets it directly).
+        max_minutes: a longer recording is an error naming it, its length and the limit, from the file's header before
+        it is decoded (arrays as they are read); None: no limit."""
         self.need("speech", "transcribe")
         check_decode(decode)
         ctc_weight = DECODE_CTC_WEIGHT[decode] if ctc_weight is None else ctc_weight
         beam_size = beam or beam_size
         rate = self.config.speech.frontend.sample_rate
-        wave = self.processor().load_audio(audio, whole=True)  # [S]
+        limit = check_minutes([audio], max_minutes)  # from the header, before decoding
+        wave = self.processor().load_audio(audio, whole=True, max_seconds=limit)  # [S]
         windows = decode_windows(wave, rate, self.config.max_audio_seconds, pack=False)
         segments = [self._segment(wave[s:e], s / rate, max_new_tokens, ctc_weight, beam_size)
                     for s, e in tqdm(windows, desc="transcribing", unit="window", disable=not progress, file=sys.stderr)]

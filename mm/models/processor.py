@@ -97,10 +97,10 @@ class MultimodalProcessor:
         self.template, self.system = template, system
         self.max_audio_seconds, self.sample_rate = max_audio_seconds, sample_rate
 
-    def load_audio(self, audio, index: int = 0, whole: bool = False) -> torch.Tensor:
+    def load_audio(self, audio, index: int = 0, whole: bool = False, max_seconds: float | None = None) -> torch.Tensor:
         """One waveform [S] at the model's rate from a path, (array, rate) or a 1-D tensor already at that rate; longer
-        than max_audio_seconds is an InputError unless `whole` (a recording to be cut into windows)."""
-        limit = None if whole else self.max_audio_seconds
+        than max_audio_seconds is an InputError; `whole` (a recording to be cut into windows): than max_seconds."""
+        limit = max_seconds if whole else self.max_audio_seconds
         try:
             if isinstance(audio, tuple):
                 wave, _ = load_audio(audio[0], sample_rate=audio[1], target_rate=self.sample_rate)
@@ -115,7 +115,7 @@ class MultimodalProcessor:
             raise InputError(f"audio {index}: {e}") from e
         seconds = wave.shape[0] / self.sample_rate
         if limit is not None and seconds > limit:
-            raise InputError(f"audio {index}: {seconds:.1f} s is longer than the limit of {self.max_audio_seconds:g} s")
+            raise InputError(f"audio {index}: {seconds:.1f} s is longer than the limit of {limit:g} s")
         return wave
 
     def load_image(self, image, index: int = 0):

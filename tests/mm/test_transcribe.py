@@ -352,3 +352,26 @@ def test_an_asr_model_refuses_images_and_chat_clearly(model):
         model.caption("photo.png")
     with pytest.raises(ValueError, match="this ASR model cannot chat"):
         model.chat([{"role": "user", "content": "hi"}])
+
+
+def test_a_recording_over_max_minutes_is_refused_before_decoding(model, tmp_path, monkeypatch):
+    """The Python API's limit (issue 24): 240 minutes by default, from the header before any file is decoded (a list:
+    before the good file ahead of it); headerless PCM, whose length only the reader knows, as it is read."""
+    from tests.mm.test_issue24_max_minutes import write_hours
+
+    hours = write_hours(tmp_path / "hours.wav", 241)
+    ok = write(tmp_path / "ok.wav", speechlike(1.0, 3))
+    raw = tmp_path / "talk.raw"
+    raw.write_bytes((speechlike(2.0, 4) * 32767).astype("<i2").tobytes())
+    assert model.transcribe(raw, sample_rate=RATE, max_minutes=None).duration == 2.0  # no limit: it is read
+    with monkeypatch.context() as m:
+        m.setattr(sf.SoundFile, "read", lambda self, *a, **k: pytest.fail(f"{self.name} was decoded"))
+        with pytest.raises(AudioError) as e:
+            model.transcribe([ok, hours])
+        assert str(e.value) == f"{hours}: 14460.0 s (241.0 min) is longer than the limit of 240 min (max_minutes)"
+        with pytest.raises(AudioError) as e:
+            model.transcript(str(ok), max_minutes=0.01)
+        assert str(e.value) == f"{ok}: 1.0 s (0.0 min) is longer than the limit of 0.01 min (max_minutes)"
+        with pytest.raises(AudioError) as e:
+            model.transcribe(raw, sample_rate=RATE, max_minutes=1 / 60)
+        assert str(e.value) == f"{raw}: 2.0 s is longer than the limit of 1 s"
