@@ -24,7 +24,7 @@ from mm.agent.react import MAX_NEW_TOKENS, MAX_SECONDS, MAX_STEPS, Event, for_mo
 from mm.apps.agent import build_tools
 from mm.data.react_episodes import attachments, files_line
 
-ERROR_MARK = "⚠️"  # as the chat tab's replies that say what went wrong
+ERROR_MARK = "⚠️"  # starts every reply that says what went wrong, in this tab and the chat's (mm.apps.chat)
 STEP_CAP, SECONDS_CAP = 32, 600.0  # the most a user may ask for: one run holds the app's one model
 
 log = logging.getLogger(__name__)

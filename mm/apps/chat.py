@@ -24,15 +24,18 @@ from typing import Iterator
 from encoders.audio import AudioError, load_audio
 from encoders.image import ImageError, load_image
 
+from mm.apps.agent_tab import ERROR_MARK
 from mm.apps.options import check_port
 from mm.data.scenes import COT_INSTRUCTION, join_cot, split_cot
 
 
-ERROR_MARK = "⚠️"
 EMPTY_REPLY = "(the model gave an empty answer)"
 MB = 2**20  # bytes in the MB of upload limits, as Gradio counts them
 MALLOC_ARENAS = 2  # glibc malloc arenas of a chat server process (limit_malloc_arenas)
 UPLOAD_CACHE = (3600, 86400)  # every hour, delete uploads older than a day (and all of them at a restart)
+MAX_QUEUE = 32  # requests waiting for the model; one more gets Gradio's "Queue is full" (HTTP 503) at once
+MAX_SESSIONS = 500  # sessions whose state Gradio keeps (~70 KB of page config each + the chat history), least
+# recently used dropped first; Gradio drops a closed tab's history after an hour
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".m4a", ".webm", ".opus")
 TITLE = "mm chat"
@@ -286,16 +289,17 @@ def limit_malloc_arenas(n: int = MALLOC_ARENAS) -> bool:
 
 
 def launch(model_path=None, host: str = "127.0.0.1", port: int = 7860, max_upload_mb: float = 10,
-           share: bool = False, max_new_tokens: int = 64, block: bool = True, docs_db=None):
+           share: bool = False, max_new_tokens: int = 64, block: bool = True, docs_db=None,
+           max_queue: int = MAX_QUEUE, max_sessions: int = MAX_SESSIONS):
     """Serve the chat for a model directory (or a loaded model) on host:port, loopback by default; Gradio refuses
-    uploads over max_upload_mb; the documents tab indexes into docs_db. Returns the demo: with block=False at once
-    (stop it with demo.close())."""
+    uploads over max_upload_mb, requests past max_queue waiting ones, and keeps the state of max_sessions sessions;
+    the documents tab indexes into docs_db. Returns the demo: with block=False at once (stop it with demo.close())."""
     limit_malloc_arenas()
     demo = build_demo(model_path, max_upload_mb, max_new_tokens, docs_db)
     # one generation at a time, others wait in Gradio's queue; an `mm serve` behind (--server) batches them instead
-    demo.queue(default_concurrency_limit=16 if hasattr(model_path, "url") else 1)
+    demo.queue(default_concurrency_limit=16 if hasattr(model_path, "url") else 1, max_size=max_queue)
     demo.launch(server_name=host, server_port=port, share=share, max_file_size=int(max_upload_mb * MB),
-                prevent_thread_lock=not block, ssr_mode=False, quiet=not block)
+                prevent_thread_lock=not block, ssr_mode=False, quiet=not block, state_session_capacity=max_sessions)
     return demo
 
 
@@ -307,6 +311,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--max-upload-mb", type=float, default=10, help="largest file accepted, in MB")
     p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-queue", type=int, default=MAX_QUEUE,
+                   help="requests that may wait for the model; more are refused with \"Queue is full\"")
+    p.add_argument("--max-sessions", type=int, default=MAX_SESSIONS,
+                   help="browser sessions whose chat history the server keeps (least recently used dropped first)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     p.add_argument("--device", default="cpu")
     p.add_argument("--share", action="store_true", help="make a public gradio.live link")
@@ -323,6 +331,9 @@ def run_chat(argv: list[str] | None = None) -> int:
     check_port(args.port)
     if args.max_upload_mb <= 0:
         raise ValueError(f"--max-upload-mb must be > 0, got {args.max_upload_mb}")
+    for option, value in (("--max-queue", args.max_queue), ("--max-sessions", args.max_sessions)):
+        if value < 1:
+            raise ValueError(f"{option} must be >= 1, got {value}")
     if args.model is not None and not Path(args.model).is_dir():
         raise FileNotFoundError(f"model directory not found: {args.model}")
     import torch
@@ -334,8 +345,9 @@ def run_chat(argv: list[str] | None = None) -> int:
         from mm.apps.serve_client import ServerClient
 
         launch(ServerClient(args.server), args.host, args.port, args.max_upload_mb, args.share, args.max_new_tokens,
-               docs_db=args.docs_db)
+               docs_db=args.docs_db, max_queue=args.max_queue, max_sessions=args.max_sessions)
         return 0
     model = load(args.model, expect=("mm-multimodal",), dtype=getattr(torch, args.dtype), device=args.device).eval()
-    launch(model, args.host, args.port, args.max_upload_mb, args.share, args.max_new_tokens, docs_db=args.docs_db)
+    launch(model, args.host, args.port, args.max_upload_mb, args.share, args.max_new_tokens, docs_db=args.docs_db,
+           max_queue=args.max_queue, max_sessions=args.max_sessions)
     return 0
