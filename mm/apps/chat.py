@@ -166,6 +166,8 @@ def check_file(path: str, max_upload_mb: float, max_audio_seconds: float | None 
     except (ImageError, AudioError) as e:
         reason = upload_names(str(e), [path])
         return reason if reason.startswith(name) else f"{name}: {reason}"
+    except MemoryError:  # the server keeps serving the others
+        return f"{name}: too large to decode in this server's memory; upload a smaller file"
     return None
 
 

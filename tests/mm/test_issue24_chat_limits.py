@@ -1,13 +1,17 @@
 """The chat server's bounds (issue 24): Gradio's queue holds at most `max_queue` waiting requests (one more is refused
 at once with Gradio's "Queue is full", HTTP 503, never left hanging) and its session store at most `max_sessions`
-sessions; the defaults are MAX_QUEUE and MAX_SESSIONS, changed with `mm chat --max-queue / --max-sessions`."""
+sessions; the defaults are MAX_QUEUE and MAX_SESSIONS, changed with `mm chat --max-queue / --max-sessions`. Uploads
+leave Gradio's cache, and an upload that runs the server out of memory is a reply of its own."""
 import socket
 import threading
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
+import numpy as np
 import pytest
+import soundfile as sf
 
 from mm.apps.chat import MAX_QUEUE, MAX_SESSIONS, build_parser, launch
 from mm.apps.cli import main
@@ -97,3 +101,35 @@ def test_a_full_queue_refuses_at_once_and_the_server_keeps_serving():
 def test_bounds_below_one_are_refused(argv, message, capsys):
     assert main(argv) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == message
+
+
+def test_an_upload_that_runs_out_of_memory_is_a_clear_reply(tmp_path, monkeypatch):
+    """MemoryError while an upload is checked (issue 24, item 6) is the upload's reply, not a failed request."""
+    from mm.apps import chat
+
+    path = tmp_path / "big.flac"
+    sf.write(path, np.zeros(1600, np.float32), 16000)
+
+    def load_audio(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(chat, "load_audio", load_audio)
+    respond = chat.make_respond(GatedModel())
+    assert list(respond({"text": "transcribe the audio.", "files": [str(path)]}, [])) == [
+        f"{chat.ERROR_MARK} big.flac: too large to decode in this server's memory; upload a smaller file"]
+
+
+def test_uploads_leave_the_cache_when_the_server_stops(tmp_path):
+    """Gradio copies every upload into its cache; the app has them deleted (hourly once a day old, all at a stop)."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    (tmp_path / "scene.png").write_bytes(b"not really a png")
+    demo = launch(GatedModel(), port=port, block=False)
+    try:
+        with open(tmp_path / "scene.png", "rb") as f:
+            r = httpx.post(f"{url}/gradio_api/upload", files=[("files", ("scene.png", f))], timeout=30)
+        (cached,) = r.json()
+        assert Path(cached).read_bytes() == b"not really a png" and cached in demo.upload_file_set
+    finally:
+        demo.close()
+    assert not Path(cached).exists()
