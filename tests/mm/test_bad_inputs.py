@@ -144,7 +144,26 @@ CHECKPOINTS = [  # (what, how to spoil a copy of the shipped model's directory, 
      "config.json: config max_position_embeddings must be a positive integer, got 1000000000.0 (float)"),
     ("hidden_size a string", lambda d: edit_text_config(d, hidden_size="256"),
      "config.json: config hidden_size must be a positive integer, got '256' (str)"),
+    ("a NaN weight", lambda d: spoil_weight(d, "language_model.lm_head.weight", float("nan")),
+     "tensors holding NaN or infinity: language_model.lm_head.weight"),
+    ("a shard outside the directory", lambda d: shard_outside(d, "../../etc/passwd"),
+     "model.safetensors.index.json: shard '../../etc/passwd' lies outside the model directory"),
 ]
+
+
+def spoil_weight(d, name, value):
+    """Put `value` in the first element of tensor `name` of d/model.safetensors."""
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(d / "model.safetensors")
+    sd[name].view(-1)[0] = value
+    save_file(sd, d / "model.safetensors", metadata={"format": "pt"})
+
+
+def shard_outside(d, shard):
+    """Replace d's weights by a shard index whose weight_map names `shard`."""
+    (d / "model.safetensors").unlink()
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"language_model.lm_head.weight": shard}}))
 
 
 def edit_config(d, **changes):
