@@ -1,4 +1,4 @@
-"""GGUF files (llama.cpp) -> our Llama decoder, read with the `gguf` package; F32, F16, BF16, Q8_0, Q4_0, Q4_1.
+"""GGUF files (llama.cpp) <-> our Llama decoder, with the `gguf` package; F32, F16, BF16, Q8_0, Q4_0, Q4_1.
 
 Block layouts (ggml `ggml-common.h`), 32 weights along the input dimension per block:
     Q8_0  fp16 d, int8 q[32]                         w = d * q
@@ -99,6 +99,12 @@ def dequantize(t) -> torch.Tensor:
     raise CheckpointError(f"tensor {t.name}: GGUF type {kind} is not supported (supported: {', '.join(SUPPORTED)})")
 
 
+def permute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """llama.cpp's q/k row permutation (Hugging Face's RoPE halves -> Meta's interleaved pairs), rows [H*D]."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
 def unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Undo llama.cpp's q/k row permutation (Meta's interleaved RoPE pairs -> Hugging Face's halves), rows [H*D]."""
     rows = w.shape[0]
@@ -168,3 +174,64 @@ def swap_4bit(model: LlamaForCausalLM, four_bit: dict) -> None:
                 lin = Int4Linear(q, d, m + 8 * d, 4, BLOCK)  # w = (q - 8) d + (m + 8 d) = q d + m
                 parent = model.layers[i].get_submodule(mod)
                 setattr(parent, ours.split(".")[1], lin)
+
+
+def save_gguf(model: LlamaForCausalLM, path: str | Path, kind: str = "F32", embed_kind: str | None = None) -> Path:
+    """Write `model` (float weights) as llama.cpp's converter writes a Hugging Face Llama: 2-D projections (and the
+    head) as `kind` (a ggml type name that `gguf.quants` writes), the embedding as `embed_kind` (default `kind`), norms F32, q/k rows permuted;
+    quantized kinds fall back to F16 where a row is not whole blocks of 32, as llama.cpp's converter does.
+
+    The token list is placeholders, not the model's tokenizer: <unk> <s> </s>, then `<tN>` for id N, marked
+    user-defined, so llama.cpp reads the text `<t5><t17>` as ids 5, 17 and prints id N as `<tN>`."""
+    import gguf
+
+    from .convert_hf import to_hf_state_dict
+
+    c, path = model.config, Path(path)
+    for k in (kind, embed_kind or kind):
+        if not hasattr(gguf.GGMLQuantizationType, k):
+            raise ValueError(f"{k!r} is not a GGUF tensor type (ours load {', '.join(SUPPORTED)})")
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(c.num_hidden_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_key_length(c.head_dim)
+    w.add_value_length(c.head_dim)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_rope_freq_base(float(c.rope_theta))
+    w.add_rope_dimension_count(c.head_dim)
+    w.add_vocab_size(c.vocab_size)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(["<unk>", "<s>", "</s>"] + [f"<t{i}>" for i in range(3, c.vocab_size)])
+    w.add_token_scores([0.0] * c.vocab_size)
+    w.add_token_types([gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL]
+                      + [gguf.TokenType.USER_DEFINED] * (c.vocab_size - 3))
+    w.add_bos_token_id(1 if c.bos_token_id is None else c.bos_token_id)
+    w.add_eos_token_id(2 if c.eos_token_id is None else c.eos_token_id)
+    names = {"model.embed_tokens.weight": "token_embd.weight", "lm_head.weight": "output.weight",
+             "model.norm.weight": "output_norm.weight"}
+    names.update({f"model.layers.{i}.{ours}.weight": f"blk.{i}.{theirs}.weight"
+                  for i in range(c.num_hidden_layers) for theirs, ours in LAYER_KEYS.items()})
+    for name, t in to_hf_state_dict(model.state_dict(), c).items():
+        out = names[name]
+        a = t.detach().float()
+        part = out.split(".")[2] if out.startswith("blk.") else ""
+        if part in ("attn_q", "attn_k"):
+            a = permute(a, c.num_attention_heads if part == "attn_q" else c.num_key_value_heads)
+        k = "F32" if a.dim() == 1 else (embed_kind or kind) if out == "token_embd.weight" else kind
+        if k not in FLOAT_TYPES and k != "BF16" and a.shape[-1] % BLOCK:
+            k = "F16"  # rows that are not whole blocks: F16, as llama.cpp's converter falls back
+        a = a.numpy()
+        if k in FLOAT_TYPES:
+            w.add_tensor(out, a.astype(FLOAT_TYPES[k]))
+        else:
+            qtype = getattr(gguf.GGMLQuantizationType, k)
+            w.add_tensor(out, gguf.quants.quantize(a, qtype), raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import sys
 import time
 from pathlib import Path
@@ -59,9 +60,21 @@ def cmd_bench(args) -> int:
     unknown = sorted(set(moe) - set(bench.MOE_SIZES))
     if unknown:
         raise ValueError(f"--moe: unknown model(s) {', '.join(unknown)}; choose from {', '.join(bench.MOE_SIZES)}")
-    bench.run(sizes=args.sizes.split(","), dtypes=args.dtypes.split(","), batches=[int(b) for b in args.batches.split(",")],
-              new_tokens=args.new_tokens, repeats=args.repeats, compile=not args.no_compile, vit=not args.no_vit,
-              speech=speech, device=device, out=args.out, moe=moe)
+    exes = None
+    if args.llama_cpp:
+        from mm.eval import llama_cpp
+
+        exes = llama_cpp.binaries(args.llama_cpp)  # before an hour of timings, not after
+    result = bench.run(sizes=args.sizes.split(","), dtypes=args.dtypes.split(","),
+                       batches=[int(b) for b in args.batches.split(",")], new_tokens=args.new_tokens,
+                       repeats=args.repeats, compile=not args.no_compile, vit=not args.no_vit, speech=speech,
+                       device=device, out=None, moe=moe)
+    if exes:
+        weights = [w for w in ({"float32": "f32", "bfloat16": "bf16"}.get(d) for d in args.dtypes.split(",")) if w]
+        result["llama_cpp"] = llama_cpp.run(args.llama_cpp, args.sizes.split(","), weights, args.repeats,
+                                            not args.no_compile)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(f"\nwrote {args.out}")
     return 0
 
 
@@ -167,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-speech", action="store_true", help="skip the speech encoder against ESPnet")
     b.add_argument("--cuda", action="store_true", help="run on the GPU")
     b.add_argument("--threads", type=int, default=0)
+    b.add_argument("--llama-cpp", metavar="BUILD_DIR", default=None,
+                   help="also llama.cpp on the same weights, batch 1 (its llama-bench, llama-simple; see mm.eval.llama_cpp)")
     b.add_argument("--out", default="bench.json")
     b.set_defaults(func=cmd_bench)
     return p

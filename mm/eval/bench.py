@@ -53,8 +53,8 @@ def decode_bytes_per_token(model, batch: int, context: int) -> int:
     return weights + kv
 
 
-def give_clear_choices(model, embed_std: float = 0.5, seed: int = 0) -> None:
-    """Make a random transformers Llama's greedy choices clear: head row perm[t] = embedding row t.
+def give_clear_choices(embed: torch.Tensor, head: torch.Tensor, embed_std: float = 0.5, seed: int = 0) -> None:
+    """Make a random Llama's greedy choices clear: head row perm[t] = embedding row t (`embed`, `head`: [V, d]).
 
     With plain random weights every next-token distribution is nearly flat, so any two correct bf16
     implementations (different but equally valid rounding) part at the first near-tie, a dozen tokens in. A
@@ -63,10 +63,22 @@ def give_clear_choices(model, embed_std: float = 0.5, seed: int = 0) -> None:
     still move every logit. Only the values of two tensors change; shapes, cost and format are those of the model."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        embed = model.model.embed_tokens.weight
         embed.copy_(torch.randn(embed.shape, generator=g) * embed_std)
         perm = torch.randperm(embed.shape[0], generator=g)
-        model.lm_head.weight[perm] = embed / embed.shape[1] ** 0.5
+        head[perm] = embed / embed.shape[1] ** 0.5
+
+
+def random_llama(size: str, seed: int = 0) -> "LlamaForCausalLM":
+    """Our Llama of `size` (LLAMA_SIZES): random weights (std 0.02, norms 1) with clear greedy choices."""
+    from decoders import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**LLAMA_SIZES[size], max_position_embeddings=2048))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02) if p.dim() > 1 else p.fill_(1.0)
+    give_clear_choices(model.embed_tokens.weight, model.lm_head.weight, seed=seed)
+    return model.eval()
 
 
 def bench_llama(size: str, dtype: torch.dtype, batch: int, new_tokens: int, prompt_len: int, repeats: int,
@@ -81,7 +93,7 @@ def bench_llama(size: str, dtype: torch.dtype, batch: int, new_tokens: int, prom
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(**LLAMA_SIZES[size], max_position_embeddings=2048, bos_token_id=1, eos_token_id=2)
     ref = transformers.LlamaForCausalLM(cfg).eval()
-    give_clear_choices(ref)
+    give_clear_choices(ref.model.embed_tokens.weight, ref.lm_head.weight)
     with tempfile.TemporaryDirectory() as d:
         ref.save_pretrained(d)
         ours = LlamaForCausalLM.from_pretrained(d, dtype=dtype, device=device)
@@ -143,7 +155,7 @@ def bench_moe(name: str, dtype: torch.dtype, batch: int, new_tokens: int, prompt
     torch.manual_seed(0)
     cfg = getattr(transformers, f"{prefix}Config")(**kw, max_position_embeddings=2048, bos_token_id=1, eos_token_id=2)
     ref = getattr(transformers, f"{prefix}ForCausalLM")(cfg).eval()
-    give_clear_choices(ref)
+    give_clear_choices(ref.model.embed_tokens.weight, ref.lm_head.weight)
     with tempfile.TemporaryDirectory() as d:
         ref.save_pretrained(d)
         ours = DeepseekForCausalLM.from_pretrained(d, dtype=dtype, device=device)

@@ -14,27 +14,12 @@ import os
 
 import torch
 
-from decoders import LlamaConfig, LlamaForCausalLM
+from decoders import LlamaForCausalLM
 from decoders.quantize import memory_report, quantize_model, quantized_linear, replace_module, linear_names
-from mm.eval.bench import LLAMA_SIZES, best_time
+from mm.eval.bench import best_time, random_llama
 
 VARIANTS = {"bf16": None, "int8": ("rtn", 8, None), "int4-g128": ("rtn", 4, 128), "int4-g32": ("rtn", 4, 32),
             "w8a8": "w8a8"}
-
-
-def random_llama(size: str, seed: int = 0) -> LlamaForCausalLM:
-    """Random weights (std 0.02) with clear greedy choices: head row perm[t] = embedding row t (mm.eval.bench's way)."""
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**LLAMA_SIZES[size], max_position_embeddings=2048))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.02) if p.dim() > 1 else p.fill_(1.0)
-        g = torch.Generator().manual_seed(seed)
-        embed = model.embed_tokens.weight
-        embed.copy_(torch.randn(embed.shape, generator=g) * 0.5)
-        perm = torch.randperm(embed.shape[0], generator=g)
-        model.lm_head.weight[perm] = embed / embed.shape[1] ** 0.5
-    return model.eval()
 
 
 def make_variant(base: LlamaForCausalLM, name: str) -> LlamaForCausalLM:

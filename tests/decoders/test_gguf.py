@@ -1,4 +1,4 @@
-"""GGUF: a random Llama written as llama.cpp writes it (q/k permuted) loads to transformers' GGUF loader's logits,
+"""GGUF: a random Llama written by `save_gguf` as llama.cpp writes it (q/k permuted) loads to transformers' GGUF loader's logits,
 the quantized blocks decode by the documented formulas (decoded here byte by byte), and Q4_0/Q4_1 projections stay
 4-bit in memory."""
 import struct
@@ -8,11 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from decoders import CheckpointError
-from decoders.gguf import dequantize, load_gguf
+from decoders import CheckpointError, LlamaForCausalLM
+from decoders.gguf import dequantize, load_gguf, save_gguf
 from decoders.quantize import Int4Linear
 
-from tests.decoders.gguf_writer import write_gguf
 from tests.decoders.hf_llama import make_hf_llama
 
 IDS = torch.randint(3, 97, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -36,7 +35,7 @@ def transformers_logits(path, name):
 @pytest.mark.parametrize("kind", ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1"])
 def test_logits_match_transformers_gguf_loader(hf_dir, kind):
     path, ref = hf_dir
-    write_gguf(ref, path / f"{kind}.gguf", kind)
+    save_gguf(LlamaForCausalLM.from_pretrained(path), path / f"{kind}.gguf", kind)
     expected = transformers_logits(path, f"{kind}.gguf")
     with torch.no_grad():
         got = load_gguf(path / f"{kind}.gguf", quantized=False)(IDS)
@@ -62,7 +61,7 @@ def test_blocks_decode_by_the_documented_formulas(hf_dir, kind, size):
     import gguf
 
     path, ref = hf_dir
-    write_gguf(ref, path / f"b{kind}.gguf", kind)
+    save_gguf(LlamaForCausalLM.from_pretrained(path), path / f"b{kind}.gguf", kind)
     t = next(t for t in gguf.GGUFReader(path / f"b{kind}.gguf").tensors if t.name == "blk.1.ffn_down.weight")
     ours = dequantize(t)  # [64 rows, 96 cols]: 3 blocks per row
     raw = np.asarray(t.data, dtype=np.uint8)
@@ -75,7 +74,7 @@ def test_blocks_decode_by_the_documented_formulas(hf_dir, kind, size):
 @pytest.mark.parametrize("kind", ["Q4_0", "Q4_1"])
 def test_4bit_projections_stay_quantized(hf_dir, kind):
     path, ref = hf_dir
-    write_gguf(ref, path / f"k{kind}.gguf", kind)
+    save_gguf(LlamaForCausalLM.from_pretrained(path), path / f"k{kind}.gguf", kind)
     flat = load_gguf(path / f"k{kind}.gguf", quantized=False)
     packed = load_gguf(path / f"k{kind}.gguf", quantized=True)
     for name in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"):
@@ -99,7 +98,7 @@ def test_bad_files_are_named(tmp_path, hf_dir):
     with pytest.raises(CheckpointError, match="no such GGUF file"):
         load_gguf(tmp_path / "missing.gguf")
     path, ref = hf_dir
-    write_gguf(ref, path / "q5.gguf", "Q5_0")
+    save_gguf(LlamaForCausalLM.from_pretrained(path), path / "q5.gguf", "Q5_0")
     with pytest.raises(CheckpointError, match=r"q5.gguf: tensor token_embd.weight: GGUF type Q5_0 is not supported"):
         load_gguf(path / "q5.gguf")
     w = gguf.GGUFWriter(str(tmp_path / "gpt2.gguf"), "gpt2")

@@ -49,7 +49,7 @@ def check_llama(results, failures):
                                    num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=4096)
     ref = transformers.LlamaForCausalLM(cfg).eval()
     from mm.eval.bench import give_clear_choices
-    give_clear_choices(ref)
+    give_clear_choices(ref.model.embed_tokens.weight, ref.lm_head.weight)
     with tempfile.TemporaryDirectory() as d:
         ref.save_pretrained(d)
         for dtype in (torch.float32, torch.bfloat16):

@@ -7,12 +7,13 @@ import pytest
 import torch
 
 import mm
+from decoders import LlamaForCausalLM
+from decoders.gguf import save_gguf
 from decoders.quantize import Int4Linear, Int8Linear, QuantLinear, W8A8Linear, quantize_model
 from decoders.tokenizer import load_tokenizer
 from mm.apps.cli import main
 from mm.apps.quantize import calibration_ids, calibration_texts
 
-from tests.decoders.gguf_writer import write_gguf
 from tests.mm.test_cli_generate import make_checkpoint
 
 IDS = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -66,8 +67,8 @@ def test_mm_quantize_bad_options(checkpoint, tmp_path, capsys):
 def test_mm_load_opens_gguf(tmp_path):
     from tests.decoders.hf_llama import make_hf_llama
 
-    ref = make_hf_llama(tmp_path, num_key_value_heads=2)
-    write_gguf(ref, tmp_path / "m.gguf", "Q4_0")
+    make_hf_llama(tmp_path, num_key_value_heads=2)
+    save_gguf(LlamaForCausalLM.from_pretrained(tmp_path), tmp_path / "m.gguf", "Q4_0")
     model = mm.load(tmp_path / "m.gguf")
     assert isinstance(model.layers[0].mlp.gate_up_proj, Int4Linear)
     assert mm.models.formats.detect(tmp_path / "m.gguf") == "gguf"
