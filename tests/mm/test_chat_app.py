@@ -366,6 +366,33 @@ def test_browser_chat(model_dir, model, media, browser):
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
 
 
+def test_fifty_turns_in_the_browser(model_dir, model, media, browser):
+    """50 turns typed into the page (issue 24, item 8), an image with every fifth: each turn is answered, none with an
+    error, from the newest turns that fit the 1024-token window (the oldest go first), and the page shows exactly the
+    model's answer to what the server gave it."""
+    port = free_port()
+    served = Recorder(MultimodalModel.from_pretrained(model_dir).eval())
+    demo = launch(served, port=port, max_upload_mb=1, max_new_tokens=16, block=False)
+    window, processor = model.config.text.max_position_embeddings, model.processor()
+    try:
+        browser.get(f"http://127.0.0.1:{port}/")
+        wait(browser, lambda d: d.execute_script("return !!document.querySelector('#chat-input textarea')"), 30,
+             "the chat input")
+        for turn in range(50):
+            before = send(browser, [media["image"]] if turn % 5 == 0 else [],
+                          "describe the image." if turn % 2 == 0 else QUESTION)
+            wait(browser, lambda d: len(served.calls) == turn + 1, 60, f"turn {turn + 1} at the model")
+            given = served.calls[-1]
+            assert processor(given)["input_ids"].shape[1] + 16 <= window, turn
+            assert given[-1]["role"] == "user" and len(given) % 2 == 1 and len(given) <= 2 * turn + 1
+            reply_after(browser, before, model.chat(given, max_new_tokens=16) or EMPTY_REPLY, timeout=60)
+        assert len(served.calls[-1]) < 2 * 49 + 1  # the oldest turns were dropped
+        shown = bot_texts(browser)
+        assert len(shown) == 50 and not [t for t in shown if t.strip().startswith(ERROR_MARK)]
+    finally:
+        demo.close()
+
+
 def test_fifty_turns_stay_in_the_context_window(model):
     """50 turns about an image, far past the 1024-token window: every turn is answered, from the newest turns that fit
     (the answer to turn 50 is the model's answer to the conversation cut by fit_context), never an error."""
