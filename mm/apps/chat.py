@@ -34,8 +34,7 @@ MB = 2**20  # bytes in the MB of upload limits, as Gradio counts them
 MALLOC_ARENAS = 2  # glibc malloc arenas of a chat server process (limit_malloc_arenas)
 UPLOAD_CACHE = (3600, 86400)  # every hour, delete uploads older than a day (and all of them at a restart)
 MAX_QUEUE = 32  # requests waiting for the model; one more gets Gradio's "Queue is full" (HTTP 503) at once
-MAX_SESSIONS = 500  # sessions whose state Gradio keeps (~70 KB of page config each + the chat history), least
-# recently used dropped first; Gradio drops a closed tab's history after an hour
+MAX_SESSIONS = 500  # sessions whose state Gradio keeps (~70 KB each + the chat), the least recently used dropped
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".m4a", ".webm", ".opus")
 TITLE = "mm chat"
@@ -294,8 +293,9 @@ def launch(model_path=None, host: str = "127.0.0.1", port: int = 7860, max_uploa
            share: bool = False, max_new_tokens: int = 64, block: bool = True, docs_db=None,
            max_queue: int = MAX_QUEUE, max_sessions: int = MAX_SESSIONS):
     """Serve the chat for a model directory (or a loaded model) on host:port, loopback by default; Gradio refuses
-    uploads over max_upload_mb, requests past max_queue waiting ones, and keeps the state of max_sessions sessions;
-    the documents tab indexes into docs_db. Returns the demo: with block=False at once (stop it with demo.close())."""
+    uploads over max_upload_mb, requests past max_queue waiting ones, and keeps the state of max_sessions sessions
+    (a closed tab's history for an hour); the documents tab indexes into docs_db. Returns the demo: with block=False
+    at once (stop it with demo.close())."""
     limit_malloc_arenas()
     demo = build_demo(model_path, max_upload_mb, max_new_tokens, docs_db)
     # one generation at a time, others wait in Gradio's queue; an `mm serve` behind (--server) batches them instead
