@@ -200,6 +200,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, OSError) as e:  # our errors already say what and where
         print(f"mm {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except MemoryError as e:  # an input too large for this machine: say so, no traceback
+        print(f"mm {args.command}: error: out of memory{f' ({e})' if str(e) else ''}; try a smaller input, batch or "
+              "model", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -58,6 +58,19 @@ def test_command_line_errors_exit_2_with_a_message(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_out_of_memory_is_a_message_not_a_traceback(monkeypatch, capsys):
+    """MemoryError from a command (e.g. decoding a huge input) ends as one line and exit 2 (issue 24 item 6)."""
+    import mm.apps.cli as cli
+
+    def exhausted(args):
+        raise MemoryError()
+
+    monkeypatch.setattr(cli, "cmd_bench", exhausted)
+    assert main(["bench"]) == 2
+    err = capsys.readouterr().err
+    assert err == "mm bench: error: out of memory; try a smaller input, batch or model\n"
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """Bad media files, each named for what is wrong with it."""
