@@ -77,11 +77,46 @@ def render(results: list[Transcript], fmt: str, timestamps: bool) -> str:
         return json.dumps([to_json_obj(r, timestamps) for r in results], indent=2, ensure_ascii=False) + "\n"
     if fmt == "srt":
         return "\n".join(to_srt(r) for r in results)
-    if len(results) == 1:
-        return to_text(results[0], timestamps)
-    if timestamps:
-        return "".join(f"{r.source}:\n{to_text(r, True)}" for r in results)
-    return "".join(f"{r.source}: {r.text.strip()}\n" for r in results)
+    return "".join(to_text(r, timestamps) for r in results)  # several files to stdout: TextStream, with their names
+
+
+class TextStream:
+    """The text format written as segments are decoded (flushed each time) instead of after the last file: a line
+    per segment with timestamps, else each file's line growing window by window. With every file in input order and
+    each finished once, the bytes equal `render`'s; a file that fails before its first segment writes nothing."""
+
+    def __init__(self, out, prefix: bool, timestamps: bool, joiner: str = " "):
+        self.out, self.prefix, self.timestamps, self.joiner = out, prefix, timestamps, joiner
+        self.open, self.started, self.finished = None, False, set()  # (index, source) being written, its text begun
+
+    def segment(self, index: int, source: str, seg) -> None:
+        text = seg.text.strip()
+        if index in self.finished or not text:  # a file decoded again after another file's failure: written already
+            return
+        self._begin(index, source)
+        if self.timestamps:
+            self.out.write(f"[{timecode(seg.start, '.')} --> {timecode(seg.end, '.')}] {text}\n")
+        else:
+            self.out.write((self.joiner if self.started else "") + text)
+        self.started = True
+        self.out.flush()
+
+    def finish(self, index: int, source: str) -> None:
+        """The file is done: its line ends (an empty one if nothing was heard)."""
+        if index not in self.finished:
+            self._begin(index, source)
+            self.out.write("" if self.timestamps else "\n")
+            self.out.flush()
+            self.finished.add(index)
+            self.open = None
+
+    def _begin(self, index: int, source: str) -> None:
+        if self.open != index:
+            if self.open is not None:
+                self.finish(self.open, "")
+            self.open, self.started = index, False
+            if self.prefix:
+                self.out.write(f"{source}:" + ("\n" if self.timestamps else " "))
 
 
 def check_out_names(files: list[str], fmt: str) -> None:
@@ -139,35 +174,54 @@ def run_transcribe(files: list[str], model_dir: str | None, decode: str | None =
     if not isinstance(model, ASRModel) and (language or region):
         raise ValueError("--language / --region choose a Dolphin-style model's prompt; the multimodal model has none")
 
-    def decode_files(paths: list[str]) -> list[Transcript]:
-        if isinstance(model, ASRModel):  # windows of all files decoded together in batches
-            return model.transcribe(paths, decode=decode, beam=beam or 10, timestamps=timestamps,
-                                    batch_size=batch_size, progress=progress, language=language, region=region,
-                                    max_minutes=max_minutes)
-        out = [model.transcript(f, source=f, decode=decode, beam=beam,
-                                progress=sys.stderr.isatty() if progress is None else progress,
-                                max_minutes=max_minutes) for f in paths]
-        for segment in [sg for r in out for sg in r.segments] if not timestamps else []:
-            segment.words = []
-        return out
-
     checked = [(f, too_long(f, max_minutes, "--max-minutes")) for f in map(str, files)]  # before anything is decoded
     files = [f for f, why in checked if why is None]
     failed: dict[str, str] = {f: why for f, why in checked if why is not None}
+    stream = None
+    if fmt == "text" and out_dir is None:  # segments written as they are decoded
+        joiner = "" if isinstance(model, ASRModel) and model.config.token_type == "char" else " "
+        stream = TextStream(out or sys.stdout, len(checked) > 1, timestamps, joiner)
+
+    def decode_files(which: list[int]) -> list[Transcript]:  # indices into files
+        paths = [files[i] for i in which]
+
+        def shown(k):  # the stream's callback for paths[k]
+            return (lambda *args: stream.segment(which[k], paths[k], args[-1])) if stream else None
+
+        if isinstance(model, ASRModel):  # windows of all files decoded together in batches
+            out = model.transcribe(paths, decode=decode, beam=beam or 10, timestamps=timestamps,
+                                   batch_size=batch_size, progress=progress, language=language, region=region,
+                                   max_minutes=max_minutes,
+                                   on_segment=(lambda k, seg: shown(k)(seg)) if stream else None)
+            for i in which if stream else []:
+                stream.finish(i, files[i])
+            return out
+        out = []
+        for k, f in enumerate(paths):
+            out.append(model.transcript(f, source=f, decode=decode, beam=beam, max_minutes=max_minutes,
+                                        progress=sys.stderr.isatty() if progress is None else progress,
+                                        on_segment=shown(k)))
+            if not timestamps:
+                for segment in out[-1].segments:
+                    segment.words = []
+            if stream:
+                stream.finish(which[k], f)
+        return out
+
     try:
-        results = decode_files(files) if files else []
+        results = decode_files(list(range(len(files)))) if files else []
     except ValueError:  # one bad file must not cost the others: decode them one by one, naming each failure
         results = []
-        for f in files:
+        for i, f in enumerate(files):
             try:
-                results += decode_files([f])
+                results += decode_files([i])
             except ValueError as e:
                 why = str(e).removeprefix("audio 0: ")
                 failed[f] = why if f in why else f"{f}: {why}"
         files = [f for f in files if f not in failed]
     if out_dir is not None:
         write_files(files, results, fmt, timestamps, Path(out_dir))
-    else:
+    elif stream is None:
         (out or sys.stdout).write(render(results, fmt, timestamps))
     if failed:
         raise ValueError(f"{len(failed)} of {len(failed) + len(files)} files failed (the others were written): "

@@ -149,8 +149,8 @@ class ASRModel(ASRSearch, nn.Module):
     def transcribe(self, audio, decode: str | None = None, beam: int = 10, ctc_weight: float | None = None,
                    timestamps: bool = False, batch_size: int = 8, sample_rate: int | None = None,
                    language: str | None = None, region: str | None = None, max_window: float = 30.0,
-                   progress: bool | None = False,
-                   max_minutes: float | None = MAX_MINUTES) -> Transcript | list[Transcript]:
+                   progress: bool | None = False, max_minutes: float | None = MAX_MINUTES,
+                   on_segment=None) -> Transcript | list[Transcript]:
         """Transcribe a file path, a waveform (with sample_rate), or a list of them (then a list is returned).
 
         decode: "ctc" (greedy), "attention", "joint" (default with a decoder; ctc_weight 0.5 as ESPnet) or
@@ -159,6 +159,8 @@ class ASRModel(ASRSearch, nn.Module):
         timestamps: word times from CTC forced alignment. progress: tqdm bar over windows (None: when a TTY).
         max_minutes: a longer recording is an AudioError naming it, its length and the limit, from the file's header
         before anything is decoded (arrays and headerless files as they are read); None: no limit.
+        on_segment: called as on_segment(item index, Segment) as soon as each window is decoded, in time order per
+        recording and recording after recording (windows are then batched in that order, not by length).
         """
         from tqdm import tqdm
 
@@ -171,8 +173,9 @@ class ASRModel(ASRSearch, nn.Module):
         waves = [load_audio(item, sample_rate=sample_rate, target_rate=rate, max_seconds=limit)[0] for item in items]
         jobs = [(r, s, e) for r, wave in enumerate(waves)  # (recording, start sample, end sample)
                 for s, e in decode_windows(wave, rate, max_window) if e - s >= self.config.min_samples]
-        order = sorted(range(len(jobs)), key=lambda j: jobs[j][2] - jobs[j][1], reverse=True)  # less padding
-        results = {}
+        order = range(len(jobs)) if on_segment else sorted(range(len(jobs)), key=lambda j: jobs[j][2] - jobs[j][1],
+                                                             reverse=True)  # by length: less padding
+        results, emitted = {}, 0
         bar = tqdm(total=len(jobs), unit="window", disable=(None if progress is None else not progress))
         try:
             for k in range(0, len(order), batch_size):
@@ -182,6 +185,9 @@ class ASRModel(ASRSearch, nn.Module):
                                          offsets=[jobs[j][1] / rate for j in chunk])
                 results.update(zip(chunk, segs))
                 bar.update(len(chunk))
+                while on_segment and emitted in results:  # jobs are in (recording, time) order
+                    on_segment(jobs[emitted][0], results[emitted])
+                    emitted += 1
         finally:
             bar.close()
         joiner = "" if self.config.token_type == "char" else " "

@@ -73,7 +73,7 @@ class SpeechInference:
     @torch.inference_mode()
     def transcript(self, audio, source: str | None = None, max_new_tokens: int = 96, ctc_weight: float | None = None,
                    beam_size: int = 4, progress: bool = False, decode: str | None = None, beam: int | None = None,
-                   max_minutes: float | None = MAX_MINUTES):
+                   max_minutes: float | None = MAX_MINUTES, on_segment=None):
         """`mm.models.transcript.Transcript` of a recording: the text of `transcribe`, and word times from a CTC forced
         alignment of its tokens on the encoder's CTC posteriors (words the alignment cannot place get none).
 
@@ -84,7 +84,8 @@ class SpeechInference:
         decode / beam: as the ESPnet/Dolphin model's `transcript`: "ctc" (the CTC head alone), "attention" (the decoder
         alone), "joint" (both; the default), i.e. a CTC weight of 1, 0 or 0.5 (`ctc_weight` sets it directly).
         max_minutes: a longer recording is an error naming it, its length and the limit, from the file's header before
-        it is decoded (arrays as they are read); None: no limit."""
+        it is decoded (arrays as they are read); None: no limit.
+        on_segment: called with each Segment as soon as its window is decoded, in time order."""
         self.need("speech", "transcribe")
         check_decode(decode)
         ctc_weight = DECODE_CTC_WEIGHT[decode] if ctc_weight is None else ctc_weight
@@ -93,8 +94,11 @@ class SpeechInference:
         limit = check_minutes([audio], max_minutes)  # from the header, before decoding
         wave = self.processor().load_audio(audio, whole=True, max_seconds=limit)  # [S]
         windows = decode_windows(wave, rate, self.config.max_audio_seconds, pack=False)
-        segments = [self._segment(wave[s:e], s / rate, max_new_tokens, ctc_weight, beam_size)
-                    for s, e in tqdm(windows, desc="transcribing", unit="window", disable=not progress, file=sys.stderr)]
+        segments = []
+        for s, e in tqdm(windows, desc="transcribing", unit="window", disable=not progress, file=sys.stderr):
+            segments.append(self._segment(wave[s:e], s / rate, max_new_tokens, ctc_weight, beam_size))
+            if on_segment:
+                on_segment(segments[-1])
         return Transcript.from_segments(segments, wave.numel() / rate, source)
 
     def _segment(self, wave: torch.Tensor, offset: float, max_new_tokens: int, ctc_weight: float, beam_size: int):

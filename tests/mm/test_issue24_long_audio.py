@@ -1,6 +1,6 @@
 """Ten minutes on the shipped multimodal model (issue 24, item 7; the ESPnet/Dolphin model's ten minutes are in
 tests/mm/test_transcribe.py): `mm transcribe`'s path gives each speech run its own segment at its place, with a
-progress bar over the windows, and the memory a recording costs does not grow with its length beyond the 16 kHz
+progress bar over the windows, written segment by segment as they are decoded, and the memory a recording costs does not grow with its length beyond the 16 kHz
 waveform (the file is decoded block by block, the silence is not decoded)."""
 import io
 import re
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from mm.apps.transcribe import run_transcribe
+from mm.apps.transcribe import run_transcribe, timecode
 from mm.assets import example
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -41,6 +41,38 @@ def test_ten_minutes_give_a_segment_per_speech_run_with_progress(ten_minutes, ca
     lines = out.getvalue().splitlines()
     assert [line[:7] for line in lines] == ["[00:00:", "[00:05:", "[00:09:"] and all(alone.text in t for t in lines)
     assert re.search(r"transcribing: 100%\|[^|]*\| 3/3 ", capsys.readouterr().err)
+
+
+class Recorder(io.StringIO):
+    """An output that notes, at each flush, how many windows the model had decoded by then."""
+
+    def __init__(self, decoded: list):
+        super().__init__()
+        self.decoded, self.flushes = decoded, []
+
+    def flush(self):
+        self.flushes.append((len(self.decoded), self.getvalue()))
+
+
+@pytest.mark.parametrize("timestamps", [True, False])
+def test_segments_are_written_as_they_are_decoded(ten_minutes, monkeypatch, timestamps):
+    """Each window's text is out (flushed) before the next window is decoded; the end result is the whole transcript
+    in the text format."""
+    from mm.models.fusion import FusionModel
+
+    decoded, real = [], FusionModel._segment
+    monkeypatch.setattr(FusionModel, "_segment", lambda self, *a: decoded.append(1) or real(self, *a))
+    out = Recorder(decoded)
+    (got,) = run_transcribe([str(ten_minutes)], None, timestamps=timestamps, out=out)
+    segments = [s.text.strip() for s in got.segments]
+    if timestamps:
+        assert out.getvalue().splitlines() == [f"[{timecode(s.start, '.')} --> {timecode(s.end, '.')}] {s.text.strip()}"
+                                               for s in got.segments]
+    else:
+        assert out.getvalue() == got.text.strip() + "\n" == " ".join(segments) + "\n"
+    for n in (1, 2):  # after n windows, the first n texts and nothing more
+        text = next(v for count, v in out.flushes if count == n)
+        assert all(t in text for t in segments[:n]) and text.count(segments[0]) == n, (n, text)
 
 
 MEASURE = """

@@ -260,6 +260,21 @@ def test_long_recording_is_segmented_and_stitched(model, tmp_path):
         assert (a.text, round(a.start + s / RATE, 3), round(a.end + s / RATE, 3)) == (b.text, b.start, b.end)
 
 
+def test_segments_are_handed_over_as_they_are_decoded(model, tmp_path, monkeypatch):
+    """on_segment gets each window's Segment in (recording, time) order while later windows are still to decode, and
+    they are the segments of the returned transcripts (issue 24 item 7: streamed as they are ready)."""
+    x, _ = long_recording()
+    a = write(tmp_path / "a.wav", x[: 150 * RATE], subtype="PCM_16")  # speech at 12-14 and 100-101 s
+    b = write(tmp_path / "b.wav", x[150 * RATE:], subtype="PCM_16")  # 50-80 s (three windows) and 448-450 s
+    batches, real = [], type(model).decode_batch
+    monkeypatch.setattr(type(model), "decode_batch", lambda self, *args, **kw: batches.append(1) or real(self, *args, **kw))
+    seen = []
+    got = model.transcribe([a, b], decode="ctc", batch_size=2, on_segment=lambda i, seg: seen.append((i, seg, len(batches))))
+    assert [(i, seg) for i, seg, _ in seen] == [(i, seg) for i, t in enumerate(got) for seg in t.segments]
+    assert [len(t.segments) for t in got] == [2, 4] and len(batches) == 3
+    assert [n for _, _, n in seen] == [min(k // 2 + 1, len(batches)) for k in range(len(seen))]  # after its own batch
+
+
 # ----------------------------------------------------------------------------------------------- mm transcribe
 
 SRT_CUE = re.compile(r"^(\d+)\n(\d\d):([0-5]\d):([0-5]\d),(\d{3}) --> (\d\d):([0-5]\d):([0-5]\d),(\d{3})\n(.+)$")
