@@ -176,13 +176,16 @@ def swap_4bit(model: LlamaForCausalLM, four_bit: dict) -> None:
                 setattr(parent, ours.split(".")[1], lin)
 
 
-def save_gguf(model: LlamaForCausalLM, path: str | Path, kind: str = "F32", embed_kind: str | None = None) -> Path:
+def save_gguf(model: LlamaForCausalLM, path: str | Path, kind: str = "F32", embed_kind: str | None = None,
+              tokenizer=None) -> Path:
     """Write `model` (float weights) as llama.cpp's converter writes a Hugging Face Llama: 2-D projections (and the
-    head) as `kind` (a ggml type name that `gguf.quants` writes), the embedding as `embed_kind` (default `kind`), norms F32, q/k rows permuted;
-    quantized kinds fall back to F16 where a row is not whole blocks of 32, as llama.cpp's converter does.
+    head) as `kind` (a ggml type name that `gguf.quants` writes), the embedding as `embed_kind` (default `kind`),
+    norms F32, q/k rows permuted; quantized kinds fall back to F16 where a row is not whole blocks of 32, as
+    llama.cpp's converter does.
 
-    The token list is placeholders, not the model's tokenizer: <unk> <s> </s>, then `<tN>` for id N, marked
-    user-defined, so llama.cpp reads the text `<t5><t17>` as ids 5, 17 and prints id N as `<tN>`."""
+    `tokenizer` (a `decoders.tokenizer_gguf.GGUFTokenizer` of as many tokens as the model's vocabulary): its
+    `tokenizer.*` metadata is written. Without it the token list is placeholders: <unk> <s> </s>, then `<tN>` for id
+    N, marked user-defined, so llama.cpp reads the text `<t5><t17>` as ids 5, 17 and prints id N as `<tN>`."""
     import gguf
 
     from .convert_hf import to_hf_state_dict
@@ -191,6 +194,9 @@ def save_gguf(model: LlamaForCausalLM, path: str | Path, kind: str = "F32", embe
     for k in (kind, embed_kind or kind):
         if not hasattr(gguf.GGMLQuantizationType, k):
             raise ValueError(f"{k!r} is not a GGUF tensor type (ours load {', '.join(SUPPORTED)})")
+    if tokenizer is not None and tokenizer.vocab_size != c.vocab_size:
+        raise ValueError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens, the model's vocabulary "
+                         f"{c.vocab_size}")
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_block_count(c.num_hidden_layers)
     w.add_context_length(c.max_position_embeddings)
@@ -204,13 +210,16 @@ def save_gguf(model: LlamaForCausalLM, path: str | Path, kind: str = "F32", embe
     w.add_rope_freq_base(float(c.rope_theta))
     w.add_rope_dimension_count(c.head_dim)
     w.add_vocab_size(c.vocab_size)
-    w.add_tokenizer_model("llama")
-    w.add_token_list(["<unk>", "<s>", "</s>"] + [f"<t{i}>" for i in range(3, c.vocab_size)])
-    w.add_token_scores([0.0] * c.vocab_size)
-    w.add_token_types([gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL]
-                      + [gguf.TokenType.USER_DEFINED] * (c.vocab_size - 3))
-    w.add_bos_token_id(1 if c.bos_token_id is None else c.bos_token_id)
-    w.add_eos_token_id(2 if c.eos_token_id is None else c.eos_token_id)
+    if tokenizer is not None:
+        tokenizer.write_metadata(w)
+    else:
+        w.add_tokenizer_model("llama")
+        w.add_token_list(["<unk>", "<s>", "</s>"] + [f"<t{i}>" for i in range(3, c.vocab_size)])
+        w.add_token_scores([0.0] * c.vocab_size)
+        w.add_token_types([gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL]
+                          + [gguf.TokenType.USER_DEFINED] * (c.vocab_size - 3))
+        w.add_bos_token_id(1 if c.bos_token_id is None else c.bos_token_id)
+        w.add_eos_token_id(2 if c.eos_token_id is None else c.eos_token_id)
     names = {"model.embed_tokens.weight": "token_embd.weight", "lm_head.weight": "output.weight",
              "model.norm.weight": "output_norm.weight"}
     names.update({f"model.layers.{i}.{ours}.weight": f"blk.{i}.{theirs}.weight"

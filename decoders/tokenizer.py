@@ -29,6 +29,7 @@ import sentencepiece as spm
 import tiktoken
 
 from .tokenizer_base import TokenizerError, check_ids, special_set
+from .tokenizer_gguf import GGUF_FILE, GGUFTokenizer
 from .tokenizer_json import JSON_FILE, JsonTokenizer
 
 # Llama 3 pre-tokenizer split pattern (meta-llama/llama3 `tokenizer.py`, same as cl100k).
@@ -339,23 +340,28 @@ class TiktokenTokenizer:
 # --------------------------------------------------------------------------------------------------------------
 
 
-Tokenizer = SentencePieceTokenizer | TiktokenTokenizer | JsonTokenizer
+Tokenizer = SentencePieceTokenizer | TiktokenTokenizer | JsonTokenizer | GGUFTokenizer
 
 _TIKTOKEN_LINE = re.compile(rb"[A-Za-z0-9+/]+={0,2} \d+\r?\n?")
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     """Load `tokenizer.model` (a file, or a directory holding one; sentencepiece or tiktoken ranks, told apart by
-    content) or, in a directory without one, Hugging Face's `tokenizer.json`."""
+    content) or, in a directory without one, Hugging Face's `tokenizer.json`; or the tokenizer stored in a GGUF
+    file (`decoders.tokenizer_gguf`: a `.gguf` model file, or a directory's `tokenizer.gguf`)."""
     path = Path(path)
     if path.is_dir():
         if not (path / MODEL_FILE).is_file() and (path / JSON_FILE).is_file():
             return JsonTokenizer(path)
+        if not (path / MODEL_FILE).is_file() and (path / GGUF_FILE).is_file():
+            return GGUFTokenizer(path / GGUF_FILE)
         path = path / MODEL_FILE
     if not path.is_file():
         raise FileNotFoundError(f"tokenizer file not found: {path} (nor {path.parent / JSON_FILE})")
     with open(path, "rb") as f:
         first_line = f.readline(4096)
+    if first_line.startswith(b"GGUF"):  # the GGUF magic
+        return GGUFTokenizer(path)
     if _TIKTOKEN_LINE.fullmatch(first_line):
         return TiktokenTokenizer.from_file(path)
     try:

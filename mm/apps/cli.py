@@ -27,7 +27,7 @@ def cmd_generate(args) -> int:
     model_dir = Path(args.model) if args.model else default_model_dir()
     set_threads(args.threads)
     model = load(model_dir, expect=TEXT_MODELS, dtype=getattr(torch, args.dtype))
-    tokenizer = load_tokenizer(model_dir)
+    tokenizer = load_tokenizer(model_dir)  # a .gguf file: the tokenizer in its metadata
     ids = torch.tensor([tokenizer.encode(args.prompt, bos=True)])
     t0 = time.perf_counter()
     stats = {}
@@ -131,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="continue a text prompt with a Llama checkpoint (streams to stdout)")
-    g.add_argument("--model", help="Hugging Face Llama directory (default: the shipped model)")
+    g.add_argument("--model", help="Hugging Face Llama directory, or a llama .gguf file with its tokenizer (default: "
+                                   "the shipped model)")
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")

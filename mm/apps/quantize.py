@@ -106,8 +106,7 @@ def quantize_dir(args) -> int:
     skip = tuple(s for s in args.skip.split(",") if s)
     calib = None
     if args.method != "rtn":
-        tok_dir = src if src.is_dir() else src.parent
-        calib = calibration_ids(load_tokenizer(tok_dir), calibration_texts(args.calib, 4 * args.calib_samples),
+        calib = calibration_ids(load_tokenizer(src), calibration_texts(args.calib, 4 * args.calib_samples),
                                 args.calib_samples, args.calib_tokens)
     bar = tqdm(total=len(linear_names(model, skip=skip)), desc=f"{args.method} W{args.bits}", unit="linear")
     t0 = time.perf_counter()
@@ -118,10 +117,12 @@ def quantize_dir(args) -> int:
     bar.close()
     out = Path(args.out)
     save_quantized(model, out)
-    for name in TOKENIZER_FILES:
-        f = (src if src.is_dir() else src.parent) / name
-        if f.is_file():
-            shutil.copy(f, out / name)
+    if kind == "gguf":  # the file's own tokenizer (not whatever lies beside it), as out/tokenizer.gguf
+        load_tokenizer(src).save(out)
+    else:
+        for name in TOKENIZER_FILES:
+            if (src / name).is_file():
+                shutil.copy(src / name, out / name)
     r = memory_report(model)
     print(f"{out}: {r['quantized_params']:,} weights quantized in {time.perf_counter() - t0:.1f} s; resident "
           f"{r['measured_bytes'] / 2**20:.2f} MiB (formula {r['formula_bytes'] / 2**20:.2f} MiB, bf16 "

@@ -46,7 +46,8 @@ def binaries(build: str | Path) -> dict[str, Path]:
     for name in ("llama-bench", "llama-simple"):
         path = next((p for p in (build / "bin" / name, build / name) if p.is_file()), None)
         if path is None:
-            raise FileNotFoundError(f"{build}: no {name} in it or in its bin/ (build it: python -m mm.eval.llama_cpp --help)")
+            raise FileNotFoundError(f"{build}: no {name} in it or in its bin/ "
+                                    "(how to build it: python -m mm.eval.llama_cpp --help)")
         found[name] = path
     return found
 
@@ -144,7 +145,8 @@ def run(build: str | Path, sizes=("10m", "125m"), weights=("f32", "bf16"), round
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m mm.eval.llama_cpp", description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n")[-1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--build", required=True, help="llama.cpp build directory (holding bin/llama-bench, bin/llama-simple)")
+    p.add_argument("--build", required=True,
+                   help="llama.cpp build directory (holding bin/llama-bench, bin/llama-simple)")
     p.add_argument("--sizes", default="10m,125m", help="comma list of 10m, 125m, 1b")
     p.add_argument("--weights", default="f32,bf16", help=f"comma list of {', '.join(WEIGHTS)}")
     p.add_argument("--rounds", type=int, default=3)

@@ -33,7 +33,7 @@ from mm.models.multimodal import MultimodalModel
 
 LLAVA_TYPES = {"llava", "llava_llama", "mm-llava"}
 MOE_TYPES = ("deepseek_v3", "deepseek_v2", "mixtral")  # decoders.deepseek.DeepseekForCausalLM
-TEXT_MODELS = ("llama", "meta-llama") + MOE_TYPES  # formats whose models are plain decoders (`mm generate`)
+TEXT_MODELS = ("llama", "meta-llama", "gguf") + MOE_TYPES  # formats whose models are plain decoders (`mm generate`)
 CAPTIONERS = ("llava", "mm-multimodal")  # formats whose models describe images
 TRANSCRIBERS = ("espnet", "mm-asr", "mm-multimodal")  # formats whose models transcribe speech
 LOADERS = {  # format -> the function that opens it (the table above)

@@ -2,6 +2,7 @@
 source): a pinned wheel or sdist downloaded once by the tests into ~/.cache/mm-test (or $MM_TEST_CACHE) and unpacked
 (or built) there, never committed."""
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -28,19 +29,28 @@ def fetch_package(requirement: str, package: str, marker: str) -> Path:
 
 
 def llama_cpp_build(version: str = "0.3.36") -> Path:
-    """llama.cpp's llama-bench and llama-simple, built (cmake, once, ~6 min on 2 cores) from the source vendored in
-    the llama-cpp-python sdist of `version` (llama.cpp has no Debian package): the build directory."""
+    """llama.cpp's llama-bench, llama-simple and llama-tokenize, built (cmake, once, ~6 min on 2 cores) from the source
+    vendored in the llama-cpp-python sdist of `version` (llama.cpp has no Debian package): the build directory. A build
+    that lacks one of them is extended (same source and build directory), not rebuilt."""
     cache = Path(os.environ.get("MM_TEST_CACHE", Path.home() / ".cache" / "mm-test")) / f"llama-cpp-python-{version}"
     build = cache / "build"
-    if not all((build / "bin" / exe).is_file() for exe in ("llama-bench", "llama-simple")):
+    exes = ("llama-bench", "llama-simple", "llama-tokenize")
+    if not all((build / "bin" / exe).is_file() for exe in exes):
         cache.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary=:all:",
-                        f"llama-cpp-python=={version}", "-d", str(cache / "download")], check=True, capture_output=True)
-        shutil.unpack_archive(next((cache / "download").glob("*.tar.gz")), cache / "unpack")
-        source = next((cache / "unpack").glob("*/vendor/llama.cpp"))
+        configured = build / "CMakeCache.txt"  # an existing build keeps the source it was configured from
+        cached = configured.read_text() if configured.is_file() else ""
+        home = re.search(r"^CMAKE_HOME_DIRECTORY:INTERNAL=(.+)$", cached, re.M)
+        if home and Path(home[1]).is_dir():
+            source = Path(home[1])
+        else:
+            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary=:all:",
+                            f"llama-cpp-python=={version}", "-d", str(cache / "download")], check=True,
+                           capture_output=True)
+            shutil.unpack_archive(next((cache / "download").glob("*.tar.gz")), cache / "unpack")
+            source = next((cache / "unpack").glob("*/vendor/llama.cpp"))
         subprocess.run(["cmake", "-S", str(source), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON",
                         "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=OFF"],
                        check=True, capture_output=True)
-        subprocess.run(["cmake", "--build", str(build), "-j", str(os.cpu_count() or 2), "--target", "llama-bench",
-                        "llama-simple"], check=True, capture_output=True)
+        subprocess.run(["cmake", "--build", str(build), "-j", str(os.cpu_count() or 2), "--target", *exes], check=True,
+                       capture_output=True)
     return build
