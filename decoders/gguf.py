@@ -144,7 +144,7 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, device: torc
             w = dequantize(t)
         except CheckpointError as e:
             raise CheckpointError(f"{path}: {e}") from e
-        if quantized and t.tensor_type.name in ("Q4_0", "Q4_1") and key.startswith("model.layers."):
+        if quantized and t.tensor_type.name in ("Q4_0", "Q4_1") and key.startswith(("model.layers.", "lm_head.")):
             four_bit[key] = decode_4bit(t)
         heads = {"attn_q": cfg.num_attention_heads, "attn_k": cfg.num_key_value_heads}.get(name.split(".")[2] if name.startswith("blk.") else "")
         if heads:
@@ -162,7 +162,11 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, device: torc
 
 
 def swap_4bit(model: LlamaForCausalLM, four_bit: dict) -> None:
-    """Replace the projections whose every part was 4-bit by Int4Linear (fused q/k/v and gate/up: rows stacked)."""
+    """Replace the projections whose every part was 4-bit by Int4Linear (fused q/k/v and gate/up: rows stacked), and
+    a 4-bit head (a quarter of a 125M model's weights)."""
+    if "lm_head.weight" in four_bit and model.config.vocab_size % 16 == 0:  # the kernel's row multiple
+        q, d, m = four_bit["lm_head.weight"]
+        model.lm_head = Int4Linear(q, d, m + 8 * d, 4, BLOCK)
     fused = {"self_attn.qkv_proj": ("q_proj", "k_proj", "v_proj"), "mlp.gate_up_proj": ("gate_proj", "up_proj"),
              "self_attn.o_proj": ("o_proj",), "mlp.down_proj": ("down_proj",)}
     for i in range(model.config.num_hidden_layers):

@@ -143,3 +143,18 @@ def test_real_model_matches_transformers_gguf_loader(smollm2_gguf, tmp_path):
         expected, got = ref(ids).logits, ours(ids)
     assert ours.config.num_hidden_layers == 30 and ours.config.num_key_value_heads == 3
     assert (got - expected).abs().max().item() < 1e-4 * max(1.0, expected.abs().max().item())
+
+
+def test_4bit_head_stays_quantized(tmp_path):
+    """A Q4_0 head (vocabulary a multiple of 16) is kept as Int4Linear too, equal to the file's blocks."""
+    from decoders import LlamaConfig
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2))
+    save_gguf(model, tmp_path / "h.gguf", "Q4_0")
+    packed = load_gguf(tmp_path / "h.gguf", quantized=True)
+    flat = load_gguf(tmp_path / "h.gguf", quantized=False)
+    assert isinstance(packed.lm_head, Int4Linear) and not isinstance(flat.lm_head, Int4Linear)
+    w = flat.lm_head.weight  # the file's 4-bit values; the packed scales are rounded to bfloat16
+    assert (packed.lm_head.dequantize() - w).abs().max() <= 0.01 * w.abs().max()
