@@ -111,20 +111,26 @@ def unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-              quantized: bool = True) -> LlamaForCausalLM:
-    """Open a llama GGUF file as our LlamaForCausalLM (Q4_0/Q4_1 projections as Int4Linear when `quantized`)."""
+def open_gguf(path: str | Path, error: type[Exception] = CheckpointError):
+    """A `gguf.GGUFReader` of the file; missing or unreadable, an `error` naming it."""
     try:
         from gguf import GGUFReader
     except ImportError as e:
         raise ImportError("reading GGUF files needs the gguf package: pip install gguf") from e
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{path}: no such GGUF file")
+        raise error(f"{path}: no such GGUF file")
     try:
-        reader = GGUFReader(path)
+        return GGUFReader(path)
     except Exception as e:  # the reader raises ValueError/struct errors on foreign bytes
-        raise CheckpointError(f"{path}: not a readable GGUF file ({e})") from e
+        raise error(f"{path}: not a readable GGUF file ({e})") from None
+
+
+def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+              quantized: bool = True) -> LlamaForCausalLM:
+    """Open a llama GGUF file as our LlamaForCausalLM (Q4_0/Q4_1 projections as Int4Linear when `quantized`)."""
+    path = Path(path)
+    reader = open_gguf(path)
     cfg = gguf_config(reader, str(path))
     tensors = {t.name: t for t in reader.tensors}
     hf, four_bit = {}, {}

@@ -29,6 +29,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .gguf import open_gguf
 from .tokenizer_base import TokenizerError, check_ids, special_set
 from .tokenizer_json import _byte_level_alphabet
 
@@ -62,17 +63,9 @@ def split_merge(m: str) -> tuple[str, str]:
 
 def read_gguf_tokenizer(path: str | os.PathLike) -> dict:
     """{key: (value, GGUF value type, array item type or None)} of a GGUF file's `tokenizer.*` metadata."""
-    try:
-        from gguf import GGUFReader, GGUFValueType
-    except ImportError as e:
-        raise ImportError("reading GGUF files needs the gguf package: pip install gguf") from e
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"GGUF file not found: {path}")
-    try:
-        reader = GGUFReader(path)
-    except Exception as e:  # the reader raises ValueError/struct errors on foreign bytes
-        raise TokenizerError(f"{path}: not a readable GGUF file ({e})") from None
+    from gguf import GGUFValueType
+
+    reader = open_gguf(path, TokenizerError)
     out = {}
     for key, f in reader.fields.items():
         if key.startswith("tokenizer."):
