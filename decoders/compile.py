@@ -26,9 +26,9 @@ def own_code(method):
 def compile_decode(model):
     """Compile `model.decode_step` once with `torch.compile` (whole graph, static shapes) and keep it for `generate`.
 
-    For inference: the weights are frozen into the compiled step. On CPU, products run on oneDNN/MKL's prepacked
-    weights where that measured faster (`prepack_weights`), else each goes to inductor's C++ template or to ATen,
-    whichever autotuning timed faster; on CUDA, `generate` replays it as a CUDA graph (one launch a token).
+    For inference: the weights are frozen into the compiled step. On CPU, weights are prepacked where that measured
+    faster (`prepack_weights`); float32 one-row products run on inductor's C++ GEMM template, others on the template
+    or ATen, whichever autotuning timed faster; on CUDA, `generate` replays it as a CUDA graph (one launch a token).
     """
     if model.compiled_decode_step is None:
         if model.device.type == "cuda":  # generate captures it in a CUDA graph (decoders/cuda_graph.py)
