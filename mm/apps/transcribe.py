@@ -13,6 +13,7 @@ Output formats (to stdout, or one file per input with `out_dir`):
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -87,7 +88,7 @@ class TextStream:
 
     def __init__(self, out, prefix: bool, timestamps: bool, joiner: str = " "):
         self.out, self.prefix, self.timestamps, self.joiner = out, prefix, timestamps, joiner
-        self.open, self.started, self.finished = None, False, set()  # (index, source) being written, its text begun
+        self.open, self.started, self.finished = None, False, set()  # file index being written, its text begun
 
     def segment(self, index: int, source: str, seg) -> None:
         text = seg.text.strip()
@@ -185,14 +186,13 @@ def run_transcribe(files: list[str], model_dir: str | None, decode: str | None =
     def decode_files(which: list[int]) -> list[Transcript]:  # indices into files
         paths = [files[i] for i in which]
 
-        def shown(k):  # the stream's callback for paths[k]
-            return (lambda *args: stream.segment(which[k], paths[k], args[-1])) if stream else None
+        def show(k, segment):  # paths[k]'s segment, to the stream
+            stream.segment(which[k], paths[k], segment)
 
         if isinstance(model, ASRModel):  # windows of all files decoded together in batches
             out = model.transcribe(paths, decode=decode, beam=beam or 10, timestamps=timestamps,
                                    batch_size=batch_size, progress=progress, language=language, region=region,
-                                   max_minutes=max_minutes,
-                                   on_segment=(lambda k, seg: shown(k)(seg)) if stream else None)
+                                   max_minutes=max_minutes, on_segment=show if stream else None)
             for i in which if stream else []:
                 stream.finish(i, files[i])
             return out
@@ -200,7 +200,7 @@ def run_transcribe(files: list[str], model_dir: str | None, decode: str | None =
         for k, f in enumerate(paths):
             out.append(model.transcript(f, source=f, decode=decode, beam=beam, max_minutes=max_minutes,
                                         progress=sys.stderr.isatty() if progress is None else progress,
-                                        on_segment=shown(k)))
+                                        on_segment=functools.partial(show, k) if stream else None))
             if not timestamps:
                 for segment in out[-1].segments:
                     segment.words = []
