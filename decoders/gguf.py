@@ -186,28 +186,10 @@ def swap_4bit(model: LlamaForCausalLM, four_bit: dict) -> None:
                 setattr(parent, ours.split(".")[1], lin)
 
 
-def save_gguf(model: LlamaForCausalLM, path: str | Path, kind: str = "F32", embed_kind: str | None = None,
-              tokenizer=None) -> Path:
-    """Write `model` (float weights) as llama.cpp's converter writes a Hugging Face Llama: 2-D projections (and the
-    head) as `kind` (a ggml type name that `gguf.quants` writes), the embedding as `embed_kind` (default `kind`),
-    norms F32, q/k rows permuted; quantized kinds fall back to F16 where a row is not whole blocks of 32, as
-    llama.cpp's converter does.
-
-    `tokenizer` (a `decoders.tokenizer_gguf.GGUFTokenizer` of as many tokens as the model's vocabulary): its
-    `tokenizer.*` metadata is written. Without it the token list is placeholders: <unk> <s> </s>, then `<tN>` for id
-    N, marked user-defined, so llama.cpp reads the text `<t5><t17>` as ids 5, 17 and prints id N as `<tN>`."""
+def write_metadata(w, c: LlamaConfig, tokenizer=None) -> None:
+    """The `llama.*` hyper-parameters of `c` and the tokenizer (placeholders without one, see `save_gguf`)."""
     import gguf
 
-    from .convert_hf import to_hf_state_dict
-
-    c, path = model.config, Path(path)
-    for k in (kind, embed_kind or kind):
-        if not hasattr(gguf.GGMLQuantizationType, k):
-            raise ValueError(f"{k!r} is not a GGUF tensor type (ours load {', '.join(SUPPORTED)})")
-    if tokenizer is not None and tokenizer.vocab_size != c.vocab_size:
-        raise ValueError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens, the model's vocabulary "
-                         f"{c.vocab_size}")
-    w = gguf.GGUFWriter(str(path), "llama")
     w.add_block_count(c.num_hidden_layers)
     w.add_context_length(c.max_position_embeddings)
     w.add_embedding_length(c.hidden_size)
@@ -230,6 +212,31 @@ def save_gguf(model: LlamaForCausalLM, path: str | Path, kind: str = "F32", embe
                           + [gguf.TokenType.USER_DEFINED] * (c.vocab_size - 3))
         w.add_bos_token_id(1 if c.bos_token_id is None else c.bos_token_id)
         w.add_eos_token_id(2 if c.eos_token_id is None else c.eos_token_id)
+
+
+def save_gguf(model: LlamaForCausalLM, path: str | Path, kind: str = "F32", embed_kind: str | None = None,
+              tokenizer=None) -> Path:
+    """Write `model` (float weights) as llama.cpp's converter writes a Hugging Face Llama: 2-D projections (and the
+    head) as `kind` (a ggml type name that `gguf.quants` writes), the embedding as `embed_kind` (default `kind`),
+    norms F32, q/k rows permuted; quantized kinds fall back to F16 where a row is not whole blocks of 32, as
+    llama.cpp's converter does.
+
+    `tokenizer` (a `decoders.tokenizer_gguf.GGUFTokenizer` of as many tokens as the model's vocabulary): its
+    `tokenizer.*` metadata is written. Without it the token list is placeholders: <unk> <s> </s>, then `<tN>` for id
+    N, marked user-defined, so llama.cpp reads the text `<t5><t17>` as ids 5, 17 and prints id N as `<tN>`."""
+    import gguf
+
+    from .convert_hf import to_hf_state_dict
+
+    c, path = model.config, Path(path)
+    for k in (kind, embed_kind or kind):
+        if not hasattr(gguf.GGMLQuantizationType, k):
+            raise ValueError(f"{k!r} is not a GGUF tensor type (ours load {', '.join(SUPPORTED)})")
+    if tokenizer is not None and tokenizer.vocab_size != c.vocab_size:
+        raise ValueError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens, the model's vocabulary "
+                         f"{c.vocab_size}")
+    w = gguf.GGUFWriter(str(path), "llama")
+    write_metadata(w, c, tokenizer)
     names = {"model.embed_tokens.weight": "token_embd.weight", "lm_head.weight": "output.weight",
              "model.norm.weight": "output_norm.weight"}
     names.update({f"model.layers.{i}.{ours}.weight": f"blk.{i}.{theirs}.weight"

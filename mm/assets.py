@@ -31,8 +31,3 @@ def example(name: str) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"no bundled example {name!r} in {EXAMPLES_DIR}")
     return path
-
-
-def default_llava_dir() -> Path:
-    """The shipped default image-captioning model."""
-    return shipped("llava-tiny")

@@ -238,7 +238,7 @@ def examples() -> list[dict] | None:
 
 
 def build_demo(model_or_path=None, max_upload_mb: float = 10, max_new_tokens: int = 64, docs_db=None):
-    """The chat app (gr.Blocks) for a MultimodalModel or its directory (None: the shipped model); a "documents" tab
+    """The chat app (gr.Blocks) for an image + speech FusionModel or its directory (None: the shipped model); a "documents" tab
     indexes uploads into `docs_db` (default: a temporary directory made at the first upload) and answers from them
     with citations; an "agent" tab runs a ReAct agent with tools on a task, every step shown (`mm.apps.agent_tab`)."""
     import gradio as gr

@@ -125,6 +125,24 @@ def cmd_delegated(args) -> int:
     return getattr(importlib.import_module(module), function)(args.args)
 
 
+def add_bench_arguments(b: argparse.ArgumentParser) -> None:
+    """The options of `mm bench`."""
+    b.add_argument("--sizes", default="10m,125m", help="comma list of 10m, 125m, 1b")
+    b.add_argument("--moe", default="v3-small,mixtral-small", help="MoE decoders against transformers ('' to skip)")
+    b.add_argument("--dtypes", default="float32,bfloat16")
+    b.add_argument("--batches", default="1,8")
+    b.add_argument("--new-tokens", type=int, default=128)
+    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--no-compile", action="store_true", help="eager decode step instead of torch.compile")
+    b.add_argument("--no-vit", action="store_true")
+    b.add_argument("--no-speech", action="store_true", help="skip the speech encoder against ESPnet")
+    b.add_argument("--cuda", action="store_true", help="run on the GPU")
+    b.add_argument("--threads", type=int, default=0)
+    b.add_argument("--llama-cpp", metavar="BUILD_DIR", default=None,
+                   help="also llama.cpp on the same weights, batch 1 (its llama-bench, llama-simple; see mm.eval.llama_cpp)")
+    b.add_argument("--out", default="bench.json")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `mm` with all subcommands."""
     p = argparse.ArgumentParser(prog="mm", description="Multimodal vision-speech-language models.")
@@ -170,20 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     b = sub.add_parser("bench", help="benchmark against transformers/timm on the same weights (prints a table, writes JSON)")
-    b.add_argument("--sizes", default="10m,125m", help="comma list of 10m, 125m, 1b")
-    b.add_argument("--moe", default="v3-small,mixtral-small", help="MoE decoders against transformers ('' to skip)")
-    b.add_argument("--dtypes", default="float32,bfloat16")
-    b.add_argument("--batches", default="1,8")
-    b.add_argument("--new-tokens", type=int, default=128)
-    b.add_argument("--repeats", type=int, default=3)
-    b.add_argument("--no-compile", action="store_true", help="eager decode step instead of torch.compile")
-    b.add_argument("--no-vit", action="store_true")
-    b.add_argument("--no-speech", action="store_true", help="skip the speech encoder against ESPnet")
-    b.add_argument("--cuda", action="store_true", help="run on the GPU")
-    b.add_argument("--threads", type=int, default=0)
-    b.add_argument("--llama-cpp", metavar="BUILD_DIR", default=None,
-                   help="also llama.cpp on the same weights, batch 1 (its llama-bench, llama-simple; see mm.eval.llama_cpp)")
-    b.add_argument("--out", default="bench.json")
+    add_bench_arguments(b)
     b.set_defaults(func=cmd_bench)
     return p
 

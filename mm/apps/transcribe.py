@@ -23,7 +23,7 @@ from encoders.audio import MAX_MINUTES, too_long
 from mm.apps.options import set_threads
 from mm.models.asr import ASRModel
 from mm.models.asr_search import DECODE_MODES
-from mm.models.multimodal import check_decode
+from mm.models.fusion_speech import check_decode
 from mm.models.transcript import Transcript
 from mm.models.formats import TRANSCRIBERS, load
 
@@ -141,6 +141,51 @@ def write_files(files: list[str], results: list[Transcript], fmt: str, timestamp
         (out_dir / (Path(f).stem + SUFFIX[fmt])).write_text(text, encoding="utf-8")
 
 
+def check_options(files: list[str], fmt: str, beam: int | None, batch_size: int, max_minutes: float | None,
+                  out_dir: str | None) -> None:
+    """ValueError naming the first option that `run_transcribe` cannot take."""
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if not files:
+        raise ValueError("no audio files given")
+    if out_dir is not None:
+        check_out_names(files, fmt)
+    if beam is not None and beam < 1:
+        raise ValueError(f"--beam must be >= 1, got {beam}")
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+    if max_minutes is not None and not max_minutes > 0:
+        raise ValueError(f"--max-minutes must be > 0, got {max_minutes}")
+
+
+def decode_files(model, files: list[str], which: list[int], stream: TextStream | None, timestamps: bool,
+                 progress: bool | None, decode: str | None, beam: int | None, **dolphin) -> list[Transcript]:
+    """Transcripts of `files[i] for i in which`, each segment handed to `stream` as it is decoded (if any).
+    `dolphin`: batch_size, language, region and max_minutes for an ESPnet/Dolphin model."""
+    paths = [files[i] for i in which]
+
+    def show(k, segment):  # paths[k]'s segment, to the stream
+        stream.segment(which[k], paths[k], segment)
+
+    if isinstance(model, ASRModel):  # windows of all files decoded together in batches
+        out = model.transcribe(paths, decode=decode, beam=beam or 10, timestamps=timestamps, progress=progress,
+                               on_segment=show if stream else None, **dolphin)
+        for i in which if stream else []:
+            stream.finish(i, files[i])
+        return out
+    out = []
+    for k, f in enumerate(paths):
+        out.append(model.transcript(f, source=f, decode=decode, beam=beam, max_minutes=dolphin["max_minutes"],
+                                    progress=sys.stderr.isatty() if progress is None else progress,
+                                    on_segment=functools.partial(show, k) if stream else None))
+        if not timestamps:
+            for segment in out[-1].segments:
+                segment.words = []
+        if stream:
+            stream.finish(which[k], f)
+    return out
+
+
 def run_transcribe(files: list[str], model_dir: str | None, decode: str | None = None, beam: int | None = None,
                    timestamps: bool = False, fmt: str = "text", batch_size: int = 8, out=None,
                    out_dir: str | None = None, progress: bool | None = None, device: str = "cpu",
@@ -155,26 +200,13 @@ def run_transcribe(files: list[str], model_dir: str | None, decode: str | None =
     its language.
     max_minutes: a longer recording (by its header, before it is decoded) fails, naming its length; None: no limit.
     """
-    if fmt not in FORMATS:
-        raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    if not files:
-        raise ValueError("no audio files given")
-    if fmt == "srt":
-        timestamps = True  # cues are trimmed to the words
-    if out_dir is not None:
-        check_out_names(files, fmt)
-    if beam is not None and beam < 1:
-        raise ValueError(f"--beam must be >= 1, got {beam}")
-    if batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
-    if max_minutes is not None and not max_minutes > 0:
-        raise ValueError(f"--max-minutes must be > 0, got {max_minutes}")
+    check_options(files, fmt, beam, batch_size, max_minutes, out_dir)
+    timestamps = timestamps or fmt == "srt"  # srt cues are trimmed to the words
     model = load(model_dir, expect=TRANSCRIBERS, device=device)
-    if not isinstance(model, ASRModel):  # an option error, before any file is decoded
+    if not isinstance(model, ASRModel):  # option errors, before any file is decoded
         check_decode(decode, option=f"--decode {decode}")
-    if not isinstance(model, ASRModel) and (language or region):
-        raise ValueError("--language / --region choose a Dolphin-style model's prompt; the multimodal model has none")
-
+        if language or region:
+            raise ValueError("--language / --region choose a Dolphin-style model's prompt; the multimodal model has none")
     checked = [(f, too_long(f, max_minutes, "--max-minutes")) for f in map(str, files)]  # before anything is decoded
     files = [f for f, why in checked if why is None]
     failed: dict[str, str] = {f: why for f, why in checked if why is not None}
@@ -182,39 +214,16 @@ def run_transcribe(files: list[str], model_dir: str | None, decode: str | None =
     if fmt == "text" and out_dir is None:  # segments written as they are decoded
         joiner = "" if isinstance(model, ASRModel) and model.config.token_type == "char" else " "
         stream = TextStream(out or sys.stdout, len(checked) > 1, timestamps, joiner)
-
-    def decode_files(which: list[int]) -> list[Transcript]:  # indices into files
-        paths = [files[i] for i in which]
-
-        def show(k, segment):  # paths[k]'s segment, to the stream
-            stream.segment(which[k], paths[k], segment)
-
-        if isinstance(model, ASRModel):  # windows of all files decoded together in batches
-            out = model.transcribe(paths, decode=decode, beam=beam or 10, timestamps=timestamps,
-                                   batch_size=batch_size, progress=progress, language=language, region=region,
-                                   max_minutes=max_minutes, on_segment=show if stream else None)
-            for i in which if stream else []:
-                stream.finish(i, files[i])
-            return out
-        out = []
-        for k, f in enumerate(paths):
-            out.append(model.transcript(f, source=f, decode=decode, beam=beam, max_minutes=max_minutes,
-                                        progress=sys.stderr.isatty() if progress is None else progress,
-                                        on_segment=functools.partial(show, k) if stream else None))
-            if not timestamps:
-                for segment in out[-1].segments:
-                    segment.words = []
-            if stream:
-                stream.finish(which[k], f)
-        return out
-
+    run = functools.partial(decode_files, model, files, stream=stream, timestamps=timestamps, progress=progress,
+                            decode=decode, beam=beam, batch_size=batch_size, language=language, region=region,
+                            max_minutes=max_minutes)
     try:
-        results = decode_files(list(range(len(files)))) if files else []
+        results = run(list(range(len(files)))) if files else []
     except ValueError:  # one bad file must not cost the others: decode them one by one, naming each failure
         results = []
         for i, f in enumerate(files):
             try:
-                results += decode_files([i])
+                results += run([i])
             except ValueError as e:
                 why = str(e).removeprefix("audio 0: ")
                 failed[f] = why if f in why else f"{f}: {why}"

@@ -31,7 +31,8 @@ import torch
 from tqdm import tqdm
 
 from mm.eval.metrics import bleu4, cer, normalize_answer, object_f1, rouge_l, wer
-from mm.models.multimodal import CAPTION_PROMPT, TRANSCRIBE_PROMPT
+from mm.models.fusion import CAPTION_PROMPT
+from mm.models.fusion_speech import TRANSCRIBE_PROMPT
 from mm.data.scenes import (COT_INSTRUCTION, QUESTION_KINDS, SPLITS, item_rng, parse_objects, sample_question,
                             scene_examples, split_cot)
 from mm.data.speech_data import speech_examples, spoken_questions, transcript
@@ -50,7 +51,7 @@ def accuracy_by(right: list[bool], keys: list[str], groups) -> dict[str, float]:
 
 def evaluate(model, n: int = 300, batch_size: int = 32, cache_dir: str | Path | None = None, seed: int = EVAL_SEED,
              tasks: tuple[str, ...] = DEFAULT_TASKS, split: str = "heldout") -> dict:
-    """Held-out figures of `model` (a MultimodalModel) on `n` items per task of `split`, all in percent."""
+    """Held-out figures of `model` (an image + speech FusionModel) on `n` items per task of `split`, all in percent."""
     if split not in HELDOUT_SPLITS:
         raise ValueError(f"split must be {' or '.join(map(repr, HELDOUT_SPLITS))}, got {split!r}")
     size = model.config.vision.image_size

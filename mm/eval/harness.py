@@ -30,7 +30,8 @@ import jiwer
 
 from mm.eval.metrics import bleu4, exact_match, normalize_answer, normalize_text, rouge_l, token_f1
 from mm.eval.scorer import Prompt
-from mm.models.multimodal import CAPTION_PROMPT, TRANSCRIBE_PROMPT
+from mm.models.fusion import CAPTION_PROMPT
+from mm.models.fusion_speech import TRANSCRIBE_PROMPT
 
 TASKS = ("long-qa", "short-qa", "choice", "caption", "asr")
 REQUIRED = {"long-qa": ("question", "answer"), "short-qa": ("question", "answer"),

@@ -4,7 +4,7 @@
     format         told apart by                                          opened by
     meta-llama     params.json + consolidated.*.pth                       LlamaForCausalLM.from_meta
     espnet         config.yaml + *.pth (or meta.yaml), no config.json     ASRModel.from_espnet_dir
-    llava          config.json model_type llava / llava_llama / mm-llava,  LlavaForConditionalGeneration.from_pretrained
+    llava          config.json model_type llava / llava_llama / mm-llava,  FusionModel.from_pretrained (image only)
                    or mm_projector_type (original LLaVA)
     llama          config.json model_type llama                           LlamaForCausalLM.from_pretrained
                    (+ quantization_config: AWQ GEMM, mm-int8, mm-w8a8:    decoders.awq_format.load_quantized
@@ -13,7 +13,7 @@
     deepseek_v3    config.json model_type deepseek_v3 / deepseek_v2 /    DeepseekForCausalLM.from_pretrained
     deepseek_v2    mixtral (mixture-of-experts decoders)
     mixtral
-    mm-multimodal  config.json model_type mm-multimodal                   MultimodalModel.from_pretrained
+    mm-multimodal  config.json model_type mm-multimodal                   FusionModel.from_pretrained (image + speech)
     mm-asr         config.json model_type mm-asr                          ASRModel.from_pretrained
 """
 from __future__ import annotations
@@ -28,8 +28,7 @@ from decoders.gguf import load_gguf
 from mm.assets import default_multimodal_dir
 from mm.models.asr import ASRModel
 from mm.models.espnet_files import is_espnet_dir
-from mm.models.llava import LlavaForConditionalGeneration
-from mm.models.multimodal import MultimodalModel
+from mm.models.fusion import FusionModel
 
 LLAVA_TYPES = {"llava", "llava_llama", "mm-llava"}
 MOE_TYPES = ("deepseek_v3", "deepseek_v2", "mixtral")  # decoders.deepseek.DeepseekForCausalLM
@@ -42,8 +41,7 @@ LOADERS = {  # format -> the function that opens it (the table above)
     "llama-quantized": load_quantized,
     "gguf": load_gguf,
     **dict.fromkeys(MOE_TYPES, DeepseekForCausalLM.from_pretrained),
-    "llava": LlavaForConditionalGeneration.from_pretrained,
-    "mm-multimodal": MultimodalModel.from_pretrained,
+    **dict.fromkeys(("llava", "mm-multimodal"), FusionModel.from_pretrained),
     "mm-asr": ASRModel.from_pretrained,
     "espnet": ASRModel.from_espnet_dir,
 }

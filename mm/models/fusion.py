@@ -95,8 +95,6 @@ class FusionOutput:
 class FusionModel(SpeechInference, nn.Module):
     """A decoder and its modalities: (input_ids with placeholder tokens, pixel_values, speech) -> logits [B, T, V]."""
 
-    config_class = FusionConfig  # what from_pretrained reads our config.json as
-
     def __init__(self, cfg: FusionConfig):
         super().__init__()
         self.config = cfg
@@ -203,17 +201,12 @@ class FusionModel(SpeechInference, nn.Module):
 
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, *, speech: torch.Tensor | None = None,
-                speech_lengths: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits [B, T, V]; `input_ids` hold one placeholder token per image or speech feature, in order."""
-        return self.outputs(input_ids, pixel_values, speech, speech_lengths, attention_mask).logits
-
-    def outputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-                speech: torch.Tensor | None = None, speech_lengths: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                speech_lengths: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 ctc_targets: torch.Tensor | None = None, ctc_target_lengths: torch.Tensor | None = None,
                 ctc_weight: float | None = None) -> FusionOutput:
-        """Logits; with `labels` [B, T] (IGNORE_INDEX off the answers) the next-token loss, with transcripts as
-        `ctc_targets` [A, L] (decoder ids, padded past `ctc_target_lengths`) the CTC loss on the A utterances."""
+        """`.logits` [B, T, V] (`input_ids` hold one placeholder token per image or speech feature, in order); with
+        `labels` [B, T] (IGNORE_INDEX off the answers) the next-token loss, with transcripts as `ctc_targets` [A, L]
+        (decoder ids, padded past `ctc_target_lengths`) the CTC loss on the A utterances."""
         enc = enc_lengths = feats = None
         if speech is not None:
             enc, enc_lengths, f, f_len = self.encode_speech(speech, speech_lengths)
@@ -363,7 +356,7 @@ class FusionModel(SpeechInference, nn.Module):
         """Load a llava-hf, original LLaVA or our own directory (see the module docstring); attaches tokenizer and
         image processor when the directory has them. `vision_tower`: CLIP directory for original LLaVA checkpoints."""
         path = Path(path)
-        cfg, sd, model_image_processor = read_checkpoint(path, cls.config_class, vision_tower)
+        cfg, sd, model_image_processor = read_checkpoint(path, vision_tower)
         model = cls.from_state_dict(cfg, sd, dtype, device, source=str(path))
         if model_image_processor is not None:
             model.image_processor = model_image_processor

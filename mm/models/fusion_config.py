@@ -256,7 +256,7 @@ class MultimodalConfig(FusionConfig):
     speech: SpeechEncoderConfig | None = field(default_factory=SpeechEncoderConfig)
 
 
-def read_checkpoint(path: Path, config_class=FusionConfig, vision_tower: str | Path | None = None):
+def read_checkpoint(path: Path, vision_tower: str | Path | None = None):
     """(config, state dict with our names, image processor or None) of a llava-hf, original LLaVA or our directory
     (see `mm.models.fusion`); `vision_tower`: CLIP directory for original LLaVA checkpoints."""
     path = Path(path)
@@ -266,19 +266,19 @@ def read_checkpoint(path: Path, config_class=FusionConfig, vision_tower: str | P
     kind, processor_dir, mode = raw.get("model_type"), path, "crop"
     if kind in (LLAVA_TYPE, MULTIMODAL_TYPE):
         try:
-            cfg = config_class.from_dict(raw)
+            cfg = FusionConfig.from_dict(raw)
         except (ValueError, TypeError, KeyError) as e:
             raise CheckpointError(f"{path / 'config.json'}: {e}") from e
         sd = read_hf_weights(path)
     elif kind == "llava":
-        cfg = config_class.from_hf(raw)
+        cfg = FusionConfig.from_hf(raw)
         if ignored := unknown_text_keys(raw.get("text_config") or {}):  # transformers' Llama ignores them too
             warnings.warn(f"{path / 'config.json'}: text_config keys {ignored} are not Llama settings; ignored")
         sd = convert_hf_llava_state_dict(read_hf_weights(path), cfg, source=str(path))
     elif kind == "llava_llama" or "mm_projector_type" in raw or "mm_hidden_size" in raw:
         weights = read_hf_weights(path)
         tower_sd, vision_cfg, tower_dir = original_vision_tower(path, raw, weights, vision_tower)
-        cfg = config_class.from_original(raw, vision_cfg)
+        cfg = FusionConfig.from_original(raw, vision_cfg)
         sd = convert_original_llava_state_dict(weights, tower_sd, cfg, source=str(path))
         mode = "pad" if raw.get("image_aspect_ratio") == "pad" else "crop"
         if not (path / "preprocessor_config.json").is_file() and tower_dir is not None:

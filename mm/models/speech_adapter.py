@@ -1,5 +1,5 @@
 """Speech into the shared Llama decoder: the speech adapter (encoder features -> decoder embeddings), the feature
-counts, and joint CTC/LLM beam search that keeps an LLM transcript on the audio (used by `mm.models.multimodal`).
+counts, and joint CTC/LLM beam search that keeps an LLM transcript on the audio (used by `mm.models.fusion`).
 
 One utterance flows through:
     waveform [S] -> SpeechEncoder (log-mel, 4x conv subsampling, E-Branchformer) -> enc [T', d]
@@ -13,7 +13,7 @@ Feature counts are fixed per utterance, whatever the batch: the frontend gives F
 subsampling T' = ((F - 1) // 2 - 1) // 2 (each utterance's own convolution length; ESPnet's `enc_lengths` of a
 shorter utterance in a padded batch can be up to 2 frames longer, those frames are not used here), and the adapter
 N = ceil(T' / k) (tail="pad": the last group is completed with zero frames) or floor(T' / k) (tail="drop": the
-incomplete last group is dropped). `MultimodalModel.feature_lengths(speech_lengths)` gives N without running anything.
+incomplete last group is dropped). `FusionModel.feature_lengths(speech_lengths)` gives N without running anything.
 
 Joint decoding needs ONE vocabulary: the CTC head is trained over the Llama tokenizer's ids (its output size is
 the Llama vocab size), with id 0 as the CTC blank. For a SentencePiece Llama tokenizer id 0 is `<unk>`, which never

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from mm.data.scenes import COLOURS, COLS, ROWS, SHAPES, SIZES
-from mm.models.multimodal import MultimodalModel
+from mm.models.fusion import FusionModel
 
 # what the probe tells of each grid cell: shape, colour and size (class 0: the cell is empty), row and column
 GRID_CLASSES = (len(SHAPES) + 1, len(COLOURS) + 1, len(SIZES) + 1, len(ROWS), len(COLS))
@@ -41,7 +41,7 @@ class GridHead(torch.nn.Module):
         return sum(F.cross_entropy(p.flatten(0, 1), labels[..., k].flatten()) for k, p in enumerate(parts))
 
 
-def vit_grid_loss(model: MultimodalModel, head: GridHead, pixel_values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def vit_grid_loss(model: FusionModel, head: GridHead, pixel_values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """The probe's loss on the normed patch features the projector reads."""
     vit = model.vision_tower
     feats = vit.norm(vit.hidden_states(pixel_values, [-1])[0][:, vit.cfg.num_prefix_tokens:])  # [N, 9, d]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from decoders.loss import next_token_loss
 
 STAGE_LR = {1: 1e-3, 2: 2e-5}
 STAGE_TEMPLATE = {1: "plain", 2: "llava_v1"}
@@ -37,8 +36,7 @@ def make_optimizer(model: nn.Module, stage: int, lr: float | None = None, weight
 
 def answer_loss(model: nn.Module, batch: dict) -> torch.Tensor:
     """Next-token loss of a processor batch (`input_ids`, `pixel_values`, `attention_mask`, `labels`)."""
-    logits = model(batch["input_ids"], batch.get("pixel_values"), batch.get("attention_mask"))  # [B, T, V]
-    return next_token_loss(logits, batch["labels"].to(logits.device))
+    return model(batch["input_ids"], batch.get("pixel_values"), batch.get("attention_mask"), labels=batch["labels"]).loss
 
 
 def train_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer, max_grad_norm: float | None = 1.0) -> float:

@@ -43,7 +43,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from mm.models.multimodal import MultimodalModel
+from mm.models.fusion import FusionModel
 from mm.train.grid_probe import GridHead, vit_grid_loss
 from mm.train.loop import adamw, plot_losses, save_atomic, schedule, weights_digest
 from mm.train.tiny_data import TASK_CYCLE, TASKS, ctc_targets, make_data, sample_batch, scene_rows, transcribe_pool
@@ -139,7 +139,7 @@ class TinyRecipe:
                    grid_batch=4, save_every=2, vit_dim=32, vit_depth=1, speech_dim=32, speech_blocks=1, llama_dim=64, llama_layers=1, speech_steps=2)
 
 
-def encoder_loss(r: TinyRecipe, model: MultimodalModel, grid_head: GridHead, tokenizer, data: dict, step: int,
+def encoder_loss(r: TinyRecipe, model: FusionModel, grid_head: GridHead, tokenizer, data: dict, step: int,
                  rng: random.Random, device: torch.device, row: dict) -> torch.Tensor:
     """Stage 0: the ViT's grid probe on new scenes, and for the first `speech_steps` steps CTC on transcribe clips."""
     rows = scene_rows(r, r.grid_batch, rng)
@@ -159,7 +159,7 @@ def encoder_loss(r: TinyRecipe, model: MultimodalModel, grid_head: GridHead, tok
     return loss
 
 
-def joint_loss(r: TinyRecipe, model: MultimodalModel, ddp: torch.nn.Module, grid_head: GridHead, processor, tokenizer,
+def joint_loss(r: TinyRecipe, model: FusionModel, ddp: torch.nn.Module, grid_head: GridHead, processor, tokenizer,
                data: dict, stage: int, step: int, rng: random.Random, device: torch.device, row: dict) -> torch.Tensor:
     """Stages 1 and 2: one task's rows (TASK_CYCLE; in stage 2 an `agent_share` of ReAct episodes), next-token loss +
     CTC (speech) + the grid probe (images)."""
@@ -175,8 +175,9 @@ def joint_loss(r: TinyRecipe, model: MultimodalModel, ddp: torch.nn.Module, grid
     if texts:  # CTC per target token (ESPnet sums over each utterance), so it weighs like next-token loss
         ys, ys_len = ctc_targets(tokenizer, texts)
         w = r.ctc_weight / ys_len.float().mean().clamp_min(1).item()
-    o = ddp(inputs["input_ids"].to(device), inputs["pixel_values"], None if speech is None else speech.to(device),
-            inputs["speech_lengths"], inputs["attention_mask"].to(device), inputs["labels"].to(device), ys, ys_len, w)
+    o = ddp(inputs["input_ids"].to(device), inputs["pixel_values"], inputs["attention_mask"].to(device),
+            speech=None if speech is None else speech.to(device), speech_lengths=inputs["speech_lengths"],
+            labels=inputs["labels"].to(device), ctc_targets=ys, ctc_target_lengths=ys_len, ctc_weight=w)
     loss = o.loss
     row.update(task=task, lm_loss=o.lm_loss.item())
     if images and r.grid_weight:
@@ -307,7 +308,7 @@ def train_tiny(out_dir: str | Path, recipe: TinyRecipe | None = None, resume: bo
     return model_dir
 
 
-def finish(r: TinyRecipe, model: MultimodalModel, history: list[dict], out: Path, main: bool, log) -> Path:
+def finish(r: TinyRecipe, model: FusionModel, history: list[dict], out: Path, main: bool, log) -> Path:
     """The end of a run: `model/`, `losses.jsonl` and `loss.png` (written by rank 0)."""
     model.eval()
     model_dir = out / "model"

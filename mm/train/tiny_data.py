@@ -25,7 +25,8 @@ from mm.data.scenes import (COLOURS, COLS, COT_INSTRUCTION, COUNT_WORDS, NUMBERS
 from mm.data.react_episodes import episode
 from mm.data.speech_data import speech_examples, spoken_questions, transcript
 from mm.data.words import non_speech, open_speech_examples, word_list
-from mm.models.multimodal import CAPTION_PROMPT, TRANSCRIBE_PROMPT
+from mm.models.fusion import CAPTION_PROMPT
+from mm.models.fusion_speech import TRANSCRIBE_PROMPT
 from mm.train.grid_probe import grid_labels
 
 if TYPE_CHECKING:

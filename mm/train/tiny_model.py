@@ -20,7 +20,8 @@ from encoders.image import ImageProcessor
 from encoders.speech_encoder import SpeechEncoderConfig
 from encoders.vit import ViTConfig
 
-from mm.models.multimodal import MultimodalConfig, MultimodalModel
+from mm.models.fusion import FusionModel
+from mm.models.fusion_config import MultimodalConfig
 from mm.models.speech_adapter import SpeechAdapterConfig
 from mm.train.text import init_weights
 from mm.train.tiny_data import corpus_lines
@@ -50,7 +51,7 @@ def model_config(r: TinyRecipe, vocab_size: int, bos: int, eos: int) -> Multimod
 # ------------------------------------------------------------------------------------------------- speech features
 
 
-def set_mvn(model: MultimodalModel, waves: list[torch.Tensor]) -> None:
+def set_mvn(model: FusionModel, waves: list[torch.Tensor]) -> None:
     """Global mean/variance normalisation statistics of the log-mel features of `waves` (ESPnet's GlobalMVN)."""
     frontend, norm = model.speech_encoder.frontend, model.speech_encoder.normalize
     with torch.no_grad():
@@ -62,7 +63,7 @@ def set_mvn(model: MultimodalModel, waves: list[torch.Tensor]) -> None:
         norm.std.copy_(x.std(0).clamp_min(1e-5))
 
 
-def trainable(model: MultimodalModel, stage: int) -> list[torch.nn.Parameter]:
+def trainable(model: FusionModel, stage: int) -> list[torch.nn.Parameter]:
     """Stage 0: the ViT, the speech encoder and CTC head; stage 1: everything but the decoder; stage 2: everything."""
     for name, p in model.named_parameters():
         if stage == 0:
@@ -90,14 +91,14 @@ def tokenizer_for(r: TinyRecipe, data: dict, out: Path, main: bool, world: int):
     return load_tokenizer(tok_dir)
 
 
-def new_model(r: TinyRecipe, data: dict, tokenizer) -> MultimodalModel:
+def new_model(r: TinyRecipe, data: dict, tokenizer) -> FusionModel:
     """The model to train: init's (config, weights, speech normalisation) or a new one of the recipe's sizes."""
     torch.manual_seed(r.seed)
     if r.init:
-        model = MultimodalModel.from_pretrained(r.init)
+        model = FusionModel.from_pretrained(r.init)
         model.config.text.max_position_embeddings = r.context or model.config.text.max_position_embeddings
     else:
-        model = MultimodalModel(model_config(r, tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eos_id))
+        model = FusionModel(model_config(r, tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eos_id))
         init_weights(model.language_model)
         model.image_processor = ImageProcessor(size=r.image_size, crop_size=r.image_size, resample="bicubic")
         set_mvn(model, [w for w, _ in data["transcribe"][:200]])

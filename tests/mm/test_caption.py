@@ -65,10 +65,10 @@ def test_processor_left_pads_a_batch(model):
     assert max(len(s) for s in single) == T and min(len(s) for s in single) < T
     # the padded batch gives each prompt's own logits at its real positions
     with torch.no_grad():
-        batch_logits = model(out["input_ids"], out["pixel_values"], out["attention_mask"])
+        batch_logits = model(**out).logits
         for b, (t, im) in enumerate(zip(texts, [images(1), images(2, seed=1)])):
             one = proc(t, im)
-            ref = model(one["input_ids"], one["pixel_values"])
+            ref = model(**one).logits
             assert (batch_logits[b, T - ref.shape[1]:] - ref[0]).abs().max() < 1e-4
 
 
@@ -105,7 +105,7 @@ def greedy_caption(model, image, prompt, max_new_tokens):
     new = []
     with torch.no_grad():
         for _ in range(max_new_tokens):
-            nxt = int(model(torch.tensor([ids + new]), pixels)[0, -1].argmax())
+            nxt = int(model(torch.tensor([ids + new]), pixels).logits[0, -1].argmax())
             if nxt == tok.eos_id:
                 break
             new.append(nxt)

@@ -18,7 +18,7 @@ from PIL import Image
 
 from mm.assets import EXAMPLES_DIR, MODELS_DIR
 from mm.apps.chat import EMPTY_REPLY, ERROR_MARK, build_parser, launch, make_respond
-from mm.models.multimodal import MultimodalModel
+from mm.models.fusion import FusionModel
 from mm.data.scenes import Obj, render
 from mm.data.speech_data import synthesize
 
@@ -40,7 +40,7 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def model(model_dir):
     """The model the expected answers come from (the served one is loaded separately)."""
-    return MultimodalModel.from_pretrained(model_dir).eval()
+    return FusionModel.from_pretrained(model_dir).eval()
 
 
 @pytest.fixture(scope="module")
@@ -303,7 +303,7 @@ def test_browser_chat(model_dir, model, media, browser):
     from selenium.webdriver.common.keys import Keys
 
     port = free_port()
-    served = Recorder(MultimodalModel.from_pretrained(model_dir).eval())
+    served = Recorder(FusionModel.from_pretrained(model_dir).eval())
     demo = launch(served, port=port, max_upload_mb=1, max_new_tokens=32, block=False)
     try:
         browser.get(f"http://127.0.0.1:{port}/")
@@ -371,7 +371,7 @@ def test_fifty_turns_in_the_browser(model_dir, model, media, browser):
     error, from the newest turns that fit the 1024-token window (the oldest go first), and the page shows exactly the
     model's answer to what the server gave it."""
     port = free_port()
-    served = Recorder(MultimodalModel.from_pretrained(model_dir).eval())
+    served = Recorder(FusionModel.from_pretrained(model_dir).eval())
     demo = launch(served, port=port, max_upload_mb=1, max_new_tokens=16, block=False)
     window, processor = model.config.text.max_position_embeddings, model.processor()
     try:

@@ -1,5 +1,5 @@
 """The one fusion model: each modality optional by configuration, the config.json formats of both configurations,
-and the same numbers whichever modalities a model has (`FusionModel` vs the image + speech `MultimodalModel`)."""
+and the same numbers whichever modalities a model has (image only, speech only, image + speech)."""
 import pytest
 import torch
 
@@ -47,10 +47,10 @@ def test_a_missing_modality_changes_no_number_and_is_a_clear_error():
     pixels = torch.randn(1, 3, 16, 16, generator=g)
     img_ids = torch.tensor([[1, 5] + [V + 1] * full.config.tokens_per_image() + [7]])
     with torch.no_grad():
-        want = full(ids, None, speech, lengths).logits  # MultimodalModel: the training call, logits and losses
-        assert torch.equal(speech_only(ids, speech=speech, speech_lengths=lengths), want)
-        assert torch.equal(image_only(img_ids, pixels), full(img_ids, pixels).logits)
-        assert not torch.equal(image_only(img_ids, pixels), image_only(img_ids, pixels * 0))  # the image is read
+        want = full(ids, speech=speech, speech_lengths=lengths).logits
+        assert torch.equal(speech_only(ids, speech=speech, speech_lengths=lengths).logits, want)
+        assert torch.equal(image_only(img_ids, pixels).logits, full(img_ids, pixels).logits)
+        assert not torch.equal(image_only(img_ids, pixels).logits, image_only(img_ids, pixels * 0).logits)  # the image is read
     with pytest.raises(ValueError, match="this speech-only model has no vision tower, so it cannot caption"):
         speech_only.caption("scene.png")
     with pytest.raises(ValueError, match="this LLaVA model has no speech encoder, so it cannot transcribe"):

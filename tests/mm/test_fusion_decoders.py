@@ -51,7 +51,7 @@ def test_fusion_model_learns_on_a_moe_decoder_and_round_trips(kind, tmp_path):
     ids, pixels = batch(model, ["red", "blue"] * 4)
     losses = []
     for _ in range(40):
-        logits = model(ids, pixels)
+        logits = model(ids, pixels).logits
         loss = next_token_loss(logits[:, -2:], ids[:, -2:])  # only the answer after the prompt token counts
         opt.zero_grad()
         loss.backward()
@@ -68,4 +68,4 @@ def test_fusion_model_learns_on_a_moe_decoder_and_round_trips(kind, tmp_path):
     assert isinstance(loaded.language_model, DeepseekForCausalLM)
     assert loaded.config.text.model_type == kind
     with torch.no_grad():
-        assert torch.equal(loaded(ids, pixels), model(ids, pixels))
+        assert torch.equal(loaded(ids, pixels).logits, model(ids, pixels).logits)

@@ -39,7 +39,7 @@ def check_parity(hf, ours, image_token: int, n_images: int = 1):
     pixels = torch.randn(n_images, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = hf(input_ids=hf_ids, pixel_values=pixels).logits
-        got = ours(ids, pixels)
+        got = ours(ids, pixels).logits
     assert got.shape == ref.shape
     err = (got - ref).abs().max().item()
     assert err < 1e-4, err
@@ -128,7 +128,7 @@ def test_original_llava_linear_projector(tmp_path):
         embeds = hf.model.language_model.embed_tokens(ids.clamp(max=127))
         embeds[ids == 128] = F.linear(feats, w, b).reshape(-1, 64)
         ref = hf.lm_head(hf.model.language_model(inputs_embeds=embeds).last_hidden_state)
-        got = ours(ids, pixels)
+        got = ours(ids, pixels).logits
     assert (got - ref).abs().max() < 1e-4
 
 
@@ -227,7 +227,7 @@ def test_loss_ignores_non_answer_tokens(ours):
     batch, _ = training_batch(ours, "llava_v1")
     with torch.no_grad():
         loss = answer_loss(ours, batch)
-        logits = ours(batch["input_ids"], batch["pixel_values"], batch["attention_mask"])
+        logits = ours(**batch).logits
     total, count = 0.0, 0
     for b in range(logits.shape[0]):
         for t in range(1, logits.shape[1]):

@@ -33,9 +33,9 @@ def test_load_dispatches_on_format(tmp_path):
         assert (mm.load(tmp_path / "meta")(ids) - ref(ids).logits).abs().max() < 1e-4
     make_hf_llava(tmp_path / "llava")
     assert isinstance(mm.load(tmp_path / "llava"), LlavaForConditionalGeneration)
-    from mm.models.multimodal import MultimodalModel
+    from mm.models.fusion import FusionModel
 
-    assert isinstance(mm.load(), MultimodalModel)  # the shipped default
+    assert isinstance(mm.load(), FusionModel)  # the shipped default
     text = mm.load(mm.assets.default_model_dir())  # the shipped text model
     assert isinstance(text, LlamaForCausalLM) and text.config.vocab_size == 400
 

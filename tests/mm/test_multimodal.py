@@ -13,7 +13,7 @@ from PIL import Image
 from decoders.checkpoint import CheckpointError, read_safetensors
 from decoders.loss import IGNORE_INDEX
 from mm.models.formats import detect
-from mm.models.multimodal import MultimodalModel
+from mm.models.fusion import FusionModel
 from mm.models.processor import InputError
 from mm.train.recipe_tiny import TinyRecipe, train_tiny, weights_digest
 from mm.train.grid_probe import grid_labels
@@ -33,7 +33,7 @@ def run_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model(run_dir):
-    return MultimodalModel.from_pretrained(run_dir / "model")
+    return FusionModel.from_pretrained(run_dir / "model")
 
 
 @pytest.fixture(scope="module")
@@ -142,14 +142,13 @@ def test_padded_batch_equals_rows_alone(model, media):
     batch = proc(convs, images, audios)
     assert batch["attention_mask"].sum(1).tolist() != [batch["input_ids"].shape[1]] * 3  # really padded
     with torch.no_grad():
-        logits = model(batch["input_ids"], batch["pixel_values"], batch["speech"], batch["speech_lengths"],
-                       batch["attention_mask"]).logits[:, -1]
+        logits = model(**batch).logits[:, -1]
         new = model.generate(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], 5,
                              speech=batch["speech"], speech_lengths=batch["speech_lengths"])[:, batch["input_ids"].shape[1]:]
     singles = [proc(convs[0], images[:1]), proc(convs[1], audios=audios[:1]), proc(convs[2], images[1:], audios[1:])]
     for b, one in enumerate(singles):
         with torch.no_grad():
-            alone = model(one["input_ids"], one["pixel_values"], one["speech"], one["speech_lengths"]).logits[0, -1]
+            alone = model(**one).logits[0, -1]
         assert (logits[b] - alone).abs().max() < 1e-4
         solo = model.generate(one["input_ids"], one["pixel_values"], one["attention_mask"], 5, speech=one["speech"],
                               speech_lengths=one["speech_lengths"])[0, one["input_ids"].shape[1]:]  # stops at EOS
@@ -194,13 +193,12 @@ def test_bad_inputs_say_what_is_wrong(model, media, tmp_path):
 
 def test_save_load_round_trip_and_checkpoint_errors(model, media, tmp_path):
     model.save_pretrained(tmp_path / "copy")
-    again = MultimodalModel.from_pretrained(tmp_path / "copy")
+    again = FusionModel.from_pretrained(tmp_path / "copy")
     assert again.config == model.config
     batch = model.processor()([{"role": "user", "content": "<image><audio>"}], [str(media / "scene.png")],
                               [str(media / "q.wav")])
     with torch.no_grad():
-        a = model(batch["input_ids"], batch["pixel_values"], batch["speech"], batch["speech_lengths"]).logits
-        b = again(batch["input_ids"], batch["pixel_values"], batch["speech"], batch["speech_lengths"]).logits
+        a, b = model(**batch).logits, again(**batch).logits
     assert torch.equal(a, b)
     sd = read_safetensors(tmp_path / "copy" / "model.safetensors")
     from safetensors.torch import save_file
@@ -208,12 +206,12 @@ def test_save_load_round_trip_and_checkpoint_errors(model, media, tmp_path):
     del sd["ctc.ctc_lo.weight"]
     save_file(sd, tmp_path / "copy" / "model.safetensors")
     with pytest.raises(CheckpointError, match="ctc.ctc_lo.weight"):
-        MultimodalModel.from_pretrained(tmp_path / "copy")
+        FusionModel.from_pretrained(tmp_path / "copy")
     cfg = json.loads((tmp_path / "copy" / "config.json").read_text())
     cfg["speech_config"]["bogus"] = 1
     (tmp_path / "copy" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="bogus"):
-        MultimodalModel.from_pretrained(tmp_path / "copy")
+        FusionModel.from_pretrained(tmp_path / "copy")
 
 
 def _free_port() -> int:
@@ -230,6 +228,6 @@ def test_torchrun_two_processes_end_with_identical_weights(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     r0, r1 = (tmp_path / "weights-rank0.sha256").read_text(), (tmp_path / "weights-rank1.sha256").read_text()
     assert r0 == r1
-    saved = MultimodalModel.from_pretrained(tmp_path / "model")
+    saved = FusionModel.from_pretrained(tmp_path / "model")
     assert weights_digest(saved) + "\n" == r0  # what rank 0 saved is what both ranks hold
     assert "world size 2" in (tmp_path / "train.log").read_text()

@@ -13,7 +13,7 @@ import soundfile as sf
 import mm
 from mm.assets import EXAMPLES_DIR, default_multimodal_dir, example
 from mm.eval.metrics import wer
-from mm.models.multimodal import MultimodalModel
+from mm.models.fusion import FusionModel
 from mm.models.processor import InputError
 from mm.data.scenes import COLOURS, SHAPES
 
@@ -29,7 +29,7 @@ def mm_cli(*args, timeout=300):
 @pytest.fixture(scope="module")
 def model():
     m = mm.load()
-    assert isinstance(m, MultimodalModel)
+    assert isinstance(m, FusionModel)
     return m
 
 

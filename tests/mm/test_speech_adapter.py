@@ -1,5 +1,5 @@
 """The speech adapter, audio tokens in the multimodal model (logits, losses, training), and joint CTC/LLM beam search,
-on a tiny random MultimodalModel and a tiny Llama."""
+on a tiny random FusionModel and a tiny Llama."""
 import math
 
 import pytest
@@ -13,7 +13,8 @@ from encoders.ebranchformer import EBranchformerConfig, SpeechTooShortError
 from encoders.speech_encoder import SpeechEncoderConfig
 from encoders.frontend import FrontendConfig
 from encoders.vit import ViTConfig
-from mm.models.multimodal import MultimodalConfig, MultimodalModel, MultimodalOutput
+from mm.models.fusion import FusionModel, FusionOutput
+from mm.models.fusion_config import MultimodalConfig
 from mm.models.speech_adapter import SpeechAdapter, SpeechAdapterConfig, joint_beam_search, stack_frames
 
 V = 24  # text vocabulary = CTC vocabulary; 0 = <unk> = CTC blank, 1 = BOS, 2 = EOS
@@ -40,9 +41,9 @@ def tiny_config(mode="stack", k=2, tail="pad", ctc_weight=0.3) -> MultimodalConf
                             image_token_index=V + 1, ctc_weight=ctc_weight)
 
 
-def tiny_model(seed=0, **kw) -> MultimodalModel:
+def tiny_model(seed=0, **kw) -> FusionModel:
     torch.manual_seed(seed)
-    return MultimodalModel(tiny_config(**kw)).eval()
+    return FusionModel(tiny_config(**kw)).eval()
 
 
 def build_speech_batch(prompts, feature_lengths, a, pad_id=0, answers=None) -> dict:
@@ -152,7 +153,7 @@ def test_audio_token_and_feature_counts_must_agree():
     n = model.feature_lengths(lengths).tolist()
     wrong = build_speech_batch([[1, a, 7], [1, a, 7]], [n[0], n[1] + 1], a)
     with pytest.raises(ValueError, match=rf"input_ids hold {n[0] + n[1] + 1} audio tokens .* gives {n[0] + n[1]} features"):
-        model(wrong["input_ids"], None, speech, lengths, wrong["attention_mask"])
+        model(wrong["input_ids"], None, wrong["attention_mask"], speech=speech, speech_lengths=lengths)
     with pytest.raises(ValueError, match="audio tokens"):
         model.embed(wrong["input_ids"])  # audio tokens but no speech
 
@@ -164,7 +165,7 @@ def test_logits_with_audio_equal_hand_built_inputs_embeds():
     prompts = [[1, 5, a, 6, 7], [1, a, 9], [1, 4, 4, a]]
     n = model.feature_lengths(lengths)
     batch = build_speech_batch(prompts, n, a, pad_id=0)
-    logits = model(batch["input_ids"], None, speech, lengths, batch["attention_mask"]).logits  # [B, T, V]
+    logits = model(batch["input_ids"], None, batch["attention_mask"], speech=speech, speech_lengths=lengths).logits  # [B, T, V]
 
     # by hand: encoder -> own lengths -> stack 3 frames (zeros past the end) -> MLP -> splice into the prompt
     with torch.no_grad():
@@ -380,7 +381,7 @@ def test_training_overfits_and_every_part_learns():
     ys_lengths = torch.tensor([len(x) for x in answers])
 
     def step():
-        return model(batch["input_ids"], None, speech, lengths, batch["attention_mask"], labels=batch["labels"],
+        return model(batch["input_ids"], None, batch["attention_mask"], speech=speech, speech_lengths=lengths, labels=batch["labels"],
                      ctc_targets=ys, ctc_target_lengths=ys_lengths)
 
     out = step()
@@ -388,7 +389,7 @@ def test_training_overfits_and_every_part_learns():
     for part in (model.speech_encoder, model.ctc, model.speech_adapter, model.language_model):
         grads = [p.grad for p in part.parameters() if p.grad is not None]
         assert grads and sum(float(g.abs().sum()) for g in grads) > 0, type(part).__name__
-    first = MultimodalOutput(None, out.loss.detach(), out.lm_loss.detach(), out.ctc_loss.detach())
+    first = FusionOutput(None, out.loss.detach(), out.lm_loss.detach(), out.ctc_loss.detach())
     opt = torch.optim.Adam(model.parameters(), lr=5e-3)
     for _ in range(50):
         opt.zero_grad()

@@ -12,7 +12,7 @@ import torch
 
 from mm.data.scenes import COT_INSTRUCTION, split_cot
 from mm.data.words import SCENE_WORDS, word_list
-from mm.models.multimodal import MultimodalModel
+from mm.models.fusion import FusionModel
 from mm.train.recipe_tiny import TinyRecipe, train_tiny
 from mm.train.tiny_data import ctc_targets, make_data, sample_batch, transcribe_pool
 
@@ -80,7 +80,7 @@ def test_the_recipe_trains_with_open_speech_silence_and_rationales(trained):
     rows = [json.loads(line) for line in (tmp_path / "losses.jsonl").read_text().splitlines()]
     assert len(rows) == sum(OPEN.steps) and all(math.isfinite(h["loss"]) for h in rows)
     assert all(math.isfinite(h["ctc_loss"]) for h in rows if "ctc_loss" in h)
-    tok = MultimodalModel.from_pretrained(model_dir).tokenizer
+    tok = FusionModel.from_pretrained(model_dir).tokenizer
     for text in ("answer", "look first", "i see a big red star", "faithless orphan"):
         assert tok.decode(tok.encode(text)) == text  # rationales and open words round-trip
 
@@ -90,14 +90,14 @@ def test_tiny_open_continues_from_the_model_it_is_given(trained, tmp_path):
     sizes, 256 wide where the smoke model is 64): with no steps it saves init's weights unchanged; with steps it
     trains them on."""
     _, init = trained
-    base = MultimodalModel.from_pretrained(init)
+    base = FusionModel.from_pretrained(init)
     small = dict(n_text=24, n_speech=6, n_spoken=6, n_open=4, n_silence=2, batch=(2, 2, 2, 2), save_every=2)
-    same = MultimodalModel.from_pretrained(train_tiny(tmp_path / "none", replace(
+    same = FusionModel.from_pretrained(train_tiny(tmp_path / "none", replace(
         TinyRecipe.open_vocab(str(init)), steps=(0, 0, 0), **small), progress=False))
     assert same.config.to_dict() == base.config.to_dict()
     assert all(torch.equal(v, base.state_dict()[k]) for k, v in same.state_dict().items())
     assert (tmp_path / "none" / "tokenizer" / "tokenizer.model").read_bytes() == (init / "tokenizer.model").read_bytes()
-    moved = MultimodalModel.from_pretrained(train_tiny(tmp_path / "two", replace(
+    moved = FusionModel.from_pretrained(train_tiny(tmp_path / "two", replace(
         TinyRecipe.open_vocab(str(init)), steps=(2, 0, 2), speech_steps=2, **small), progress=False))
     assert moved.config.to_dict() == base.config.to_dict()
     changed = [k for k, v in moved.state_dict().items() if not torch.equal(v, base.state_dict()[k])]
