@@ -5,8 +5,10 @@ The references (transformers, timm, espnet) are imported here only, never by the
 """
 from __future__ import annotations
 
+import functools
 import json
 import platform
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -35,6 +37,44 @@ def best_time(fn, repeats: int) -> float:
         sync()
         times.append(time.perf_counter() - t0)
     return min(times)
+
+
+def paired_rounds(fns: dict, repeats: int) -> dict[str, list[float]]:
+    """Wall times [repeats] of each function: one warm-up call each, then every function once per round, one after
+    another (a shared machine drifts within minutes, so ratios are taken within a round)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    for fn in fns.values():
+        fn()
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times[k].append(time.perf_counter() - t0)
+    return times
+
+
+def put_ratio(row: dict, key: str, ours: list[float], ref: list[float]) -> None:
+    """row[key]: the median of the per-round ratios ours / ref (rates), row[key + "_range"]: their [min, max]."""
+    ratios = [o / r for o, r in zip(ours, ref)]
+    row[key], row[key + "_range"] = statistics.median(ratios), [min(ratios), max(ratios)]
+
+
+def decode_rounds(gens: dict, row: dict, batch: int, prompt_len: int, new_tokens: int, repeats: int) -> dict:
+    """Per-round decode tokens/s of each generator (name -> fn(new_tokens)), paired in time: a round times gen(1)
+    (the prefill) and gen(new_tokens) of each. Puts the medians in row (`NAME_prefill_tok_s`, `NAME_decode_tok_s`)
+    and returns {name: (prefill rates, decode rates)}."""
+    t = paired_rounds({(name, n): functools.partial(gen, n) for name, gen in gens.items() for n in (1, new_tokens)},
+                      repeats)
+    rates = {}
+    for name in gens:
+        pre, total = t[name, 1], t[name, new_tokens]
+        rates[name] = ([batch * prompt_len / a for a in pre],
+                       [batch * (new_tokens - 1) / max(b - a, 1e-9) for a, b in zip(pre, total)])
+        row[f"{name}_prefill_tok_s"], row[f"{name}_decode_tok_s"] = map(statistics.median, rates[name])
+    return rates
 
 
 def read_bandwidth(n_bytes: int = 2**30, repeats: int = 5, device: str = "cpu") -> float:
@@ -116,13 +156,9 @@ def bench_llama(size: str, dtype: torch.dtype, batch: int, new_tokens: int, prom
                # over every position of the generated sequences, relative to the largest logit
                "logit_err": float((ref_logits - our_logits).abs().max() / ref_logits.abs().max())}
         bandwidth = read_bandwidth(device=device)
-        for name, gen in (("ref", ref_gen), ("ours", our_gen)):
-            prefill = best_time(lambda: gen(1), repeats)
-            total = best_time(lambda: gen(new_tokens), repeats)
-            row[f"{name}_prefill_tok_s"] = batch * prompt_len / prefill
-            row[f"{name}_decode_tok_s"] = batch * (new_tokens - 1) / max(total - prefill, 1e-9)
-    row["decode_ratio"] = row["ours_decode_tok_s"] / row["ref_decode_tok_s"]
-    row["prefill_ratio"] = row["ours_prefill_tok_s"] / row["ref_prefill_tok_s"]
+        rates = decode_rounds({"ref": ref_gen, "ours": our_gen}, row, batch, prompt_len, new_tokens, repeats)
+    put_ratio(row, "decode_ratio", rates["ours"][1], rates["ref"][1])
+    put_ratio(row, "prefill_ratio", rates["ours"][0], rates["ref"][0])
     bandwidth = max(bandwidth, read_bandwidth(device=device))
     row["read_GB_s"] = bandwidth / 1e9
     per_token = decode_bytes_per_token(ours, batch, prompt_len + new_tokens // 2)
@@ -168,6 +204,14 @@ def bench_moe(name: str, dtype: torch.dtype, batch: int, new_tokens: int, prompt
     def our_gen(n):
         return ours.generate(ids, max_new_tokens=n, eos_token_id=None, compile=compile)
 
+    def loop_gen(n):  # transformers' per-expert loop
+        ref.set_experts_implementation("eager")
+        try:
+            return ref_gen(n)
+        finally:
+            ref.set_experts_implementation(default)
+
+    default = ref.config._experts_implementation
     row = {"model": name, "dtype": str(dtype).removeprefix("torch."), "batch": batch, "new_tokens": new_tokens,
            "compiled": compile, "experts": f"{kw.get('n_routed_experts', kw.get('num_local_experts'))} top-{kw['num_experts_per_tok']}"}
     with torch.inference_mode():
@@ -176,15 +220,10 @@ def bench_moe(name: str, dtype: torch.dtype, batch: int, new_tokens: int, prompt
         row["same_tokens"], row["first_difference"] = not len(differ), int(differ[0]) - prompt_len if len(differ) else None
         ref_logits, our_logits = ref(a).logits.float(), ours(a).float()
         row["logit_err"] = float((ref_logits - our_logits).abs().max() / ref_logits.abs().max())
-        for impl, label in ((None, "ref"), ("eager", "ref_loop"), ("ours", "ours")):
-            gen = our_gen if impl == "ours" else ref_gen
-            if impl is not None and impl != "ours":
-                ref.set_experts_implementation(impl)
-            prefill = best_time(lambda: gen(1), repeats)
-            total = best_time(lambda: gen(new_tokens), repeats)
-            row[f"{label}_decode_tok_s"] = batch * (new_tokens - 1) / max(total - prefill, 1e-9)
-    row["decode_ratio"] = row["ours_decode_tok_s"] / row["ref_decode_tok_s"]
-    row["ratio_vs_loop"] = row["ours_decode_tok_s"] / row["ref_loop_decode_tok_s"]
+        rates = decode_rounds({"ref": ref_gen, "ref_loop": loop_gen, "ours": our_gen}, row, batch, prompt_len,
+                              new_tokens, repeats)
+    put_ratio(row, "decode_ratio", rates["ours"][1], rates["ref"][1])
+    put_ratio(row, "ratio_vs_loop", rates["ours"][1], rates["ref_loop"][1])
     return row
 
 
@@ -235,10 +274,11 @@ def bench_vit(batch: int, repeats: int) -> dict:
     x = torch.randn(batch, 3, 224, 224)
     with torch.inference_mode():
         err = (ref.forward_features(x) - ours(x)).abs().max().item()
-        t_ref = best_time(lambda: ref.forward_features(x), repeats)
-        t_ours = best_time(lambda: ours(x), repeats)
-    return {"model": "vit_base_patch16_224", "batch": batch, "max_abs_err": err, "ref_img_s": batch / t_ref,
-            "ours_img_s": batch / t_ours, "ratio": t_ref / t_ours}
+        t = paired_rounds({"ref": lambda: ref.forward_features(x), "ours": lambda: ours(x)}, repeats)
+    row = {"model": "vit_base_patch16_224", "batch": batch, "max_abs_err": err,
+           "ref_img_s": batch / statistics.median(t["ref"]), "ours_img_s": batch / statistics.median(t["ours"])}
+    put_ratio(row, "ratio", t["ref"], t["ours"])  # times: ref / ours is ours' speed-up
+    return row
 
 
 def bench_speech_encoder(seconds: float = 10.0, repeats: int = 3) -> dict:
@@ -262,15 +302,18 @@ def bench_speech_encoder(seconds: float = 10.0, repeats: int = 3) -> dict:
     with torch.inference_mode():
         want, _, _ = ref(feats, lengths)
         got, _ = ours(feats, lengths)
-        t_ref = best_time(lambda: ref(feats, lengths), repeats)
-        t_ours = best_time(lambda: ours(feats, lengths), repeats)
-    return {"model": "e_branchformer d512 x6", "audio_s": seconds, "max_abs_err": (got - want).abs().max().item(),
-            "ref_rtf": t_ref / seconds, "ours_rtf": t_ours / seconds, "speedup": t_ref / t_ours}
+        t = paired_rounds({"ref": lambda: ref(feats, lengths), "ours": lambda: ours(feats, lengths)}, repeats)
+    row = {"model": "e_branchformer d512 x6", "audio_s": seconds, "max_abs_err": (got - want).abs().max().item(),
+           "ref_rtf": statistics.median(t["ref"]) / seconds, "ours_rtf": statistics.median(t["ours"]) / seconds}
+    put_ratio(row, "speedup", t["ref"], t["ours"])
+    return row
 
 
 def format_table(rows: list[dict], cols: list[str]) -> str:
     """A plain-text table of `rows` restricted to `cols`."""
     def fmt(v):
+        if isinstance(v, list):  # a [min, max] range
+            return "-".join(map(fmt, v))
         return f"{v:.3g}" if isinstance(v, float) else str(v)
     cells = [[fmt(r.get(c, "")) for c in cols] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
@@ -294,28 +337,28 @@ def run(sizes=("10m", "125m"), dtypes=("float32", "bfloat16"), batches=(1, 8), n
                 row = bench_llama(size, getattr(torch, dt), b, new_tokens, prompt_len, repeats, compile, device)
                 rows.append(row)
                 log(format_table([row], ["model", "dtype", "batch", "ref_decode_tok_s", "ours_decode_tok_s",
-                                         "decode_ratio", "prefill_ratio", "fraction_of_bound", "same_tokens",
+                                         "decode_ratio", "decode_ratio_range", "prefill_ratio", "fraction_of_bound", "same_tokens",
                                          "logit_err"]).splitlines()[-1])
     result["llama"] = rows
     log("\n" + format_table(rows, ["model", "dtype", "batch", "ref_decode_tok_s", "ours_decode_tok_s", "decode_ratio",
-                                   "ref_prefill_tok_s", "ours_prefill_tok_s", "prefill_ratio", "read_GB_s", "read_bound_tok_s",
+                                   "decode_ratio_range", "ref_prefill_tok_s", "ours_prefill_tok_s", "prefill_ratio", "read_GB_s", "read_bound_tok_s",
                                    "fraction_of_bound", "same_tokens", "first_difference", "logit_err"]))
     result["kv_cache"] = bench_kv_cache()
     log("\n" + format_table(result["kv_cache"], ["attention", "kv_heads", "bytes", "formula", "equal", "vs_mha"]))
     moe_cols = ["model", "experts", "dtype", "batch", "ref_decode_tok_s", "ref_loop_decode_tok_s", "ours_decode_tok_s",
-                "decode_ratio", "ratio_vs_loop", "same_tokens", "logit_err"]
-    result["moe"] = [bench_moe(m, getattr(torch, dt), b, min(new_tokens, 32), prompt_len, repeats, False, device)
-                     for m in moe for dt in dtypes for b in batches]  # eager: compiling an MoE step takes minutes here
+                "decode_ratio", "decode_ratio_range", "ratio_vs_loop", "same_tokens", "logit_err"]
+    result["moe"] = [bench_moe(m, getattr(torch, dt), b, min(new_tokens, 32), prompt_len, repeats, compile, device)
+                     for m in moe for dt in dtypes for b in batches]
     if moe:
         log("\n" + format_table(result["moe"], moe_cols))
     result["mla_cache"] = bench_mla_cache()
     log("\n" + format_table(result["mla_cache"], ["attention", "per_token_per_layer", "bytes", "formula", "equal", "vs_mla"]))
     if vit:
         result["vit"] = bench_vit(batch=8, repeats=repeats)
-        log("\n" + format_table([result["vit"]], ["model", "batch", "ref_img_s", "ours_img_s", "ratio", "max_abs_err"]))
+        log("\n" + format_table([result["vit"]], ["model", "batch", "ref_img_s", "ours_img_s", "ratio", "ratio_range", "max_abs_err"]))
     if speech:
         result["speech_encoder"] = bench_speech_encoder(repeats=repeats)
-        log("\n" + format_table([result["speech_encoder"]], ["model", "audio_s", "ref_rtf", "ours_rtf", "speedup",
+        log("\n" + format_table([result["speech_encoder"]], ["model", "audio_s", "ref_rtf", "ours_rtf", "speedup", "speedup_range",
                                                              "max_abs_err"]))
     if out:
         Path(out).write_text(json.dumps(result, indent=2))
