@@ -50,6 +50,13 @@ from mm.train.tiny_data import TASK_CYCLE, TASKS, ctc_targets, make_data, sample
 from mm.train.tiny_model import new_model, tokenizer_for, trainable
 
 
+def parse_bool(text: str) -> bool:
+    """1/true/yes or 0/false/no (any case); ValueError otherwise."""
+    if text.lower() in ("1", "true", "yes", "0", "false", "no"):
+        return text.lower() in ("1", "true", "yes")
+    raise ValueError(text)
+
+
 @dataclass
 class TinyRecipe:
     """Sizes of data, model and schedule; the defaults make the shipped model (about 55 minutes on 2 CPU cores)."""
@@ -77,6 +84,7 @@ class TinyRecipe:
     n_silence: int = 0  # clips of silence and noise, transcribed as nothing
     open_share: float = 0.0  # of the transcribe rows, word sequences
     silence_share: float = 0.0  # of the transcribe rows, clips without speech
+    specaug: bool = False  # SpecAugment masks on the speech encoder's features while training (tiny_model.SPEC_AUGMENT)
     cot_share: float = 0.0  # of the question turns, asked for the rationale first (COT_INSTRUCTION)
     agent_share: float = 0.0  # of the joint steps, ReAct tool-use episodes (mm.data.react_episodes), text only
     agent_batch: int = 8  # episodes per agent step
@@ -126,7 +134,7 @@ class TinyRecipe:
             if len(parts) != len(kinds):
                 raise ValueError(f"--set {setting!r}: {key} takes {len(kinds)} comma-separated values")
             try:
-                values = [kind(part) for kind, part in zip(kinds, parts)]
+                values = [parse_bool(part) if kind is bool else kind(part) for kind, part in zip(kinds, parts)]
             except ValueError:
                 raise ValueError(f"--set {setting!r}: {key} takes {', '.join(k.__name__ for k in kinds)}") from None
             changes[key] = tuple(values) if isinstance(current, tuple) else values[0]

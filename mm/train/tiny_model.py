@@ -15,7 +15,7 @@ from decoders.llama import LlamaConfig
 from decoders.tokenizer import load_tokenizer
 from decoders.tokenizer_train import train_sentencepiece
 from encoders.ebranchformer import EBranchformerConfig
-from encoders.frontend import FrontendConfig
+from encoders.frontend import FrontendConfig, SpecAugment, SpecAugmentConfig
 from encoders.image import ImageProcessor
 from encoders.speech_encoder import SpeechEncoderConfig
 from encoders.vit import ViTConfig
@@ -91,6 +91,11 @@ def tokenizer_for(r: TinyRecipe, data: dict, out: Path, main: bool, world: int):
     return load_tokenizer(tok_dir)
 
 
+# Milder than Dolphin's (2 x 0-30 bins, 2 x 0-50 frames): the clips are 1-3 s and the model has 80 bins
+SPEC_AUGMENT = SpecAugmentConfig(num_freq_mask=2, freq_mask_width_range=(0, 15), num_time_mask=2,
+                                 time_mask_width_ratio_range=(0.0, 0.05))
+
+
 def new_model(r: TinyRecipe, data: dict, tokenizer) -> FusionModel:
     """The model to train: init's (config, weights, speech normalisation) or a new one of the recipe's sizes."""
     torch.manual_seed(r.seed)
@@ -103,6 +108,9 @@ def new_model(r: TinyRecipe, data: dict, tokenizer) -> FusionModel:
         model.image_processor = ImageProcessor(size=r.image_size, crop_size=r.image_size, resample="bicubic")
         set_mvn(model, [w for w, _ in data["transcribe"][:200]])
     model.tokenizer = tokenizer
+    if r.specaug:  # in training only; the saved config keeps it, as ESPnet's does
+        model.config.speech.specaug = SPEC_AUGMENT
+        model.speech_encoder.specaug = SpecAugment(SPEC_AUGMENT)
     if model.config.tokens_per_image() != 9:
         raise ValueError(f"the recipe's probe needs one patch per grid cell (9 image tokens), got "
                          f"{model.config.tokens_per_image()} from image_size {r.image_size} and patch_size {r.patch_size}")

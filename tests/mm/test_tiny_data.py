@@ -14,6 +14,7 @@ from mm.data.scenes import COT_INSTRUCTION, split_cot
 from mm.data.words import SCENE_WORDS, word_list
 from mm.models.fusion import FusionModel
 from mm.train.recipe_tiny import TinyRecipe, train_tiny
+from mm.train.tiny_model import SPEC_AUGMENT
 from mm.train.tiny_data import ctc_targets, make_data, sample_batch, transcribe_pool
 
 OPEN = replace(TinyRecipe.smoke(), n_open=3, n_silence=3, open_share=0.4, silence_share=0.3, cot_share=0.5)
@@ -102,6 +103,16 @@ def test_tiny_open_continues_from_the_model_it_is_given(trained, tmp_path):
     assert moved.config.to_dict() == base.config.to_dict()
     changed = [k for k, v in moved.state_dict().items() if not torch.equal(v, base.state_dict()[k])]
     assert any(k.startswith("speech_encoder.") for k in changed) and any(k.startswith("language_model.") for k in changed)
+    masked = FusionModel.from_pretrained(train_tiny(tmp_path / "spec", replace(
+        TinyRecipe.open_vocab(str(init)), steps=(1, 0, 0), speech_steps=1, specaug=True, **small), progress=False))
+    assert masked.config.speech.specaug == SPEC_AUGMENT and masked.speech_encoder.specaug is not None
+    wave = torch.randn(1, 16000)
+    enc, n = masked.speech_encoder, torch.tensor([16000])
+    torch.manual_seed(0)
+    masked_feats, feats = enc.train().features(wave, n)[0], enc.eval().features(wave, n)[0]  # [1, T, 80]
+    zeros = enc.normalize(torch.zeros_like(feats), torch.tensor([feats.shape[1]]))[0]  # a zero-filled band, normalised
+    differ = masked_feats != feats
+    assert differ.any() and torch.equal(masked_feats[differ], zeros[differ])  # masked bands in training only
 
 
 def test_recipe_settings_from_the_command_line():
@@ -110,7 +121,9 @@ def test_recipe_settings_from_the_command_line():
     r = TinyRecipe.agent("m").overridden(["steps=0,0,600", "lr=1e-3,1e-3,3e-4", "agent_share=0.6", "agent_batch=16"])
     assert (r.steps, r.lr, r.agent_share, r.agent_batch, r.init) == ((0, 0, 600), (1e-3, 1e-3, 3e-4), 0.6, 16, "m")
     assert TinyRecipe.agent("m").overridden([]) == TinyRecipe.agent("m")
+    assert [TinyRecipe().overridden([f"specaug={v}"]).specaug for v in ("1", "True", "no", "0")] == [True, True, False, False]
     for bad, message in ((["stepz=1"], "give KEY=VALUE with KEY one of seed,"), (["steps=1,2"], "steps takes 3 comma"),
-                         (["agent_batch=x"], "agent_batch takes int"), (["lr=a,b,c"], "lr takes float, float, float")):
+                         (["agent_batch=x"], "agent_batch takes int"), (["lr=a,b,c"], "lr takes float, float, float"),
+                         (["specaug=maybe"], "specaug takes bool")):
         with pytest.raises(ValueError, match=message):
             TinyRecipe().overridden(bad)
