@@ -163,6 +163,21 @@ def format_results(r: dict) -> str:
     return "\n".join(lines)
 
 
+QUANTIZE = {"int8": (8, None), "int4": (4, 32)}  # bits, group size (32: the shipped decoder's 672 wide MLP, Q4_0's)
+
+
+def quantize_in_memory(model, kind: str):
+    """The model with its decoder's and projector's linears quantized in place (`decoders.quantize`, round to nearest,
+    weight-only: int8 per output channel, int4 in groups of 32); the encoders stay as they are. Returns it."""
+    from decoders.quantize import quantize_model
+
+    bits, group = QUANTIZE[kind]
+    for part in (model.language_model, getattr(model, "projector", None)):
+        if part is not None:
+            quantize_model(part, "rtn", bits, group)
+    return model
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Arguments of `mm eval`."""
     p = argparse.ArgumentParser(prog="mm eval", description="Held-out figures of a multimodal model; with --data FILE.jsonl "
@@ -177,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=None, help="where synthesized speech is cached (default: none)")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--quantize", choices=tuple(QUANTIZE), default=None,
+                   help="first quantize the decoder and projector in memory (RTN: int8 per channel, int4 in groups of 32)")
     return p
 
 
@@ -199,9 +216,11 @@ def run_eval(argv: list[str] | None = None) -> int:
     if unknown:
         raise ValueError(f"unknown task(s) {sorted(unknown)}; choose from {', '.join(TASKS)}")
     model = load(args.model, expect=("mm-multimodal",))
+    if args.quantize:
+        quantize_in_memory(model, args.quantize)
     t0 = time.time()
     results = evaluate(model, args.n, args.batch_size, args.cache_dir, args.seed, tasks, args.split)
-    results["model"] = str(args.model or "shipped")
+    results["model"] = str(args.model or "shipped") + (f" ({args.quantize})" if args.quantize else "")
     results["seconds"] = round(time.time() - t0, 1)
     print(format_results(results))
     if args.json:

@@ -143,7 +143,7 @@ class FusionModel(SpeechInference, nn.Module):
         if cfg.vision_feature_norm:
             hidden = [self.vision_tower.norm(h) for h in hidden]
         x = torch.cat(hidden, dim=-1)  # [N, P, D_vision * layers]
-        return self.projector(x.to(self.projector.linear_1.weight.dtype))
+        return self.projector(x.to(self.dtype))  # the decoder's dtype (a quantized projector has no .weight)
 
     def feature_lengths(self, speech_lengths: torch.Tensor) -> torch.Tensor:
         """Audio tokens each utterance takes in the prompt (one per adapted feature), computed without the model."""

@@ -195,3 +195,28 @@ def test_eval_question_accuracy_by_objects_in_the_scene(model):
 def test_shipped_model_is_small():
     size = sum(f.stat().st_size for f in default_multimodal_dir().iterdir())
     assert size < 40 * 2**20
+
+
+def test_eval_quantizes_the_decoder_and_projector_in_memory(tmp_path):
+    """`mm eval --quantize int8|int4`: every linear of the decoder and projector becomes a quantized one, the encoders
+    keep theirs, and the logits move by rounding only."""
+    from torch import nn
+
+    from decoders.qlinear import QuantLinear
+    from mm.eval.evaluate import quantize_in_memory
+
+    plain = mm.load()
+    inputs = plain.processor()([{"role": "user", "content": "<image>\ndescribe the image."}], [example("scene.png")])
+    want = plain(**inputs).logits
+    for kind, tolerance in (("int8", 0.02), ("int4", 0.2)):
+        q = quantize_in_memory(mm.load(), kind)
+        for part, before in ((q.language_model, plain.language_model), (q.projector, plain.projector)):
+            linears = sum(isinstance(m, nn.Linear) for m in before.modules())
+            assert linears and sum(isinstance(m, QuantLinear) for m in part.modules()) == linears
+            assert not any(isinstance(m, nn.Linear) for m in part.modules())
+        assert any(isinstance(m, nn.Linear) for m in q.speech_encoder.modules())
+        err = float((q(**inputs).logits - want).abs().max() / want.abs().max())
+        assert 0 < err < tolerance, (kind, err)
+    done = mm_cli("eval", "--n", "4", "--tasks", "question", "--quantize", "int4", "--json", str(tmp_path / "r.json"))
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "r.json").read_text())["model"] == "shipped (int4)"
