@@ -74,7 +74,7 @@ class TinyRecipe:
     lr: tuple[float, float, float] = (1e-3, 1e-3, 1e-3)
     batch: tuple[int, int, int, int] = (24, 32, 16, 16)  # rows per step of each task: caption, question, transcribe, spoken
     question_turns: int = 4  # questions asked about each image of a question row, one chat turn each
-    grid_batch: int = 64  # stage 0 images per step
+    grid_batch: int = 64  # stage 0 images per step (0: the ViT is not trained in stage 0)
     speech_steps: int = 300  # stage 0 steps that also train the speech encoder by CTC, `batch[2]` clips each
     ctc_weight: float = 0.3
     grid_weight: float = 0.5  # the ViT's auxiliary loss (GridHead) in stages 1 and 2
@@ -149,11 +149,14 @@ class TinyRecipe:
 
 def encoder_loss(r: TinyRecipe, model: FusionModel, grid_head: GridHead, tokenizer, data: dict, step: int,
                  rng: random.Random, device: torch.device, row: dict) -> torch.Tensor:
-    """Stage 0: the ViT's grid probe on new scenes, and for the first `speech_steps` steps CTC on transcribe clips."""
-    rows = scene_rows(r, r.grid_batch, rng)
-    loss = vit_grid_loss(model, grid_head, model.image_processor([im for _, im, _ in rows]).to(device),
-                         torch.stack([g for *_, g in rows]))
-    row["grid_loss"] = loss.item()
+    """Stage 0: the ViT's grid probe on new scenes (none with grid_batch 0), and for the first `speech_steps` steps
+    CTC on transcribe clips."""
+    loss = torch.zeros((), device=device)
+    if r.grid_batch:
+        rows = scene_rows(r, r.grid_batch, rng)
+        loss = vit_grid_loss(model, grid_head, model.image_processor([im for _, im, _ in rows]).to(device),
+                             torch.stack([g for *_, g in rows]))
+        row["grid_loss"] = loss.item()
     if step < r.speech_steps:
         clips = [rng.choice(transcribe_pool(r, data, rng)) for _ in range(r.batch[2])]
         waves = [w for w, _ in clips]
@@ -220,6 +223,9 @@ def train_tiny(out_dir: str | Path, recipe: TinyRecipe | None = None, resume: bo
     stop_after: leave after that many steps in all (counting from the first step of stage 0) with a checkpoint
     saved, returning None; a later call resumes from it."""
     r = recipe or TinyRecipe()
+    if r.grid_batch == 0 and r.speech_steps < r.steps[0]:
+        raise ValueError(f"grid_batch=0 leaves stage 0 nothing to train after speech_steps={r.speech_steps}; set "
+                         f"speech_steps to steps[0]={r.steps[0]}")
     out = Path(out_dir)
     world, rank, device = setup(device)
     if threads:
@@ -257,7 +263,7 @@ def train_tiny(out_dir: str | Path, recipe: TinyRecipe | None = None, resume: bo
     offsets = [0, r.steps[0], r.steps[0] + r.steps[1]]
     stopping = False
     for stage in range(start_stage, 3):
-        params = trainable(model, stage) + list(grid_head.parameters())
+        params = trainable(model, stage, vision=r.grid_batch > 0) + list(grid_head.parameters())
         opt = adamw(params, r.lr[stage])
         first = start_step if stage == start_stage else 0
         if state is not None and stage == start_stage and first > 0:

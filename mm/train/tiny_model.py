@@ -63,11 +63,12 @@ def set_mvn(model: FusionModel, waves: list[torch.Tensor]) -> None:
         norm.std.copy_(x.std(0).clamp_min(1e-5))
 
 
-def trainable(model: FusionModel, stage: int) -> list[torch.nn.Parameter]:
-    """Stage 0: the ViT, the speech encoder and CTC head; stage 1: everything but the decoder; stage 2: everything."""
+def trainable(model: FusionModel, stage: int, vision: bool = True) -> list[torch.nn.Parameter]:
+    """Stage 0: the ViT (unless not `vision`), the speech encoder and CTC head; stage 1: everything but the decoder;
+    stage 2: everything."""
     for name, p in model.named_parameters():
         if stage == 0:
-            p.requires_grad_(name.startswith(("vision_tower.", "speech_encoder.", "ctc.")))
+            p.requires_grad_(name.startswith(("speech_encoder.", "ctc.") + ("vision_tower.",) * vision))
         else:
             p.requires_grad_(stage == 2 or not name.startswith("language_model."))
     return [p for p in model.parameters() if p.requires_grad]

@@ -105,6 +105,15 @@ def test_tiny_open_continues_from_the_model_it_is_given(trained, tmp_path):
     assert any(k.startswith("speech_encoder.") for k in changed) and any(k.startswith("language_model.") for k in changed)
     masked = FusionModel.from_pretrained(train_tiny(tmp_path / "spec", replace(
         TinyRecipe.open_vocab(str(init)), steps=(1, 0, 0), speech_steps=1, specaug=True, **small), progress=False))
+    changed = [k for k, v in masked.state_dict().items() if not torch.equal(v, base.state_dict()[k])]
+    assert any(k.startswith("vision_tower.") for k in changed) and any(k.startswith("speech_encoder.") for k in changed)
+    speech_only = FusionModel.from_pretrained(train_tiny(tmp_path / "speech", replace(  # grid_batch 0: no ViT training
+        TinyRecipe.open_vocab(str(init)), steps=(1, 0, 0), speech_steps=1, grid_batch=0, **small), progress=False))
+    changed = [k for k, v in speech_only.state_dict().items() if not torch.equal(v, base.state_dict()[k])]
+    assert changed and all(k.startswith(("speech_encoder.", "ctc.")) for k in changed)
+    with pytest.raises(ValueError, match="grid_batch=0 leaves stage 0 nothing to train after speech_steps=1"):
+        train_tiny(tmp_path / "none", replace(TinyRecipe.open_vocab(str(init)), steps=(2, 0, 0), speech_steps=1,
+                                              grid_batch=0, **small), progress=False)
     assert masked.config.speech.specaug == SPEC_AUGMENT and masked.speech_encoder.specaug is not None
     wave = torch.randn(1, 16000)
     enc, n = masked.speech_encoder, torch.tensor([16000])
