@@ -3,6 +3,8 @@ ATen's one-row products instead of oneDNN's around a bf16 CPU step. The model it
 from __future__ import annotations
 
 import contextlib
+import logging
+import time
 import types
 
 import torch
@@ -13,6 +15,9 @@ import torch
 # ISA is taken from its flags (inductor otherwise compiles and runs a probe program for it in every process).
 CPU_DECODE_INDUCTOR = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
                        "emulate_precision_casts": True, "cpp_wrapper": True, "cpp.vec_isa_ok": True}
+
+
+log = logging.getLogger(__name__)
 
 
 def own_code(method):
@@ -29,6 +34,8 @@ def compile_decode(model):
     For inference: the weights are frozen into the compiled step. On CPU, weights are prepacked where that measured
     faster (`prepack_weights`); float32 one-row products run on inductor's C++ GEMM template, others on the template
     or ATen, whichever autotuning timed faster; on CUDA, `generate` replays it as a CUDA graph (one launch a token).
+    Each CPU compile (a new model, batch, dtype or cache size) says so, and then how long it took, as warnings of the
+    `decoders.compile` logger (stderr unless logging is configured otherwise).
     """
     if model.compiled_decode_step is None:
         if model.device.type == "cuda":  # generate captures it in a CUDA graph (decoders/cuda_graph.py)
@@ -49,6 +56,10 @@ def compile_decode(model):
                        torch.is_grad_enabled())
                 if key in compiled_for:
                     return compiled(token, position, slot, key_mask, cache, cache_lens)
+                log.warning("compiling the decode step for batch %d, %s, %d cache slots: 20-130 s on a CPU, once per "
+                            "model and shape in a process", token.shape[0], str(model.dtype).removeprefix("torch."),
+                            key_mask.shape[1])
+                t0 = time.perf_counter()
                 settings = {**CPU_DECODE_INDUCTOR, "cpp.weight_prepack": prepack_weights(model, token.shape[0])}
                 if model.dtype == torch.float32 and token.shape[0] == 1:
                     # Autotuning times each product alone, its weights hot in cache, and then prefers MKL; inside
@@ -64,6 +75,7 @@ def compile_decode(model):
                     with torch._inductor.config.patch({**settings, "max_autotune_gemm_backends": "CPP,ATEN"}):
                         out = compiled(token, position, slot, key_mask, cache, cache_lens)
                 compiled_for.add(key)
+                log.warning("compiled the decode step in %.0f s", time.perf_counter() - t0)
                 return out
 
             model.compiled_decode_step = step

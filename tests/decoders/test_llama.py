@@ -1,5 +1,7 @@
 """Parity of our Llama with transformers' LlamaForCausalLM on random checkpoints in the real on-disk format."""
 import json
+import logging
+import re
 
 import pytest
 import torch
@@ -384,9 +386,10 @@ def test_compiled_decode_step_gives_the_eager_tokens(tiny_dir):
     assert torch.equal(model.generate(ids[:, 3:], mask[:, 3:], max_new_tokens=5, eos_token_id=None), eager_short)
 
 
-def test_two_models_of_one_shape_compile_their_own_weights(tiny_dir):
+def test_two_models_of_one_shape_compile_their_own_weights(tiny_dir, caplog):
     """Each model's compiled step holds its own frozen weights, also at batch 1 where the step may come from
-    inductor's cache (dynamo skips guards on the modules, so a shared step would run the first model's weights)."""
+    inductor's cache (dynamo skips guards on the modules, so a shared step would run the first model's weights).
+    Each compile says what it compiles and how long it took; a second call of the same shape compiles nothing."""
     first = LlamaForCausalLM.from_pretrained(tiny_dir)
     second = LlamaForCausalLM.from_pretrained(tiny_dir)
     with torch.no_grad():
@@ -395,8 +398,14 @@ def test_two_models_of_one_shape_compile_their_own_weights(tiny_dir):
     ids = left_padded_batch(seed=5, pads=(0,))[0][:1]
     eager = [m.generate(ids, max_new_tokens=8, eos_token_id=None) for m in (first, second)]
     assert not torch.equal(*eager)
-    for m, expected in zip((first, second), eager):
-        assert torch.equal(m.generate(ids, max_new_tokens=8, eos_token_id=None, compile=True), expected)
+    with caplog.at_level(logging.WARNING, logger="decoders.compile"):
+        for m, expected in zip((first, second), eager):
+            assert torch.equal(m.generate(ids, max_new_tokens=8, eos_token_id=None, compile=True), expected)
+        assert torch.equal(first.generate(ids, max_new_tokens=8, eos_token_id=None, compile=True), eager[0])
+    said = [r.getMessage() for r in caplog.records if r.name == "decoders.compile"]
+    assert said[0::2] == ["compiling the decode step for batch 1, float32, 256 cache slots: 20-130 s on a CPU, once "
+                          "per model and shape in a process"] * 2
+    assert len(said) == 4 and all(re.fullmatch(r"compiled the decode step in \d+ s", m) for m in said[1::2])
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 2e-2)])
