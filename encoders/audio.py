@@ -161,9 +161,9 @@ def _read_file(path: Path, sample_rate: int | None, target_rate: int,
         raise AudioError(f"{source}: empty file (0 bytes)")
     if path.suffix.lower() in RAW_SUFFIXES:
         if sample_rate is None:
-            raise AudioError(f"{source}: headerless PCM has no sample rate; pass sample_rate= to read it as 16-bit "
-                             "signed little-endian mono, or convert it to WAV (sox -r RATE -e signed -b 16 -c 1 "
-                             "in.raw out.wav)")
+            raise AudioError(f"{source}: headerless PCM has no sample rate; pass sample_rate= (mm transcribe: "
+                             "--sample-rate) to read it as 16-bit signed little-endian mono, or convert it to WAV "
+                             "(sox -r RATE -e signed -b 16 -c 1 in.raw out.wav)")
         wave, rate = _stream_mono(path, target_rate, max_seconds, samplerate=int(sample_rate), channels=1,
                                   subtype="PCM_16", endian="LITTLE", format="RAW")
         return wave, None, rate

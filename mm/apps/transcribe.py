@@ -142,7 +142,7 @@ def write_files(files: list[str], results: list[Transcript], fmt: str, timestamp
 
 
 def check_options(files: list[str], fmt: str, beam: int | None, batch_size: int, max_minutes: float | None,
-                  out_dir: str | None) -> None:
+                  out_dir: str | None, sample_rate: int | None = None) -> None:
     """ValueError naming the first option that `run_transcribe` cannot take."""
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
@@ -156,12 +156,16 @@ def check_options(files: list[str], fmt: str, beam: int | None, batch_size: int,
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
     if max_minutes is not None and not max_minutes > 0:
         raise ValueError(f"--max-minutes must be > 0, got {max_minutes}")
+    if sample_rate is not None and sample_rate <= 0:
+        raise ValueError(f"--sample-rate must be > 0, got {sample_rate}")
 
 
 def decode_files(model, files: list[str], which: list[int], stream: TextStream | None, timestamps: bool,
-                 progress: bool | None, decode: str | None, beam: int | None, **dolphin) -> list[Transcript]:
+                 progress: bool | None, decode: str | None, beam: int | None, sample_rate: int | None,
+                 **dolphin) -> list[Transcript]:
     """Transcripts of `files[i] for i in which`, each segment handed to `stream` as it is decoded (if any).
-    `dolphin`: batch_size, language, region and max_minutes for an ESPnet/Dolphin model."""
+    `sample_rate`: the files' rate (headerless PCM needs it). `dolphin`: batch_size, language, region and max_minutes
+    for an ESPnet/Dolphin model."""
     paths = [files[i] for i in which]
 
     def show(k, segment):  # paths[k]'s segment, to the stream
@@ -169,13 +173,14 @@ def decode_files(model, files: list[str], which: list[int], stream: TextStream |
 
     if isinstance(model, ASRModel):  # windows of all files decoded together in batches
         out = model.transcribe(paths, decode=decode, beam=beam or 10, timestamps=timestamps, progress=progress,
-                               on_segment=show if stream else None, **dolphin)
+                               sample_rate=sample_rate, on_segment=show if stream else None, **dolphin)
         for i in which if stream else []:
             stream.finish(i, files[i])
         return out
     out = []
     for k, f in enumerate(paths):
-        out.append(model.transcript(f, source=f, decode=decode, beam=beam, max_minutes=dolphin["max_minutes"],
+        out.append(model.transcript(f if sample_rate is None else (f, sample_rate), source=f, decode=decode, beam=beam,
+                                    max_minutes=dolphin["max_minutes"],
                                     progress=sys.stderr.isatty() if progress is None else progress,
                                     on_segment=functools.partial(show, k) if stream else None))
         if not timestamps:
@@ -190,7 +195,7 @@ def run_transcribe(files: list[str], model_dir: str | None, decode: str | None =
                    timestamps: bool = False, fmt: str = "text", batch_size: int = 8, out=None,
                    out_dir: str | None = None, progress: bool | None = None, device: str = "cpu",
                    language: str | None = None, region: str | None = None,
-                   max_minutes: float | None = MAX_MINUTES) -> list[Transcript]:
+                   max_minutes: float | None = MAX_MINUTES, sample_rate: int | None = None) -> list[Transcript]:
     """Transcribe files in batches and write them in fmt to `out` (default stdout) or to out_dir/<name><suffix>.
     A file that cannot be decoded does not stop the others: they are written, then a ValueError names each failure.
 
@@ -199,8 +204,10 @@ def run_transcribe(files: list[str], model_dir: str | None, decode: str | None =
     language / region: Dolphin prompt symbols such as "en" / "US" (default: detected per window); a region needs
     its language.
     max_minutes: a longer recording (by its header, before it is decoded) fails, naming its length; None: no limit.
+    sample_rate: the rate of every file: headerless .raw/.pcm (16-bit signed little-endian mono) need it; a file whose
+    header says another rate fails.
     """
-    check_options(files, fmt, beam, batch_size, max_minutes, out_dir)
+    check_options(files, fmt, beam, batch_size, max_minutes, out_dir, sample_rate)
     timestamps = timestamps or fmt == "srt"  # srt cues are trimmed to the words
     model = load(model_dir, expect=TRANSCRIBERS, device=device)
     if not isinstance(model, ASRModel):  # option errors, before any file is decoded
@@ -215,8 +222,8 @@ def run_transcribe(files: list[str], model_dir: str | None, decode: str | None =
         joiner = "" if isinstance(model, ASRModel) and model.config.token_type == "char" else " "
         stream = TextStream(out or sys.stdout, len(checked) > 1, timestamps, joiner)
     run = functools.partial(decode_files, model, files, stream=stream, timestamps=timestamps, progress=progress,
-                            decode=decode, beam=beam, batch_size=batch_size, language=language, region=region,
-                            max_minutes=max_minutes)
+                            decode=decode, beam=beam, sample_rate=sample_rate, batch_size=batch_size,
+                            language=language, region=region, max_minutes=max_minutes)
     try:
         results = run(list(range(len(files)))) if files else []
     except ValueError:  # one bad file must not cost the others: decode them one by one, naming each failure
@@ -256,6 +263,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
     p.add_argument("--threads", type=int, default=0,
                    help="CPU threads (default: torch's choice; 1 is often fastest for small models on busy machines)")
+    p.add_argument("--sample-rate", type=int, default=None,
+                   help="the inputs' sample rate: needed for headerless .raw/.pcm (16-bit signed little-endian mono)")
     p.add_argument("--max-minutes", type=float, default=MAX_MINUTES,
                    help=f"refuse longer recordings, from their header before decoding (default {MAX_MINUTES:g})")
 
@@ -270,5 +279,6 @@ def cmd_transcribe(args) -> int:
         print(f"(no audio given: transcribing the bundled example {args.audio[0]})", file=sys.stderr)
     run_transcribe(args.audio, args.model, decode=args.decode, beam=args.beam, timestamps=args.timestamps,
                    fmt=args.fmt, batch_size=args.batch_size, out_dir=args.out_dir, device=args.device,
-                   language=args.language, region=args.region, max_minutes=args.max_minutes)
+                   language=args.language, region=args.region, max_minutes=args.max_minutes,
+                   sample_rate=args.sample_rate)
     return 0

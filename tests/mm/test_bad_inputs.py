@@ -259,8 +259,10 @@ CLI_MATRIX = [  # (what, argv with {d} for the bad files' directory, the last li
      "mm transcribe: error: 1 of 1 files failed (the others were written): {d}/missing.wav: no such audio file"),
     ("transcribe: headerless pcm", ["transcribe", "{d}/pcm.raw"],
      "mm transcribe: error: 1 of 1 files failed (the others were written): {d}/pcm.raw: headerless PCM has no sample "
-     "rate; pass sample_rate= to read it as 16-bit signed little-endian mono, or convert it to WAV (sox -r RATE -e "
-     "signed -b 16 -c 1 in.raw out.wav)"),
+     "rate; pass sample_rate= (mm transcribe: --sample-rate) to read it as 16-bit signed little-endian mono, or "
+     "convert it to WAV (sox -r RATE -e signed -b 16 -c 1 in.raw out.wav)"),
+    ("transcribe: bad sample rate", ["transcribe", "{d}/pcm.raw", "--sample-rate", "0"],
+     "mm transcribe: error: --sample-rate must be > 0, got 0"),
     ("transcribe: decode rescore", ["transcribe", "{d}/short.wav", "--decode", "rescore"],
      "mm transcribe: error: --decode rescore: the multimodal model decodes with ctc (its CTC head alone), attention "
      "(its decoder alone) or joint (both, the default)"),

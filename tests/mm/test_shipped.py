@@ -220,3 +220,17 @@ def test_eval_quantizes_the_decoder_and_projector_in_memory(tmp_path):
     done = mm_cli("eval", "--n", "4", "--tasks", "question", "--quantize", "int4", "--json", str(tmp_path / "r.json"))
     assert done.returncode == 0, done.stderr
     assert json.loads((tmp_path / "r.json").read_text())["model"] == "shipped (int4)"
+
+
+def test_mm_transcribe_reads_headerless_pcm_at_the_rate_it_is_given(tmp_path):
+    """`mm transcribe x.raw --sample-rate R`: 16-bit little-endian PCM read at R gives the WAV's transcript; a file
+    whose header says another rate is refused, naming both."""
+    samples, rate = sf.read(example("question.wav"), dtype="int16")
+    raw = tmp_path / "question.raw"
+    raw.write_bytes(samples.astype("<i2").tobytes())
+    want = mm_cli("transcribe", str(example("question.wav")), "--timestamps")
+    got = mm_cli("transcribe", str(raw), "--sample-rate", str(rate), "--timestamps")
+    assert want.returncode == 0 and got.returncode == 0, got.stderr
+    assert got.stdout == want.stdout and wer([got.stdout.split("] ", 1)[1]], [TRUTH["question.wav"]["text"]]) <= 20
+    bad = mm_cli("transcribe", str(example("question.wav")), "--sample-rate", "8000")
+    assert bad.returncode == 2 and f"the file says {rate} Hz but sample_rate=8000 was given" in bad.stderr
