@@ -103,7 +103,9 @@ class MultimodalProcessor:
         limit = max_seconds if whole else self.max_audio_seconds
         try:
             if isinstance(audio, tuple):
-                wave, _ = load_audio(audio[0], sample_rate=audio[1], target_rate=self.sample_rate, max_seconds=limit)
+                path = isinstance(audio[0], (str, os.PathLike))  # a file is stopped as it is read, an array below
+                wave, _ = load_audio(audio[0], sample_rate=audio[1], target_rate=self.sample_rate,
+                                     max_seconds=limit if path else None)
             elif isinstance(audio, torch.Tensor):
                 wave, _ = load_audio(audio, sample_rate=self.sample_rate, target_rate=self.sample_rate)
             elif isinstance(audio, (str, os.PathLike)):

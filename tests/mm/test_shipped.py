@@ -234,3 +234,5 @@ def test_mm_transcribe_reads_headerless_pcm_at_the_rate_it_is_given(tmp_path):
     assert got.stdout == want.stdout and wer([got.stdout.split("] ", 1)[1]], [TRUTH["question.wav"]["text"]]) <= 20
     bad = mm_cli("transcribe", str(example("question.wav")), "--sample-rate", "8000")
     assert bad.returncode == 2 and f"the file says {rate} Hz but sample_rate=8000 was given" in bad.stderr
+    long = mm_cli("transcribe", str(raw), "--sample-rate", str(rate), "--max-minutes", "0.01")  # no header: read
+    assert long.returncode == 2 and f"{raw}: 2.2 s is longer than the limit of 0.6 s" in long.stderr
