@@ -162,10 +162,10 @@ def check_options(files: list[str], fmt: str, beam: int | None, batch_size: int,
 
 def decode_files(model, files: list[str], which: list[int], stream: TextStream | None, timestamps: bool,
                  progress: bool | None, decode: str | None, beam: int | None, sample_rate: int | None,
-                 **dolphin) -> list[Transcript]:
+                 max_minutes: float | None, **dolphin) -> list[Transcript]:
     """Transcripts of `files[i] for i in which`, each segment handed to `stream` as it is decoded (if any).
-    `sample_rate`: the files' rate (headerless PCM needs it). `dolphin`: batch_size, language, region and max_minutes
-    for an ESPnet/Dolphin model."""
+    `sample_rate`: the files' rate (headerless PCM needs it). `dolphin`: batch_size, language and region for an
+    ESPnet/Dolphin model."""
     paths = [files[i] for i in which]
 
     def show(k, segment):  # paths[k]'s segment, to the stream
@@ -173,14 +173,15 @@ def decode_files(model, files: list[str], which: list[int], stream: TextStream |
 
     if isinstance(model, ASRModel):  # windows of all files decoded together in batches
         out = model.transcribe(paths, decode=decode, beam=beam or 10, timestamps=timestamps, progress=progress,
-                               sample_rate=sample_rate, on_segment=show if stream else None, **dolphin)
+                               sample_rate=sample_rate, max_minutes=max_minutes, on_segment=show if stream else None,
+                               **dolphin)
         for i in which if stream else []:
             stream.finish(i, files[i])
         return out
     out = []
     for k, f in enumerate(paths):
         out.append(model.transcript(f if sample_rate is None else (f, sample_rate), source=f, decode=decode, beam=beam,
-                                    max_minutes=dolphin["max_minutes"],
+                                    max_minutes=max_minutes,
                                     progress=sys.stderr.isatty() if progress is None else progress,
                                     on_segment=functools.partial(show, k) if stream else None))
         if not timestamps:

@@ -25,20 +25,6 @@ LLAMA_SIZES = {  # name: transformers LlamaConfig kwargs
 }
 
 
-def best_time(fn, repeats: int) -> float:
-    """Smallest wall time of `repeats` calls (after one warm-up call), waiting for the GPU if there is one."""
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    fn()
-    times = []
-    for _ in range(repeats):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return min(times)
-
-
 def paired_rounds(fns: dict, repeats: int) -> dict[str, list[float]]:
     """Wall times [repeats] of each function: one warm-up call each, then every function once per round, one after
     another (a shared machine drifts within minutes, so ratios are taken within a round)."""
@@ -54,6 +40,11 @@ def paired_rounds(fns: dict, repeats: int) -> dict[str, list[float]]:
             sync()
             times[k].append(time.perf_counter() - t0)
     return times
+
+
+def best_time(fn, repeats: int) -> float:
+    """Smallest wall time of `repeats` calls (after one warm-up call), waiting for the GPU if there is one."""
+    return min(paired_rounds({"fn": fn}, repeats)["fn"])
 
 
 def put_ratio(row: dict, key: str, ours: list[float], ref: list[float]) -> None:

@@ -93,7 +93,8 @@ class FusionOutput:
 
 
 class FusionModel(SpeechInference, nn.Module):
-    """A decoder and its modalities: (input_ids with placeholder tokens, pixel_values, speech) -> logits [B, T, V]."""
+    """A decoder and its modalities: (input_ids with placeholder tokens, pixel_values, speech) -> FusionOutput
+    (`.logits` [B, T, V], and the losses when targets are given)."""
 
     def __init__(self, cfg: FusionConfig):
         super().__init__()
