@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 
-from .compile import gemv_flags
+from .compile import aten_gemv, gemv_flags
 from .generate import _eos_tensor, check_options, sample_next
 from .kv_cache import KVCache
 
@@ -102,6 +102,7 @@ class BatchingEngine:
     def __init__(self, model: LlamaForCausalLM, max_batch: int = 8, max_tokens: int | None = None):
         cfg = model.config
         self.model, self.max_batch = model, max_batch
+        self.aten_gemv = aten_gemv(model, 1)  # for steps of one row
         self.max_tokens = min(max_tokens or cfg.max_position_embeddings, cfg.max_position_embeddings)
         c = cfg
         with torch.inference_mode():
@@ -254,7 +255,7 @@ class BatchingEngine:
         key_mask = self.key_mask[:B]
         key_mask[torch.arange(B, device=dev), slots] = True  # each row sees its new slot (a free row: slot 0 only)
         self.cache.span = max(self.length[b] for b in active) + 1
-        with gemv_flags(self.model, B):
+        with gemv_flags(B == 1 and self.aten_gemv):
             logits = self.model.decode_step(tokens[:, None], slots[:, None], slots, key_mask[:, :self.cache.span],
                                             self.cache)  # [B, 1, V]
         self.steps += 1

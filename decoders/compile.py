@@ -9,6 +9,8 @@ import types
 
 import torch
 
+from .qlinear import W8A8Linear
+
 # Inductor settings for the compiled CPU decode step: weights frozen into the graph, GEMMs picked by measurement
 # between inductor's C++ template and ATen, bf16/fp16 rounded where eager rounds (so greedy tokens stay those of the
 # eager model), and a C++ wrapper calling the kernels (a Python one costs ~1 ms a token). The CPU's base vector
@@ -105,12 +107,20 @@ def prepack_weights(model, batch: int) -> bool:
     return weights <= last_level_cache_bytes()
 
 
+def aten_gemv(model, batch: int) -> bool:
+    """Whether a decode step of `batch` rows runs with oneDNN switched off (`gemv_flags`). oneDNN's bf16/fp16 matmul
+    is slow for the one-row products of a CPU decode step (it re-lays out the weight); ATen's own kernel streams the
+    weights faster (~37 GB/s in the 125M step here). With several rows oneDNN's blocked kernels win; and W8A8's int8
+    product (`torch._int_mm`) is oneDNN's, without which ATen runs a reference loop ~250x slower (3072 x 768:
+    56 us -> 14 ms), so a model holding any stays on oneDNN."""
+    return (model.device.type == "cpu" and model.dtype in (torch.bfloat16, torch.float16) and batch == 1
+            and not any(isinstance(m, W8A8Linear) for m in model.modules()))
+
+
 @contextlib.contextmanager
-def gemv_flags(model, batch: int):
-    """oneDNN's bf16/fp16 matmul is slow for the one-row products of a CPU decode step (it re-lays out the weight);
-    ATen's own kernel streams the weights faster (~37 GB/s in the 125M step here), so oneDNN is switched off around a
-    batch-1 step there. With several rows oneDNN's blocked kernels win, so it stays on."""
-    if model.device.type != "cpu" or model.dtype not in (torch.bfloat16, torch.float16) or batch > 1:
+def gemv_flags(off: bool):
+    """oneDNN switched off inside the block when `off` (decided once per model and batch by `aten_gemv`)."""
+    if not off:
         yield
         return
     before = torch._C._get_mkldnn_enabled()

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Iterator
 
 import torch
 
-from .compile import compile_decode, gemv_flags
+from .compile import aten_gemv, compile_decode, gemv_flags
 from .cuda_graph import static_decoder
 from .masks import positions_from_mask
 from .stream_decoder import StreamDecoder
@@ -116,6 +116,7 @@ def stream_tokens(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_ma
     logits = model(input_ids.to(device), prompt_mask, inputs_embeds=inputs_embeds, position_ids=positions,
                    kv_cache=cache, last_only=True)  # [B, 1, V]
     step_fn = compile_decode(model) if compile else (model.compiled_decode_step or model.decode_step)
+    aten = aten_gemv(model, B)
     next_pos = positions[:, -1:] + 1  # [B, 1]
     # Step inputs live on the device and advance there: building them from Python ints would copy host -> device
     # (a wait for the GPU) every token.
@@ -136,7 +137,7 @@ def stream_tokens(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_ma
         if graphed:
             logits = static.step(step_fn, token[:, None], next_pos, slot_t, key_mask, cache_lens)
         else:
-            with gemv_flags(model, B):
+            with gemv_flags(aten):
                 logits = step_fn(token[:, None], next_pos, slot_t, key_mask, cache, cache_lens)
         next_pos, slot_t = next_pos + 1, slot_t + 1
         if use_lens:  # without padding each row's tokens are a cache prefix: on CUDA, FlashDecoding's lengths

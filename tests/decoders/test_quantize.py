@@ -148,6 +148,23 @@ def test_compiled_decode_step_runs_the_kernels():
     assert torch.equal(eager, compiled)
 
 
+def test_w8a8_decode_steps_keep_onednn(monkeypatch):
+    """A bf16 batch-1 step switches oneDNN off for ATen's one-row bf16 product, except where a W8A8 linear runs:
+    its torch._int_mm is oneDNN's (without it ATen's reference loop is ~250x slower). Recorded in each call."""
+    seen = []
+    for cls in (Int8Linear, W8A8Linear):
+        forward = cls.forward
+        monkeypatch.setattr(cls, "forward", lambda self, x, f=forward: seen.append(
+            (type(self), torch._C._get_mkldnn_enabled())) or f(self, x))
+    ids = torch.randint(0, 96, (1, 5), generator=torch.Generator().manual_seed(4))
+    for activations in (False, True):
+        model = tiny_llama(dtype=torch.bfloat16)
+        model.lm_head = quantized_linear(model.lm_head, 8, None, activations=activations)
+        seen.clear()
+        model.generate(ids, max_new_tokens=4, compile=False)
+        steps = seen[1:]  # seen[0]: the prefill, which keeps oneDNN for its several rows
+        assert len(steps) == 3 and all(on == activations for _, on in steps), (activations, seen)
+
 def test_bad_options_are_named():
     with pytest.raises(ValueError, match="bits must be one of"):
         quantize_model(tiny_llama(), "rtn", 5, 32)
