@@ -93,7 +93,7 @@ def sinusoid_positions(start: int, length: int, d_model: int, device=None) -> to
 
 
 class MultiHeadAttention(nn.Module):
-    """Multi-head attention with ESPnet's `linear_{q,k,v,out}` names; keys/values can be precomputed."""
+    """Multi-head attention with ESPnet's `linear_{q,k,v,out}` names over precomputed keys/values (`kv`)."""
 
     def __init__(self, d_model: int, n_heads: int, dropout: float):
         super().__init__()
@@ -118,11 +118,6 @@ class MultiHeadAttention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # [B, H, Lq, d_k]
         out = out.transpose(1, 2).reshape(query.shape[0], query.shape[1], -1)
         return self.linear_out(out)
-
-    def forward(self, query, key_value, mask):
-        """Attention of `query` over `key_value` (projected here)."""
-        k, v = self.kv(key_value)
-        return self.attend(query, k, v, mask)
 
 
 class FeedForward(nn.Module):
@@ -253,9 +248,7 @@ class TransformerDecoder(nn.Module):
         x = self.embed_tokens(ys, cache.length)  # [N, l, D]
         # new queries see every cached position and the new ones causally
         total = cache.length + l
-        self_mask = None
-        if l > 1:
-            self_mask = torch.ones(l, total, dtype=torch.bool, device=ys.device).tril(cache.length)
+        self_mask = torch.ones(l, total, dtype=torch.bool, device=ys.device).tril(cache.length) if l > 1 else None
         new_self = []
         for layer, (ck, cv), (sk, sv) in zip(self.decoders, cache.self_kv, cache.src_kv):
             k, v = layer.self_attn.kv(layer.norm1(x))

@@ -103,22 +103,17 @@ def scale_groups(model: nn.Module, names: list[str], fed_by: dict[str, str]) -> 
         parent, _, leaf = n.rpartition(".")
         pre = f"{parent}." if parent else ""
         target = modules[n]
-        for prev_leaf, leaf_name, part in (("gate_up_proj", "down_proj", "second half"), ("up_proj", "down_proj", "all"),
-                                           ("qkv_proj", "o_proj", "last"), ("v_proj", "o_proj", "all")):
+        # the input is the last of `blocks` equal row blocks of the preceding linear: up of gate/up, v of fused q, k, v
+        # of equal widths (MHA; with grouped-query sharing v is narrower than o_proj's input: no fold), or all of it
+        for prev_leaf, leaf_name, blocks in (("gate_up_proj", "down_proj", 2), ("up_proj", "down_proj", 1),
+                                             ("qkv_proj", "o_proj", 3), ("v_proj", "o_proj", 1)):
             prev = modules.get(pre + prev_leaf)
             if leaf != leaf_name or n in taken or not isinstance(prev, nn.Linear):
                 continue
-            out, k = prev.out_features, target.in_features
-            if part == "second half" and out == 2 * k:
-                rows = slice(k, out)
-            elif part == "last" and out == 3 * k:  # fused q, k, v of equal widths (MHA): v is the last third;
-                rows = slice(2 * k, out)  # with grouped-query sharing v is narrower than o_proj's input: no fold
-            elif part == "all" and out == k:
-                rows = slice(0, out)
-            else:
-                continue
-            groups[n] = ScaleGroup(pre + prev_leaf, [n], rows)
-            taken.add(n)
+            k = target.in_features
+            if prev.out_features == blocks * k:
+                groups[n] = ScaleGroup(pre + prev_leaf, [n], slice((blocks - 1) * k, blocks * k))
+                taken.add(n)
     rest = [ScaleGroup(None, [n]) for n in names if n not in taken]
     return list(groups.values()) + rest
 

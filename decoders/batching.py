@@ -104,10 +104,9 @@ class BatchingEngine:
         self.model, self.max_batch = model, max_batch
         self.aten_gemv = aten_gemv(model, 1)  # for steps of one row
         self.max_tokens = min(max_tokens or cfg.max_position_embeddings, cfg.max_position_embeddings)
-        c = cfg
         with torch.inference_mode():
-            self.cache = SlotCache(c.num_hidden_layers, max_batch, c.num_key_value_heads, c.head_dim, self.max_tokens,
-                                   model.dtype, model.device)
+            self.cache = SlotCache(cfg.num_hidden_layers, max_batch, cfg.num_key_value_heads, cfg.head_dim,
+                                   self.max_tokens, model.dtype, model.device)
             self.key_mask = torch.zeros(max_batch, self.max_tokens, dtype=torch.bool, device=model.device)  # [B, S]
         self.rows: list[Request | None] = [None] * max_batch  # the request in each cache row
         self.length = [0] * max_batch  # tokens cached in each row
@@ -142,8 +141,7 @@ class BatchingEngine:
         req = Request(ids, inputs_embeds, min(max_new_tokens, self.max_tokens - T), temperature, top_k, top_p, seed,
                       eos, on_token)
         if seed is not None:
-            req.generator = torch.Generator(device=self.model.device)
-            req.generator.manual_seed(seed)
+            req.generator = torch.Generator(device=self.model.device).manual_seed(seed)
         if req.max_new_tokens == 0:
             self._finish(req, "length")
             return req
@@ -183,27 +181,20 @@ class BatchingEngine:
         req.stream.put(token)
         if req.on_token is not None:
             req.on_token(token)
-        reason = None
-        if req.eos is not None and bool((req.eos == token).any()):
-            reason = "stop"
-        elif len(req.tokens) >= req.max_new_tokens:
-            reason = "length"
-        if reason:
+        stop = req.eos is not None and bool((req.eos == token).any())
+        if stop or len(req.tokens) >= req.max_new_tokens:
             self.rows[b] = None
-            self._finish(req, reason)
+            self._finish(req, "stop" if stop else "length")
         else:
             self.next_token[b] = token
 
     def _sample(self, logits: torch.Tensor, rows: list[int]) -> list[int]:
         """Next token of each row in `rows` from its logits [len(rows), V], with that request's options."""
-        greedy = logits.argmax(dim=-1).tolist()
-        out = []
+        out = logits.argmax(dim=-1).tolist()  # greedy, unless the request samples
         for i, b in enumerate(rows):
             r = self.rows[b]
-            if r.temperature <= 0:
-                out.append(greedy[i])
-            else:
-                out.append(int(sample_next(logits[i:i + 1], r.temperature, r.top_k, r.top_p, r.generator)[0]))
+            if r.temperature > 0:
+                out[i] = int(sample_next(logits[i:i + 1], r.temperature, r.top_k, r.top_p, r.generator)[0])
         return out
 
     def _admit(self, b: int, req: Request) -> None:

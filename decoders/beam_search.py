@@ -46,12 +46,8 @@ def end_detect(ended: list[Hypothesis], i: int, M: int = 3, D_end: float = math.
     if not ended:
         return False
     best = max(h.score for h in ended)
-    count = 0
-    for m in range(M):
-        same = [h.score for h in ended if len(h.yseq) == i - m]
-        if same and max(same) - best < D_end:
-            count += 1
-    return count == M
+    ends = [[h.score for h in ended if len(h.yseq) == i - m] for m in range(M)]  # ended scores of the last M lengths
+    return all(same and max(same) - best < D_end for same in ends)
 
 
 def _max_min_len(T: int, maxlenratio: float, minlenratio: float, n_prompt: int = 0) -> tuple[int, int]:

@@ -32,10 +32,8 @@ class CausalLM(nn.Module):
             bad = lo if lo < 0 else hi
             raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
         if input_ids.shape[1] > self.config.max_position_embeddings:
-            raise ValueError(
-                f"prompt of {input_ids.shape[1]} tokens exceeds the context window of "
-                f"{self.config.max_position_embeddings} (max_position_embeddings)"
-            )
+            raise ValueError(f"prompt of {input_ids.shape[1]} tokens exceeds the context window of "
+                             f"{self.config.max_position_embeddings} (max_position_embeddings)")
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings [B, T, D]; checks the ids first."""

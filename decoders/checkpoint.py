@@ -88,25 +88,16 @@ def check_state_dict(expected: dict[str, torch.Size], state_dict: dict[str, torc
     """Raise CheckpointError listing missing, unexpected and wrongly shaped tensors (if any)."""
     missing = sorted(k for k in expected if k not in state_dict)
     unexpected = sorted(k for k in state_dict if k not in expected)
-    wrong = sorted(
-        f"{k}: expected {tuple(expected[k])}, got {tuple(state_dict[k].shape)}"
-        for k in expected
-        if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k])
-    )
-    problems = []
-    if missing:
-        problems.append(f"missing {len(missing)}: " + ", ".join(missing))
-    if unexpected:
-        problems.append(f"unexpected {len(unexpected)}: " + ", ".join(unexpected))
-    if wrong:
-        problems.append(f"wrong shape {len(wrong)}: " + "; ".join(wrong))
+    wrong = sorted(f"{k}: expected {tuple(expected[k])}, got {tuple(state_dict[k].shape)}" for k in expected
+                   if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k]))
+    problems = [f"{what} {len(keys)}: " + sep.join(keys) for what, keys, sep in
+                (("missing", missing, ", "), ("unexpected", unexpected, ", "), ("wrong shape", wrong, "; ")) if keys]
     if problems:
         raise CheckpointError(f"{source}: state dict does not fit the model: " + " | ".join(problems))
 
 
-def load_state_dict_strict(
-    module: nn.Module, state_dict: dict[str, torch.Tensor], source: str, assign: bool = False
-) -> nn.Module:
+def load_state_dict_strict(module: nn.Module, state_dict: dict[str, torch.Tensor], source: str,
+                           assign: bool = False) -> nn.Module:
     """Check names and shapes first, then load into `module`; nothing is half-loaded.
 
     With `assign=False` tensors are copied into the module's own (keeping its dtype); with `assign=True` the
@@ -150,8 +141,7 @@ def read_hf_weights(model_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
         for shard in sorted(set(map(str, weight_map.values()))):
             if not (model_dir / shard).resolve().is_relative_to(root):  # "../../etc/passwd" and absolute paths
                 raise CheckpointError(f"{index}: shard {shard!r} lies outside the model directory")
-            for k, v in read_safetensors(model_dir / shard).items():
-                state_dict[k] = v
+            state_dict.update(read_safetensors(model_dir / shard))
         listed_missing = sorted(k for k in weight_map if k not in state_dict)
         if listed_missing:
             raise CheckpointError(f"{index}: tensors listed but absent from their shards: {', '.join(listed_missing)}")
@@ -159,14 +149,12 @@ def read_hf_weights(model_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
     for name in ("pytorch_model.bin", "model.pth"):
         if (model_dir / name).is_file():
             return read_torch(model_dir / name)
-    raise CheckpointError(
-        f"{model_dir}: no weights found (looked for model.safetensors, model.safetensors.index.json, pytorch_model.bin)"
-    )
+    raise CheckpointError(f"{model_dir}: no weights found (looked for model.safetensors, model.safetensors.index.json, "
+                          "pytorch_model.bin)")
 
 
-def write_hf_weights(
-    model_dir: str | os.PathLike, state_dict: dict[str, torch.Tensor], max_shard_bytes: int = 5 * 2**30
-) -> None:
+def write_hf_weights(model_dir: str | os.PathLike, state_dict: dict[str, torch.Tensor],
+                     max_shard_bytes: int = 5 * 2**30) -> None:
     """Write `model.safetensors`, or shards plus `model.safetensors.index.json` when over `max_shard_bytes`."""
     from safetensors.torch import save_file
 

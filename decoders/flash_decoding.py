@@ -45,8 +45,8 @@ MAX_SPLITS = 64
 # ----------------------------------------------------------------------------- shapes
 
 
-def _check_inputs(q, k_cache, v_cache, cache_lens):
-    """Validate shapes; return q as [B, H, D] and whether it came as [B, H, 1, D]."""
+def _check_inputs(q, k_cache, v_cache, cache_lens, num_splits=1):
+    """Validate shapes (and a given split count); return q as [B, H, D] and whether it came as [B, H, 1, D]."""
     was_4d = q.dim() == 4
     if was_4d:
         if q.shape[2] != 1:
@@ -55,10 +55,8 @@ def _check_inputs(q, k_cache, v_cache, cache_lens):
     if q.dim() != 3:
         raise ValueError(f"q must be [B, H, D] or [B, H, 1, D], got {tuple(q.shape)}")
     if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
-        raise ValueError(
-            "k_cache and v_cache must both be [B, H_kv, S_max, D], "
-            f"got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}"
-        )
+        raise ValueError(f"k_cache and v_cache must both be [B, H_kv, S_max, D], got {tuple(k_cache.shape)} and "
+                         f"{tuple(v_cache.shape)}")
     B, H, D = q.shape
     Bk, H_kv, _, Dk = k_cache.shape
     if Bk != B or Dk != D:
@@ -66,9 +64,10 @@ def _check_inputs(q, k_cache, v_cache, cache_lens):
     if H % H_kv != 0:
         raise ValueError(f"query heads H={H} must be a multiple of kv heads H_kv={H_kv}")
     if cache_lens.shape != (B,) or cache_lens.dtype.is_floating_point or cache_lens.dtype == torch.bool:
-        raise ValueError(
-            f"cache_lens must be an integer tensor [B]={B}, got {cache_lens.dtype} {tuple(cache_lens.shape)}"
-        )
+        raise ValueError(f"cache_lens must be an integer tensor [B]={B}, got {cache_lens.dtype} "
+                         f"{tuple(cache_lens.shape)}")
+    if num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     return q, was_4d
 
 
@@ -77,9 +76,7 @@ def _check_inputs(q, k_cache, v_cache, cache_lens):
 
 def flash_decode_reference(q, k_cache, v_cache, cache_lens, num_splits, scale=None):
     """FlashDecoding in pure PyTorch (fp32): per-split partial softmax and LSE, combined by their LSE."""
-    q3, was_4d = _check_inputs(q, k_cache, v_cache, cache_lens)
-    if num_splits < 1:
-        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    q3, was_4d = _check_inputs(q, k_cache, v_cache, cache_lens, num_splits)
     B, H, D = q3.shape
     _, H_kv, S, _ = k_cache.shape
     G = H // H_kv
@@ -140,10 +137,8 @@ def _split_kernel(
     heads = hk * GROUP + offs_g  # query heads of this kv head; rows >= GROUP are padding for tl.dot
     mask_g = offs_g < GROUP
     mask_d = offs_d < HEAD_DIM
-    q = tl.load(
-        Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
-        mask=mask_g[:, None] & mask_d[None, :], other=0.0,
-    ).to(DOT_DTYPE)  # [BLOCK_G, BLOCK_D]
+    q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
+                mask=mask_g[:, None] & mask_d[None, :], other=0.0).to(DOT_DTYPE)  # [BLOCK_G, BLOCK_D]
     k_base = K + b * stride_kb + hk * stride_kh + offs_d[None, :] * stride_kd
     v_base = V + b * stride_vb + hk * stride_vh + offs_d[None, :] * stride_vd
 
@@ -173,12 +168,9 @@ def _split_kernel(
     # An empty split (start >= end) stores output 0 and LSE -inf, so the combine gives it weight 0.
     nonempty = l_i > 0
     l_safe = tl.where(nonempty, l_i, 1.0)
-    out = acc / l_safe[:, None]
     lse = tl.where(nonempty, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))  # natural log
-    tl.store(
-        OutPartial + b * stride_ob + heads[:, None] * stride_oh + split * stride_os + offs_d[None, :],
-        out, mask=mask_g[:, None] & mask_d[None, :],
-    )
+    tl.store(OutPartial + b * stride_ob + heads[:, None] * stride_oh + split * stride_os + offs_d[None, :],
+             acc / l_safe[:, None], mask=mask_g[:, None] & mask_d[None, :])
     tl.store(LsePartial + b * stride_lb + heads * stride_lh + split, lse, mask=mask_g)
 
 
@@ -203,10 +195,8 @@ def _combine_kernel(
     lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)  # all splits empty (length 0): output 0, not nan
     w = tl.exp(lse - lse_max)  # [BLOCK_S]
     w_sum = tl.sum(w, 0)
-    o = tl.load(
-        OutPartial + b * stride_ob + h * stride_oh + offs_s[:, None] * stride_os + offs_d[None, :],
-        mask=mask_s[:, None] & mask_d[None, :], other=0.0,
-    )  # [BLOCK_S, BLOCK_D]
+    o = tl.load(OutPartial + b * stride_ob + h * stride_oh + offs_s[:, None] * stride_os + offs_d[None, :],
+                mask=mask_s[:, None] & mask_d[None, :], other=0.0)  # [BLOCK_S, BLOCK_D]
     out = tl.sum(o * w[:, None], 0) / tl.where(w_sum > 0, w_sum, 1.0)  # [BLOCK_D]
     tl.store(Out + b * stride_outb + h * stride_outh + offs_d * stride_outd, out.to(Out.dtype.element_ty), mask=mask_d)
 
@@ -224,17 +214,13 @@ def _kernels():
 
 def flash_decode_triton(q, k_cache, v_cache, cache_lens, num_splits, scale=None, block_n=None):
     """FlashDecoding with Triton: a split kernel (partial output + LSE per chunk) and a combine kernel."""
-    q3, was_4d = _check_inputs(q, k_cache, v_cache, cache_lens)
-    if num_splits < 1:
-        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    q3, was_4d = _check_inputs(q, k_cache, v_cache, cache_lens, num_splits)
     split_kernel, combine_kernel = _kernels()
     if not (q.is_cuda or triton.knobs.runtime.interpret):
         raise RuntimeError(f"flash_decode_triton needs CUDA tensors (or TRITON_INTERPRET=1), got {q.device}")
     if not (q3.dtype == k_cache.dtype == v_cache.dtype) or q3.dtype not in _TL_DTYPES:
-        raise ValueError(
-            "q, k_cache, v_cache must share one of float16/bfloat16/float32, "
-            f"got {q3.dtype}, {k_cache.dtype}, {v_cache.dtype}"
-        )
+        raise ValueError(f"q, k_cache, v_cache must share one of float16/bfloat16/float32, got {q3.dtype}, "
+                         f"{k_cache.dtype}, {v_cache.dtype}")
     B, H, D = q3.shape
     H_kv = k_cache.shape[1]
     G = H // H_kv
@@ -332,14 +318,8 @@ def decode_attention(q, k_cache, v_cache, cache_lens, scale=None, num_splits=Non
     q3, was_4d = _check_inputs(q, k_cache, v_cache, cache_lens)
     B, H, D = q3.shape
     _, H_kv, S, _ = k_cache.shape
-    use_triton = (
-        triton is not None
-        and q3.is_cuda
-        and S >= MIN_TRITON_CACHE_LEN
-        and q3.dtype in _TL_DTYPES
-        and q3.dtype == k_cache.dtype == v_cache.dtype
-        and D <= 256
-    )
+    use_triton = (triton is not None and q3.is_cuda and S >= MIN_TRITON_CACHE_LEN and q3.dtype in _TL_DTYPES
+                  and q3.dtype == k_cache.dtype == v_cache.dtype and D <= 256)
     if use_triton and num_splits is None:
         out = _flash_decode_op(q3.contiguous(), k_cache, v_cache, cache_lens, 1.0 / math.sqrt(D) if scale is None else scale)
     elif use_triton:

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .flash_decoding import _num_sms, choose_num_splits
+from .flash_decoding import _TL_DTYPES, _num_sms, choose_num_splits
 
 try:
     import triton
@@ -273,7 +273,6 @@ def _combine_kernel(
     tl.store(Lse + b * stride_lseb + h * stride_lseh, tl.where(empty, float("-inf"), lse_max + tl.log(w_sum)))
 
 
-_TL_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
 DEFAULT_BLOCK_H = 16  # query heads a program takes: tl.dot's smallest tile; its [16, 512] fp32 accumulator fits 4 warps
 
 

@@ -24,6 +24,8 @@ from .qlinear import Int4Linear
 BLOCK = 32
 FLOAT_TYPES = {"F32": np.float32, "F16": np.float16}
 SUPPORTED = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
+GLOBAL_KEYS = {"token_embd.weight": "model.embed_tokens.weight", "output.weight": "lm_head.weight",
+               "output_norm.weight": "model.norm.weight"}
 LAYER_KEYS = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn_q": "self_attn.q_proj",
               "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
               "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
@@ -56,10 +58,10 @@ def gguf_config(reader, source: str) -> LlamaConfig:
         bos_token_id=field(reader, "tokenizer.ggml.bos_token_id"), eos_token_id=field(reader, "tokenizer.ggml.eos_token_id"))
 
 
-def blocks(t) -> np.ndarray:
-    """A quantized tensor's raw bytes as [rows, blocks per row, bytes per block]."""
+def blocks(t, size: int) -> np.ndarray:
+    """A quantized tensor's raw bytes as [rows, blocks per row, bytes per block = size]."""
     rows = int(np.prod(t.shape[1:]))
-    return np.asarray(t.data, dtype=np.uint8).reshape(rows, -1)
+    return np.asarray(t.data, dtype=np.uint8).reshape(rows, -1, size)
 
 
 def nibbles(qs: np.ndarray) -> np.ndarray:
@@ -71,7 +73,7 @@ def decode_4bit(t) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Q4_0/Q4_1 -> codes q [rows, cols] (0..15), d [rows, cols/32], m [rows, cols/32] (Q4_0: m = -8 d)."""
     kind = t.tensor_type.name
     size = 18 if kind == "Q4_0" else 20
-    b = blocks(t).reshape(-1, blocks(t).shape[1] // size, size)  # [rows, nb, size]
+    b = blocks(t, size)  # [rows, nb, size]
     d = b[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
     m = b[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32) if kind == "Q4_1" else -8 * d
     q = nibbles(b[..., size - 16:])
@@ -88,7 +90,7 @@ def dequantize(t) -> torch.Tensor:
         raw = np.asarray(t.data).view(np.uint16).astype(np.int32) << 16
         return torch.from_numpy(raw.view(np.float32).reshape(shape))
     if kind == "Q8_0":
-        b = blocks(t).reshape(-1, blocks(t).shape[1] // 34, 34)
+        b = blocks(t, 34)
         d = b[..., 0:2].copy().view(np.float16).astype(np.float32)  # [rows, nb, 1]
         q = b[..., 2:].view(np.int8).astype(np.float32)
         return torch.from_numpy((d * q).reshape(shape))
@@ -132,17 +134,13 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, device: torc
     path = Path(path)
     reader = open_gguf(path)
     cfg = gguf_config(reader, str(path))
-    tensors = {t.name: t for t in reader.tensors}
     hf, four_bit = {}, {}
-    for name, t in tensors.items():
-        if name == "token_embd.weight":
-            key = "model.embed_tokens.weight"
-        elif name == "output.weight":
-            key = "lm_head.weight"
-        elif name == "output_norm.weight":
-            key = "model.norm.weight"
-        elif name.startswith("blk.") and name.split(".")[2] in LAYER_KEYS:
-            _, i, part, _ = name.split(".")
+    for t in reader.tensors:
+        part = t.name.split(".")[2] if t.name.startswith("blk.") else None
+        if t.name in GLOBAL_KEYS:
+            key = GLOBAL_KEYS[t.name]
+        elif part in LAYER_KEYS:
+            _, i, part, _ = t.name.split(".")
             key = f"model.layers.{i}.{LAYER_KEYS[part]}.weight"
         else:
             continue  # e.g. rope_freqs: recomputed from the config
@@ -152,7 +150,7 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, device: torc
             raise CheckpointError(f"{path}: {e}") from e
         if quantized and t.tensor_type.name in ("Q4_0", "Q4_1") and key.startswith(("model.layers.", "lm_head.")):
             four_bit[key] = decode_4bit(t)
-        heads = {"attn_q": cfg.num_attention_heads, "attn_k": cfg.num_key_value_heads}.get(name.split(".")[2] if name.startswith("blk.") else "")
+        heads = {"attn_q": cfg.num_attention_heads, "attn_k": cfg.num_key_value_heads}.get(part)
         if heads:
             w = unpermute(w, heads)
             if key in four_bit:
@@ -163,8 +161,7 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, device: torc
     model = LlamaForCausalLM.from_state_dict(cfg, convert_hf_state_dict(hf, cfg, str(path)), dtype, device, str(path))
     if four_bit:
         swap_4bit(model, four_bit)
-    model.eval()
-    return model
+    return model.eval()
 
 
 def swap_4bit(model: LlamaForCausalLM, four_bit: dict) -> None:
@@ -237,8 +234,7 @@ def save_gguf(model: LlamaForCausalLM, path: str | Path, kind: str = "F32", embe
                          f"{c.vocab_size}")
     w = gguf.GGUFWriter(str(path), "llama")
     write_metadata(w, c, tokenizer)
-    names = {"model.embed_tokens.weight": "token_embd.weight", "lm_head.weight": "output.weight",
-             "model.norm.weight": "output_norm.weight"}
+    names = {ours: theirs for theirs, ours in GLOBAL_KEYS.items()}
     names.update({f"model.layers.{i}.{ours}.weight": f"blk.{i}.{theirs}.weight"
                   for i in range(c.num_hidden_layers) for theirs, ours in LAYER_KEYS.items()})
     for name, t in to_hf_state_dict(model.state_dict(), c).items():

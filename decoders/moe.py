@@ -64,10 +64,8 @@ class Router(nn.Module):
         choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias.float()
         if self.topk_group < self.n_group:
             grouped = choice.view(-1, self.n_group, self.n_experts // self.n_group)  # [N, G, E/G]
-            if self.group_score == "top2":
-                group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # [N, G]
-            else:
-                group_scores = grouped.amax(dim=-1)
+            top2 = self.group_score == "top2"
+            group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1) if top2 else grouped.amax(dim=-1)  # [N, G]
             kept = torch.zeros_like(group_scores, dtype=torch.bool)
             kept.scatter_(1, group_scores.topk(self.topk_group, dim=-1).indices, True)
             choice = choice.masked_fill(~kept.repeat_interleave(self.n_experts // self.n_group, dim=1), float("-inf"))
@@ -97,9 +95,8 @@ def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, group
 
 def grouped_mm_supported(x: torch.Tensor) -> bool:
     """Whether this torch runs `torch._grouped_mm` for x's device and dtype (CPU: all floats; CUDA: bfloat16)."""
-    if not hasattr(torch, "_grouped_mm"):
-        return False
-    return x.device.type == "cpu" or (x.device.type == "cuda" and x.dtype == torch.bfloat16)
+    on_device = x.device.type == "cpu" or (x.device.type == "cuda" and x.dtype == torch.bfloat16)
+    return hasattr(torch, "_grouped_mm") and on_device
 
 
 class Experts(nn.Module):

@@ -101,9 +101,8 @@ def speculative_generate(model: DeepseekForCausalLM, input_ids: torch.Tensor, ma
         raise ValueError(f"speculative_generate decodes one prompt; got a batch of {input_ids.shape[0]}")
     model.check_ids(input_ids)
     cfg, device, t0 = model.config, model.device, time.perf_counter()
-    eos = set([] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else eos_token_id)
-    if eos_token_id == "config":
-        eos = set([cfg.eos_token_id] if isinstance(cfg.eos_token_id, int) else cfg.eos_token_id or [])
+    eos = cfg.eos_token_id if eos_token_id == "config" else eos_token_id
+    eos = set([eos] if isinstance(eos, int) else eos or [])
     T = input_ids.shape[1]
     max_new_tokens = min(max_new_tokens, cfg.max_position_embeddings - T - 1)
     if max_new_tokens <= 0:
@@ -132,17 +131,14 @@ def speculative_generate(model: DeepseekForCausalLM, input_ids: torch.Tensor, ma
         passes, drafted = passes + 1, drafted + 1
         if choice[0] == guess:
             accepted += 1
-            new, hidden = choice, hidden  # the draft, and the token after it, both confirmed
+            new = choice  # the draft, and the token after it, both confirmed
         else:
             new, hidden = choice[:1], hidden[:, :1]
             cache.length -= 1  # forget the draft's slot
         out += new
         guess = draft(hidden, new)
     out = out[:max_new_tokens]
-    for i, t in enumerate(out):
-        if t in eos:
-            out = out[:i + 1]
-            break
+    out = out[:next((i + 1 for i, t in enumerate(out) if t in eos), len(out))]  # up to the first EOS, included
     if stats is not None:
         stats.update(acceptance=accepted / max(drafted, 1), tokens_per_pass=(len(out) - 1) / max(passes, 1),
                      seconds=time.perf_counter() - t0, new_tokens=len(out))

@@ -43,8 +43,6 @@ SPECIALS_FILE = "tokenizer_specials.json"  # only written for tiktoken tokenizer
 # meta-llama/llama3 splits input so the Rust BPE never sees pathological inputs (stack / time blow-ups).
 TIKTOKEN_MAX_ENCODE_CHARS = 400_000
 MAX_NO_WHITESPACES_CHARS = 25_000
-
-
 LLAMA4_MIN_RANKS = 200000  # Llama 3 files hold 128000 ranks, Llama 4's about 200000
 
 
@@ -52,20 +50,10 @@ def llama3_special_tokens(num_special: int = LLAMA3_NUM_SPECIAL) -> list[str]:
     """The Llama 3 special tokens in id order (id = number of ranks + index), named as Llama 3.1+ name them
     (meta-llama/llama-models): ids 4, 5, 8, 10 and 11, reserved in Llama 3.0 and never produced by it, are
     `<|finetune_right_pad_id|>`, `<|step_id|>`, `<|eom_id|>`, `<|python_tag|>` and `<|image|>`."""
-    named = [
-        "<|begin_of_text|>",
-        "<|end_of_text|>",
-        "<|reserved_special_token_0|>",
-        "<|reserved_special_token_1|>",
-        "<|finetune_right_pad_id|>",
-        "<|step_id|>",
-        "<|start_header_id|>",
-        "<|end_header_id|>",
-        "<|eom_id|>",  # end of message (a tool call follows)
-        "<|eot_id|>",  # end of turn
-        "<|python_tag|>",
-        "<|image|>",
-    ]
+    # ids 0-11, four a line; eom: end of message (a tool call follows), eot: end of turn
+    named = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
+             "<|finetune_right_pad_id|>", "<|step_id|>", "<|start_header_id|>", "<|end_header_id|>",
+             "<|eom_id|>", "<|eot_id|>", "<|python_tag|>", "<|image|>"]
     return named + [f"<|reserved_special_token_{2 + i}|>" for i in range(num_special - len(named))]
 
 
@@ -86,8 +74,7 @@ class SentencePieceTokenizer:
             self.sp.LoadFromSerializedProto(path.read_bytes())
         except (RuntimeError, OSError) as e:
             raise TokenizerError(f"{path} is not a valid sentencepiece model: {e}") from None
-        n = self.sp.get_piece_size()
-        self.vocab_size = n
+        self.vocab_size = n = self.sp.get_piece_size()
         self.bos_id = self._id_or_none(self.sp.bos_id())
         self.eos_id = self._id_or_none(self.sp.eos_id())
         self.pad_id = self._id_or_none(self.sp.pad_id())
@@ -128,14 +115,12 @@ class SentencePieceTokenizer:
         if at_start:
             return self.sp.encode(text)
         if self._sp_no_prefix is None:
-            self._sp_no_prefix = self._without_dummy_prefix()
+            # Protobuf merges a repeated embedded message into the first one, so appending
+            # `normalizer_spec { add_dummy_prefix: false }` (field 3 of ModelProto, field 3 of NormalizerSpec)
+            # switches the prefix off and keeps everything else, without needing the protobuf package.
+            proto = self.sp.serialized_model_proto() + b"\x1a\x02\x18\x00"
+            self._sp_no_prefix = spm.SentencePieceProcessor(model_proto=proto)
         return self._sp_no_prefix.encode(text)
-
-    def _without_dummy_prefix(self) -> spm.SentencePieceProcessor:
-        # Protobuf merges a repeated embedded message into the first one, so appending
-        # `normalizer_spec { add_dummy_prefix: false }` (field 3 of ModelProto, field 3 of NormalizerSpec)
-        # switches the prefix off and keeps everything else, without needing the protobuf package.
-        return spm.SentencePieceProcessor(model_proto=self.sp.serialized_model_proto() + b"\x1a\x02\x18\x00")
 
     def encode(self, text: str, bos: bool = False, eos: bool = False, allowed_special=()) -> list[int]:
         """Token ids of text; special strings are parsed only when listed in allowed_special (or it is "all")."""
@@ -267,12 +252,8 @@ class TiktokenTokenizer:
         self.pattern = pattern
         self.num_base_tokens = len(ranks)
         self.special_tokens = {s: self.num_base_tokens + k for k, s in enumerate(specials)}
-        self.model = tiktoken.Encoding(
-            name=self.path.name if self.path else "llama3",
-            pat_str=pattern,
-            mergeable_ranks=ranks,
-            special_tokens=self.special_tokens,
-        )
+        self.model = tiktoken.Encoding(name=self.path.name if self.path else "llama3", pat_str=pattern,
+                                       mergeable_ranks=ranks, special_tokens=self.special_tokens)
         self.vocab_size = self.num_base_tokens + len(specials)
         self.bos_id = self.special_tokens.get("<|begin_of_text|>")
         self.eos_id = self.special_tokens.get("<|end_of_text|>")
@@ -367,6 +348,5 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     try:
         return SentencePieceTokenizer(path)
     except TokenizerError:
-        raise TokenizerError(
-            f"{path} is neither a sentencepiece model nor a tiktoken ranks file ('base64_token rank' lines)"
-        ) from None
+        raise TokenizerError(f"{path} is neither a sentencepiece model nor a tiktoken ranks file "
+                             "('base64_token rank' lines)") from None

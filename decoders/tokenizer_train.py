@@ -12,15 +12,8 @@ from .tokenizer import LLAMA3_PATTERN, MODEL_FILE, SentencePieceTokenizer
 from .tokenizer_base import TokenizerError
 
 
-def train_sentencepiece(
-    files,
-    out_dir: str | os.PathLike,
-    vocab_size: int,
-    model_type: str = "bpe",
-    special_tokens=(),
-    user_defined_symbols=(),
-    **trainer_options,
-) -> SentencePieceTokenizer:
+def train_sentencepiece(files, out_dir: str | os.PathLike, vocab_size: int, model_type: str = "bpe", special_tokens=(),
+                        user_defined_symbols=(), **trainer_options) -> SentencePieceTokenizer:
     """Train a Llama-style sentencepiece model on text files; write out_dir/tokenizer.model and load it.
 
     special_tokens become control pieces (ids 3, 4, ... after unk=0, bos=1, eos=2): never produced from plain text,
@@ -36,30 +29,14 @@ def train_sentencepiece(
             raise FileNotFoundError(f"training text file not found: {f}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    options = dict(
-        input=",".join(files),
-        model_prefix=str(out_dir / "tokenizer"),
-        vocab_size=vocab_size,
-        model_type=model_type,
-        # Llama's settings: raw text in, every space kept, digits split, unknown characters as UTF-8 bytes.
-        byte_fallback=True,
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        add_dummy_prefix=True,
-        split_digits=True,
-        allow_whitespace_only_pieces=True,
-        character_coverage=1.0,
-        max_sentencepiece_length=16,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        control_symbols=list(special_tokens),
-        user_defined_symbols=list(user_defined_symbols),
-        hard_vocab_limit=True,
-        minloglevel=2,
-        num_threads=1,
-    )
+    options = dict(input=",".join(files), model_prefix=str(out_dir / "tokenizer"), vocab_size=vocab_size,
+                   model_type=model_type,
+                   # Llama's settings: raw text in, every space kept, digits split, unknown characters as UTF-8 bytes.
+                   byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+                   add_dummy_prefix=True, split_digits=True, allow_whitespace_only_pieces=True, character_coverage=1.0,
+                   max_sentencepiece_length=16, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+                   control_symbols=list(special_tokens), user_defined_symbols=list(user_defined_symbols),
+                   hard_vocab_limit=True, minloglevel=2, num_threads=1)
     options.update(trainer_options)
     try:
         spm.SentencePieceTrainer.train(**options)
