@@ -111,8 +111,7 @@ def arguments(text: str | None):
     except json.JSONDecodeError:
         if text.startswith("{"):  # a JSON object followed by chatter: the object
             try:
-                value, _ = json.JSONDecoder().raw_decode(text)
-                return value
+                return json.JSONDecoder().raw_decode(text)[0]
             except json.JSONDecodeError:
                 pass
         if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
@@ -149,10 +148,8 @@ class ReAct:
         """The system message: the tools and the format (brief: the tools' signatures and one line of format)."""
         if self.brief:
             return brief_system([t.signature() for t in self.tools.values()])
-        example = "{}"
-        if self.tools:
-            first = next(iter(self.tools.values()))
-            example = json.dumps({k: "..." for k in first.params})
+        params = next(iter(self.tools.values())).params if self.tools else {}  # the first tool's, as the example
+        example = json.dumps(dict.fromkeys(params, "..."))
         return SYSTEM.format(tools=describe(self.tools), names=", ".join(self.tools), example=example)
 
     def stream(self, task: str) -> Iterator[Event]:
@@ -200,11 +197,6 @@ def _kept(reply: str) -> str:
     return (reply[:m.start()] if m else reply).rstrip()
 
 
-def model_chat(model, max_new_tokens: int = MAX_NEW_TOKENS) -> Callable[[list[dict]], Iterator[str]]:
-    """A chat callable over one of our models (`model.chat(messages, stream=True)`)."""
-    return lambda messages: model.chat(messages, stream=True, max_new_tokens=max_new_tokens)
-
-
 def for_model(model, tools: dict[str, Tool], max_steps: int = MAX_STEPS, max_seconds: float = MAX_SECONDS,
               max_new_tokens: int = MAX_NEW_TOKENS, prompt: str = "auto") -> ReAct:
     """The agent over one of our chat models; prompt 'auto' gives models with a context under BRIEF_BELOW tokens
@@ -214,4 +206,5 @@ def for_model(model, tools: dict[str, Tool], max_steps: int = MAX_STEPS, max_sec
     config = getattr(model, "config", None)
     context = getattr(getattr(config, "text", config), "max_position_embeddings", None)  # None: not known (a server)
     brief = prompt == "brief" or (prompt == "auto" and context is not None and context < BRIEF_BELOW)
-    return ReAct(model_chat(model, max_new_tokens), tools, max_steps, max_seconds, brief=brief)
+    return ReAct(lambda messages: model.chat(messages, stream=True, max_new_tokens=max_new_tokens), tools, max_steps,
+                 max_seconds, brief=brief)

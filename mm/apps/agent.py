@@ -17,6 +17,8 @@ from mm.agent.tools import calculator, index_search, model_tools, registry, sear
 from mm.data.react_episodes import attachments, files_line
 
 MODEL_TOOLS = {"caption", "ask_image", "transcribe"}
+LINES = {"observation": "\nObservation: {}\n", "error": "\n(error: {})\n", "final": "\nFinal Answer: {}\n",
+         "stop": "\n(stopped: {})\n"}  # how print_event shows the events on lines of their own
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,16 +56,10 @@ def print_event(e, as_json: bool) -> None:
         return
     if e.kind == "text":
         sys.stdout.write(e.text)
-    elif e.kind == "action" and "input" in e.data and isinstance(e.data["input"], dict):  # SOP steps
+    elif e.kind == "action" and isinstance(e.data.get("input"), dict):  # SOP steps
         sys.stdout.write(f"[{e.step}] {e.text} {json.dumps(e.data['input'])}\n")
-    elif e.kind == "observation":
-        sys.stdout.write(f"\nObservation: {e.text}\n")
-    elif e.kind == "error":
-        sys.stdout.write(f"\n(error: {e.text})\n")
-    elif e.kind == "final":
-        sys.stdout.write(f"\nFinal Answer: {e.text}\n")
-    elif e.kind == "stop":
-        sys.stdout.write(f"\n(stopped: {e.text})\n")
+    elif e.kind in LINES:
+        sys.stdout.write(LINES[e.kind].format(e.text))
     sys.stdout.flush()
 
 
@@ -87,8 +83,7 @@ def run_agent(argv: list[str] | None = None) -> int:
         if not hasattr(model, "chat"):
             raise ValueError(f"{args.model}: the agent needs a chat model (the multimodal model, LLaVA)")
         tools = build_tools(model, args.db, attachments(args.image, args.audio))
-        agent = for_model(model, tools, args.max_steps, args.max_seconds, args.max_new_tokens,
-                          args.prompt)
+        agent = for_model(model, tools, args.max_steps, args.max_seconds, args.max_new_tokens, args.prompt)
         events = agent.stream(files_line(args.task, args.image, args.audio))
     final = None
     try:

@@ -26,6 +26,7 @@ from mm.data.react_episodes import attachments, files_line
 
 ERROR_MARK = "⚠️"  # starts every reply that says what went wrong, in this tab and the chat's (mm.apps.chat)
 STEP_CAP, SECONDS_CAP = 32, 600.0  # the most a user may ask for: one run holds the app's one model
+SAID = {"thought": "Thought: ", "final": "Final Answer: ", "stop": f"{ERROR_MARK} stopped: "}  # shown as they are
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +64,8 @@ class Transcript:
                 self.messages.append(last)
             last["content"] += e.text
             self.streamed = e.step if e.text.strip() else self.streamed
-        elif e.kind == "thought":
-            self.say(f"Thought: {e.text}")
+        elif e.kind in SAID:
+            self.say(SAID[e.kind] + e.text)
         elif e.kind == "action":
             given = e.data.get("input")
             self.say(f"Action: {e.text}" + ("" if given is None else f"\nAction Input: {given}"))
@@ -78,10 +79,6 @@ class Transcript:
             else:
                 self.say(f"Observation: {e.text}")
             self.error = None
-        elif e.kind == "final":
-            self.say(f"Final Answer: {e.text}")
-        elif e.kind == "stop":
-            self.say(f"{ERROR_MARK} stopped: {e.text}")
 
     def snapshot(self) -> list[dict]:
         """The messages as they are now (a copy: later events do not change what was handed out)."""

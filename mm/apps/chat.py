@@ -57,9 +57,7 @@ def file_kind(path: str | os.PathLike) -> str | None:
 
 def user_content(text: str, files: list[str]) -> list[dict] | str:
     """One user turn in the model's format: images, then audio, then "\\n" + text (just the text without media)."""
-    kinds = [(file_kind(f), f) for f in files]
-    parts = [{"type": "image", "image": f} for k, f in kinds if k == "image"]
-    parts += [{"type": "audio", "audio": f} for k, f in kinds if k == "audio"]
+    parts = [{"type": k, k: f} for k in ("image", "audio") for f in files if file_kind(f) == k]
     text = text.strip()
     if not parts:
         return text
@@ -186,8 +184,7 @@ def make_respond(model, max_upload_mb: float = 10, max_new_tokens: int = 64):
         if not text and not files:
             yield f"{ERROR_MARK} The message is empty: type a question or upload an image or audio file."
             return
-        max_seconds = model.config.max_audio_seconds
-        problems = [p for p in (check_file(f, max_upload_mb, max_seconds) for f in files) if p]
+        problems = [p for p in (check_file(f, max_upload_mb, model.config.max_audio_seconds) for f in files) if p]
         if problems:
             yield f"{ERROR_MARK} " + "\n".join(problems)
             return
@@ -214,14 +211,14 @@ def make_respond(model, max_upload_mb: float = 10, max_new_tokens: int = 64):
     return respond
 
 
-def _load(model_or_path):
-    """A model as given, or loaded (float32, CPU) from its directory; None: the shipped one."""
+def _load(model_or_path, dtype: str = "float32", device: str = "cpu"):
+    """A model as given, or loaded (`dtype`, on `device`) from its directory; None: the shipped one."""
     if model_or_path is None or isinstance(model_or_path, (str, os.PathLike)):
         import torch
 
         from mm.models.formats import load
 
-        return load(model_or_path, expect=("mm-multimodal",), dtype=torch.float32, device="cpu").eval()
+        return load(model_or_path, expect=("mm-multimodal",), dtype=getattr(torch, dtype), device=device).eval()
     return model_or_path
 
 
@@ -250,22 +247,15 @@ def build_demo(model_or_path=None, max_upload_mb: float = 10, max_new_tokens: in
     respond = make_respond(model, max_upload_mb, max_new_tokens)
     with gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=UPLOAD_CACHE) as demo:
         with gr.Tab("chat"):
+            shown = examples()
             gr.ChatInterface(
-                respond,
-                multimodal=True,
-                title=TITLE,
-                description=f"{DESCRIPTION} Uploads up to {max_upload_mb:g} MB.",
+                respond, multimodal=True, title=TITLE, description=f"{DESCRIPTION} Uploads up to {max_upload_mb:g} MB.",
                 chatbot=gr.Chatbot(elem_id="chatbot", render_markdown=False, height=480, label="conversation"),
-                textbox=gr.MultimodalTextbox(elem_id="chat-input", file_count="multiple",
-                                             sources=["upload", "microphone"],
-                                             placeholder="Ask about an image, or upload/record audio...",
-                                             show_label=False),
-                examples=examples(),
-                example_labels=EXAMPLE_LABELS if examples() else None,
-                cache_examples=False,
-                analytics_enabled=False,
-                autofocus=True,
-            )
+                textbox=gr.MultimodalTextbox(
+                    elem_id="chat-input", file_count="multiple", sources=["upload", "microphone"],
+                    placeholder="Ask about an image, or upload/record audio...", show_label=False),
+                examples=shown, example_labels=EXAMPLE_LABELS if shown else None, cache_examples=False,
+                analytics_enabled=False, autofocus=True)
         with gr.Tab("documents"):
             documents_tab(model, docs_db, max_new_tokens=max_new_tokens)
         with gr.Tab("agent"):  # uploads pass the chat's checks
@@ -338,18 +328,13 @@ def run_chat(argv: list[str] | None = None) -> int:
             raise ValueError(f"{option} must be >= 1, got {value}")
     if args.model is not None and not Path(args.model).is_dir():
         raise FileNotFoundError(f"model directory not found: {args.model}")
-    import torch
-
-    from mm.models.formats import load
-
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     if args.server:
         from mm.apps.serve_client import ServerClient
 
-        launch(ServerClient(args.server), args.host, args.port, args.max_upload_mb, args.share, args.max_new_tokens,
-               docs_db=args.docs_db, max_queue=args.max_queue, max_sessions=args.max_sessions)
-        return 0
-    model = load(args.model, expect=("mm-multimodal",), dtype=getattr(torch, args.dtype), device=args.device).eval()
+        model = ServerClient(args.server)
+    else:
+        model = _load(args.model, args.dtype, args.device)
     launch(model, args.host, args.port, args.max_upload_mb, args.share, args.max_new_tokens, docs_db=args.docs_db,
            max_queue=args.max_queue, max_sessions=args.max_sessions)
     return 0

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from mm.apps.options import check_threads, set_threads
 
-DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 def cmd_generate(args) -> int:
@@ -52,27 +52,22 @@ def cmd_bench(args) -> int:
         raise ValueError(f"mm bench compares against transformers, timm and espnet ({', '.join(missing)} missing); "
                          "install them with pip install -e '.[dev]'")
     set_threads(args.threads)
-    device = "cuda" if args.cuda else "cpu"
-    unknown = sorted(set(args.sizes.split(",")) - set(bench.LLAMA_SIZES))
-    if unknown:
-        raise ValueError(f"--sizes: unknown size(s) {', '.join(unknown)}; choose from {', '.join(bench.LLAMA_SIZES)}")
-    moe = [m for m in args.moe.split(",") if m]
-    unknown = sorted(set(moe) - set(bench.MOE_SIZES))
-    if unknown:
-        raise ValueError(f"--moe: unknown model(s) {', '.join(unknown)}; choose from {', '.join(bench.MOE_SIZES)}")
-    exes = None
+    sizes, moe = args.sizes.split(","), [m for m in args.moe.split(",") if m]
+    for option, what, given, known in (("--sizes", "size(s)", sizes, bench.LLAMA_SIZES),
+                                       ("--moe", "model(s)", moe, bench.MOE_SIZES)):
+        unknown = sorted(set(given) - set(known))
+        if unknown:
+            raise ValueError(f"{option}: unknown {what} {', '.join(unknown)}; choose from {', '.join(known)}")
     if args.llama_cpp:
         from mm.eval import llama_cpp
 
-        exes = llama_cpp.binaries(args.llama_cpp)  # before an hour of timings, not after
-    result = bench.run(sizes=args.sizes.split(","), dtypes=args.dtypes.split(","),
-                       batches=[int(b) for b in args.batches.split(",")], new_tokens=args.new_tokens,
-                       repeats=args.repeats, compile=not args.no_compile, vit=not args.no_vit, speech=speech,
-                       device=device, out=None, moe=moe)
-    if exes:
+        llama_cpp.binaries(args.llama_cpp)  # before an hour of timings, not after
+    result = bench.run(sizes=sizes, dtypes=args.dtypes.split(","), batches=[int(b) for b in args.batches.split(",")],
+                       new_tokens=args.new_tokens, repeats=args.repeats, compile=not args.no_compile,
+                       vit=not args.no_vit, speech=speech, device="cuda" if args.cuda else "cpu", out=None, moe=moe)
+    if args.llama_cpp:
         weights = [w for w in ({"float32": "f32", "bfloat16": "bf16"}.get(d) for d in args.dtypes.split(",")) if w]
-        result["llama_cpp"] = llama_cpp.run(args.llama_cpp, args.sizes.split(","), weights, args.repeats,
-                                            not args.no_compile)
+        result["llama_cpp"] = llama_cpp.run(args.llama_cpp, sizes, weights, args.repeats, not args.no_compile)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"\nwrote {args.out}")
     return 0
@@ -157,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=None)
     g.add_argument("--top-p", type=float, default=None)
     g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    g.add_argument("--dtype", choices=DTYPES, default="float32")
     g.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
     g.set_defaults(func=cmd_generate)
 

@@ -81,10 +81,7 @@ def run_quantize(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="mm quantize", description=__doc__.split("\n\n")[0])
     add_arguments(p)
     args = p.parse_args(argv)
-    return quantize_dir(args)
 
-
-def quantize_dir(args) -> int:
     import torch
     from tqdm import tqdm
 

@@ -60,12 +60,12 @@ def run_rag(argv: list[str] | None = None) -> int:
     if args.action != "index" and not (Path(args.db) / "chunks.sqlite").exists():
         raise FileNotFoundError(f"{args.db}: no index there; make one with mm rag index PATH... --db {args.db}")
     index = Index.open(args.db, embedder=getattr(args, "embedder", None), qdrant=getattr(args, "qdrant", None))
-    if args.action == "index":
-        model = None
-        if args.model:
-            from mm.models.formats import CAPTIONERS, load
+    model = None
+    if args.action == "ask" or getattr(args, "model", None):  # index: only if given (else loaded when first needed)
+        from mm.models.formats import CAPTIONERS, load
 
-            model = load(args.model, expect=CAPTIONERS)
+        model = load(args.model, expect=CAPTIONERS)
+    if args.action == "index":
         counts = index.add(args.paths, model=model, progress=not args.no_progress, max_tokens=args.max_tokens,
                            overlap=args.overlap)
         print(f"{counts['added']} added, {counts['replaced']} re-indexed, {counts['unchanged']} unchanged "
@@ -84,9 +84,6 @@ def run_rag(argv: list[str] | None = None) -> int:
             if not hits:
                 print("(no chunk matches)", file=sys.stderr)
         return 0
-    from mm.models.formats import CAPTIONERS, load
-
-    model = load(args.model, expect=CAPTIONERS)
     print(answer(model, index, args.question, k=args.k, max_new_tokens=args.max_new_tokens, metric=args.metric,
                  mode=args.mode))
     return 0

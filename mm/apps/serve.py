@@ -36,7 +36,6 @@ from decoders.batching import BatchingEngine
 from decoders.stream_decoder import StreamDecoder
 
 from mm.apps.options import check_port, set_threads
-from mm.models.processor import InputError
 
 MB = 2**20
 AUDIO_FORMATS = ("wav", "flac", "ogg", "mp3", "m4a", "webm", "opus")  # read as `model.chat` reads such a file
@@ -78,7 +77,7 @@ def content_parts(content, k: int, tmp: list[str]) -> str | list[dict]:
         if kind == "text":
             parts.append({"type": "text", "text": part.get("text", "")})
         elif kind == "image_url":
-            url = (part.get("image_url") or {}).get("url") if isinstance(part.get("image_url"), dict) else None
+            url = part["image_url"].get("url") if isinstance(part.get("image_url"), dict) else None
             if not isinstance(url, str) or not url.startswith("data:") or ";base64," not in url:
                 raise BadRequest(f"{where}: image_url.url must be a data URL (data:image/png;base64,...); "
                                  "the server fetches no URLs")
@@ -105,16 +104,15 @@ def check_options(body: dict, max_new_default: int) -> dict:
         raise BadRequest("n: only one choice per request is supported", param="n")
     if body.get("stop") is not None:
         raise BadRequest("stop: stop sequences are not supported (the model stops at its end-of-turn token)", param="stop")
+    top_p = body.get("top_p")
     opts = {"max_new_tokens": body.get("max_completion_tokens", body.get("max_tokens", max_new_default)),
-            "temperature": body.get("temperature", 0.0), "top_p": body.get("top_p"), "top_k": body.get("top_k"),
-            "seed": body.get("seed")}
-    if opts["top_p"] == 1:
-        opts["top_p"] = None
-    for name, ok in (("max_new_tokens", isinstance(opts["max_new_tokens"], int) and opts["max_new_tokens"] > 0),
-                     ("seed", opts["seed"] is None or isinstance(opts["seed"], int))):
+            "temperature": body.get("temperature", 0.0), "top_p": None if top_p == 1 else top_p,
+            "top_k": body.get("top_k"), "seed": body.get("seed")}
+    n, seed = opts["max_new_tokens"], opts["seed"]
+    for field, value, ok in (("max_tokens", n, isinstance(n, int) and n > 0),
+                             ("seed", seed, seed is None or isinstance(seed, int))):
         if not ok:
-            field = "max_tokens" if name == "max_new_tokens" else name
-            raise BadRequest(f"{field}: expected a positive integer, got {opts[name]!r}", param=field)
+            raise BadRequest(f"{field}: expected a positive integer, got {value!r}", param=field)
     return opts
 
 
@@ -143,7 +141,7 @@ class ChatServer:
                 msgs.append({"role": m["role"], "content": content_parts(m["content"], k, tmp)})
             try:
                 inputs = self.processor(msgs)
-            except (InputError, ValueError) as e:
+            except ValueError as e:  # the processor's InputError, an unreadable image or audio, ...
                 raise BadRequest(str(e), param="messages") from None
         finally:
             for path in tmp:
@@ -162,14 +160,10 @@ class ChatServer:
         except ValueError as e:
             raise BadRequest(str(e)) from None
 
-    def text(self, ids: torch.Tensor, tokens: list[int]) -> str:
+    def text(self, tokens: list[int]) -> str:
         """The reply's text, cut at the first stop token, stripped: what `model.chat` returns."""
         cut = next((i for i, t in enumerate(tokens) if t in self.stops), len(tokens))
         return self.model.tokenizer.decode(tokens[:cut]).strip()
-
-    def text_stream(self, ids: torch.Tensor) -> "TextStream":
-        """A push decoder of this reply's tokens into text pieces."""
-        return TextStream(self.model.tokenizer, ids.tolist(), set(self.stops))
 
 
 class TextStream:
@@ -255,7 +249,7 @@ def create_app(server: ChatServer, max_body_bytes: int = 20 * MB) -> Starlette:
                     raise
                 if req.error is not None:
                     return JSONResponse({"error": {"message": str(req.error), "type": "server_error"}}, status_code=500)
-                return JSONResponse(completion(server, cid, server.text(ids, req.tokens), ids, req))
+                return JSONResponse(completion(server, cid, server.text(req.tokens), ids, req))
             loop, events = asyncio.get_running_loop(), asyncio.Queue()
             req = server.submit(ids, embeds, opts, on_token=lambda t: loop.call_soon_threadsafe(events.put_nowait, t))
         except BadRequest as e:
@@ -264,7 +258,7 @@ def create_app(server: ChatServer, max_body_bytes: int = 20 * MB) -> Starlette:
         async def sse():
             try:
                 yield chunk(server, cid, {"role": "assistant", "content": ""})
-                text = server.text_stream(ids)
+                text = TextStream(server.model.tokenizer, ids.tolist(), set(server.stops))
                 while (t := await events.get()) is not None:
                     if piece := text.push(t):
                         yield chunk(server, cid, {"content": piece})

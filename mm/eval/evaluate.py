@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from mm.eval.metrics import bleu4, cer, normalize_answer, object_f1, rouge_l, wer
+from mm.eval.metrics import bleu4, cer, exact_match, normalize_answer, object_f1, rouge_l, wer
 from mm.models.fusion import CAPTION_PROMPT
 from mm.models.fusion_speech import TRANSCRIBE_PROMPT
 from mm.data.scenes import (COT_INSTRUCTION, QUESTION_KINDS, SPLITS, item_rng, parse_objects, sample_question,
@@ -85,8 +85,7 @@ def evaluate(model, n: int = 300, batch_size: int = 32, cache_dir: str | Path | 
     if "spoken" in tasks:
         items = spoken_questions(n, split, seed=seed, size=size, cache_dir=cache_dir, workers=4)
         preds = model.replies([("<image><audio>", [q.image], [q.waveform]) for q in items], batch_size, 8, "spoken")
-        right = [normalize_answer(p) == normalize_answer(q.answer) for p, q in zip(preds, items)]
-        results["spoken"] = {"accuracy": 100 * sum(right) / len(right)}
+        results["spoken"] = {"accuracy": exact_match(preds, [q.answer for q in items])}
     if "open-speech" in tasks:
         results["open-speech"] = open_speech(model, n, seed, cache_dir)
     if "silence" in tasks:
@@ -124,8 +123,7 @@ def chain_of_thought(model, n: int, batch_size: int, seed: int, split: str, size
     right = [normalize_answer(a) == normalize_answer(qa.answer) for (_, a), qa in zip(cots, qas)]
     named = [bool(r) and Counter(parse_objects(r)) == Counter(parse_objects(qa.rationale)) for (r, _), qa in zip(cots, qas)]
     return {"accuracy": 100 * sum(right) / n, "rationale_right": 100 * sum(named) / n,
-            "direct_accuracy": 100 * sum(normalize_answer(d) == normalize_answer(qa.answer)
-                                         for d, qa in zip(direct, qas)) / n,
+            "direct_accuracy": exact_match(direct, [qa.answer for qa in qas]),
             "examples": [{"prediction": r, "reference": f"{qa.rationale} answer: {qa.answer}"}
                          for r, qa in zip(replies[:3], qas[:3])]}
 

@@ -220,8 +220,7 @@ def bootstrap(figure, n: int, resamples: int = 1000, confidence: float = 0.95, s
     rng = random.Random(seed)
     values = sorted(figure([rng.randrange(n) for _ in range(n)]) for _ in range(resamples))
     tail = (1 - confidence) / 2
-    lo, hi = values[int(tail * (resamples - 1))], values[int(round((1 - tail) * (resamples - 1)))]
-    return lo, hi
+    return values[int(tail * (resamples - 1))], values[int(round((1 - tail) * (resamples - 1)))]
 
 
 def evaluate(scorer, items: list[dict], task: str, template: str | None = None, shots: int = 0, seed: int = 0,
@@ -246,11 +245,8 @@ def evaluate(scorer, items: list[dict], task: str, template: str | None = None, 
             rec["pick_ll"] = max(range(len(item["choices"])), key=rec["logliks"].__getitem__)
             rec["gold"] = item["answer_index"]
         records.append(rec)
-    preds, refs = [r["prediction"] for r in records], [r["references"] for r in records]
-    choice = task == "choice"
-    per, figures = score_items(task, preds, refs, [r.get("pick") for r in records] if choice else None,
-                               [r.get("pick_ll") for r in records] if choice else None,
-                               [r.get("gold") for r in records] if choice else None)
+    per, figures = score_items(task, [r["prediction"] for r in records], [r["references"] for r in records],
+                               *([r.get(k) for r in records] for k in ("pick", "pick_ll", "gold")))  # choice only
     for name, values in per.items():
         for rec, v in zip(records, values):
             rec[name] = v

@@ -62,30 +62,27 @@ def rouge_l(predictions: Sequence[str], references: Sequence[str | Sequence[str]
     return 100.0 * sum(scores) / len(scores)
 
 
-def _jiwer_inputs(predictions, references, normalize: bool) -> tuple[list[str], list[str]]:
+def _jiwer_rate(measure: str, predictions, references, normalize: bool) -> float:
+    """jiwer's corpus `measure` ("wer" or "cer") in percent, on `normalize_text`-ed texts if `normalize`."""
+    import jiwer
+
     _check(predictions, references)
     hyps = [normalize_text(p) if normalize else p for p in predictions]
     refs = [normalize_text(r) if normalize else r for r in references]
     for i, r in enumerate(refs):
         if not r.strip():
             raise ValueError(f"reference {i} is empty{' after normalisation' if normalize else ''}: {references[i]!r}")
-    return hyps, refs
+    return 100.0 * float(getattr(jiwer, measure)(refs, hyps))
 
 
 def wer(predictions: Sequence[str], references: Sequence[str], normalize: bool = True) -> float:
     """Corpus word error rate, (substitutions + deletions + insertions) / reference words, by jiwer."""
-    import jiwer
-
-    hyps, refs = _jiwer_inputs(predictions, references, normalize)
-    return 100.0 * float(jiwer.wer(refs, hyps))
+    return _jiwer_rate("wer", predictions, references, normalize)
 
 
 def cer(predictions: Sequence[str], references: Sequence[str], normalize: bool = True) -> float:
     """Corpus character error rate (spaces count as characters), by jiwer."""
-    import jiwer
-
-    hyps, refs = _jiwer_inputs(predictions, references, normalize)
-    return 100.0 * float(jiwer.cer(refs, hyps))
+    return _jiwer_rate("cer", predictions, references, normalize)
 
 
 def exact_match(predictions: Sequence[str], references: Sequence[str | Sequence[str]]) -> float:

@@ -27,7 +27,6 @@ IMAGE_PLACEHOLDER = "<image>"
 LLAVA_V1_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
                    "The assistant gives helpful, detailed, and polite answers to the human's questions.")
 TEMPLATES = ("llava_v1", "llama3", "plain")
-LLAMA3_SPECIALS = ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
 
 
 def _check(messages) -> None:

@@ -24,7 +24,6 @@ from encoders.image import ImageError, load_image
 from mm.models.conversation import IMAGE_PLACEHOLDER, TEMPLATES, encode_pieces, segments
 
 AUDIO_PLACEHOLDER = "<audio>"
-PLACEHOLDERS = (IMAGE_PLACEHOLDER, AUDIO_PLACEHOLDER)
 
 
 class InputError(ValueError):

@@ -64,13 +64,11 @@ def prompt_tokens(model, messages: list[dict]) -> int:
 
 def fit(model, question: str, hits: list[Hit], image: str | None, max_new_tokens: int) -> tuple[list[dict], list[Hit]]:
     """Messages within the model's context: fewer sources, then the last one shorter, until they fit."""
-    limit = context_length(model)
+    limit = context_length(model) if hasattr(model, "processor") else None  # None: no way to count, nothing cut
     hits = list(hits)
-    if limit is None or not hasattr(model, "processor"):
-        return message(question, hits, image), hits
     while True:
         messages = message(question, hits, image)
-        if prompt_tokens(model, messages) + max_new_tokens <= limit:
+        if limit is None or prompt_tokens(model, messages) + max_new_tokens <= limit:
             return messages, hits
         if len(hits) > 1:
             hits.pop()
@@ -86,26 +84,17 @@ def fit(model, question: str, hits: list[Hit], image: str | None, max_new_tokens
 def answer(model, index: Index, question: str, k: int = 4, max_new_tokens: int = 64, **search) -> Answer:
     """Retrieve the k best chunks for `question` from `index`, ask `model` (anything with `chat(messages)`) to answer
     from them with citations. `search`: options of `Index.search` (metric, mode, approximate)."""
-    messages, shown = ask_messages(model, index, question, k, max_new_tokens, **search)
-    reply = model.chat(messages, max_new_tokens=max_new_tokens)
-    return Answer(reply, shown, cited_numbers(reply, len(shown)))
-
-
-def ask_messages(model, index: Index, question: str, k: int, max_new_tokens: int, **search):
-    """(messages, hits shown) of a question: retrieval and the prompt fitted to the model."""
     if not question.strip():
         raise ValueError("the question is empty")
     hits = index.search(question, k=k, **search)
     can_see = "image" in getattr(model, "modalities", ())  # a fusion model with a vision tower
     image = next((h.source for h in hits if h.kind == "image"), None) if can_see else None
-    return fit(model, question, hits, image, max_new_tokens)
+    messages, shown = fit(model, question, hits, image, max_new_tokens)
+    reply = model.chat(messages, max_new_tokens=max_new_tokens)
+    return Answer(reply, shown, cited_numbers(reply, len(shown)))
 
 
 def cited_numbers(reply: str, n_sources: int) -> list[int]:
     """The source numbers [n] a reply cites, in order of first mention, within 1..n_sources."""
-    seen = []
-    for m in CITE.finditer(reply):
-        n = int(m.group(1))
-        if 1 <= n <= n_sources and n not in seen:
-            seen.append(n)
-    return seen
+    numbers = map(int, CITE.findall(reply))
+    return list(dict.fromkeys(n for n in numbers if 1 <= n <= n_sources))  # a dict keeps the first mentions' order

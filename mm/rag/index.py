@@ -12,6 +12,8 @@ import hashlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from tqdm import tqdm
+
 from mm.rag.documents import kind_of, load
 from mm.rag.embed import BM25, Dense, WordLlama, default_stemming, embedder_name, load_embedder, reciprocal_rank_fusion
 from mm.rag.store import Store, check_metric
@@ -107,11 +109,7 @@ class Index:
         files = expand(paths)
         named = {Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths) if Path(p).is_file()}
         counts = {"added": 0, "replaced": 0, "unchanged": 0, "chunks": 0, "skipped": []}
-        bar = None
-        if progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=len(files), unit="file", desc="indexing")
+        bar = tqdm(total=len(files), unit="file", desc="indexing", disable=not progress)
         for path in files:
             key, stat = str(path.resolve()), path.stat()
             old = self.store.file(key)
@@ -132,19 +130,16 @@ class Index:
                     if path in named:
                         raise
                     counts["skipped"].append(str(e))
-                    chunks = None
-                for c in chunks or []:
-                    c.source = key
-                if chunks is not None:
+                else:
+                    for c in chunks:
+                        c.source = key
                     vectors = self.dense.encode([c.text for c in chunks]) if self.dense else None
                     self.store.replace(key, digest, stat.st_mtime, stat.st_size, kind, chunks, vectors)
                     counts["replaced" if old else "added"] += 1
                     counts["chunks"] += len(chunks)
-            if bar is not None:
-                bar.set_postfix_str(path.name[-30:], refresh=False)
-                bar.update()
-        if bar is not None:
-            bar.close()
+            bar.set_postfix_str(path.name[-30:], refresh=False)
+            bar.update()
+        bar.close()
         if counts["added"] or counts["replaced"] or not (self.dir / "bm25" / "ids.json").exists():
             self.bm25.build(*self.store.texts())
         return counts

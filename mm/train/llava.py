@@ -12,7 +12,6 @@ from torch import nn
 
 
 STAGE_LR = {1: 1e-3, 2: 2e-5}
-STAGE_TEMPLATE = {1: "plain", 2: "llava_v1"}
 
 
 def set_trainable(model: nn.Module, stage: int) -> dict[str, nn.Parameter]:
@@ -20,12 +19,9 @@ def set_trainable(model: nn.Module, stage: int) -> dict[str, nn.Parameter]:
     if stage not in (1, 2):
         raise ValueError(f"LLaVA training stage must be 1 or 2, got {stage!r}")
     learn = ("projector.",) if stage == 1 else ("projector.", "language_model.")
-    trainable = {}
     for name, p in model.named_parameters():
         p.requires_grad_(name.startswith(learn))
-        if p.requires_grad:
-            trainable[name] = p
-    return trainable
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
 def make_optimizer(model: nn.Module, stage: int, lr: float | None = None, weight_decay: float = 0.0) -> torch.optim.AdamW:
