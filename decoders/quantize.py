@@ -22,13 +22,16 @@ __all__ = ["BITS", "GROUP_SIZES", "METHODS", "Int4Linear", "Int8Linear", "QuantL
 @torch.no_grad()
 def quantize_model(model: nn.Module, method: str = "rtn", bits: int = 4, group_size: int | None = 128,
                    symmetric: bool = False, include: Callable[[str], bool] | None = None, skip: Iterable[str] = (),
-                   calib: torch.Tensor | None = None, progress: Callable[[str], None] | None = None, **kwargs) -> nn.Module:
+                   calib: torch.Tensor | None = None, progress: Callable[[str], None] | None = None,
+                   activations: bool = False, **kwargs) -> nn.Module:
     """Replace the model's linears (those `include` accepts, minus `skip`) by quantized ones, in place; returns it.
 
-    rtn: round to nearest. awq: activation-aware scales + clip search (needs `calib` token ids [B, T]).
+    rtn: round to nearest (8 bits with `activations`: W8A8 without smoothing). awq: activation-aware scales + clip search (needs `calib` token ids [B, T]).
     smoothquant: smoothing folded into the norms, then W8A8 (needs `calib`). `progress(name)` after each linear.
     """
     check_spec(bits, group_size, method)
+    if activations and (method, bits) != ("rtn", 8):
+        raise ValueError(f"activations=True is RTN's W8A8 (method='rtn', bits=8), got {method!r}, bits={bits}")
     if method != "rtn" and calib is None:
         raise ValueError(f"{method} needs calibration token ids (calib [batch, tokens])")
     if method == "awq":
@@ -37,7 +40,7 @@ def quantize_model(model: nn.Module, method: str = "rtn", bits: int = 4, group_s
         return smoothquant_quantize(model, calib, include=include, skip=skip, progress=progress, **kwargs)
     for name in linear_names(model, include, skip):
         try:
-            new = quantized_linear(model.get_submodule(name), bits, group_size, symmetric)
+            new = quantized_linear(model.get_submodule(name), bits, group_size, symmetric, activations)
         except ValueError as e:
             raise ValueError(f"{name}: {e} (keep it in float with skip=({name!r},), mm quantize --skip {name})") from e
         replace_module(model, name, new)

@@ -15,23 +15,19 @@ import os
 import torch
 
 from decoders import LlamaForCausalLM
-from decoders.quantize import memory_report, quantize_model, quantized_linear, replace_module, linear_names
+from decoders.quantize import memory_report, quantize_model
 from mm.eval.bench import best_time, random_llama
 
-VARIANTS = {"bf16": None, "int8": ("rtn", 8, None), "int4-g128": ("rtn", 4, 128), "int4-g32": ("rtn", 4, 32),
-            "w8a8": "w8a8"}
+VARIANTS = {"bf16": None, "int8": dict(bits=8, group_size=None), "int4-g128": dict(bits=4, group_size=128),
+            "int4-g32": dict(bits=4, group_size=32), "w8a8": dict(bits=8, group_size=None, activations=True)}  # RTN
 
 
 def make_variant(base: LlamaForCausalLM, name: str) -> LlamaForCausalLM:
     import copy
 
     model = copy.deepcopy(base).to(torch.bfloat16)
-    spec = VARIANTS[name]
-    if spec == "w8a8":
-        for n in linear_names(model):
-            replace_module(model, n, quantized_linear(model.get_submodule(n), 8, None, activations=True))
-    elif spec is not None:
-        quantize_model(model, *spec)
+    if VARIANTS[name] is not None:
+        quantize_model(model, "rtn", **VARIANTS[name])
     return model
 
 

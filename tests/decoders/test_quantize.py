@@ -148,6 +148,14 @@ def test_compiled_decode_step_runs_the_kernels():
     assert torch.equal(eager, compiled)
 
 
+def test_rtn_w8a8_model():
+    model = quantize_model(tiny_llama(), "rtn", 8, None, activations=True)
+    linears = [m for m in model.modules() if isinstance(m, (nn.Linear, QuantLinear))]
+    assert len(linears) == 9 and all(isinstance(m, W8A8Linear) for m in linears)  # 2 x (qkv, o, gate_up, down) + head
+    with pytest.raises(ValueError, match="activations=True is RTN's W8A8"):
+        quantize_model(tiny_llama(), "rtn", 4, 32, activations=True)
+
+
 def test_w8a8_decode_steps_keep_onednn(monkeypatch):
     """A bf16 batch-1 step switches oneDNN off for ATen's one-row bf16 product, except where a W8A8 linear runs:
     its torch._int_mm is oneDNN's (without it ATen's reference loop is ~250x slower). Recorded in each call."""
