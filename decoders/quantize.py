@@ -26,7 +26,8 @@ def quantize_model(model: nn.Module, method: str = "rtn", bits: int = 4, group_s
                    activations: bool = False, **kwargs) -> nn.Module:
     """Replace the model's linears (those `include` accepts, minus `skip`) by quantized ones, in place; returns it.
 
-    rtn: round to nearest (8 bits with `activations`: W8A8 without smoothing). awq: activation-aware scales + clip search (needs `calib` token ids [B, T]).
+    rtn: round to nearest (8 bits with `activations`: W8A8 without smoothing). awq: activation-aware scales + clip
+    search (needs `calib` token ids [B, T]).
     smoothquant: smoothing folded into the norms, then W8A8 (needs `calib`). `progress(name)` after each linear.
     """
     check_spec(bits, group_size, method)

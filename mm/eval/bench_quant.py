@@ -2,21 +2,24 @@
 
 Batch 1, greedy, the same random weights (shapes of mm.eval.bench's 125M and TinyLlama-1.1B, with clear greedy
 choices) in bf16, int8 weight-only, int4 g32 / g128 weight-only and W8A8 (all linears, the head included). Decode
-tokens/s = (new tokens - 1) / (time of n tokens - time of 1 token), best of `repeats`; also whether the greedy
-tokens equal bf16's and the resident weight bytes. The machine's load average is printed beside the figures: on a
-shared machine they move with it.
+tokens/s = (new tokens - 1) / (time of n tokens - time of 1 token), the median of `repeats` rounds in which every
+variant runs once (paired in time: the speed-up over bf16 is the median of the per-round ratios, with their range);
+also whether the greedy tokens equal bf16's and the resident weight bytes. The machine's load average is printed
+beside the figures: on a shared machine they move with it.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
+import statistics
 
 import torch
 
 from decoders import LlamaForCausalLM
 from decoders.quantize import memory_report, quantize_model
-from mm.eval.bench import best_time, random_llama
+from mm.eval.bench import decode_rounds, put_ratio, random_llama
 
 VARIANTS = {"bf16": None, "int8": dict(bits=8, group_size=None), "int4-g128": dict(bits=4, group_size=128),
             "int4-g32": dict(bits=4, group_size=32), "w8a8": dict(bits=8, group_size=None, activations=True)}  # RTN
@@ -32,32 +35,28 @@ def make_variant(base: LlamaForCausalLM, name: str) -> LlamaForCausalLM:
 
 
 def bench(size: str, variants: list[str], new_tokens: int, repeats: int, compile: bool, log=print) -> list[dict]:
+    """One row per variant; their decode timings paired in rounds, the speed-up over the first variant (bf16) as the
+    median of the per-round ratios with their range."""
     base = random_llama(size)
     ids = torch.randint(3, base.config.vocab_size, (1, 16))
-    rows, ref_tokens = [], None
-    for name in variants:
-        torch._dynamo.reset()  # the compiled step skips guards on modules: one model per compilation
-        model = make_variant(base, name)
-
-        def gen(n):
-            return model.generate(ids, max_new_tokens=n, eos_token_id=None, compile=compile)
-
-        with torch.inference_mode():
-            tokens = gen(new_tokens)  # warms up (and compiles)
-            one, total = best_time(lambda: gen(1), repeats), best_time(lambda: gen(new_tokens), repeats)
-        if ref_tokens is None:
-            ref_tokens = tokens
+    models = {name: make_variant(base, name) for name in variants}
+    gens = {name: functools.partial(lambda m, n: m.generate(ids, max_new_tokens=n, eos_token_id=None, compile=compile),
+                                    model) for name, model in models.items()}
+    with torch.inference_mode():
+        tokens = {name: gen(new_tokens) for name, gen in gens.items()}  # warms up (and compiles)
+        rates = decode_rounds(gens, {}, 1, ids.shape[1], new_tokens, repeats)
+    rows = []
+    for name, model in models.items():
         mem = memory_report(model)
-        row = {"model": size, "weights": name, "compiled": compile, "decode_tok_s": round((new_tokens - 1) / (total - one), 1),
-               "same_tokens_as_bf16": bool(torch.equal(tokens, ref_tokens)),
+        row = {"model": size, "weights": name, "compiled": compile,
+               "decode_tok_s": round(statistics.median(rates[name][1]), 1),
+               "same_tokens_as_bf16": bool(torch.equal(tokens[name], tokens[variants[0]])),
                "linear_MiB": round((mem["measured_bytes"] or 2 * sum(m.weight.numel() for m in model.modules()
                                                                        if isinstance(m, torch.nn.Linear))) / 2**20, 1),
                "load_avg_1m": round(os.getloadavg()[0], 2)}
+        put_ratio(row, "speedup_vs_bf16", rates[name][1], rates[variants[0]][1])
         rows.append(row)
         log(json.dumps(row))
-    base_speed = rows[0]["decode_tok_s"]
-    for r in rows:
-        r["speedup_vs_bf16"] = round(r["decode_tok_s"] / base_speed, 2)
     return rows
 
 
@@ -79,8 +78,10 @@ def main(argv=None) -> int:
     with open(args.out, "w") as f:
         json.dump(rows, f, indent=1)
     for r in rows:
-        print(f"{r['model']:>5} {r['weights']:>10} {r['decode_tok_s']:>8} tok/s  x{r['speedup_vs_bf16']:<5} "
-              f"same tokens: {r['same_tokens_as_bf16']}  linears {r['linear_MiB']} MiB  load {r['load_avg_1m']}")
+        lo, hi = r["speedup_vs_bf16_range"]
+        print(f"{r['model']:>5} {r['weights']:>10} {r['decode_tok_s']:>8} tok/s  x{r['speedup_vs_bf16']:.2f} "
+              f"({lo:.2f}-{hi:.2f})  same tokens: {r['same_tokens_as_bf16']}  linears {r['linear_MiB']} MiB  "
+              f"load {r['load_avg_1m']}")
     return 0
 
 
