@@ -6,7 +6,8 @@ import torch
 
 from decoders import LlamaConfig, LlamaForCausalLM
 from decoders.gguf import save_gguf
-from mm.eval.llama_cpp import binaries, llama_bench, llama_greedy
+from decoders.qlinear import W8A8Linear
+from mm.eval.llama_cpp import binaries, llama_bench, llama_greedy, ours_for
 
 from tests.mm.wheels import llama_cpp_build
 
@@ -84,3 +85,14 @@ def test_llama_bench_json_is_read(tmp_path, exes):
 def test_missing_build_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match=f"{tmp_path}: no llama-bench"):
         binaries(tmp_path)
+
+
+def test_q8_0_as_w8a8_picks_llama_cpps_tokens(tmp_path, exes):
+    """A Q8_0 file run as W8A8 (`mm.eval.llama_cpp`'s q8_0a8: int8 weights per channel from its blocks, activations
+    int8 per token) and by llama.cpp (activations int8 in blocks of 32): the same tokens where choices are clear."""
+    gguf = save_gguf(tiny_llama(1), tmp_path / "q8.gguf", "Q8_0")
+    ours = ours_for(None, "q8_0a8", gguf)
+    assert any(isinstance(m, W8A8Linear) for m in ours.modules())
+    for prompt, tokens in clear_prompts(ours, 3, 12, margin=0.5):
+        assert len(set(tokens)) > 4
+        assert llama_greedy(exes["llama-simple"], gguf, prompt, len(tokens)) == tokens, prompt
