@@ -13,6 +13,14 @@ class CausalLM(nn.Module):
     """Base of the decoders: a subclass has `config` (vocab_size, max_position_embeddings), `embed_tokens`, and the
     methods `decoders.generate` calls (`forward`, `decode_step`, `new_kv_cache`)."""
 
+    def _apply(self, fn, recurse=True):
+        """`.to(dtype)`, `.half()`, `.cuda()`...: the RoPE frequencies `inv_freq` only move; they stay float32 (in
+        bfloat16 the angle at position p is off by up to p * 2^-9 radians: 2 at p = 1000)."""
+        inv_freq = self.inv_freq
+        super()._apply(fn, recurse)
+        self.inv_freq = inv_freq.to(self.inv_freq.device)
+        return self
+
     @property
     def device(self) -> torch.device:
         return self.embed_tokens.weight.device

@@ -152,6 +152,24 @@ def hf_to_meta(sd, cfg):
     return out
 
 
+def test_rope_frequencies_stay_float32_through_dtype_casts():
+    """`.to(bfloat16)` rounds every float tensor it owns; RoPE's inv_freq must not be rounded (at position 3000 a
+    frequency rounded to bf16 moves its angle by up to 3000 * 2^-9 ~ 6 radians): it stays float32, equal to the formula, through casts."""
+    from decoders.llama import rope_cos_sin, rope_inv_freq
+
+    model = LlamaForCausalLM(LlamaConfig(**TINY))
+    exact = rope_inv_freq(model.config)
+    for cast in (lambda m: m.to(torch.bfloat16), lambda m: m.half(), lambda m: m.to(torch.bfloat16).float()):
+        m = cast(LlamaForCausalLM(LlamaConfig(**TINY)))
+        assert m.inv_freq.dtype == torch.float32 and torch.equal(m.inv_freq, exact)
+    pos = torch.tensor([[3000]])
+    cos, _ = rope_cos_sin(m.inv_freq, pos, torch.float32)
+    cos_rounded, _ = rope_cos_sin(exact.to(torch.bfloat16).float(), pos, torch.float32)
+    assert torch.allclose(cos, rope_cos_sin(exact, pos, torch.float32)[0])
+    assert (cos - cos_rounded).abs().max() > 0.2  # what a rounded buffer does (0.29 here)
+
+
+
 @pytest.mark.parametrize("n_shards", [1, 2])
 def test_meta_consolidated_checkpoint(tmp_path, n_shards):
     ref = make_hf_llama(tmp_path / "hf", num_key_value_heads=2)
