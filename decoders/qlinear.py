@@ -6,6 +6,8 @@
                   + scale and offset per group of g inputs [K/g, N, 2]
     W8A8Linear    int8 [N, K] + scale per output channel [N]         torch._int_mm on int8 activations quantized per
                                                                      token (dynamic scale max|x| / 127), fp32 rescale
+    W4A8Linear    4-bit codes [N/16, K/8, 64] (decoders.w4a8.pack)   decoders/w4a8.cpp (AVX512-VNNI) on int8 activations
+                  + scale and o - 8 s per group [K/g, N], fp16       quantized per block of 32 inputs (llama.cpp's Q8_0)
 
 Formulas (per output row, per group of `group_size` inputs; 8 bits: one group of all K inputs):
     symmetric   s = max|w| / (2^(b-1) - 1),  q = clamp(round(w / s), -2^(b-1), 2^(b-1) - 1),  w_hat = q * s
@@ -24,6 +26,8 @@ from typing import Callable, Iterable
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from . import w4a8
 
 BITS = (8, 4, 3)
 GROUP_SIZES = (32, 64, 128, 256)
@@ -186,16 +190,56 @@ class W8A8Linear(QuantLinear):
         return y.reshape(*shape[:-1], self.out_features)
 
 
+class W4A8Linear(QuantLinear):
+    """4- or 3-bit weights in groups of `group_size` times int8 activations (blocks of 32 inputs, one scale each):
+    llama.cpp's Q4_0 x Q8_0 product on CPU (`decoders.w4a8`)."""
+
+    def __init__(self, u: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits: int, group_size: int,
+                 bias: torch.Tensor | None = None):
+        """Codes u [N, K] in [0, 15], scale and offset [N, K / group_size]: w = (u - 8) * scale + offset."""
+        N, K = u.shape
+        super().__init__(K, N, bias)
+        if N % 16 or group_size % w4a8.QK:
+            raise ValueError(f"the W4A8 kernel needs out_features divisible by 16 and groups of a multiple of 32 "
+                             f"inputs, got [{N}, {K}] in groups of {group_size}")
+        self.bits, self.group_size = bits, group_size
+        self.register_buffer("qweight", w4a8.pack(u))  # [N/16, K/8, 64]
+        self.register_buffer("scales", scale.t().to(torch.float16).contiguous())  # [K/g, N]
+        self.register_buffer("corr", (offset.float() - 8 * scale.float()).t().to(torch.float16).contiguous())  # o - 8s
+        w4a8.kernel()  # built (once) here rather than inside a compiled step's tracing
+
+    @classmethod
+    def from_int4(cls, lin: Int4Linear) -> W4A8Linear:
+        """The same weights with int8 activations (codes read back from the int4 kernel's dequantized weight)."""
+        s, o = lin.scales_and_zeros.float().transpose(0, 1).unbind(-1)  # [N, K/g] each
+        expand = lambda t: t.repeat_interleave(lin.group_size, dim=1)  # noqa: E731
+        u = torch.round((lin.dequantize() - expand(o)) / expand(s)).nan_to_num(0) + 8  # s = 0: any code, w = o
+        return cls(u.clamp(0, 15), s, o, lin.bits, lin.group_size, lin.bias)
+
+    def dequantize(self) -> torch.Tensor:
+        """w_hat [N, K] = u * s + (o - 8 s)."""
+        expand = lambda t: t.t().repeat_interleave(self.group_size, dim=1)  # noqa: E731
+        return w4a8.unpack(self.qweight).float() * expand(self.scales.float()) + expand(self.corr.float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        y = w4a8.linear(x2, self.qweight, self.scales, self.corr, self.group_size, self.dequantize).to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], self.out_features)
+
+
 def quantized_linear(linear: nn.Linear, bits: int, group_size: int | None, symmetric: bool = False,
                      activations: bool = False, weight: torch.Tensor | None = None) -> QuantLinear:
-    """The quantized module for `linear` (RTN of `weight`, default its own): W8A8 when `activations`, else
-    weight-only int8 (per channel, symmetric) or 4/3-bit group-wise."""
+    """The quantized module for `linear` (RTN of `weight`, default its own): weight-only int8 (per channel,
+    symmetric) or 4/3-bit group-wise; with int8 activations (W8A8, W4A8) when `activations`."""
     w = linear.weight if weight is None else weight
     if bits == 8:
         q, s, _ = quantize_weight(w, 8, None, symmetric=True, scale_dtype=torch.float32 if activations else torch.bfloat16)
         return (W8A8Linear if activations else Int8Linear)(q, s, linear.bias)
     u, s, o = Int4Linear.codes(*quantize_weight(w, bits, group_size, symmetric))
-    return Int4Linear(u, s, o, bits, group_size, linear.bias)
+    return (W4A8Linear if activations else Int4Linear)(u, s, o, bits, group_size, linear.bias)
 
 
 def linear_names(model: nn.Module, include: Callable[[str], bool] | None = None,

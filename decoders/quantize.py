@@ -10,14 +10,14 @@ import torch
 from torch import nn
 
 from .awq import awq_quantize
-from .qlinear import (BITS, GROUP_SIZES, METHODS, Int4Linear, Int8Linear, QuantLinear, W8A8Linear,
+from .qlinear import (BITS, GROUP_SIZES, METHODS, Int4Linear, Int8Linear, QuantLinear, W4A8Linear, W8A8Linear,
                       check_spec, dequantize_weight, fake_quantize, linear_names, quantize_weight, quantized_linear,
                       replace_module)
 from .smoothquant import smoothquant_quantize
 
-__all__ = ["BITS", "GROUP_SIZES", "METHODS", "Int4Linear", "Int8Linear", "QuantLinear", "W8A8Linear", "check_spec",
-           "dequantize_weight", "fake_quantize", "linear_names", "memory_report", "quantize_model", "quantize_weight",
-           "quantized_linear", "replace_module"]
+__all__ = ["BITS", "GROUP_SIZES", "METHODS", "Int4Linear", "Int8Linear", "QuantLinear", "W4A8Linear", "W8A8Linear",
+           "check_spec", "dequantize_weight", "fake_quantize", "linear_names", "memory_report", "quantize_model",
+           "quantize_weight", "quantized_linear", "replace_module"]
 
 @torch.no_grad()
 def quantize_model(model: nn.Module, method: str = "rtn", bits: int = 4, group_size: int | None = 128,
@@ -26,13 +26,13 @@ def quantize_model(model: nn.Module, method: str = "rtn", bits: int = 4, group_s
                    activations: bool = False, **kwargs) -> nn.Module:
     """Replace the model's linears (those `include` accepts, minus `skip`) by quantized ones, in place; returns it.
 
-    rtn: round to nearest (8 bits with `activations`: W8A8 without smoothing). awq: activation-aware scales + clip
-    search (needs `calib` token ids [B, T]).
+    rtn: round to nearest (with `activations`: W8A8 without smoothing, or W4A8 / W3A8). awq: activation-aware
+    scales + clip search (needs `calib` token ids [B, T]).
     smoothquant: smoothing folded into the norms, then W8A8 (needs `calib`). `progress(name)` after each linear.
     """
     check_spec(bits, group_size, method)
-    if activations and (method, bits) != ("rtn", 8):
-        raise ValueError(f"activations=True is RTN's W8A8 (method='rtn', bits=8), got {method!r}, bits={bits}")
+    if activations and method != "rtn":
+        raise ValueError(f"activations=True is RTN's W8A8 or W4A8/W3A8 (method='rtn'), got {method!r}")
     if method != "rtn" and calib is None:
         raise ValueError(f"{method} needs calibration token ids (calib [batch, tokens])")
     if method == "awq":
@@ -54,12 +54,13 @@ def memory_report(model: nn.Module) -> dict:
     """Resident bytes of the quantized linears against the formula bits x params / 8 + scales (+ offsets).
 
     Memory holds 8 bits per weight for int8 and 4 for 4- and 3-bit codes (3-bit codes run on the 4-bit kernel); the
-    formula adds 2 bytes per bf16 scale and offset (4 per fp32 W8A8 scale); `float_bytes`: the same weights in bf16."""
+    formula adds 2 bytes per 16-bit scale and offset (4 per fp32 W8A8 scale); `float_bytes`: the same
+    weights in bf16."""
     measured = formula = params = 0
     for m in model.modules():
         if isinstance(m, QuantLinear):
             N, K = m.out_features, m.in_features
-            if isinstance(m, Int4Linear):  # 4-bit codes, a bf16 scale and a bf16 offset per group
+            if isinstance(m, (Int4Linear, W4A8Linear)):  # 4-bit codes, a 16-bit scale and offset per group
                 formula += 4 * N * K // 8 + 2 * 2 * N * (K // m.group_size)
             else:  # int8 codes, one scale per output channel (bf16 weight-only, fp32 for W8A8)
                 formula += N * K + N * m.scales.element_size()

@@ -1,7 +1,8 @@
 """Decode speed of quantized vs bf16 weights: `python -m mm.eval.bench_quant [--sizes 125m,1b] [--no-compile]`.
 
 Batch 1, greedy, the same random weights (shapes of mm.eval.bench's 125M and TinyLlama-1.1B, with clear greedy
-choices) in bf16, int8 weight-only, int4 g32 / g128 weight-only and W8A8 (all linears, the head included). Decode
+choices) in bf16, int8 weight-only, int4 g32 / g128 weight-only, W8A8 and W4A8 g32 / g128 (all linears, the head
+included). Decode
 tokens/s = (new tokens - 1) / (time of n tokens - time of 1 token), the median of `repeats` rounds in which every
 variant runs once (paired in time: the speed-up over bf16 is the median of the per-round ratios, with their range);
 also whether the greedy tokens equal bf16's and the resident weight bytes. The machine's load average is printed
@@ -22,7 +23,9 @@ from decoders.quantize import memory_report, quantize_model
 from mm.eval.bench import decode_rounds, put_ratio, random_llama
 
 VARIANTS = {"bf16": None, "int8": dict(bits=8, group_size=None), "int4-g128": dict(bits=4, group_size=128),
-            "int4-g32": dict(bits=4, group_size=32), "w8a8": dict(bits=8, group_size=None, activations=True)}  # RTN
+            "int4-g32": dict(bits=4, group_size=32), "w8a8": dict(bits=8, group_size=None, activations=True),
+            "w4a8-g32": dict(bits=4, group_size=32, activations=True),
+            "w4a8-g128": dict(bits=4, group_size=128, activations=True)}  # RTN
 
 
 def make_variant(base: LlamaForCausalLM, name: str) -> LlamaForCausalLM:

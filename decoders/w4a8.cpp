@@ -1,0 +1,121 @@
+// W4A8 products for CPU decode steps: 4-bit weights times int8 activations in integer dot products (AVX512-VNNI).
+//
+// y[m, n] = sum_k x[m, k] w[n, k],  w[n, k] = (u[n, k] - 8) s[g, n] + o[g, n] for k in group g (`group` inputs).
+// The activations are quantized per block b of 32 inputs, as llama.cpp's Q8_0: d[m, b] = max|x| / 127,
+// q[m, k] = round(x / d). With dot[m, n, b] = sum_k u q over the block (vpdpbusd: unsigned codes times signed
+// activations, 16 output rows in the lanes of one register) and X[m, g] = sum over the group's blocks of d sum_k q
+// (the group's sum of x as quantized):
+//   y[m, n] = sum_g ( s[g, n] sum_b d[m, b] dot[m, n, b] + c[g, n] X[m, g] ),  c = o - 8 s  (s, c: float16).
+// Weights, packed [N/16, K/8, 64] bytes: per tile of 16 rows and 8 inputs k0..k0+7, byte 4 l + j holds the code of
+// row 16 t + l at input k0 + j in its low nibble and at k0 + 4 + j in its high nibble (j < 4).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <cmath>
+#include <cstring>
+
+namespace {
+
+constexpr int64_t QK = 32;      // inputs per activation block
+constexpr int64_t MAX_ROWS = 4;  // rows of x per call (decode steps; larger products dequantize instead)
+
+// x [M, K] (float32) -> q [M, K] int8 and d [M, K/32] per block; X [M, G] = sum of d * sum(q) over a group's blocks
+void quantize_rows(const float* x, int64_t M, int64_t K, int64_t group, int8_t* q, float* d, float* X) {
+  for (int64_t i = 0; i < M * K / QK; ++i) {
+    const float* xb = x + i * QK;
+    float amax = 0.f;
+    for (int k = 0; k < QK; ++k) amax = std::max(amax, std::fabs(xb[k]));
+    const float inv = amax > 0.f ? 127.f / amax : 0.f;
+    int32_t sum = 0;
+    for (int k = 0; k < QK; ++k) {
+      const int v = static_cast<int>(std::nearbyint(xb[k] * inv));
+      q[i * QK + k] = static_cast<int8_t>(v);
+      sum += v;
+    }
+    d[i] = amax / 127.f;
+    if (i * QK % group == 0) X[i * QK / group] = 0.f;
+    X[i * QK / group] += d[i] * static_cast<float>(sum);
+  }
+}
+
+inline __m512i bcast4(const int8_t* p) {  // 4 activation bytes into every 32-bit lane
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm512_set1_epi32(v);
+}
+
+// rows [16 t, 16 t + 16) of y for the M rows of x
+template <int M>
+void tile(const uint8_t* w, const uint16_t* s, const uint16_t* c, const int8_t* q, const float* d, const float* X,
+          float* y, int64_t t, int64_t N, int64_t K, int64_t group) {
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  const uint8_t* wt = w + t * (K / 8) * 64;
+  __m512 tot[M];
+  for (int m = 0; m < M; ++m) tot[m] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < K / group; ++g) {
+    __m512 acc[M];
+    for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
+    for (int64_t b = g * group / QK; b < (g + 1) * group / QK; ++b) {
+      __m512i dot0[M], dot1[M];
+      for (int m = 0; m < M; ++m) dot0[m] = dot1[m] = _mm512_setzero_si512();
+      for (int j = 0; j < 4; ++j) {  // 8 inputs a step
+        const __m512i v = _mm512_loadu_si512(wt + (b * 4 + j) * 64);
+        const __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+        for (int m = 0; m < M; ++m) {
+          const int8_t* qm = q + m * K + b * QK + j * 8;
+          dot0[m] = _mm512_dpbusd_epi32(dot0[m], lo, bcast4(qm));
+          dot1[m] = _mm512_dpbusd_epi32(dot1[m], hi, bcast4(qm + 4));
+        }
+      }
+      for (int m = 0; m < M; ++m)
+        acc[m] = _mm512_fmadd_ps(_mm512_set1_ps(d[m * (K / QK) + b]),
+                                 _mm512_cvtepi32_ps(_mm512_add_epi32(dot0[m], dot1[m])), acc[m]);
+    }
+    const __m512 sg = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + g * N + t * 16)));
+    const __m512 cg = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + g * N + t * 16)));
+    for (int m = 0; m < M; ++m)
+      tot[m] = _mm512_fmadd_ps(cg, _mm512_set1_ps(X[m * (K / group) + g]), _mm512_fmadd_ps(sg, acc[m], tot[m]));
+  }
+  for (int m = 0; m < M; ++m) _mm512_storeu_ps(y + m * N + t * 16, tot[m]);
+}
+
+}  // namespace
+
+// x [M, K] float32 (M <= 4), packed [N/16, K/8, 64] uint8, scales and corrections c [K/group, N] float16 -> [M, N]
+torch::Tensor w4a8_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor scales, torch::Tensor corr,
+                          int64_t group) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous(), "x: contiguous float32 [M, K]");
+  const int64_t M = x.size(0), K = x.size(1), N = packed.size(0) * 16;
+  TORCH_CHECK(M >= 1 && M <= MAX_ROWS, "1 to ", MAX_ROWS, " rows, got ", M);
+  TORCH_CHECK(group % QK == 0 && K % group == 0, "in_features ", K, " must be a multiple of group ", group,
+              ", a multiple of 32");
+  TORCH_CHECK(packed.scalar_type() == torch::kUInt8 && packed.dim() == 3 && packed.size(1) * 8 == K &&
+              packed.size(2) == 64 && packed.is_contiguous(), "packed: contiguous uint8 [N/16, K/8, 64]");
+  TORCH_CHECK(scales.sizes() == corr.sizes() && scales.size(0) == K / group && scales.size(1) == N &&
+              scales.scalar_type() == torch::kHalf && corr.scalar_type() == torch::kHalf &&
+              scales.is_contiguous() && corr.is_contiguous(), "scales, corr: contiguous float16 [K/group, N]");
+  auto q = torch::empty({M, K}, x.options().dtype(torch::kInt8));
+  auto d = torch::empty({M, K / QK}, x.options());
+  auto X = torch::empty({M, K / group}, x.options());
+  quantize_rows(x.data_ptr<float>(), M, K, group, q.data_ptr<int8_t>(), d.data_ptr<float>(), X.data_ptr<float>());
+  auto y = torch::empty({M, N}, x.options());
+  const uint8_t* w = packed.data_ptr<uint8_t>();
+  const auto* s = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
+  const auto* c = reinterpret_cast<const uint16_t*>(corr.data_ptr<at::Half>());
+  const float* dp = d.data_ptr<float>();
+  const float* Xp = X.data_ptr<float>();
+  const int8_t* qp = q.data_ptr<int8_t>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, N / 16, 4, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) switch (M) {
+        case 1: tile<1>(w, s, c, qp, dp, Xp, yp, t, N, K, group); break;
+        case 2: tile<2>(w, s, c, qp, dp, Xp, yp, t, N, K, group); break;
+        case 3: tile<3>(w, s, c, qp, dp, Xp, yp, t, N, K, group); break;
+        default: tile<4>(w, s, c, qp, dp, Xp, yp, t, N, K, group); break;
+      }
+  });
+  return y;
+}
+
+TORCH_LIBRARY(mm_w4a8, m) { m.def("linear(Tensor x, Tensor packed, Tensor scales, Tensor corr, int group) -> Tensor"); }
+TORCH_LIBRARY_IMPL(mm_w4a8, CPU, m) { m.impl("linear", &w4a8_linear); }
