@@ -210,16 +210,22 @@ class W4A8Linear(QuantLinear):
 
     @classmethod
     def from_int4(cls, lin: Int4Linear) -> W4A8Linear:
-        """The same weights with int8 activations (codes read back from the int4 kernel's dequantized weight)."""
+        """The same weights (codes, scales, offsets of a 4-bit model, e.g. a GGUF Q4_0 file's) with int8 activations."""
         s, o = lin.scales_and_zeros.float().transpose(0, 1).unbind(-1)  # [N, K/g] each
-        expand = lambda t: t.repeat_interleave(lin.group_size, dim=1)  # noqa: E731
-        u = torch.round((lin.dequantize() - expand(o)) / expand(s)).nan_to_num(0) + 8  # s = 0: any code, w = o
-        return cls(u.clamp(0, 15), s, o, lin.bits, lin.group_size, lin.bias)
+        N, K = lin.out_features, lin.in_features
+        if N % 64 == 0:  # the int4 kernel's bytes [N/64, K, 32]: row 64 b + j in the low nibble, 64 b + 32 + j high
+            p = lin.qweight.reshape(N // 64, K, 32)
+            u = torch.cat([p & 0x0F, p >> 4], dim=2).transpose(1, 2).reshape(N, K)
+        else:  # other row counts pack their last rows differently: read the codes back from the dequantized weight
+            expand = lambda t: t.repeat_interleave(lin.group_size, dim=1)  # noqa: E731
+            u = torch.round((lin.dequantize() - expand(o)) / expand(s)).nan_to_num(0).clamp(-8, 7) + 8  # s = 0: w = o
+        return cls(u, s, o, lin.bits, lin.group_size, lin.bias)
 
     def dequantize(self) -> torch.Tensor:
         """w_hat [N, K] = u * s + (o - 8 s)."""
-        expand = lambda t: t.t().repeat_interleave(self.group_size, dim=1)  # noqa: E731
-        return w4a8.unpack(self.qweight).float() * expand(self.scales.float()) + expand(self.corr.float())
+        N, K, G = self.out_features, self.in_features, self.scales.shape[0]
+        u = w4a8.unpack(self.qweight).view(N, G, K // G).float()
+        return (u * self.scales.t().float()[..., None] + self.corr.t().float()[..., None]).view(N, K)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape

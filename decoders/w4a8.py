@@ -3,8 +3,8 @@
 The activations are quantized per block of 32 inputs (d = max|x| / 127, q = round(x / d)); the kernel
 (`w4a8.cpp`, AVX512-VNNI integer dot products, 16 output rows in one register) is built from source on first use by
 torch's C++ extension builder and cached (`TORCH_EXTENSIONS_DIR`, ~20 s once). Without the instructions or a
-compiler the same numbers come from `reference` (dequantized weights, float matmul), as they do for products of
-more than `MAX_ROWS` rows (prefill).
+compiler, and for products of more than `MAX_ROWS` rows (prefill), `reference` computes them with the dequantized
+weights in the activations' dtype (float32: the kernel's numbers up to summation order).
 
 Measured here (2 threads, one row, groups of 32): [768 x 4096] 24 us against 57 us for the weight-only
 `torch._weight_int4pack_mm_for_cpu`, [2048 x 2560] 31 vs 72 us, [5632 x 2048] 76 vs 155 us.
@@ -85,13 +85,13 @@ def quantize_activations(x: torch.Tensor) -> torch.Tensor:
 
 
 def reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """y [M, N] = quantize_activations(x) @ w^T in float32 (w: the dequantized weight [N, K])."""
-    return quantize_activations(x) @ w.float().t()
+    """y [M, N] = quantize_activations(x) @ w^T in x's dtype (w: the dequantized weight [N, K])."""
+    return quantize_activations(x).to(x.dtype) @ w.to(x.dtype).t()
 
 
 def linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, corr: torch.Tensor, group: int,
            dequantized) -> torch.Tensor:
-    """y [M, N] float32 for x [M, K]: the kernel where it is loaded (`kernel()`), else `reference` on
+    """y [M, N] for x [M, K]: the kernel where it is loaded (`kernel()`, float32 out), else `reference` on
     `dequantized()`."""
     if loaded and x.device.type == "cpu" and x.shape[0] <= MAX_ROWS:
         return torch.ops.mm_w4a8.linear(x.float().contiguous(), packed, scales, corr, group)

@@ -4,7 +4,7 @@ One random Llama per size (mm.eval.bench.random_llama, clear greedy choices) is 
 the weights' format and read by both: F32 and BF16 (ours in that dtype), Q8_0 (ours: the file's weights
 dequantized, then int8 per channel; `q8_0a8` also quantizes the activations to int8 per token, W8A8, as llama.cpp's
 Q8_0 product quantizes them in blocks of 32) and Q4_0 (ours: the file's 4-bit blocks kept as Int4Linear, groups of
-32).
+32; `q4_0a8`: the same blocks times int8 activations in blocks of 32, W4A8Linear, llama.cpp's own Q4_0 product).
 Batch 1, the same thread count for both:
     decode   llama-bench tg128 (128 tokens from an empty context) vs our `generate` from one token,
              (128 steps) / (time of 129 tokens - time of 1 token)
@@ -32,10 +32,11 @@ from pathlib import Path
 import torch
 
 from decoders.gguf import load_gguf, save_gguf
-from decoders.quantize import quantize_model
+from decoders.quantize import Int4Linear, W4A8Linear, quantize_model, replace_module
 from mm.eval.bench import best_time, format_table, random_llama
 
-WEIGHTS = {"f32": "F32", "bf16": "BF16", "q8_0": "Q8_0", "q8_0a8": "Q8_0", "q4_0": "Q4_0"}  # ours -> GGUF tensor type
+WEIGHTS = {"f32": "F32", "bf16": "BF16", "q8_0": "Q8_0", "q8_0a8": "Q8_0", "q4_0": "Q4_0",
+           "q4_0a8": "Q4_0"}  # ours -> GGUF tensor type
 COLUMNS = ["model", "weights", "threads", "ours_decode_tok_s", "llama_cpp_decode_tok_s", "decode_ratio",
            "decode_ratio_range", "ours_prefill_tok_s", "llama_cpp_prefill_tok_s", "prefill_ratio",
            "prefill_ratio_range", "same_tokens"]
@@ -86,6 +87,10 @@ def ours_for(model, weights: str, gguf: Path):
         quantize_model(ours, "rtn", 8, None)  # no kernel takes ggml's 32-wide int8 groups: int8 per channel
     elif weights == "q8_0a8":
         quantize_model(ours, "rtn", 8, None, activations=True)
+    elif weights == "q4_0a8":
+        for name, m in list(ours.named_modules()):
+            if isinstance(m, Int4Linear):
+                replace_module(ours, name, W4A8Linear.from_int4(m))
     return ours
 
 

@@ -51,8 +51,8 @@ def test_products_equal_the_formula(rows, g, symmetric):
     want = formula(x, u, s, o, g)
     got = lin(x).double()  # the kernel for up to 4 rows, `w4a8.reference` for more
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(lin(x.bfloat16()).double(), formula(x.bfloat16().float(), u, s, o, g), rtol=1e-2,
-                               atol=1e-2)  # bf16 in, bf16 out
+    want16 = formula(x.bfloat16().float(), u, s, o, g)  # bf16 in, bf16 out (more than 4 rows: a bf16 matmul)
+    torch.testing.assert_close(lin(x.bfloat16()).double(), want16, rtol=2e-2, atol=1e-2 * want16.abs().max().item())
 
 
 def test_w4a8_llama_compiled_equals_eager_and_stays_near_the_weight_only_model():
@@ -73,12 +73,13 @@ def test_w4a8_llama_compiled_equals_eager_and_stays_near_the_weight_only_model()
     assert (la - lw).abs().max() < 0.05 * lw.abs().max()  # int8 activations: a small change of the logits
 
 
-def test_from_int4_keeps_the_weights():
+@pytest.mark.parametrize("rows", [32, 128])  # 128: the int4 kernel's bytes read directly; 32: read back
+def test_from_int4_keeps_the_weights(rows):
     gen = torch.Generator().manual_seed(5)
-    u = torch.randint(0, 16, (32, 128), generator=gen)
-    d = (torch.rand(32, 4, generator=gen) * 0.01).bfloat16().float()
+    u = torch.randint(0, 16, (rows, 128), generator=gen)
+    d = (torch.rand(rows, 4, generator=gen) * 0.01).bfloat16().float()
     d[0, 0] = 0  # a Q4_0 block of zeros: any code, w = the offset
-    lin4 = Int4Linear(u, d, torch.zeros_like(d), 4, 32, bias=torch.randn(32))
+    lin4 = Int4Linear(u, d, torch.zeros_like(d), 4, 32, bias=torch.randn(rows))
     lin = W4A8Linear.from_int4(lin4)
     assert torch.equal(lin.dequantize(), lin4.dequantize()) and torch.equal(lin.bias, lin4.bias)
     assert torch.equal(w4a8.unpack(lin.qweight)[1:].long(), u[1:])

@@ -6,7 +6,7 @@ import torch
 
 from decoders import LlamaConfig, LlamaForCausalLM
 from decoders.gguf import save_gguf
-from decoders.qlinear import W8A8Linear
+from decoders.qlinear import W4A8Linear, W8A8Linear
 from mm.eval.llama_cpp import binaries, llama_bench, llama_greedy, ours_for
 
 from tests.mm.wheels import llama_cpp_build
@@ -93,6 +93,17 @@ def test_q8_0_as_w8a8_picks_llama_cpps_tokens(tmp_path, exes):
     gguf = save_gguf(tiny_llama(1), tmp_path / "q8.gguf", "Q8_0")
     ours = ours_for(None, "q8_0a8", gguf)
     assert any(isinstance(m, W8A8Linear) for m in ours.modules())
+    for prompt, tokens in clear_prompts(ours, 3, 12, margin=0.5):
+        assert len(set(tokens)) > 4
+        assert llama_greedy(exes["llama-simple"], gguf, prompt, len(tokens)) == tokens, prompt
+
+
+def test_q4_0_as_w4a8_picks_llama_cpps_tokens(tmp_path, exes):
+    """A Q4_0 file run as W4A8 (`q4_0a8`: its 4-bit blocks times int8 activations in blocks of 32) and by llama.cpp
+    (the same product): the same tokens where choices are clear."""
+    gguf = save_gguf(tiny_llama(2), tmp_path / "q4.gguf", "Q4_0")
+    ours = ours_for(None, "q4_0a8", gguf)
+    assert any(isinstance(m, W4A8Linear) for m in ours.modules())
     for prompt, tokens in clear_prompts(ours, 3, 12, margin=0.5):
         assert len(set(tokens)) > 4
         assert llama_greedy(exes["llama-simple"], gguf, prompt, len(tokens)) == tokens, prompt
