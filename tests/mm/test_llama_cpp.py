@@ -87,23 +87,15 @@ def test_missing_build_is_named(tmp_path):
         binaries(tmp_path)
 
 
-def test_q8_0_as_w8a8_picks_llama_cpps_tokens(tmp_path, exes):
+@pytest.mark.parametrize("weights,gguf_type,cls,seed", [("q8_0a8", "Q8_0", W8A8Linear, 1),
+                                                         ("q4_0a8", "Q4_0", W4A8Linear, 2)])
+def test_int8_activations_pick_llama_cpps_tokens(tmp_path, exes, weights, gguf_type, cls, seed):
     """A Q8_0 file run as W8A8 (`mm.eval.llama_cpp`'s q8_0a8: int8 weights per channel from its blocks, activations
-    int8 per token) and by llama.cpp (activations int8 in blocks of 32): the same tokens where choices are clear."""
-    gguf = save_gguf(tiny_llama(1), tmp_path / "q8.gguf", "Q8_0")
-    ours = ours_for(None, "q8_0a8", gguf)
-    assert any(isinstance(m, W8A8Linear) for m in ours.modules())
-    for prompt, tokens in clear_prompts(ours, 3, 12, margin=0.5):
-        assert len(set(tokens)) > 4
-        assert llama_greedy(exes["llama-simple"], gguf, prompt, len(tokens)) == tokens, prompt
-
-
-def test_q4_0_as_w4a8_picks_llama_cpps_tokens(tmp_path, exes):
-    """A Q4_0 file run as W4A8 (`q4_0a8`: its 4-bit blocks times int8 activations in blocks of 32) and by llama.cpp
-    (the same product): the same tokens where choices are clear."""
-    gguf = save_gguf(tiny_llama(2), tmp_path / "q4.gguf", "Q4_0")
-    ours = ours_for(None, "q4_0a8", gguf)
-    assert any(isinstance(m, W4A8Linear) for m in ours.modules())
+    int8 per token) or a Q4_0 file as W4A8 (q4_0a8: its 4-bit blocks times int8 activations in blocks of 32, llama.cpp's
+    own product) and by llama.cpp (activations int8 in blocks of 32): the same tokens where choices are clear."""
+    gguf = save_gguf(tiny_llama(seed), tmp_path / f"{weights}.gguf", gguf_type)
+    ours = ours_for(None, weights, gguf)
+    assert any(isinstance(m, cls) for m in ours.modules())
     for prompt, tokens in clear_prompts(ours, 3, 12, margin=0.5):
         assert len(set(tokens)) > 4
         assert llama_greedy(exes["llama-simple"], gguf, prompt, len(tokens)) == tokens, prompt
