@@ -2,11 +2,10 @@
 
 Batch 1, greedy, the same random weights (shapes of mm.eval.bench's 125M and TinyLlama-1.1B, with clear greedy
 choices) in bf16, int8 weight-only, int4 g32 / g128 weight-only, W8A8 and W4A8 g32 / g128 (all linears, the head
-included). Decode
-tokens/s = (new tokens - 1) / (time of n tokens - time of 1 token), the median of `repeats` rounds in which every
-variant runs once (paired in time: the speed-up over bf16 is the median of the per-round ratios, with their range);
-also whether the greedy tokens equal bf16's and the resident weight bytes. The machine's load average is printed
-beside the figures: on a shared machine they move with it.
+included). Decode tokens/s = (new tokens - 1) / (time of n tokens - time of 1 token), the median of `repeats` rounds
+in which every variant runs once (paired in time: the speed-up over bf16 is the median of the per-round ratios, with
+their range); also whether the greedy tokens equal bf16's and the resident weight bytes. The machine's load average
+is printed beside the figures: on a shared machine they move with it.
 """
 from __future__ import annotations
 
