@@ -117,5 +117,55 @@ torch::Tensor w4a8_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor s
   return y;
 }
 
-TORCH_LIBRARY(mm_w4a8, m) { m.def("linear(Tensor x, Tensor packed, Tensor scales, Tensor corr, int group) -> Tensor"); }
-TORCH_LIBRARY_IMPL(mm_w4a8, CPU, m) { m.impl("linear", &w4a8_linear); }
+// The weights for products of many rows (prefill): w^T [K, N] = (u s + c)^T in float32 or bfloat16 (rounded to
+// nearest even), from the same packed bytes; one pass, 16 rows of a tile per register.
+torch::Tensor w4a8_dequantize_t(torch::Tensor packed, torch::Tensor scales, torch::Tensor corr, int64_t group,
+                                at::ScalarType dtype) {
+  TORCH_CHECK(packed.scalar_type() == torch::kUInt8 && packed.dim() == 3 && packed.size(2) == 64 &&
+              packed.is_contiguous(), "packed: contiguous uint8 [N/16, K/8, 64]");
+  const int64_t N = packed.size(0) * 16, K8 = packed.size(1), K = K8 * 8;
+  TORCH_CHECK(group % 8 == 0 && K % group == 0 && scales.sizes() == corr.sizes() && scales.size(0) == K / group &&
+              scales.size(1) == N && scales.scalar_type() == torch::kHalf && corr.scalar_type() == torch::kHalf &&
+              scales.is_contiguous() && corr.is_contiguous(), "scales, corr: contiguous float16 [K/group, N]");
+  TORCH_CHECK(dtype == torch::kFloat || dtype == torch::kBFloat16, "dtype: float32 or bfloat16, got ", dtype);
+  auto out = torch::empty({K, N}, packed.options().dtype(dtype));
+  const uint8_t* w = packed.data_ptr<uint8_t>();
+  const auto* s = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
+  const auto* c = reinterpret_cast<const uint16_t*>(corr.data_ptr<at::Half>());
+  const bool bf16 = dtype == torch::kBFloat16;
+  char* o = static_cast<char*>(out.data_ptr());
+  const int64_t esize = bf16 ? 2 : 4;
+  at::parallel_for(0, K8, 8, [&](int64_t k0, int64_t k1) {
+    const __m512i low = _mm512_set1_epi32(0x0F), one = _mm512_set1_epi32(1), half = _mm512_set1_epi32(0x7FFF);
+    for (int64_t k8 = k0; k8 < k1; ++k8) {
+      const int64_t g = k8 * 8 / group;
+      for (int64_t t = 0; t < N / 16; ++t) {
+        const __m512i v = _mm512_loadu_si512(w + (t * K8 + k8) * 64);  // lane l: row 16 t + l, byte j: inputs j, 4 + j
+        const __m512 sg = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + g * N + t * 16)));
+        const __m512 cg = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + g * N + t * 16)));
+        for (int j = 0; j < 8; ++j) {  // input k8 * 8 + j: byte j % 4 of each lane, low nibble for j < 4
+          const __m512i u = _mm512_and_si512(_mm512_srli_epi32(v, 8 * (j % 4) + 4 * (j / 4)), low);
+          const __m512 x = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(u), sg), cg);  // two roundings, as torch
+          char* dst = o + ((k8 * 8 + j) * N + t * 16) * esize;
+          if (!bf16) {
+            _mm512_storeu_ps(dst, x);
+          } else {
+            const __m512i b = _mm512_castps_si512(x);
+            const __m512i r = _mm512_add_epi32(b, _mm512_add_epi32(half, _mm512_and_si512(_mm512_srli_epi32(b, 16), one)));
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
+          }
+        }
+      }
+    }
+  });
+  return out;
+}
+
+TORCH_LIBRARY(mm_w4a8, m) {
+  m.def("linear(Tensor x, Tensor packed, Tensor scales, Tensor corr, int group) -> Tensor");
+  m.def("dequantize_t(Tensor packed, Tensor scales, Tensor corr, int group, ScalarType dtype) -> Tensor");
+}
+TORCH_LIBRARY_IMPL(mm_w4a8, CPU, m) {
+  m.impl("linear", &w4a8_linear);
+  m.impl("dequantize_t", &w4a8_dequantize_t);
+}

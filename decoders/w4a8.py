@@ -4,7 +4,8 @@ The activations are quantized per block of 32 inputs (d = max|x| / 127, q = roun
 (`w4a8.cpp`, AVX512-VNNI integer dot products, 16 output rows in one register) is built from source on first use by
 torch's C++ extension builder and cached (`TORCH_EXTENSIONS_DIR`, ~20 s once). Without the instructions or a
 compiler, and for products of more than `MAX_ROWS` rows (prefill), `reference` computes them with the dequantized
-weights in the activations' dtype (float32: the kernel's numbers up to summation order).
+weights in the activations' dtype (float32: the kernel's numbers up to summation order); where the kernel is loaded,
+its `dequantize_t` writes those weights (transposed, [K, N]) in one pass and the product runs on oneDNN.
 
 Measured here (2 threads, one row, groups of 32): [768 x 4096] 24 us against 57 us for the weight-only
 `torch._weight_int4pack_mm_for_cpu`, [2048 x 2560] 31 vs 72 us, [5632 x 2048] 76 vs 155 us.
@@ -45,13 +46,17 @@ def kernel() -> bool:
     t0 = time.perf_counter()
     try:
         load(name="mm_w4a8", sources=[str(Path(__file__).with_suffix(".cpp"))], is_python_module=False,
-             extra_cflags=["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma", "-fopenmp"],
+             extra_cflags=["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma", "-fopenmp",
+                           "-ffp-contract=off"],  # a * b + c rounds twice, as torch's ops
              extra_ldflags=["-fopenmp"])
     except (RuntimeError, OSError) as e:  # no compiler, no ninja, a failed build
         log.warning("the W4A8 CPU kernel was not built (%s); W4A8 products dequantize instead", e)
         return False
     torch.library.register_fake("mm_w4a8::linear")(
         lambda x, packed, scales, corr, group: x.new_empty(x.shape[0], packed.shape[0] * 16))
+    torch.library.register_fake("mm_w4a8::dequantize_t")(
+        lambda packed, scales, corr, group, dtype: packed.new_empty(packed.shape[1] * 8, packed.shape[0] * 16,
+                                                                    dtype=dtype))
     if time.perf_counter() - t0 > 2:
         log.warning("built the W4A8 CPU kernel in %.0f s (once; cached)", time.perf_counter() - t0)
     loaded = True
@@ -89,10 +94,19 @@ def reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return quantize_activations(x).to(x.dtype) @ w.to(x.dtype).t()
 
 
+def dequantize_t(packed: torch.Tensor, scales: torch.Tensor, corr: torch.Tensor, group: int,
+                 dtype: torch.dtype) -> torch.Tensor:
+    """w^T [K, N] in `dtype` (float32 or bfloat16) from the kernel's bytes, by the kernel's library (`kernel()`)."""
+    return torch.ops.mm_w4a8.dequantize_t(packed, scales, corr, group, dtype)
+
+
 def linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, corr: torch.Tensor, group: int,
            dequantized) -> torch.Tensor:
-    """y [M, N] for x [M, K]: the kernel where it is loaded (`kernel()`, float32 out), else `reference` on
-    `dequantized()`."""
-    if loaded and x.device.type == "cpu" and x.shape[0] <= MAX_ROWS:
-        return torch.ops.mm_w4a8.linear(x.float().contiguous(), packed, scales, corr, group)
+    """y [M, N] for x [M, K]: the kernel where it is loaded (`kernel()`, float32 out; more rows: `reference` on its
+    `dequantize_t`), else `reference` on `dequantized()`."""
+    if loaded and x.device.type == "cpu":
+        if x.shape[0] <= MAX_ROWS:
+            return torch.ops.mm_w4a8.linear(x.float().contiguous(), packed, scales, corr, group)
+        dtype = x.dtype if x.dtype == torch.bfloat16 else torch.float32
+        return quantize_activations(x).to(dtype) @ dequantize_t(packed, scales, corr, group, dtype)
     return reference(x, dequantized())

@@ -55,6 +55,18 @@ def test_products_equal_the_formula(rows, g, symmetric):
     torch.testing.assert_close(lin(x.bfloat16()).double(), want16, rtol=2e-2, atol=1e-2 * want16.abs().max().item())
 
 
+@pytest.mark.skipif(not w4a8.kernel(), reason="the kernel needs AVX512-VNNI and a C++ compiler")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_kernels_prefill_weights_equal_dequantize(dtype):
+    gen = torch.Generator().manual_seed(7)
+    u = torch.randint(0, 16, (48, 256), generator=gen)
+    s = (torch.rand(48, 4, generator=gen) * 0.02).half().float()
+    o = (torch.randn(48, 4, generator=gen) * 0.05).half().float()
+    lin = W4A8Linear(u, s, o, 4, 64)
+    wt = w4a8.dequantize_t(lin.qweight, lin.scales, lin.corr, 64, dtype)
+    assert wt.dtype == dtype and torch.equal(wt, lin.dequantize().t().to(dtype))  # bf16: rounded to nearest even
+
+
 def test_w4a8_llama_compiled_equals_eager_and_stays_near_the_weight_only_model():
     torch._dynamo.reset()
     w4 = quantize_model(tiny_llama(dtype=torch.bfloat16), "rtn", 4, 32)
