@@ -189,9 +189,11 @@ def skips_clip(name: str) -> bool:
 @torch.no_grad()
 def awq_quantize(model: nn.Module, calib: torch.Tensor, bits: int = 4, group_size: int = 128, symmetric: bool = False,
                  include: Callable[[str], bool] | None = None, skip: Iterable[str] = (),
-                 progress: Callable[[str], None] | None = None, max_rows: int = 512, report: dict | None = None):
+                 progress: Callable[[str], None] | None = None, max_rows: int = 512, report: dict | None = None,
+                 activations: bool = False):
     """AWQ in place on the model's linears (see the module docstring); returns the model. `report`, if given,
-    receives per group the output errors {linears: (awq, rtn)} measured on the calibration rows."""
+    receives per group the output errors {linears: (awq, rtn)} measured on the calibration rows. `activations`: the
+    weights run as W4A8 / W3A8 (int8 activations at run time; the search itself sees float activations)."""
     check_spec(bits, group_size, "awq")
     if bits == 8:
         raise ValueError("AWQ is a low-bit weight method (bits 4 or 3)")
@@ -217,7 +219,7 @@ def awq_quantize(model: nn.Module, calib: torch.Tensor, bits: int = 4, group_siz
             wg = w.view(w.shape[0], -1, group_size)
             w = torch.maximum(torch.minimum(wg, m), -m).reshape(w.shape)
         try:
-            replace_module(model, n, quantized_linear(lin, bits, group_size, symmetric, weight=w))
+            replace_module(model, n, quantized_linear(lin, bits, group_size, symmetric, activations, weight=w))
         except ValueError as e:
             raise ValueError(f"{n}: {e} (keep it in float with skip=({n!r},), mm quantize --skip {n})") from e
         if progress is not None:

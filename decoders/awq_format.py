@@ -9,6 +9,8 @@
     config.json `quantization_config`: {"quant_method": "awq", "version": "gemm", "bits", "group_size", "zero_point"}
     (engines that read AWQ take bits 4; 3-bit codes are written in the same nibbles with bits 3).
     int8 (mm's own): `qweight` int8 [N, K], `scales` [N]; quant_method "mm-int8" (weight-only) or "mm-w8a8".
+    W4A8 / W3A8 (4/3-bit weights times int8 activations): the AWQ tensors with "mm_activations": "int8" added to the
+    AWQ config (engines that read AWQ serve the same weights weight-only).
 
 Hugging Face keys (q_proj, k_proj, v_proj, gate_proj, up_proj separate) hold the quantized tensors; our fused
 q/k/v and gate/up stack their rows. Symmetric codes are written with z = 8.
@@ -24,7 +26,8 @@ from torch import nn
 from .checkpoint import CheckpointError, load_state_dict_strict, read_hf_weights, read_json, write_hf_weights
 from .convert_hf import convert_hf_state_dict, to_hf_state_dict
 from .llama import LlamaConfig, LlamaForCausalLM
-from .qlinear import Int4Linear, Int8Linear, QuantLinear, W8A8Linear, replace_module
+from . import w4a8
+from .qlinear import Int4Linear, Int8Linear, QuantLinear, W4A8Linear, W8A8Linear, replace_module
 
 ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
 FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
@@ -47,16 +50,30 @@ def unpack(packed: torch.Tensor) -> torch.Tensor:
     return codes.reshape(R, C8 * 8)
 
 
+def awq_tensors(u: torch.Tensor, s: torch.Tensor, z: torch.Tensor, bits: int) -> dict[str, torch.Tensor]:
+    """Codes u [N, K], scales s [G, N] (fp16), zero points z [G, N] (w = (u - z) s) as AWQ's qweight [K, N/8], qzeros
+    [K/g, N/8] (int32), scales [K/g, N]. Symmetric 3-bit codes (u - 8 in [-4, 3], z = 8) move to z = 4."""
+    if bits < 4 and bool((z == 8).all()):
+        u, z = u - 4, z - 4
+    return {"qweight": pack(u.t().contiguous()), "qzeros": pack(z.contiguous()), "scales": s.contiguous()}
+
+
 def int4_to_awq(lin: Int4Linear) -> dict[str, torch.Tensor]:
-    """An Int4Linear's qweight [K, N/8], qzeros [K/g, N/8] (int32), scales [K/g, N] (fp16)."""
+    """An Int4Linear's AWQ tensors (its bf16 scales in fp16; z = 8 - o / s up to the offset's bf16 rounding)."""
     s = lin.scales_and_zeros[..., 0].float().t()  # [N, G]
     o = lin.scales_and_zeros[..., 1].float().t()
     N, K, g = lin.out_features, lin.in_features, lin.group_size
     z = 8 - torch.round(o / s)  # o = (8 - z) s, up to the offset's bfloat16 rounding
     w = lin.dequantize()  # (u - 8) s + o
     u = torch.round((w.view(N, -1, g) - o[..., None]) / s[..., None]) + 8  # [N, G, g]
-    return {"qweight": pack(u.reshape(N, K).t().contiguous()), "qzeros": pack(z.t().contiguous()),
-            "scales": s.t().contiguous().half()}
+    return awq_tensors(u.reshape(N, K), s.t().half(), z.t(), lin.bits)
+
+
+def w4a8_to_awq(lin: W4A8Linear) -> dict[str, torch.Tensor]:
+    """A W4A8Linear's AWQ tensors: its codes, its fp16 scales as they are, zero points z = -c / s (c = o - 8 s = -z s)."""
+    s, c = lin.scales.float(), lin.corr.float()  # [K/g, N]
+    z = torch.where(s > 0, torch.round(-c / s), 8).clamp(0, 15)  # s = 0 (an all-zero group): any z
+    return awq_tensors(w4a8.unpack(lin.qweight), lin.scales, z, lin.bits)
 
 
 def awq_to_int4(qweight, qzeros, scales, bits: int, group_size: int, source: str) -> tuple:
@@ -87,10 +104,10 @@ def save_quantized(model: LlamaForCausalLM, path: str | Path, max_shard_bytes: i
     for name, m in model.named_modules():
         if not isinstance(m, QuantLinear):
             continue
-        if isinstance(m, Int4Linear):
-            t = int4_to_awq(m)
+        if isinstance(m, (Int4Linear, W4A8Linear)):
+            t = int4_to_awq(m) if isinstance(m, Int4Linear) else w4a8_to_awq(m)
             quant = {"quant_method": "awq", "version": "gemm", "bits": m.bits, "group_size": m.group_size,
-                     "zero_point": True}
+                     "zero_point": True, **({"mm_activations": "int8"} if isinstance(m, W4A8Linear) else {})}
             split = lambda k, v, n: v.split(n if k == "scales" else [x // 8 for x in n], dim=1)  # noqa: E731
         else:
             t = {"qweight": m.qweight, "scales": m.scales}
@@ -117,7 +134,8 @@ def save_quantized(model: LlamaForCausalLM, path: str | Path, max_shard_bytes: i
 
 
 def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu") -> LlamaForCausalLM:
-    """Open a quantized Llama directory (AWQ GEMM, mm-int8, mm-w8a8) with its linears quantized in memory."""
+    """Open a quantized Llama directory (AWQ GEMM, + int8 activations, mm-int8, mm-w8a8) with its linears quantized
+    in memory."""
     path = Path(path)
     d = read_json(path / "config.json")
     q = d.get("quantization_config") or {}
@@ -128,6 +146,8 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, device=
     if method == "awq" and (q.get("version", "gemm").lower() != "gemm" or q.get("bits", 4) not in (3, 4)):
         raise CheckpointError(f"{path / 'config.json'}: AWQ version {q.get('version')!r} bits {q.get('bits')!r}; "
                               "supported: version gemm, bits 4 (or 3)")
+    if q.get("mm_activations", "int8") != "int8":
+        raise CheckpointError(f"{path / 'config.json'}: mm_activations {q['mm_activations']!r}; supported: int8")
     try:
         cfg = LlamaConfig.from_hf(d)
     except ValueError as e:
@@ -155,7 +175,8 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, device=
                 parts = [awq_to_int4(a, b, c, q.get("bits", 4), q["group_size"], f"{path}: {n}")
                          for a, b, c, n in zip(take("qweight"), take("qzeros"), take("scales"), hf_names)]
                 u, s, o = (torch.cat([p[j] for p in parts]) for j in range(3))
-                new: nn.Module = Int4Linear(u, s, o, q.get("bits", 4), q["group_size"])
+                new: nn.Module = (W4A8Linear if "mm_activations" in q else Int4Linear)(u, s, o, q.get("bits", 4),
+                                                                                      q["group_size"])
             else:
                 w, s = torch.cat(take("qweight")), torch.cat(take("scales"))
                 new = (W8A8Linear if method == "mm-w8a8" else Int8Linear)(w, s)

@@ -27,16 +27,18 @@ def quantize_model(model: nn.Module, method: str = "rtn", bits: int = 4, group_s
     """Replace the model's linears (those `include` accepts, minus `skip`) by quantized ones, in place; returns it.
 
     rtn: round to nearest (with `activations`: W8A8 without smoothing, or W4A8 / W3A8). awq: activation-aware
-    scales + clip search (needs `calib` token ids [B, T]).
+    scales + clip search (needs `calib` token ids [B, T]; with `activations`: those weights as W4A8 / W3A8).
     smoothquant: smoothing folded into the norms, then W8A8 (needs `calib`). `progress(name)` after each linear.
     """
     check_spec(bits, group_size, method)
-    if activations and method != "rtn":
-        raise ValueError(f"activations=True is RTN's W8A8 or W4A8/W3A8 (method='rtn'), got {method!r}")
+    if activations and not (method == "rtn" or method == "awq" and bits < 8):
+        raise ValueError(f"activations=True is RTN's W8A8, or W4A8/W3A8 of RTN or AWQ weights; got {method!r} with "
+                         f"{bits} bits (SmoothQuant is W8A8 by itself)")
     if method != "rtn" and calib is None:
         raise ValueError(f"{method} needs calibration token ids (calib [batch, tokens])")
     if method == "awq":
-        return awq_quantize(model, calib, bits, group_size, symmetric, include, skip, progress, **kwargs)
+        return awq_quantize(model, calib, bits, group_size, symmetric, include, skip, progress,
+                            activations=activations, **kwargs)
     if method == "smoothquant":
         return smoothquant_quantize(model, calib, include=include, skip=skip, progress=progress, **kwargs)
     for name in linear_names(model, include, skip):
@@ -47,6 +49,15 @@ def quantize_model(model: nn.Module, method: str = "rtn", bits: int = 4, group_s
         replace_module(model, name, new)
         if progress is not None:
             progress(name)
+    return model
+
+
+def int8_activations(model: nn.Module) -> nn.Module:
+    """The model's 4/3-bit linears (Int4Linear: RTN, AWQ, a GGUF Q4_0 file) as W4A8Linear, the same weights times
+    int8 activations; in place, returns the model."""
+    for name, m in list(model.named_modules()):
+        if isinstance(m, Int4Linear):
+            replace_module(model, name, W4A8Linear.from_int4(m))
     return model
 
 

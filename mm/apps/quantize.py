@@ -1,8 +1,10 @@
-"""`mm quantize MODEL --method rtn|awq|smoothquant --bits 8|4|3 [--group-size 128] [--calib FILE] --out DIR`.
+"""`mm quantize MODEL --method rtn|awq|smoothquant --bits 8|4|3 [--group-size 128] [--calib FILE]
+[--int8-activations] --out DIR`.
 
 MODEL: a Hugging Face Llama directory or a llama GGUF file. DIR: a Hugging Face directory with
 `quantization_config` (AWQ GEMM layout for 4/3 bits, int8 for 8) and the tokenizer files, which `mm.load` and
-`mm generate` open. Calibration (AWQ, SmoothQuant): a text file (paragraphs), a JSONL file (each line's "text", or
+`mm generate` open. `--int8-activations`: W8A8 (RTN) or W4A8 / W3A8 (RTN or AWQ weights), the activations quantized
+to int8 at run time too (per token for 8-bit weights, per block of 32 inputs for 4/3-bit ones); SmoothQuant is W8A8. Calibration (AWQ, SmoothQuant): a text file (paragraphs), a JSONL file (each line's "text", or
 its string values), or by default the project's own scene captions.
 """
 from __future__ import annotations
@@ -69,6 +71,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bits", type=int, choices=[8, 4, 3], default=4)
     p.add_argument("--group-size", type=int, default=128, help="4/3 bits: inputs per scale (32, 64, 128, 256)")
     p.add_argument("--symmetric", action="store_true", help="4/3 bits: no zero point")
+    p.add_argument("--int8-activations", action="store_true",
+                   help="W8A8 / W4A8 / W3A8: int8 activations at run time too (rtn, awq; smoothquant always)")
     p.add_argument("--calib", default=None, help="calibration .txt or .jsonl (default: the project's scene captions)")
     p.add_argument("--calib-samples", type=int, default=32)
     p.add_argument("--calib-tokens", type=int, default=256)
@@ -98,6 +102,9 @@ def run_quantize(argv: list[str]) -> int:
     group = None if args.bits == 8 else args.group_size
     if args.method == "smoothquant" and args.bits != 8:
         raise ValueError(f"--method smoothquant is W8A8: use --bits 8 (got {args.bits})")
+    if args.int8_activations and args.method == "awq" and args.bits == 8:
+        raise ValueError("--method awq --bits 8 --int8-activations: W8A8 is --method smoothquant or rtn")
+    activations = args.int8_activations and args.method != "smoothquant"
     # a GGUF file is requantized from its float weights
     model = load(src, dtype=torch.float32, **({"quantized": False} if kind == "gguf" else {}))
     skip = tuple(s for s in args.skip.split(",") if s)
@@ -105,12 +112,13 @@ def run_quantize(argv: list[str]) -> int:
     if args.method != "rtn":
         calib = calibration_ids(load_tokenizer(src), calibration_texts(args.calib, 4 * args.calib_samples),
                                 args.calib_samples, args.calib_tokens)
-    bar = tqdm(total=len(linear_names(model, skip=skip)), desc=f"{args.method} W{args.bits}", unit="linear")
+    bar = tqdm(total=len(linear_names(model, skip=skip)), unit="linear",
+               desc=f"{args.method} W{args.bits}" + ("A8" if activations or args.method == "smoothquant" else ""))
     t0 = time.perf_counter()
     extra = {"alpha": args.alpha} if args.method == "smoothquant" else {}
     with torch.no_grad():
         quantize_model(model, args.method, args.bits, group, symmetric=args.symmetric, skip=skip, calib=calib,
-                       progress=lambda name: bar.update(1), **extra)
+                       progress=lambda name: bar.update(1), activations=activations, **extra)
     bar.close()
     out = Path(args.out)
     save_quantized(model, out)

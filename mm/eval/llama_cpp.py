@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from decoders.gguf import load_gguf, save_gguf
-from decoders.quantize import Int4Linear, W4A8Linear, quantize_model, replace_module
+from decoders.quantize import int8_activations, quantize_model
 from mm.eval.bench import best_time, format_table, random_llama
 
 WEIGHTS = {"f32": "F32", "bf16": "BF16", "q8_0": "Q8_0", "q8_0a8": "Q8_0", "q4_0": "Q4_0",
@@ -88,9 +88,7 @@ def ours_for(model, weights: str, gguf: Path):
     elif weights == "q8_0a8":
         quantize_model(ours, "rtn", 8, None, activations=True)
     elif weights == "q4_0a8":
-        for name, m in list(ours.named_modules()):
-            if isinstance(m, Int4Linear):
-                replace_module(ours, name, W4A8Linear.from_int4(m))
+        int8_activations(ours)
     return ours
 
 

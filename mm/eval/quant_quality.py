@@ -25,8 +25,9 @@ from decoders.quantize import memory_report, quantize_model
 LICENSES = Path("/usr/share/common-licenses")
 CONFIGS = [("bf16", None, None, None), ("rtn", 8, None, "W8 (int8 weight-only)"), ("smoothquant", 8, None, "W8A8"),
            ("rtn", 4, 32, "W4 g32"), ("awq", 4, 32, "W4 g32"), ("rtn", 4, 64, "W4 g64"), ("awq", 4, 64, "W4 g64"),
-           ("rtn", 3, 64, "W3 g64"), ("awq", 3, 64, "W3 g64"), ("rtn", 4, 32, "W4A8 g32"), ("rtn", 4, 64, "W4A8 g64")]
-# "A8" rows of rtn: int8 activations too (W4A8: blocks of 32 inputs, decoders.w4a8)
+           ("rtn", 3, 64, "W3 g64"), ("awq", 3, 64, "W3 g64"), ("rtn", 4, 32, "W4A8 g32"), ("rtn", 4, 64, "W4A8 g64"),
+           ("awq", 4, 32, "W4A8 g32"), ("awq", 4, 64, "W4A8 g64")]
+# "A8" rows of rtn and AWQ: int8 activations too (W4A8: blocks of 32 inputs, decoders.w4a8)
 
 
 def default_model() -> Path:
@@ -91,7 +92,7 @@ def main(argv=None) -> int:
             model, mem = copy.deepcopy(base).to(torch.bfloat16), None
         else:
             model = quantize_model(copy.deepcopy(base), method, bits, g, calib=calib if method != "rtn" else None,
-                                   activations=method == "rtn" and "A8" in label)
+                                   activations=method != "smoothquant" and "A8" in label)
             mem = memory_report(model)
         ppl = perplexity(model, ids, args.window)
         row = {"method": method, "config": label or "bf16", "ppl": round(ppl, 3), "seconds": round(time.perf_counter() - t0, 1),

@@ -8,7 +8,7 @@ import torch
 
 from decoders import CheckpointError
 from decoders.awq_format import load_quantized, pack, save_quantized, unpack
-from decoders.quantize import Int4Linear, Int8Linear, W8A8Linear, quantize_model
+from decoders.quantize import Int4Linear, Int8Linear, W4A8Linear, W8A8Linear, quantize_model
 
 from tests.decoders.hf_llama import make_hf_llama
 from tests.decoders.test_quantize import tiny_llama
@@ -77,18 +77,42 @@ def test_autoawq_checkpoint_loads_to_the_dequantized_logits(tmp_path):
 
 
 @pytest.mark.parametrize("method,bits,g,symmetric,kind", [("rtn", 4, 32, False, Int4Linear), ("rtn", 4, 64, True, Int4Linear),
-                                                          ("rtn", 3, 32, False, Int4Linear), ("rtn", 8, None, True, Int8Linear),
-                                                          ("smoothquant", 8, None, True, W8A8Linear)])
+                                                          ("rtn", 3, 32, False, Int4Linear), ("rtn", 3, 32, True, Int4Linear),
+                                                          ("rtn", 8, None, True, Int8Linear),
+                                                          ("smoothquant", 8, None, True, W8A8Linear),
+                                                          ("rtn", 4, 32, False, W4A8Linear), ("awq", 3, 64, True, W4A8Linear)])
 def test_quantized_models_round_trip(tmp_path, method, bits, g, symmetric, kind):
-    model = quantize_model(tiny_llama(), method, bits, g, symmetric=symmetric, calib=torch.randint(0, 96, (2, 16)))
+    model = quantize_model(tiny_llama(), method, bits, g, symmetric=symmetric, calib=torch.randint(0, 96, (2, 16)),
+                           activations=kind is W4A8Linear)
     save_quantized(model, tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
-    assert cfg["quant_method"] == {Int4Linear: "awq", Int8Linear: "mm-int8", W8A8Linear: "mm-w8a8"}[kind]
+    assert cfg["quant_method"] == {Int4Linear: "awq", Int8Linear: "mm-int8", W8A8Linear: "mm-w8a8",
+                                   W4A8Linear: "awq"}[kind]
+    assert cfg.get("mm_activations") == ("int8" if kind is W4A8Linear else None)
     back = load_quantized(tmp_path)
     assert isinstance(back.layers[0].mlp.gate_up_proj, kind)
     ids = torch.randint(0, 96, (2, 10), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.equal(back(ids), model(ids))
+
+
+def test_autoawq_checkpoint_with_int8_activations_holds_its_formula(tmp_path):
+    autoawq_checkpoint(make_hf_llama(tmp_path, num_key_value_heads=2, vocab_size=96), tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["quantization_config"]["mm_activations"] = "int8"
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    model = load_quantized(tmp_path)
+    lin = model.layers[0].mlp.down_proj
+    assert isinstance(lin, W4A8Linear)
+    from safetensors.torch import load_file
+
+    sd = load_file(str(tmp_path / "model.safetensors"))
+    q, z = unpack(sd["model.layers.0.mlp.down_proj.qweight"]).t(), unpack(sd["model.layers.0.mlp.down_proj.qzeros"]).t()
+    s = sd["model.layers.0.mlp.down_proj.scales"].float().t()  # [N, G]
+    want = ((q.view(*s.shape, -1) - z[..., None]) * s[..., None]).view_as(q)  # (q - z) s
+    got = lin.dequantize()
+    assert torch.equal(lin.scales, sd["model.layers.0.mlp.down_proj.scales"])  # fp16 scales kept as they are
+    assert ((got - want).view(*s.shape, -1).abs() <= 15 * s[..., None] * 2**-11).all()  # z s rounded to fp16 once
 
 
 def test_bad_quantized_checkpoints(tmp_path):
@@ -106,4 +130,8 @@ def test_bad_quantized_checkpoints(tmp_path):
     cfg["quantization_config"].update(version="gemm", group_size=64)
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="do not fit"):
+        load_quantized(tmp_path)
+    cfg["quantization_config"].update(group_size=32, mm_activations="fp8")
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="mm_activations 'fp8'; supported: int8"):
         load_quantized(tmp_path)

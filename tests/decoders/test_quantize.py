@@ -152,8 +152,8 @@ def test_rtn_w8a8_model():
     model = quantize_model(tiny_llama(), "rtn", 8, None, activations=True)
     linears = [m for m in model.modules() if isinstance(m, (nn.Linear, QuantLinear))]
     assert len(linears) == 9 and all(isinstance(m, W8A8Linear) for m in linears)  # 2 x (qkv, o, gate_up, down) + head
-    with pytest.raises(ValueError, match="activations=True is RTN's W8A8 or W4A8"):
-        quantize_model(tiny_llama(), "awq", 4, 32, activations=True, calib=torch.zeros(1, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="activations=True is RTN's W8A8, or W4A8/W3A8 of RTN or AWQ weights"):
+        quantize_model(tiny_llama(), "smoothquant", 8, None, activations=True, calib=torch.zeros(1, 4, dtype=torch.long))
 
 
 def test_w8a8_decode_steps_keep_onednn(monkeypatch):

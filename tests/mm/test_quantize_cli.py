@@ -9,7 +9,7 @@ import torch
 import mm
 from decoders import LlamaForCausalLM
 from decoders.gguf import save_gguf
-from decoders.quantize import Int4Linear, Int8Linear, QuantLinear, W8A8Linear, quantize_model
+from decoders.quantize import Int4Linear, Int8Linear, QuantLinear, W4A8Linear, W8A8Linear, quantize_model
 from decoders.tokenizer import load_tokenizer
 from mm.apps.cli import main
 from mm.apps.quantize import calibration_ids, calibration_texts
@@ -28,7 +28,11 @@ def checkpoint(tmp_path_factory):
 @pytest.mark.parametrize("args,kind", [(["--method", "rtn", "--bits", "8"], Int8Linear),
                                        (["--method", "awq", "--bits", "4", "--group-size", "32", "--skip", "lm_head"],
                                         Int4Linear),
-                                       (["--method", "smoothquant", "--bits", "8"], W8A8Linear)])
+                                       (["--method", "smoothquant", "--bits", "8"], W8A8Linear),
+                                       (["--method", "awq", "--bits", "4", "--group-size", "32", "--skip", "lm_head",
+                                         "--int8-activations"], W4A8Linear),
+                                       (["--method", "rtn", "--bits", "4", "--group-size", "32", "--skip", "lm_head",
+                                         "--int8-activations"], W4A8Linear)])
 def test_mm_quantize_writes_what_mm_load_and_generate_open(checkpoint, tmp_path, capsys, args, kind):
     calib = tmp_path / "calib.jsonl"
     calib.write_text("\n".join(json.dumps({"text": t}) for t in ["a red circle left of a blue square"] * 3 +
@@ -45,7 +49,8 @@ def test_mm_quantize_writes_what_mm_load_and_generate_open(checkpoint, tmp_path,
     ref = mm.load(checkpoint)
     ids = calibration_ids(load_tokenizer(checkpoint), calibration_texts(str(calib), 8), 2, 16)
     method, bits = args[1], int(args[3])
-    quantize_model(ref, method, bits, 32 if bits == 4 else None, calib=ids, skip=skip)
+    quantize_model(ref, method, bits, 32 if bits == 4 else None, calib=ids, skip=skip,
+                   activations="--int8-activations" in args)
     with torch.no_grad():
         assert torch.equal(loaded(IDS), ref(IDS))
     assert main(["generate", "--model", str(out), "--prompt", "a red", "--max-new-tokens", "5"]) == 0
@@ -62,6 +67,9 @@ def test_mm_quantize_bad_options(checkpoint, tmp_path, capsys):
     assert main(["quantize", str(checkpoint), "--method", "awq", "--calib", str(tmp_path / "none.txt"),
                  "--out", str(tmp_path)]) == 2
     assert "no such file" in capsys.readouterr().err
+    assert main(["quantize", str(checkpoint), "--method", "awq", "--bits", "8", "--int8-activations",
+                 "--out", str(tmp_path)]) == 2
+    assert "W8A8 is --method smoothquant or rtn" in capsys.readouterr().err
 
 
 def test_mm_load_opens_gguf(tmp_path):
