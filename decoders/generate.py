@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Iterator
 
 import torch
 
+from . import cpu_kernels
 from .compile import aten_gemv, compile_decode, gemv_flags
 from .cuda_graph import static_decoder
 from .masks import positions_from_mask
@@ -52,8 +53,8 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | Non
                 generator: torch.Generator | None = None) -> torch.Tensor:
     """Next token ids [B] from last-position logits [B, V]: greedy at temperature 0, else a draw from
     softmax(filter_logits(logits, temperature, top_k, top_p))."""
-    if temperature <= 0:
-        return logits.argmax(dim=-1)
+    if temperature <= 0:  # in float32: the same choice, and ATen's bf16 argmax is 5x slower (109 vs 23 us at 32k)
+        return logits.float().argmax(dim=-1)
     probs = filter_logits(logits, temperature, top_k, top_p).softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
@@ -94,6 +95,8 @@ def stream_tokens(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_ma
     if max_new_tokens <= 0:
         return
     device = model.device
+    if device.type == "cpu":
+        cpu_kernels.build()  # the decode attention kernel (once a process; built once a machine)
     eos = _eos_tensor(cfg.eos_token_id if eos_token_id == "config" else eos_token_id, device)
     if pad_token_id is None:
         pad_token_id = cfg.pad_token_id if cfg.pad_token_id is not None else (int(eos[0]) if eos is not None else 0)

@@ -11,7 +11,6 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
-#include <cmath>
 #include <cstring>
 
 namespace {
@@ -19,19 +18,17 @@ namespace {
 constexpr int64_t QK = 32;      // inputs per activation block
 constexpr int64_t MAX_ROWS = 4;  // rows of x per call (decode steps; larger products dequantize instead)
 
-// x [M, K] (float32) -> q [M, K] int8 and d [M, K/32] per block; X [M, G] = sum of d * sum(q) over a group's blocks
+// x [M, K] (float32) -> q [M, K] int8 and d [M, K/32] per block; X [M, G] = sum of d * sum(q) over a group's blocks.
+// q = round(x * (127 / amax)) to nearest even (the default rounding mode, as nearbyint).
 void quantize_rows(const float* x, int64_t M, int64_t K, int64_t group, int8_t* q, float* d, float* X) {
   for (int64_t i = 0; i < M * K / QK; ++i) {
-    const float* xb = x + i * QK;
-    float amax = 0.f;
-    for (int k = 0; k < QK; ++k) amax = std::max(amax, std::fabs(xb[k]));
-    const float inv = amax > 0.f ? 127.f / amax : 0.f;
-    int32_t sum = 0;
-    for (int k = 0; k < QK; ++k) {
-      const int v = static_cast<int>(std::nearbyint(xb[k] * inv));
-      q[i * QK + k] = static_cast<int8_t>(v);
-      sum += v;
-    }
+    const __m512 a = _mm512_loadu_ps(x + i * QK), b = _mm512_loadu_ps(x + i * QK + 16);
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+    const __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+    const __m512i qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, inv)), qb = _mm512_cvtps_epi32(_mm512_mul_ps(b, inv));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + i * QK), _mm512_cvtepi32_epi8(qa));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + i * QK + 16), _mm512_cvtepi32_epi8(qb));
+    const int32_t sum = _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
     d[i] = amax / 127.f;
     if (i * QK % group == 0) X[i * QK / group] = 0.f;
     X[i * QK / group] += d[i] * static_cast<float>(sum);

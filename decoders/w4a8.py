@@ -1,8 +1,8 @@
 """W4A8 on CPU: 4-bit weights times int8 activations, as llama.cpp's Q4_0 x Q8_0 product.
 
 The activations are quantized per block of 32 inputs (d = max|x| / 127, q = round(x / d)); the kernel
-(`w4a8.cpp`, AVX512-VNNI integer dot products, 16 output rows in one register) is built from source on first use by
-torch's C++ extension builder and cached (`TORCH_EXTENSIONS_DIR`, ~20 s once). Without the instructions or a
+(`w4a8.cpp`, AVX512-VNNI integer dot products, 16 output rows in one register) is built from source on first use
+with the project's other CPU kernels (`cpu_kernels`). Without the instructions or a
 compiler, and for products of more than `MAX_ROWS` rows (prefill), `reference` computes them with the dequantized
 weights in the activations' dtype (float32: the kernel's numbers up to summation order); where the kernel is loaded,
 its `dequantize_t` writes those weights (transposed, [K, N]) in one pass and the product runs on oneDNN.
@@ -12,55 +12,17 @@ Measured here (2 threads, one row, groups of 32): [768 x 4096] 24 us against 57 
 """
 from __future__ import annotations
 
-import functools
-import logging
-import time
-from pathlib import Path
-
 import torch
+
+from . import cpu_kernels
 
 QK = 32  # inputs per activation block
 MAX_ROWS = 4  # rows of x the kernel takes (w4a8.cpp's MAX_ROWS)
-CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"}
-loaded = False  # set by `kernel()`; read by `linear` (a plain flag that compiled steps can read)
-log = logging.getLogger(__name__)
 
 
-def cpu_flags() -> set[str]:
-    """The instruction-set flags /proc/cpuinfo lists (empty where there is none)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    return set(next((line.split(":", 1)[1] for line in text.splitlines() if line.startswith("flags")), "").split())
-
-
-@functools.cache
 def kernel() -> bool:
-    """Whether `torch.ops.mm_w4a8.linear` is loaded: the CPU has AVX512-VNNI and the C++ compiler built it."""
-    global loaded
-    if not CPU_FLAGS <= cpu_flags():
-        return False
-    from torch.utils.cpp_extension import load
-
-    t0 = time.perf_counter()
-    try:
-        load(name="mm_w4a8", sources=[str(Path(__file__).with_suffix(".cpp"))], is_python_module=False,
-             extra_cflags=["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma", "-fopenmp",
-                           "-ffp-contract=off"],  # a * b + c rounds twice, as torch's ops
-             extra_ldflags=["-fopenmp"])
-    except (RuntimeError, OSError) as e:  # no compiler, no ninja, a failed build
-        log.warning("the W4A8 CPU kernel was not built (%s); W4A8 products dequantize instead", e)
-        return False
-    torch.library.register_fake("mm_w4a8::linear")(
-        lambda x, packed, scales, corr, group: x.new_empty(x.shape[0], packed.shape[0] * 16))
-    torch.library.register_fake("mm_w4a8::dequantize_t")(
-        lambda packed, scales, corr, group, dtype: packed.new_empty(packed.shape[1] * 8, packed.shape[0] * 16,
-                                                                    dtype=dtype))
-    if time.perf_counter() - t0 > 2:
-        log.warning("built the W4A8 CPU kernel in %.0f s (once; cached)", time.perf_counter() - t0)
-    loaded = True
-    return True
+    """Whether `torch.ops.mm_w4a8.linear` is loaded (`cpu_kernels.build()`: AVX512-VNNI and a C++ compiler)."""
+    return cpu_kernels.build()
 
 
 def pack(u: torch.Tensor) -> torch.Tensor:
@@ -104,7 +66,7 @@ def linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, corr: to
            dequantized) -> torch.Tensor:
     """y [M, N] for x [M, K]: the kernel where it is loaded (`kernel()`, float32 out; more rows: `reference` on its
     `dequantize_t`), else `reference` on `dequantized()`."""
-    if loaded and x.device.type == "cpu":
+    if cpu_kernels.loaded and x.device.type == "cpu":
         if x.shape[0] <= MAX_ROWS:
             return torch.ops.mm_w4a8.linear(x.float().contiguous(), packed, scales, corr, group)
         dtype = x.dtype if x.dtype == torch.bfloat16 else torch.float32

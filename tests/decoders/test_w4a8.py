@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from decoders import w4a8
+from decoders import cpu_kernels, w4a8
 from decoders.quantize import Int4Linear, W4A8Linear, memory_report, quantize_model, quantized_linear
 from tests.decoders.test_quantize import tiny_llama
 
@@ -28,7 +28,7 @@ def formula(x, u, s, o, g):
 
 
 def test_the_kernel_is_built_where_the_cpu_has_vnni():
-    assert w4a8.kernel() == (w4a8.CPU_FLAGS <= w4a8.cpu_flags()) == w4a8.loaded
+    assert w4a8.kernel() == (cpu_kernels.CPU_FLAGS <= cpu_kernels.cpu_flags()) == cpu_kernels.loaded
 
 
 def test_packing_round_trips():

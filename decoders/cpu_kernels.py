@@ -1,0 +1,62 @@
+"""The project's C++ kernels for CPU decode steps, built from source on first use (AVX512-VNNI):
+
+    w4a8.cpp              torch.ops.mm_w4a8.linear, .dequantize_t   W4A8 products (decoders.w4a8)
+    decode_attention.cpp  torch.ops.mm_attention.decode            one token's attention over a static cache
+
+One library, built by torch's C++ extension builder (`TORCH_EXTENSIONS_DIR`, ~30 s once, then cached and loaded in
+well under a second); each op has a fake implementation, so compiled decode steps call it. Without the instructions
+or a compiler, `build()` says so once and callers run their PyTorch forms.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"}
+SOURCES = ("w4a8.cpp", "decode_attention.cpp")
+loaded = False  # set by `build()`; read by callers (a plain flag that compiled steps can read)
+log = logging.getLogger(__name__)
+
+
+def cpu_flags() -> set[str]:
+    """The instruction-set flags /proc/cpuinfo lists (empty where there is none)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return set(next((line.split(":", 1)[1] for line in text.splitlines() if line.startswith("flags")), "").split())
+
+
+@functools.cache
+def build() -> bool:
+    """Whether the kernels are loaded: the CPU has AVX512-VNNI and the C++ compiler built them."""
+    global loaded
+    if not CPU_FLAGS <= cpu_flags():
+        return False
+    from torch.utils.cpp_extension import load
+
+    t0 = time.perf_counter()
+    try:
+        load(name="mm_cpu_kernels", sources=[str(Path(__file__).with_name(s)) for s in SOURCES],
+             is_python_module=False,
+             extra_cflags=["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx512dq", "-mfma",
+                           "-fopenmp", "-DCPU_CAPABILITY_AVX512",  # ATen's vector types in their AVX-512 form
+                           "-ffp-contract=off"],  # a * b + c rounds twice, as torch's ops
+             extra_ldflags=["-fopenmp"])
+    except (RuntimeError, OSError) as e:  # no compiler, no ninja, a failed build
+        log.warning("the C++ CPU kernels were not built (%s); W4A8 products and decode attention run in PyTorch", e)
+        return False
+    torch.library.register_fake("mm_w4a8::linear")(
+        lambda x, packed, scales, corr, group: x.new_empty(x.shape[0], packed.shape[0] * 16))
+    torch.library.register_fake("mm_w4a8::dequantize_t")(
+        lambda packed, scales, corr, group, dtype: packed.new_empty(packed.shape[1] * 8, packed.shape[0] * 16,
+                                                                    dtype=dtype))
+    torch.library.register_fake("mm_attention::decode")(lambda q, k, v, mask: torch.empty_like(q))
+    if time.perf_counter() - t0 > 2:
+        log.warning("built the C++ CPU kernels in %.0f s (once; cached)", time.perf_counter() - t0)
+    loaded = True
+    return True
