@@ -100,7 +100,11 @@ def prepack_weights(model, batch: int) -> bool:
     EPYC, decode tokens/s at batch 1, plain vs prepacked: 10M float32 430 -> 980, 125M float32 38 -> 53, 10M bfloat16
     1250 -> 2380 (its 12 MB of weights stay in the last-level cache), but 125M bfloat16 160 -> 86 (ATen's own bf16
     GEMV streams weights from memory faster). Several rows: oneDNN's blocked kernels win. The price: packed tensors
-    cannot be pickled, so inductor's FX graph cache does not keep these steps across processes."""
+    cannot be pickled, so inductor's FX graph cache does not keep these steps across processes. Not with W8A8
+    linears at batch 1: prepacking turns their int8 products into oneDNN's quantized linear, slower for one row
+    (10M W8A8: 570 tokens/s against 3000 with `torch._int_mm` on plain weights)."""
+    if batch == 1 and any(isinstance(m, W8A8Linear) for m in model.modules()):
+        return False
     if batch > 1 or model.dtype == torch.float32:
         return True
     weights = sum(p.numel() * p.element_size() for p in model.parameters())

@@ -161,18 +161,20 @@ def format_results(r: dict) -> str:
     return "\n".join(lines)
 
 
-QUANTIZE = {"int8": (8, None), "int4": (4, 32)}  # bits, group size (32: the shipped decoder's 672 wide MLP, Q4_0's)
+# bits, group size (32: the shipped decoder's 672 wide MLP, Q4_0's), int8 activations too
+QUANTIZE = {"int8": (8, None, False), "int4": (4, 32, False), "w8a8": (8, None, True), "w4a8": (4, 32, True)}
 
 
 def quantize_in_memory(model, kind: str):
-    """The model with its decoder's and projector's linears quantized in place (`decoders.quantize`, round to nearest,
-    weight-only: int8 per output channel, int4 in groups of 32); the encoders stay as they are. Returns it."""
+    """The model with its decoder's and projector's linears quantized in place (`decoders.quantize`, round to nearest:
+    int8 per output channel, int4 in groups of 32, weight-only or with int8 activations: w8a8 per token, w4a8 per
+    block of 32 inputs); the encoders stay as they are. Returns it."""
     from decoders.quantize import quantize_model
 
-    bits, group = QUANTIZE[kind]
+    bits, group, activations = QUANTIZE[kind]
     for part in (model.language_model, getattr(model, "projector", None)):
         if part is not None:
-            quantize_model(part, "rtn", bits, group)
+            quantize_model(part, "rtn", bits, group, activations=activations)
     return model
 
 
@@ -191,7 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--quantize", choices=tuple(QUANTIZE), default=None,
-                   help="first quantize the decoder and projector in memory (RTN: int8 per channel, int4 in groups of 32)")
+                   help="first quantize the decoder and projector in memory (RTN: int8 per channel, int4 in groups of "
+                        "32; w8a8, w4a8: the same with int8 activations)")
     return p
 
 

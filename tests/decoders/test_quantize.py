@@ -173,6 +173,18 @@ def test_w8a8_decode_steps_keep_onednn(monkeypatch):
         steps = seen[1:]  # seen[0]: the prefill, which keeps oneDNN for its several rows
         assert len(steps) == 3 and all(on == activations for _, on in steps), (activations, seen)
 
+
+def test_w8a8_one_row_steps_keep_plain_weights():
+    """Prepacking turns W8A8's int8 products into oneDNN's quantized linear, which is slower for one row: a batch-1
+    step of a model holding W8A8 linears keeps its weights plain; other small models and batches prepack."""
+    from decoders.compile import prepack_weights
+
+    model = tiny_llama(dtype=torch.bfloat16)
+    assert prepack_weights(model, 1)  # a few kB of bf16 weights: in the last-level cache
+    model.lm_head = quantized_linear(model.lm_head, 8, None, activations=True)
+    assert not prepack_weights(model, 1) and prepack_weights(model, 2)
+
+
 def test_bad_options_are_named():
     with pytest.raises(ValueError, match="bits must be one of"):
         quantize_model(tiny_llama(), "rtn", 5, 32)

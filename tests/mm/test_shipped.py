@@ -198,7 +198,7 @@ def test_shipped_model_is_small():
 
 
 def test_eval_quantizes_the_decoder_and_projector_in_memory(tmp_path):
-    """`mm eval --quantize int8|int4`: every linear of the decoder and projector becomes a quantized one, the encoders
+    """`mm eval --quantize int8|int4|w8a8|w4a8`: every linear of the decoder and projector becomes a quantized one, the encoders
     keep theirs, and the logits move by rounding only."""
     from torch import nn
 
@@ -208,7 +208,7 @@ def test_eval_quantizes_the_decoder_and_projector_in_memory(tmp_path):
     plain = mm.load()
     inputs = plain.processor()([{"role": "user", "content": "<image>\ndescribe the image."}], [example("scene.png")])
     want = plain(**inputs).logits
-    for kind, tolerance in (("int8", 0.02), ("int4", 0.2)):
+    for kind, tolerance in (("int8", 0.02), ("int4", 0.2), ("w8a8", 0.05), ("w4a8", 0.2)):
         q = quantize_in_memory(mm.load(), kind)
         for part, before in ((q.language_model, plain.language_model), (q.projector, plain.projector)):
             linears = sum(isinstance(m, nn.Linear) for m in before.modules())
