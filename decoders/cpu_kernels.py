@@ -37,8 +37,10 @@ def build() -> bool:
     global loaded
     if not CPU_FLAGS <= cpu_flags():
         return False
-    from torch.utils.cpp_extension import load
+    from torch.utils.cpp_extension import _get_build_directory, load
 
+    if not (Path(_get_build_directory("mm_cpu_kernels", False)) / "mm_cpu_kernels.so").exists():
+        log.warning("building the C++ CPU kernels (W4A8 products, decode attention): once on this machine, ~30 s")
     t0 = time.perf_counter()
     try:
         load(name="mm_cpu_kernels", sources=[str(Path(__file__).with_name(s)) for s in SOURCES],
