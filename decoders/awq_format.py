@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import w4a8
 from .checkpoint import CheckpointError, load_state_dict_strict, read_hf_weights, read_json, write_hf_weights
 from .convert_hf import convert_hf_state_dict, to_hf_state_dict
 from .llama import LlamaConfig, LlamaForCausalLM
-from . import w4a8
 from .qlinear import Int4Linear, Int8Linear, QuantLinear, W4A8Linear, W8A8Linear, replace_module
 
 ORDER = [0, 2, 4, 6, 1, 3, 5, 7]

@@ -4,8 +4,9 @@
 MODEL: a Hugging Face Llama directory or a llama GGUF file. DIR: a Hugging Face directory with
 `quantization_config` (AWQ GEMM layout for 4/3 bits, int8 for 8) and the tokenizer files, which `mm.load` and
 `mm generate` open. `--int8-activations`: W8A8 (RTN) or W4A8 / W3A8 (RTN or AWQ weights), the activations quantized
-to int8 at run time too (per token for 8-bit weights, per block of 32 inputs for 4/3-bit ones); SmoothQuant is W8A8. Calibration (AWQ, SmoothQuant): a text file (paragraphs), a JSONL file (each line's "text", or
-its string values), or by default the project's own scene captions.
+to int8 at run time too (per token for 8-bit weights, per block of 32 inputs for 4/3-bit ones); SmoothQuant is W8A8.
+Calibration (AWQ, SmoothQuant): a text file (paragraphs), a JSONL file (each line's "text", or its string values), or
+by default the project's own scene captions.
 """
 from __future__ import annotations
 
