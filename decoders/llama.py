@@ -22,6 +22,7 @@ from .checkpoint import (CheckpointError, build_from_state_dict, read_config, re
 from .convert_hf import convert_hf_state_dict, to_hf_state_dict
 from .convert_meta import hf_config_from_meta_params, merge_meta_shards, meta_to_hf_state_dict
 from .kv_cache import KVCache
+from .linear import Linear, linear
 
 
 def rope_from_hf(d: dict) -> dict:
@@ -183,8 +184,8 @@ class Attention(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.qkv_proj = nn.Linear(cfg.hidden_size, (self.n_heads + 2 * self.n_kv_heads) * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+        self.qkv_proj = Linear(cfg.hidden_size, (self.n_heads + 2 * self.n_kv_heads) * self.head_dim, bias=False)
+        self.o_proj = Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, p: Pass, layer: int) -> torch.Tensor:
         B, T, _ = x.shape
@@ -204,8 +205,8 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -238,7 +239,7 @@ class LlamaForCausalLM(CausalLM):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self.compiled_decode_step = None
 
@@ -269,7 +270,7 @@ class LlamaForCausalLM(CausalLM):
         if last_only:
             h = h[:, -1:]
         h = self.norm(h)
-        return F.linear(h, self.embed_tokens.weight) if self.lm_head is None else self.lm_head(h)
+        return linear(h, self.embed_tokens.weight) if self.lm_head is None else self.lm_head(h)
 
     def decode_step(self, token: torch.Tensor, position: torch.Tensor, slot: torch.Tensor, key_mask: torch.Tensor,
                     kv_cache: KVCache, cache_lens: torch.Tensor | None = None) -> torch.Tensor:
