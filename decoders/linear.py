@@ -1,7 +1,8 @@
 """`Linear`: `nn.Linear` whose products of one to four bf16 rows on CPU (decode steps) run the project's
 AVX512-BF16 kernel (`bf16_linear.cpp`, built with the other CPU kernels by `cpu_kernels`): vdpbf16ps, llama.cpp's
-bf16 product, four weight rows at a time against every row of x. Everything else, and anything that wants a
-gradient, is `F.linear`."""
+bf16 product, one weight row after the other against every row of x (measured from memory: 45-50 GB/s against
+24-26 for ATen's bf16 product; compiled decode steps 13-25% faster at 10M and 125M). Everything else, and anything
+that wants a gradient, is `F.linear`."""
 from __future__ import annotations
 
 import torch
