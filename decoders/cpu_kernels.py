@@ -2,11 +2,13 @@
 
     w4a8.cpp              torch.ops.mm_w4a8.linear, .dequantize_t   W4A8 products (decoders.w4a8)
     decode_attention.cpp  torch.ops.mm_attention.decode            one token's attention over a static cache
-    bf16_linear.cpp       torch.ops.mm_bf16.linear                 bf16 products of 1-4 rows (decoders.linear;
-                                                                   AVX512-BF16 too, `bf16`)
+    linear.cpp            torch.ops.mm_linear.rows                 float32 and bf16 products of 1-4 rows
+                                                                   (decoders.linear; bf16 needs AVX512-BF16, `bf16`)
+    decode_block.cpp      torch.ops.mm_decode.block                a Llama block for one token, eagerly
+                                                                   (decoders.decode_block; the two above inside)
 
 One library, built by torch's C++ extension builder (`TORCH_EXTENSIONS_DIR`, ~30 s once, then cached and loaded in
-well under a second); each op has a fake implementation, so compiled decode steps call it. Without the instructions
+well under a second); each op a compiled step may call has a fake implementation. Without the instructions
 or a compiler, `build()` says so once and callers run their PyTorch forms.
 """
 from __future__ import annotations
@@ -19,9 +21,9 @@ from pathlib import Path
 import torch
 
 CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"}
-SOURCES = ("w4a8.cpp", "decode_attention.cpp", "bf16_linear.cpp")
+SOURCES = ("w4a8.cpp", "decode_attention.cpp", "linear.cpp", "decode_block.cpp")
 loaded = False  # set by `build()`; read by callers (a plain flag that compiled steps can read)
-bf16 = False  # loaded, and the CPU has AVX512-BF16 (`bf16_linear.cpp`)
+bf16 = False  # loaded, and the CPU has AVX512-BF16 (bf16 rows in `linear.cpp`)
 log = logging.getLogger(__name__)
 
 
@@ -43,7 +45,7 @@ def build() -> bool:
     from torch.utils.cpp_extension import _get_build_directory, load
 
     if not (Path(_get_build_directory("mm_cpu_kernels", False)) / "mm_cpu_kernels.so").exists():
-        log.warning("building the C++ CPU kernels (W4A8 and bf16 products, decode attention): once on this "
+        log.warning("building the C++ CPU kernels (W4A8, float32 and bf16 products, decode attention): once on this "
                     "machine, ~30 s")
     t0 = time.perf_counter()
     try:
@@ -54,7 +56,7 @@ def build() -> bool:
                            "-ffp-contract=off"],  # a * b + c rounds twice, as torch's ops
              extra_ldflags=["-fopenmp"])
     except (RuntimeError, OSError) as e:  # no compiler, no ninja, a failed build
-        log.warning("the C++ CPU kernels were not built (%s); W4A8 and bf16 products and decode attention run in "
+        log.warning("the C++ CPU kernels were not built (%s); W4A8, float32 and bf16 products and decode attention run in "
                     "PyTorch", e)
         return False
     torch.library.register_fake("mm_w4a8::linear")(
@@ -63,7 +65,7 @@ def build() -> bool:
         lambda packed, scales, corr, group, dtype: packed.new_empty(packed.shape[1] * 8, packed.shape[0] * 16,
                                                                     dtype=dtype))
     torch.library.register_fake("mm_attention::decode")(lambda q, k, v, mask: torch.empty_like(q))
-    torch.library.register_fake("mm_bf16::linear")(lambda x, w, bias: x.new_empty(x.shape[0], w.shape[0]))
+    torch.library.register_fake("mm_linear::rows")(lambda x, w, bias: x.new_empty(x.shape[0], w.shape[0]))
     if time.perf_counter() - t0 > 2:
         log.warning("built the C++ CPU kernels in %.0f s (once; cached)", time.perf_counter() - t0)
     loaded = True

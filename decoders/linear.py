@@ -1,8 +1,10 @@
-"""`Linear`: `nn.Linear` whose products of one to four bf16 rows on CPU (decode steps) run the project's
-AVX512-BF16 kernel (`bf16_linear.cpp`, built with the other CPU kernels by `cpu_kernels`): vdpbf16ps, llama.cpp's
-bf16 product, one weight row after the other against every row of x (measured from memory: 45-50 GB/s against
-24-26 for ATen's bf16 product; compiled decode steps 13-25% faster at 10M and 125M). Everything else, and anything
-that wants a gradient, is `F.linear`."""
+"""`Linear`: `nn.Linear` whose products of one to four rows on CPU (decode steps) run the project's kernel
+(`linear.cpp`, built with the other CPU kernels by `cpu_kernels`): one weight row after the other against every row
+of x, float32 by FMA, bf16 by vdpbf16ps (llama.cpp's bf16 product). Measured: bf16 from memory 45-50 GB/s against
+24-26 for ATen's bf16 product (compiled decode steps 13-25% faster at 10M and 125M); float32 eager decode steps 2x
+faster than on ATen's product (MKL at one row: 10M 2.5 -> 1.2 ms a token, 125M 27 -> 13 ms). Compiled float32 steps
+keep inductor's C++ GEMM template on prepacked weights, 10-15% faster there than this kernel. Everything else, and
+anything that wants a gradient, is `F.linear`."""
 from __future__ import annotations
 
 import torch
@@ -11,16 +13,17 @@ from torch import nn
 
 from . import cpu_kernels
 
-MAX_ROWS = 4  # bf16_linear.cpp's MAX_ROWS
+MAX_ROWS = 4  # linear.cpp's MAX_ROWS
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, weight, bias), on the bf16 kernel where it applies."""
+    """F.linear(x, weight, bias), on the kernel where it applies."""
     K = x.shape[-1]
-    if (cpu_kernels.bf16 and x.device.type == "cpu" and x.dtype == weight.dtype == torch.bfloat16
-            and 0 < x.numel() <= MAX_ROWS * K
+    if (x.device.type == "cpu" and x.dtype == weight.dtype and 0 < x.numel() <= MAX_ROWS * K
+            and (cpu_kernels.bf16 if x.dtype == torch.bfloat16
+                 else x.dtype == torch.float32 and cpu_kernels.loaded and not torch.compiler.is_compiling())
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
-        y = torch.ops.mm_bf16.linear(x.reshape(-1, K).contiguous(), weight.contiguous(), bias)
+        y = torch.ops.mm_linear.rows(x.reshape(-1, K).contiguous(), weight.contiguous(), bias)
         return y.reshape(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight, bias)
 

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import decode_block
 from .attention import attend
 from .causal_lm import CausalLM
 from .checkpoint import (CheckpointError, build_from_state_dict, read_config, read_hf_weights, read_json, read_torch,
@@ -265,8 +266,9 @@ class LlamaForCausalLM(CausalLM):
         if mask is not None:  # once here rather than inside SDPA in every layer: 0 where seen, -inf where masked
             mask = torch.zeros(mask.shape, dtype=h.dtype, device=h.device).masked_fill_(~mask, float("-inf"))
         p = Pass(cos, sin, mask, is_causal, kv_cache, start, cache_lens)
+        in_cpp = decode_block.takes(h, p)  # an eager one-token CPU step: each plain block one C++ call
         for i, layer in enumerate(self.layers):
-            h = layer(h, p, i)
+            h = decode_block.block(layer, h, p, i) if in_cpp and decode_block.plain(layer) else layer(h, p, i)
         if last_only:
             h = h[:, -1:]
         h = self.norm(h)

@@ -1,0 +1,122 @@
+"""The C++ Llama block of the eager one-token CPU decode step (decoders/decode_block.cpp): a decode step through it
+against the same step through the Python blocks and against the model in float64, the cache slot it writes, and
+`decode_block.takes`/`plain` keeping the Python blocks wherever the C++ one does not apply."""
+import pytest
+import torch
+
+from decoders import cpu_kernels, decode_block
+from decoders.llama import LlamaConfig, LlamaForCausalLM
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.build(), reason="the kernels need AVX512-VNNI and a C++ compiler")
+
+CFG = dict(vocab_size=101, hidden_size=64, intermediate_size=88, num_hidden_layers=2, num_attention_heads=4,
+           num_key_value_heads=2, max_position_embeddings=64, rope_theta=500.0)  # head size 16, GQA 2
+
+
+def model(dtype, **kw) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    m = LlamaForCausalLM(LlamaConfig(**{**CFG, **kw})).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.2)
+        for name, p in m.named_parameters():
+            if "layernorm" in name or name == "norm.weight":
+                p.uniform_(0.5, 1.5)
+    return m.to(dtype)
+
+
+def step(m, in_cpp: bool, prompt=(3, 14, 15, 92, 65), token=35):
+    """Prefill `prompt`, then one decode step on `token`: (logits [1, 1, V], the cache), the step's blocks in C++
+    or in Python; counts the C++ calls."""
+    calls = []
+    real = decode_block.block
+
+    def counted(*a):
+        calls.append(1)
+        return real(*a)
+
+    T, S = len(prompt), 16
+    cache = m.new_kv_cache(1, S)
+    key_mask = torch.zeros(1, S, dtype=torch.bool)
+    key_mask[:, :T + 1] = True
+    with pytest.MonkeyPatch.context() as mp, torch.inference_mode():
+        mp.setattr(decode_block, "block", counted)
+        if not in_cpp:
+            mp.setattr(decode_block, "takes", lambda h, p: False)
+        m(torch.tensor([prompt]), kv_cache=cache)
+        logits = m.decode_step(torch.tensor([[token]]), torch.tensor([[T]]), torch.tensor([T]), key_mask, cache)
+    assert len(calls) == (m.config.num_hidden_layers if in_cpp else 0)
+    return logits, cache
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_cpp_step_equals_the_python_step_and_the_float64_model(dtype):
+    if dtype == torch.bfloat16 and not cpu_kernels.bf16:
+        pytest.skip("bf16 rows need AVX512-BF16")
+    m = model(dtype)
+    got, cache = step(m, True)
+    want, want_cache = step(m, False)
+    exact, _ = step(model(torch.float64), False)  # the formula: the same weights, every rounding 2^-52
+    scale = exact.abs().max().item()
+    assert scale > 1
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * scale)
+        assert (got.double() - exact).abs().max() < 1e-5 * scale
+    else:  # the Python step's roundings, sums in another order: a few bf16 steps at most
+        assert (got.float() - want.float()).abs().max() < 2e-2 * scale
+        assert (got.double() - exact).abs().max() < 5e-2 * scale
+    for layer in range(2):  # the slot written (5): rotated keys and values as the Python step writes them
+        for c, w in ((cache.k[layer], want_cache.k[layer]), (cache.v[layer], want_cache.v[layer])):
+            torch.testing.assert_close(c, w, rtol=1e-2 if dtype == torch.bfloat16 else 1e-6, atol=1e-6)
+            assert c[:, :, 5].abs().sum() > 0 and (c[:, :, 6:] == 0).all()
+
+
+def test_greedy_tokens_equal_with_and_without_the_cpp_blocks():
+    m = model(torch.float32)
+    ids = torch.tensor([[5, 6, 7]])
+    with_cpp = m.generate(ids, max_new_tokens=12, eos_token_id=None)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(decode_block, "takes", lambda h, p: False)
+        without = m.generate(ids, max_new_tokens=12, eos_token_id=None)
+    assert torch.equal(with_cpp, without)
+
+
+def test_python_blocks_where_the_cpp_block_does_not_apply():
+    m = model(torch.float32)
+    block = m.layers[0]
+    assert decode_block.plain(block)
+    block.mlp.down_proj.bias = torch.nn.Parameter(torch.zeros(64))  # a bias: Python
+    assert not decode_block.plain(block)
+    assert not decode_block.plain(model(torch.float32, head_dim=8).layers[0])  # head size 8 (not a multiple of 16)
+    h = torch.zeros(1, 1, 64)
+    cache = m.new_kv_cache(1, 8)
+    p = type("P", (), dict(kv_cache=cache, start=torch.tensor([0]), cache_lens=None, mask=torch.zeros(1, 1, 1, 8)))
+    with torch.inference_mode():
+        assert decode_block.takes(h, p)
+        assert not decode_block.takes(torch.zeros(2, 1, 64), p)  # two rows
+        assert not decode_block.takes(torch.zeros(1, 2, 64), p)  # two tokens
+        assert not decode_block.takes(h.double(), p)
+        p.kv_cache = m.new_kv_cache(3, 8)  # one row of a batch's cache (continuous batching)
+        assert not decode_block.takes(h, p)
+        p.kv_cache = cache
+        p.start = 0  # `forward` with a cache (no slot tensor, no mask over the whole cache)
+        assert not decode_block.takes(h, p)
+    p.start = torch.tensor([0])
+    with torch.enable_grad():
+        assert not decode_block.takes(h, p)
+
+
+def test_the_op_names_what_does_not_fit():
+    m = model(torch.float32)
+    b, cache = m.layers[0], m.new_kv_cache(1, 8)
+    w = [b.input_layernorm.weight, b.self_attn.qkv_proj.weight, b.self_attn.o_proj.weight,
+         b.post_attention_layernorm.weight, b.mlp.gate_up_proj.weight, b.mlp.down_proj.weight]
+    args = (torch.zeros(16), torch.zeros(16), cache.k[0], cache.v[0])
+    with torch.inference_mode():
+        with pytest.raises(RuntimeError, match="slot 8 outside the cache's 8 slots"):
+            torch.ops.mm_decode.block(torch.zeros(1, 64), w, *args, torch.tensor([8]), None, 2, 1e-6)
+        with pytest.raises(RuntimeError, match="block weights do not fit D = 32"):
+            torch.ops.mm_decode.block(torch.zeros(1, 32), [w[0][:32]] + w[1:], *args, torch.tensor([0]), None, 2, 1e-6)
+        with pytest.raises(RuntimeError, match="every weight contiguous in x's dtype"):
+            torch.ops.mm_decode.block(torch.zeros(1, 64), [t.double() for t in w], *args, torch.tensor([0]), None, 2,
+                                      1e-6)
