@@ -24,7 +24,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """F.linear(x, weight, bias), on the row kernel or oneDNN where they apply."""
     K = x.shape[-1]
     if (x.device.type != "cpu" or x.dtype != weight.dtype or x.numel() == 0
-            or torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+            or torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))):
         return F.linear(x, weight, bias)
     rows = x.numel() // K
     if rows <= MAX_ROWS and (cpu_kernels.bf16 if x.dtype == torch.bfloat16 else

@@ -21,9 +21,11 @@ import dataclasses
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from decoders.checkpoint import check_config_keys
+from decoders.linear import Linear, linear
 from encoders.espnet_attention import (MultiHeadedAttention, PositionalEncoding, RelPositionalEncoding,
                                        RelPositionMultiHeadedAttention)
 
@@ -144,7 +146,7 @@ class Conv2dSubsampling4(nn.Module):
         super().__init__()
         self.conv = nn.Sequential(nn.Conv2d(1, d, 3, 2), nn.ReLU(), nn.Conv2d(d, d, 3, 2), nn.ReLU())
         # a Sequential so the key is `embed.out.0` as in ESPnet (which keeps its positional encoding at out.1)
-        self.out = nn.Sequential(nn.Linear(d * (((input_size - 1) // 2 - 1) // 2), d))
+        self.out = nn.Sequential(Linear(d * (((input_size - 1) // 2 - 1) // 2), d))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.size(1) < self.MIN_FRAMES:
@@ -152,7 +154,15 @@ class Conv2dSubsampling4(nn.Module):
                 f"input has {x.size(1)} frames; conv2d subsampling needs at least {self.MIN_FRAMES} frames "
                 f"(60 ms of audio at a 10 ms hop)"
             )
-        x = self.conv(x[:, None])  # [B, d, T', F']
+        conv1, _, conv2, _ = self.conv
+        # The first convolution (one input channel) as a product of 3x3 patches; its output [B, T1, F1, d] is the
+        # channels-last layout in which oneDNN runs the second one ~2x faster (10 s of audio, d = 512: both 130 ->
+        # 70 ms); the same numbers as self.conv up to the order of float32 sums.
+        B, T, Fr = x.shape
+        patches = F.unfold(x[:, None], 3, stride=2).transpose(1, 2)  # [B, T1 F1, 9]
+        h = linear(patches, conv1.weight.view(conv1.out_channels, 9), conv1.bias).relu()  # [B, T1 F1, d]
+        h = h.view(B, (T - 1) // 2, (Fr - 1) // 2, -1).permute(0, 3, 1, 2)  # [B, d, T1, F1], channels-last
+        x = conv2(h).relu()  # [B, d, T', F']
         b, c, t, f = x.shape
         return self.out[0](x.transpose(1, 2).reshape(b, t, c * f))  # [B, T', d]
 
@@ -173,6 +183,15 @@ class Conv2dSubsampling4(nn.Module):
 # ----------------------------------------------------------------------------------------------- cgMLP, FFN
 
 
+def depthwise_conv_over_time(conv: nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
+    """conv(x.transpose(1, 2)).transpose(1, 2) for a depthwise `conv` and x [B, T, C] -> [B, T, C], computed as a
+    2-D convolution on x's own time-major layout (channels-last to oneDNN), whose depthwise kernel runs there ~14x
+    faster than on the channel-major copy conv1d makes (1024 channels, 249 frames, kernel 31: 4.4 -> 0.3 ms)."""
+    y = F.conv2d(x.contiguous().transpose(1, 2)[:, :, None], conv.weight[:, :, None], conv.bias,
+                 padding=(0, conv.padding[0]), groups=conv.groups)  # [B, C, 1, T], channels-last
+    return y[:, :, 0].transpose(1, 2)
+
+
 class ConvolutionalSpatialGatingUnit(nn.Module):
     """CSGU: split channels into (x_r, x_g); gate x_r by a depthwise conv over time of norm(x_g)."""
 
@@ -183,14 +202,14 @@ class ConvolutionalSpatialGatingUnit(nn.Module):
         n = units // 2
         self.norm = nn.LayerNorm(n, eps=LAYER_NORM_EPS)
         self.conv = nn.Conv1d(n, n, kernel_size, 1, (kernel_size - 1) // 2, groups=n)
-        self.linear = nn.Linear(n, n) if use_linear_after_conv else None
+        self.linear = Linear(n, n) if use_linear_after_conv else None
         self.act = nn.Identity() if gate_activation == "identity" else ACTIVATIONS[gate_activation]()
         self.dropout = nn.Dropout(dropout_rate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[B, T, U] -> [B, T, U/2]."""
         x_r, x_g = x.chunk(2, dim=-1)
-        x_g = self.conv(self.norm(x_g).transpose(1, 2)).transpose(1, 2)  # [B, T, U/2]
+        x_g = depthwise_conv_over_time(self.conv, self.norm(x_g))  # [B, T, U/2]
         if self.linear is not None:
             x_g = self.linear(x_g)
         return self.dropout(x_r * self.act(x_g))
@@ -204,11 +223,11 @@ class ConvolutionalGatingMLP(nn.Module):
         gate_activation: str,
     ):  # fmt: skip
         super().__init__()
-        self.channel_proj1 = nn.Sequential(nn.Linear(d, units), nn.GELU())
+        self.channel_proj1 = nn.Sequential(Linear(d, units), nn.GELU())
         self.csgu = ConvolutionalSpatialGatingUnit(
             units, kernel_size, dropout_rate, use_linear_after_conv, gate_activation
         )
-        self.channel_proj2 = nn.Linear(units // 2, d)
+        self.channel_proj2 = Linear(units // 2, d)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[B, T, d] -> [B, T, d]."""
@@ -220,8 +239,8 @@ class PositionwiseFeedForward(nn.Module):
 
     def __init__(self, d: int, units: int, dropout_rate: float, activation: str):
         super().__init__()
-        self.w_1 = nn.Linear(d, units)
-        self.w_2 = nn.Linear(units, d)
+        self.w_1 = Linear(d, units)
+        self.w_2 = Linear(units, d)
         self.act = ACTIVATIONS[activation]()
         self.dropout = nn.Dropout(dropout_rate)
 
@@ -259,7 +278,7 @@ class EBranchformerLayer(nn.Module):
         self.norm_final = nn.LayerNorm(d, eps=LAYER_NORM_EPS)
         k = c.merge_conv_kernel
         self.depthwise_conv_fusion = nn.Conv1d(2 * d, 2 * d, k, 1, (k - 1) // 2, groups=2 * d)
-        self.merge_proj = nn.Linear(2 * d, d)
+        self.merge_proj = Linear(2 * d, d)
         self.dropout = nn.Dropout(c.dropout_rate)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, pos_emb: torch.Tensor | None) -> torch.Tensor:
@@ -269,7 +288,7 @@ class EBranchformerLayer(nn.Module):
         x1 = self.dropout(self.attn(self.norm_mha(x), mask, pos_emb))  # global branch
         x2 = self.dropout(self.cgmlp(self.norm_mlp(x)))  # local branch
         both = torch.cat([x1, x2], dim=-1)  # [B, T, 2d]
-        fused = self.depthwise_conv_fusion(both.transpose(1, 2)).transpose(1, 2)  # [B, T, 2d]
+        fused = depthwise_conv_over_time(self.depthwise_conv_fusion, both)  # [B, T, 2d]
         x = x + self.dropout(self.merge_proj(both + fused))
         if self.feed_forward is not None:
             x = x + self.ff_scale * self.dropout(self.feed_forward(self.norm_ff(x)))

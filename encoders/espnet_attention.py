@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from decoders.linear import Linear
+
 
 # ----------------------------------------------------------------------------------------------- positions
 
@@ -65,10 +67,10 @@ class MultiHeadedAttention(nn.Module):
         super().__init__()
         self.heads, self.d_k = heads, d // heads
         self.dropout_rate = dropout_rate
-        self.linear_q = nn.Linear(d, d)
-        self.linear_k = nn.Linear(d, d)
-        self.linear_v = nn.Linear(d, d)
-        self.linear_out = nn.Linear(d, d)
+        self.linear_q = Linear(d, d)
+        self.linear_k = Linear(d, d)
+        self.linear_v = Linear(d, d)
+        self.linear_out = Linear(d, d)
 
     def split_heads(self, x: torch.Tensor) -> torch.Tensor:
         """[B, T, d] -> [B, H, T, d_k]."""
@@ -107,7 +109,7 @@ class RelPositionMultiHeadedAttention(MultiHeadedAttention):
 
     def __init__(self, d: int, heads: int, dropout_rate: float):
         super().__init__(d, heads, dropout_rate)
-        self.linear_pos = nn.Linear(d, d, bias=False)
+        self.linear_pos = Linear(d, d, bias=False)
         self.pos_bias_u = nn.Parameter(torch.zeros(heads, d // heads))  # content bias u
         self.pos_bias_v = nn.Parameter(torch.zeros(heads, d // heads))  # position bias v
         nn.init.xavier_uniform_(self.pos_bias_u)

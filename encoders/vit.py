@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from decoders.checkpoint import CheckpointError, check_config_keys
+from decoders.linear import Linear
 
 
 @dataclass
@@ -206,8 +207,8 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads = cfg.num_heads
         self.head_dim = cfg.dim // cfg.num_heads
-        self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=cfg.qkv_bias)
-        self.proj = nn.Linear(cfg.dim, cfg.dim)
+        self.qkv = Linear(cfg.dim, 3 * cfg.dim, bias=cfg.qkv_bias)
+        self.proj = Linear(cfg.dim, cfg.dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, D = x.shape
@@ -222,8 +223,8 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: ViTConfig):
         super().__init__()
-        self.fc1 = nn.Linear(cfg.dim, cfg.mlp_dim)
-        self.fc2 = nn.Linear(cfg.mlp_dim, cfg.dim)
+        self.fc1 = Linear(cfg.dim, cfg.mlp_dim)
+        self.fc2 = Linear(cfg.mlp_dim, cfg.dim)
         self.act = quick_gelu if cfg.act == "quick_gelu" else F.gelu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
