@@ -60,9 +60,9 @@ def build() -> bool:
                     "PyTorch", e)
         return False
     torch.library.register_fake("mm_w4a8::linear")(
-        lambda x, packed, scales, corr, group: x.new_empty(x.shape[0], packed.shape[0] * 16))
+        lambda x, packed, sc, group: x.new_empty(x.shape[0], packed.shape[0] * 16))
     torch.library.register_fake("mm_w4a8::dequantize_t")(
-        lambda packed, scales, corr, group, dtype: packed.new_empty(packed.shape[1] * 8, packed.shape[0] * 16,
+        lambda packed, sc, group, dtype: packed.new_empty(packed.shape[1] * 8, packed.shape[0] * 16,
                                                                     dtype=dtype))
     torch.library.register_fake("mm_attention::decode")(lambda q, k, v, mask: torch.empty_like(q))
     torch.library.register_fake("mm_linear::rows")(lambda x, w, bias: x.new_empty(x.shape[0], w.shape[0]))

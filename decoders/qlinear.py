@@ -204,8 +204,8 @@ class W4A8Linear(QuantLinear):
                              f"inputs, got [{N}, {K}] in groups of {group_size}")
         self.bits, self.group_size = bits, group_size
         self.register_buffer("qweight", w4a8.pack(u))  # [N/16, K/8, 64]
-        self.register_buffer("scales", scale.t().to(torch.float16).contiguous())  # [K/g, N]
-        self.register_buffer("corr", (offset.float() - 8 * scale.float()).t().to(torch.float16).contiguous())  # o - 8s
+        c = offset.float() - 8 * scale.float()  # o - 8 s
+        self.register_buffer("sc", w4a8.pack_scales(scale.t().half(), c.t().half()))  # [N/16, K/g, 32]
         w4a8.kernel()  # built (once) here rather than inside a compiled step's tracing
 
     @classmethod
@@ -221,16 +221,26 @@ class W4A8Linear(QuantLinear):
             u = torch.round((lin.dequantize() - expand(o)) / expand(s)).nan_to_num(0).clamp(-8, 7) + 8  # s = 0: w = o
         return cls(u, s, o, lin.bits, lin.group_size, lin.bias)
 
+    @property
+    def scales(self) -> torch.Tensor:
+        """s [K/g, N] (float16)."""
+        return w4a8.unpack_scales(self.sc)[0]
+
+    @property
+    def corr(self) -> torch.Tensor:
+        """c = o - 8 s [K/g, N] (float16)."""
+        return w4a8.unpack_scales(self.sc)[1]
+
     def dequantize(self) -> torch.Tensor:
         """w_hat [N, K] = u * s + (o - 8 s)."""
-        N, K, G = self.out_features, self.in_features, self.scales.shape[0]
+        N, K, G = self.out_features, self.in_features, self.sc.shape[1]
         u = w4a8.unpack(self.qweight).view(N, G, K // G).float()
         return (u * self.scales.t().float()[..., None] + self.corr.t().float()[..., None]).view(N, K)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        y = w4a8.linear(x2, self.qweight, self.scales, self.corr, self.group_size, self.dequantize).to(x.dtype)
+        y = w4a8.linear(x2, self.qweight, self.sc, self.group_size, self.dequantize).to(x.dtype)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features)

@@ -41,6 +41,20 @@ def unpack(packed: torch.Tensor) -> torch.Tensor:
     return ub.permute(0, 2, 1, 3, 4).reshape(T * 16, K8 * 8)
 
 
+def pack_scales(scales: torch.Tensor, corr: torch.Tensor) -> torch.Tensor:
+    """Scales and corrections [K/group, N] -> the kernel's sc [N/16, K/group, 32] (float16): per tile of 16 rows and
+    group, the 16 scales, then the 16 corrections."""
+    G, N = scales.shape
+    tiles = lambda t: t.to(torch.float16).reshape(G, N // 16, 16).transpose(0, 1)  # noqa: E731  [N/16, G, 16]
+    return torch.cat([tiles(scales), tiles(corr)], dim=-1).contiguous()
+
+
+def unpack_scales(sc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`pack_scales`'s inverse: (scales, corrections) [K/group, N]."""
+    T, G, _ = sc.shape
+    return tuple(h.transpose(0, 1).reshape(G, T * 16) for h in sc.split(16, dim=-1))
+
+
 def quantize_activations(x: torch.Tensor) -> torch.Tensor:
     """x [M, K] as the kernel quantizes it (int8 per block of 32 inputs, d = max|x| / 127), back in float32."""
     M, K = x.shape
@@ -56,19 +70,17 @@ def reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return quantize_activations(x).to(x.dtype) @ w.to(x.dtype).t()
 
 
-def dequantize_t(packed: torch.Tensor, scales: torch.Tensor, corr: torch.Tensor, group: int,
-                 dtype: torch.dtype) -> torch.Tensor:
+def dequantize_t(packed: torch.Tensor, sc: torch.Tensor, group: int, dtype: torch.dtype) -> torch.Tensor:
     """w^T [K, N] in `dtype` (float32 or bfloat16) from the kernel's bytes, by the kernel's library (`kernel()`)."""
-    return torch.ops.mm_w4a8.dequantize_t(packed, scales, corr, group, dtype)
+    return torch.ops.mm_w4a8.dequantize_t(packed, sc, group, dtype)
 
 
-def linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, corr: torch.Tensor, group: int,
-           dequantized) -> torch.Tensor:
+def linear(x: torch.Tensor, packed: torch.Tensor, sc: torch.Tensor, group: int, dequantized) -> torch.Tensor:
     """y [M, N] for x [M, K]: the kernel where it is loaded (`kernel()`, float32 out; more rows: `reference` on its
     `dequantize_t`), else `reference` on `dequantized()`."""
     if cpu_kernels.loaded and x.device.type == "cpu":
         if x.shape[0] <= MAX_ROWS:
-            return torch.ops.mm_w4a8.linear(x.float().contiguous(), packed, scales, corr, group)
+            return torch.ops.mm_w4a8.linear(x.float().contiguous(), packed, sc, group)
         dtype = x.dtype if x.dtype == torch.bfloat16 else torch.float32
-        return quantize_activations(x).to(dtype) @ dequantize_t(packed, scales, corr, group, dtype)
+        return quantize_activations(x).to(dtype) @ dequantize_t(packed, sc, group, dtype)
     return reference(x, dequantized())

@@ -36,6 +36,10 @@ def test_packing_round_trips():
     packed = w4a8.pack(u)
     assert packed.shape == (3, 32, 64) and packed.dtype == torch.uint8
     assert torch.equal(w4a8.unpack(packed).long(), u)
+    s, c = torch.randn(4, 48).half(), torch.randn(4, 48).half()  # 4 groups, 48 rows
+    sc = w4a8.pack_scales(s, c)
+    assert sc.shape == (3, 4, 32) and torch.equal(sc[1, 2, :16], s[2, 16:32]) and torch.equal(sc[1, 2, 16:], c[2, 16:32])
+    assert all(torch.equal(a, b) for a, b in zip(w4a8.unpack_scales(sc), (s, c)))
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 7])
@@ -63,7 +67,7 @@ def test_the_kernels_prefill_weights_equal_dequantize(dtype):
     s = (torch.rand(48, 4, generator=gen) * 0.02).half().float()
     o = (torch.randn(48, 4, generator=gen) * 0.05).half().float()
     lin = W4A8Linear(u, s, o, 4, 64)
-    wt = w4a8.dequantize_t(lin.qweight, lin.scales, lin.corr, 64, dtype)
+    wt = w4a8.dequantize_t(lin.qweight, lin.sc, 64, dtype)
     assert wt.dtype == dtype and torch.equal(wt, lin.dequantize().t().to(dtype))  # bf16: rounded to nearest even
 
 
