@@ -1,9 +1,10 @@
 """The eager one-token CPU decode step's Llama blocks in C++ (`decode_block.cpp`, built with the other CPU kernels
 by `cpu_kernels`): each block is one call instead of ~45 PyTorch calls, with the Python block's roundings, its
 products on `linear.cpp`'s row kernel and its attention on `decode_attention.cpp`. Python's per-call cost was most
-of an eager step of a small model (10M float32: ~1.1 ms a token, ~0.5 of it in the products), so this is what makes
-`generate` without compiling about as fast as the compiled step. The compiled step keeps the Python block (inductor
-fuses it); so does anything with more than one row or token, a gradient, quantized or adapted linears, biases."""
+of an eager step of a small model (10M float32: 1.2 ms a token, ~0.5 of it in the products; 0.68 ms with these
+blocks, against 0.43 for the compiled step; 125M bf16 5.8 -> 3.8 ms, as fast as compiled). The compiled step keeps
+the Python block (inductor fuses it); so does anything with more than one row or token, a gradient, quantized or
+adapted linears, biases."""
 from __future__ import annotations
 
 import torch
@@ -14,8 +15,8 @@ from .linear import Linear
 
 def takes(h: torch.Tensor, p) -> bool:
     """Whether the layers of this pass (`llama.Pass` p) on embeddings h [B, T, D] can run as C++ blocks: an eager
-    decode step (`decode_step`: a slot tensor, a mask over the whole cache) of one token on CPU, a cache of one row, float32
-    or bf16 (bf16 on CPUs with AVX512-BF16), no gradient."""
+    decode step (`decode_step`: a slot tensor, a mask over the whole cache) of one token on CPU with a cache of one
+    row, float32 or bf16 (bf16 on CPUs with AVX512-BF16), no gradient."""
     return (cpu_kernels.loaded and h.device.type == "cpu" and h.shape[0] == 1 and h.shape[1] == 1
             and (h.dtype == torch.float32 or h.dtype == torch.bfloat16 and cpu_kernels.bf16)
             and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
