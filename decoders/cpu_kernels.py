@@ -42,11 +42,17 @@ def build() -> bool:
     global loaded, bf16
     if not CPU_FLAGS <= cpu_flags():
         return False
-    from torch.utils.cpp_extension import _get_build_directory, load
+    ext_log = logging.getLogger("torch.utils.cpp_extension")
+    level = ext_log.level
+    ext_log.setLevel(logging.ERROR)  # its import warns that CUDA_HOME has no CUDA runtime: these kernels are CPU-only
+    try:
+        from torch.utils.cpp_extension import _get_build_directory, load
+    finally:
+        ext_log.setLevel(level)
 
     if not (Path(_get_build_directory("mm_cpu_kernels", False)) / "mm_cpu_kernels.so").exists():
-        log.warning("building the C++ CPU kernels (W4A8, float32 and bf16 products, decode attention): once on this "
-                    "machine, ~30 s")
+        log.warning("building the C++ CPU kernels (W4A8, float32 and bf16 products, decode attention and blocks): "
+                    "once on this machine, ~30 s")
     t0 = time.perf_counter()
     try:
         load(name="mm_cpu_kernels", sources=[str(Path(__file__).with_name(s)) for s in SOURCES],
