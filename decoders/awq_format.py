@@ -71,9 +71,10 @@ def int4_to_awq(lin: Int4Linear) -> dict[str, torch.Tensor]:
 
 def w4a8_to_awq(lin: W4A8Linear) -> dict[str, torch.Tensor]:
     """A W4A8Linear's AWQ tensors: its codes, its fp16 scales as they are, zero points z = -c / s (c = o - 8 s = -z s)."""
-    s, c = lin.scales.float(), lin.corr.float()  # [K/g, N]
+    s16, c16 = w4a8.unpack_scales(lin.sc)  # [K/g, N] each
+    s, c = s16.float(), c16.float()
     z = torch.where(s > 0, torch.round(-c / s), 8).clamp(0, 15)  # s = 0 (an all-zero group): any z
-    return awq_tensors(w4a8.unpack(lin.qweight), lin.scales, z, lin.bits)
+    return awq_tensors(w4a8.unpack(lin.qweight), s16, z, lin.bits)
 
 
 def awq_to_int4(qweight, qzeros, scales, bits: int, group_size: int, source: str) -> tuple:

@@ -40,7 +40,8 @@ def cpu_flags() -> set[str]:
 def build() -> bool:
     """Whether the kernels are loaded: the CPU has AVX512-VNNI and the C++ compiler built them."""
     global loaded, bf16
-    if not CPU_FLAGS <= cpu_flags():
+    flags = cpu_flags()
+    if not CPU_FLAGS <= flags:
         return False
     ext_log = logging.getLogger("torch.utils.cpp_extension")
     level = ext_log.level
@@ -62,8 +63,8 @@ def build() -> bool:
                            "-ffp-contract=off"],  # a * b + c rounds twice, as torch's ops
              extra_ldflags=["-fopenmp"])
     except (RuntimeError, OSError) as e:  # no compiler, no ninja, a failed build
-        log.warning("the C++ CPU kernels were not built (%s); W4A8, float32 and bf16 products and decode attention run in "
-                    "PyTorch", e)
+        log.warning("the C++ CPU kernels were not built (%s); W4A8, float32 and bf16 products, decode attention and "
+                    "blocks run in PyTorch", e)
         return False
     torch.library.register_fake("mm_w4a8::linear")(
         lambda x, packed, sc, group: x.new_empty(x.shape[0], packed.shape[0] * 16))
@@ -75,5 +76,5 @@ def build() -> bool:
     if time.perf_counter() - t0 > 2:
         log.warning("built the C++ CPU kernels in %.0f s (once; cached)", time.perf_counter() - t0)
     loaded = True
-    bf16 = "avx512_bf16" in cpu_flags()
+    bf16 = "avx512_bf16" in flags
     return True

@@ -8,6 +8,7 @@
 // Every value the Python block rounds to its dtype is rounded here at the same point (bf16: nearest even), so
 // float32 blocks agree to float32 rounding and bf16 blocks to the odd bf16 step where a sum's order differs.
 #include <torch/extension.h>
+#include <algorithm>
 #include <cmath>
 
 torch::Tensor rows_linear(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias);  // linear.cpp

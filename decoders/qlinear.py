@@ -235,7 +235,8 @@ class W4A8Linear(QuantLinear):
         """w_hat [N, K] = u * s + (o - 8 s)."""
         N, K, G = self.out_features, self.in_features, self.sc.shape[1]
         u = w4a8.unpack(self.qweight).view(N, G, K // G).float()
-        return (u * self.scales.t().float()[..., None] + self.corr.t().float()[..., None]).view(N, K)
+        s, c = w4a8.unpack_scales(self.sc)  # [K/g, N] each
+        return (u * s.t().float()[..., None] + c.t().float()[..., None]).view(N, K)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
