@@ -82,6 +82,16 @@ void attend(const T* q, const T* k, const T* v, const T* mask, T* y, int64_t B, 
 
 }  // namespace
 
+// The same on raw pointers for one row (decode_block.cpp's step): q [Hkv, G, D], k, v [Hkv, S, D], mask [S] -> y
+void attention_into(const float* q, const float* k, const float* v, const float* mask, float* y, int64_t Hkv,
+                    int64_t G, int64_t S, int64_t D) {
+  attend(q, k, v, mask, y, 1, Hkv, G, S, D);
+}
+void attention_into(const at::BFloat16* q, const at::BFloat16* k, const at::BFloat16* v, const at::BFloat16* mask,
+                    at::BFloat16* y, int64_t Hkv, int64_t G, int64_t S, int64_t D) {
+  attend(q, k, v, mask, y, 1, Hkv, G, S, D);
+}
+
 // q [B, Hkv, G, D], k, v [B, Hkv, S, D], mask [B, 1, 1, S] or None, all contiguous, float32 or bfloat16 -> [B, Hkv, G, D]
 torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, c10::optional<torch::Tensor> mask) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && k.sizes() == v.sizes() && q.size(0) == k.size(0) &&

@@ -2,15 +2,22 @@
 by `cpu_kernels`): each block is one call instead of ~45 PyTorch calls, with the Python block's roundings, its
 products on `linear.cpp`'s row kernel and its attention on `decode_attention.cpp`. Python's per-call cost was most
 of an eager step of a small model (10M float32: 1.2 ms a token, ~0.5 of it in the products; 0.68 ms with these
-blocks, against 0.43 for the compiled step; 125M bf16 5.8 -> 3.8 ms, as fast as compiled). The compiled step keeps
+blocks, against 0.43 for the compiled step; 125M bf16 5.8 -> 3.8 ms, as fast as compiled). `stepper` goes one
+further for `generate`: the whole step (embedding, blocks, final norm, head) in one call. The compiled step keeps
 the Python block (inductor fuses it); so does anything with more than one row or token, a gradient, quantized or
 adapted linears, biases."""
 from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from . import cpu_kernels
 from .linear import Linear
+
+if TYPE_CHECKING:
+    from .kv_cache import KVCache
+    from .llama import LlamaForCausalLM
 
 
 def takes(h: torch.Tensor, p) -> bool:
@@ -42,3 +49,38 @@ def block(b, x: torch.Tensor, p, layer: int) -> torch.Tensor:
                                   p.kv_cache.v[layer], p.start, p.mask.view(1, 1, 1, -1), a.n_kv_heads,
                                   b.input_layernorm.eps)
     return y.view(1, 1, -1)
+
+
+def stepper(model: LlamaForCausalLM, batch_size: int, max_tokens: int) -> Callable | None:
+    """`model.decode_step` for a batch of one on a cache of `max_tokens` slots as one C++ call a token (embedding,
+    every block, final norm, head: `torch.ops.mm_decode.step`), or None where that does not apply: a CPU model of
+    plain blocks (`plain`) in float32 or bf16 (bf16 on CPUs with AVX512-BF16), the kernels loaded, a batch of one,
+    no gradient. RoPE's cos and sin for positions below `max_tokens` are computed once, here, by `rope_cos_sin`."""
+    from .llama import Block, LlamaForCausalLM, rope_cos_sin
+
+    dtype = model.dtype
+    if not (type(model) is LlamaForCausalLM and batch_size == 1 and cpu_kernels.loaded
+            and model.device.type == "cpu" and not torch.is_grad_enabled()
+            and (dtype == torch.float32 or dtype == torch.bfloat16 and cpu_kernels.bf16)
+            and all(type(b) is Block and plain(b) for b in model.layers)
+            and all(b.input_layernorm.eps == model.norm.eps for b in model.layers)
+            and (model.lm_head is None or type(model.lm_head) is Linear and model.lm_head.bias is None)):
+        return None
+    weights = [w for b in model.layers for w in (
+        b.input_layernorm.weight, b.self_attn.qkv_proj.weight, b.self_attn.o_proj.weight,
+        b.post_attention_layernorm.weight, b.mlp.gate_up_proj.weight, b.mlp.down_proj.weight)]
+    embed = model.embed_tokens.weight
+    head = embed if model.lm_head is None else model.lm_head.weight
+    if any(w.dtype != dtype or not w.is_contiguous() for w in [*weights, embed, head, model.norm.weight]):
+        return None
+    cos, sin = rope_cos_sin(model.inv_freq, torch.arange(max_tokens)[None], dtype)  # [1, 1, P, Dh] each
+    cos, sin = cos[0, 0].contiguous(), sin[0, 0].contiguous()
+    n_kv_heads, eps = model.config.num_key_value_heads, model.norm.eps
+
+    def step(token: torch.Tensor, position: torch.Tensor, slot: torch.Tensor, key_mask: torch.Tensor,
+             kv_cache: KVCache, cache_lens: torch.Tensor | None = None) -> torch.Tensor:
+        logits = torch.ops.mm_decode.step(token, position, slot, key_mask, embed, weights, model.norm.weight, head,
+                                          cos, sin, kv_cache.k, kv_cache.v, n_kv_heads, eps)
+        return logits.view(1, 1, -1)
+
+    return step

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Iterator
 
 import torch
 
-from . import cpu_kernels
+from . import cpu_kernels, decode_block
 from .compile import aten_gemv, compile_decode, gemv_flags
 from .cuda_graph import static_decoder
 from .masks import positions_from_mask
@@ -118,7 +118,8 @@ def stream_tokens(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_ma
     use_lens = prompt_mask is None and device.type == "cuda"
     logits = model(input_ids.to(device), prompt_mask, inputs_embeds=inputs_embeds, position_ids=positions,
                    kv_cache=cache, last_only=True)  # [B, 1, V]
-    step_fn = compile_decode(model) if compile else (model.compiled_decode_step or model.decode_step)
+    step_fn = compile_decode(model) if compile else (model.compiled_decode_step or  # eagerly on CPU: one C++ call
+                                                     decode_block.stepper(model, B, S_max) or model.decode_step)
     aten = aten_gemv(model, B)
     next_pos = positions[:, -1:] + 1  # [B, 1]
     # Step inputs live on the device and advance there: building them from Python ints would copy host -> device

@@ -1,6 +1,7 @@
 """The C++ Llama block of the eager one-token CPU decode step (decoders/decode_block.cpp): a decode step through it
 against the same step through the Python blocks and against the model in float64, the cache slot it writes, and
-`decode_block.takes`/`plain` keeping the Python blocks wherever the C++ one does not apply."""
+`decode_block.takes`/`plain` keeping the Python blocks wherever the C++ one does not apply; the same for the whole
+step in one call (`decode_block.stepper`, what `generate` runs)."""
 import pytest
 import torch
 
@@ -71,14 +72,84 @@ def test_the_cpp_step_equals_the_python_step_and_the_float64_model(dtype):
             assert c[:, :, 5].abs().sum() > 0 and (c[:, :, 6:] == 0).all()
 
 
+def whole_step(m, prompt=(3, 14, 15, 92, 65), token=35):
+    """As `step`, through `decode_block.stepper` (one C++ call); the cache has room beyond the step (masked)."""
+    T, S = len(prompt), 16
+    cache = m.new_kv_cache(1, S)
+    key_mask = torch.zeros(1, S, dtype=torch.bool)
+    key_mask[:, :T + 1] = True
+    with torch.inference_mode():
+        m(torch.tensor([prompt]), kv_cache=cache)
+        fn = decode_block.stepper(m, 1, S)
+        assert fn is not None
+        logits = fn(torch.tensor([[token]]), torch.tensor([[T]]), torch.tensor([T]), key_mask, cache)
+    return logits, cache
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tied", [False, True])
+def test_the_whole_cpp_step_equals_the_python_step(dtype, tied):
+    if dtype == torch.bfloat16 and not cpu_kernels.bf16:
+        pytest.skip("bf16 rows need AVX512-BF16")
+    m = model(dtype, tie_word_embeddings=tied)
+    assert (m.lm_head is None) == tied
+    got, cache = whole_step(m)
+    want, want_cache = step(m, False)
+    scale = want.float().abs().max().item()
+    assert scale > 1
+    if dtype == torch.float32:  # RoPE's cos and sin from a table: the same float32 values, to an ulp
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * scale)
+    else:
+        assert (got.float() - want.float()).abs().max() < 2e-2 * scale
+    torch.testing.assert_close(cache.v[0], want_cache.v[0], rtol=0, atol=0)  # the first block's values: same sums
+    for c, w in zip(cache.k + cache.v, want_cache.k + want_cache.v):
+        torch.testing.assert_close(c, w, rtol=1e-2 if dtype == torch.bfloat16 else 1e-6, atol=1e-6)
+        assert c[:, :, 5].abs().sum() > 0 and (c[:, :, 6:] == 0).all()
+
+
 def test_greedy_tokens_equal_with_and_without_the_cpp_blocks():
     m = model(torch.float32)
     ids = torch.tensor([[5, 6, 7]])
-    with_cpp = m.generate(ids, max_new_tokens=12, eos_token_id=None)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(decode_block, "takes", lambda h, p: False)
-        without = m.generate(ids, max_new_tokens=12, eos_token_id=None)
-    assert torch.equal(with_cpp, without)
+    calls = []
+    real = decode_block.stepper
+    with pytest.MonkeyPatch.context() as mp:  # the whole step in one call: what generate runs
+        mp.setattr(decode_block, "stepper", lambda *a: calls.append(1) or real(*a))
+        whole = m.generate(ids, max_new_tokens=12, eos_token_id=None)
+    assert calls
+    with pytest.MonkeyPatch.context() as mp:  # each block in one call
+        mp.setattr(decode_block, "stepper", lambda *a: None)
+        blocks = m.generate(ids, max_new_tokens=12, eos_token_id=None)
+        mp.setattr(decode_block, "takes", lambda h, p: False)  # Python
+        python = m.generate(ids, max_new_tokens=12, eos_token_id=None)
+    assert torch.equal(whole, python) and torch.equal(blocks, python)
+
+
+def test_no_whole_cpp_step_where_it_does_not_apply():
+    m = model(torch.float32)
+    with torch.inference_mode():
+        assert decode_block.stepper(m, 1, 8) is not None
+        assert decode_block.stepper(m, 2, 8) is None  # two rows
+        assert decode_block.stepper(model(torch.float64), 1, 8) is None
+        assert decode_block.stepper(model(torch.float32, head_dim=8), 1, 8) is None  # a block the C++ one is not
+        m.lm_head.bias = torch.nn.Parameter(torch.zeros(101))  # a head with a bias
+        assert decode_block.stepper(m, 1, 8) is None
+    assert decode_block.stepper(model(torch.float32), 1, 8) is None  # a gradient
+
+
+def test_the_step_op_names_what_does_not_fit():
+    m = model(torch.float32)
+    fn = decode_block.stepper(m, 1, 8)
+    assert fn is None  # gradients on: built under inference mode below
+    cache = m.new_kv_cache(1, 8)
+    key_mask = torch.ones(1, 8, dtype=torch.bool)
+    with torch.inference_mode():
+        fn = decode_block.stepper(m, 1, 8)
+        with pytest.raises(RuntimeError, match="token 101 outside the vocabulary of 101"):
+            fn(torch.tensor([[101]]), torch.tensor([[0]]), torch.tensor([0]), key_mask, cache)
+        with pytest.raises(RuntimeError, match="position 8 beyond the 8 RoPE rows given"):
+            fn(torch.tensor([[1]]), torch.tensor([[8]]), torch.tensor([0]), key_mask, cache)
+        with pytest.raises(RuntimeError, match=r"key_mask: \[1, 16\] bool"):
+            fn(torch.tensor([[1]]), torch.tensor([[0]]), torch.tensor([0]), key_mask, m.new_kv_cache(1, 16))
 
 
 def test_python_blocks_where_the_cpp_block_does_not_apply():
