@@ -27,13 +27,20 @@ bf16 = False  # loaded, and the CPU has AVX512-BF16 (bf16 rows in `linear.cpp`)
 log = logging.getLogger(__name__)
 
 
-def cpu_flags() -> set[str]:
-    """The instruction-set flags /proc/cpuinfo lists (empty where there is none)."""
+@functools.cache
+def cpu_info(field: str) -> str:
+    """The first value /proc/cpuinfo gives `field` ("flags", "vendor_id", ...; empty where there is none)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return set()
-    return set(next((line.split(":", 1)[1] for line in text.splitlines() if line.startswith("flags")), "").split())
+        return ""
+    return next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.split(":")[0].strip() == field),
+                "")
+
+
+def cpu_flags() -> set[str]:
+    """The instruction-set flags /proc/cpuinfo lists (empty where there is none)."""
+    return set(cpu_info("flags").split())
 
 
 @functools.cache

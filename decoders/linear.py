@@ -14,10 +14,11 @@ from torch import nn
 from . import cpu_kernels
 
 MAX_ROWS = 4  # linear.cpp's MAX_ROWS
-# float32 products of more rows (prefill) on oneDNN's AVX-512 kernels: torch's F.linear calls MKL's sgemm, which on
-# this AMD CPU runs at ~95 GMAC/s (its AVX2 rate) where oneDNN reaches 225-235 (512-row products of the 10M-125M
-# shapes, plain weights, float32 accumulation: 2.3-2.7x)
-ONEDNN = torch.backends.mkldnn.is_available()
+# float32 products of more rows (prefill) on oneDNN's AVX-512 kernels where MKL is slow: torch's F.linear calls MKL's
+# sgemm, which on an AMD EPYC (Zen 5) runs at ~95 GMAC/s (its AVX2 rate) where oneDNN reaches 225-235 (512-row
+# products of the 10M-125M shapes, plain weights, float32 accumulation: 2.3-2.7x). On an Intel Xeon MKL runs its
+# AVX-512 code and measured as fast or 2-5% faster (154-170 against 158-166 GMAC/s on ViT-B and 125M shapes).
+ONEDNN = torch.backends.mkldnn.is_available() and cpu_kernels.cpu_info("vendor_id") != "GenuineIntel"
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -251,8 +251,9 @@ def bench_kv_cache() -> list[dict]:
     return rows
 
 
-def bench_vit(batch: int, repeats: int) -> dict:
-    """Images/s of our ViT against timm's on the same `vit_base_patch16_224` weights (float32)."""
+def bench_vit(batch: int, repeats: int, dtype: torch.dtype = torch.float32, compile: bool = False) -> dict:
+    """Images/s of our ViT against timm's on the same `vit_base_patch16_224` weights, both eager or both through
+    `torch.compile` (with `compile`, timm eager too: `ref_eager_img_s`, `ratio_vs_eager`, as most timm users run it)."""
     import timm
 
     from encoders.vit import ViT, ViTConfig, convert_timm_state_dict
@@ -262,13 +263,19 @@ def bench_vit(batch: int, repeats: int) -> dict:
     cfg = ViTConfig.from_timm(ref)
     ours = ViT(cfg).eval()
     ours.load_state_dict(convert_timm_state_dict(ref.state_dict(), cfg))
-    x = torch.randn(batch, 3, 224, 224)
+    ref, ours = ref.to(dtype), ours.to(dtype)
+    x = torch.randn(batch, 3, 224, 224).to(dtype)
+    fns = {"ref": ref.forward_features, "ours": ours}
+    if compile:
+        fns = {"ref": torch.compile(ref.forward_features), "ours": torch.compile(ours), "ref_eager": fns["ref"]}
     with torch.inference_mode():
-        err = (ref.forward_features(x) - ours(x)).abs().max().item()
-        t = paired_rounds({"ref": lambda: ref.forward_features(x), "ours": lambda: ours(x)}, repeats)
-    row = {"model": "vit_base_patch16_224", "batch": batch, "max_abs_err": err,
-           "ref_img_s": batch / statistics.median(t["ref"]), "ours_img_s": batch / statistics.median(t["ours"])}
+        err = (fns["ref"](x).float() - fns["ours"](x).float()).abs().max().item()
+        t = paired_rounds({k: functools.partial(f, x) for k, f in fns.items()}, repeats)
+    row = {"model": "vit_base_patch16_224", "dtype": str(dtype).removeprefix("torch."), "compiled": compile,
+           "batch": batch, "max_abs_err": err, **{f"{k}_img_s": batch / statistics.median(v) for k, v in t.items()}}
     put_ratio(row, "ratio", t["ref"], t["ours"])  # times: ref / ours is ours' speed-up
+    if compile:
+        put_ratio(row, "ratio_vs_eager", t["ref_eager"], t["ours"])
     return row
 
 
@@ -344,9 +351,11 @@ def run(sizes=("10m", "125m"), dtypes=("float32", "bfloat16"), batches=(1, 8), n
         log("\n" + format_table(result["moe"], moe_cols))
     result["mla_cache"] = bench_mla_cache()
     log("\n" + format_table(result["mla_cache"], ["attention", "per_token_per_layer", "bytes", "formula", "equal", "vs_mla"]))
-    if vit:
-        result["vit"] = bench_vit(batch=8, repeats=repeats)
-        log("\n" + format_table([result["vit"]], ["model", "batch", "ref_img_s", "ours_img_s", "ratio", "ratio_range", "max_abs_err"]))
+    if vit:  # float32 eager; compiled, the issue's bf16 rows too (ours and timm both compiled, and timm eager)
+        result["vit"] = [bench_vit(batch=8, repeats=repeats)] + [
+            bench_vit(b, repeats, torch.bfloat16, compile=True) for b in ((8, 32) if compile else ())]
+        log("\n" + format_table(result["vit"], ["model", "dtype", "compiled", "batch", "ref_img_s", "ours_img_s", "ratio",
+                                                "ratio_range", "ref_eager_img_s", "ratio_vs_eager", "max_abs_err"]))
     if speech:
         result["speech_encoder"] = bench_speech_encoder(repeats=repeats)
         log("\n" + format_table([result["speech_encoder"]], ["model", "audio_s", "ref_rtf", "ours_rtf", "speedup", "speedup_range",

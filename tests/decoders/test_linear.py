@@ -55,6 +55,8 @@ def test_linear_uses_the_kernel_only_where_it_applies():
         x32 = x.float()  # float32: the kernel too, within float32 rounding of F.linear
         assert torch.equal(lin.float()(x32), torch.ops.mm_linear.rows(x32.reshape(4, 64), lin.weight, lin.bias).view(2, 2, 48))
         torch.testing.assert_close(lin(x32), F.linear(x32, lin.weight, lin.bias), rtol=1e-5, atol=1e-6)
+        five32 = five.float()  # more rows in float32: oneDNN where MKL is slow (decoders.linear.ONEDNN), else MKL
+        torch.testing.assert_close(lin(five32), F.linear(five32, lin.weight, lin.bias), rtol=1e-5, atol=1e-6)
         lin64, x64 = lin.double(), x.double()  # other dtypes: F.linear
         assert torch.equal(lin64(x64), F.linear(x64, lin64.weight, lin64.bias))
     lin = Linear(64, 48).bfloat16()
