@@ -4,6 +4,7 @@
     decode_attention.cpp  torch.ops.mm_attention.decode            one token's attention over a static cache
     linear.cpp            torch.ops.mm_linear.rows                 float32 and bf16 products of 1-4 rows
                                                                    (decoders.linear; bf16 needs AVX512-BF16, `bf16`)
+                          torch.ops.mm_linear.int8_rows            int8 x int8 -> int32 of 1-4 rows (W8A8)
     decode_block.cpp      torch.ops.mm_decode.block                a Llama block for one token, eagerly
                                                                    (decoders.decode_block; the two above inside)
 
@@ -80,6 +81,8 @@ def build() -> bool:
                                                                     dtype=dtype))
     torch.library.register_fake("mm_attention::decode")(lambda q, k, v, mask: torch.empty_like(q))
     torch.library.register_fake("mm_linear::rows")(lambda x, w, bias: x.new_empty(x.shape[0], w.shape[0]))
+    torch.library.register_fake("mm_linear::int8_rows")(
+        lambda x, w: x.new_empty(x.shape[0], w.shape[0], dtype=torch.int32))
     if time.perf_counter() - t0 > 2:
         log.warning("built the C++ CPU kernels in %.0f s (once; cached)", time.perf_counter() - t0)
     loaded = True

@@ -1,4 +1,5 @@
-// Products of a few rows (decode steps): y [M, N] = x [M, K] w [N, K]^T (+ bias), M <= 4, float32 or bf16.
+// Products of a few rows (decode steps): y [M, N] = x [M, K] w [N, K]^T (+ bias), M <= 4, float32 or bf16; and
+// int8 x int8 -> int32 (W8A8), exact.
 //
 // One weight row after the other against all M rows of x, so each thread reads its weights once, in one forward
 // stream (for one row of x on Intel CPUs, four weight rows at a time: `four_rows`). Float32 accumulation with U
@@ -9,6 +10,7 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <cstring>
+#include <vector>
 
 namespace {
 
@@ -116,6 +118,33 @@ void for_rows(int64_t M, int64_t N, F rows) {  // rows<M, R>(n0, n1) over blocks
   });
 }
 
+// int8 x int8 -> int32, exact (W8A8): vpdpbusd multiplies unsigned by signed bytes, so x goes in as x + 128 (its
+// bits with the top one flipped) and 128 sum_k w, summed beside it by a second vpdpbusd, is taken off the total.
+template <int M, int R>
+void rows_int8(const uint8_t* xu, const int8_t* w, int32_t* y, int64_t n0, int64_t n1, int64_t N, int64_t K) {
+  const __m512i c128 = _mm512_set1_epi8(static_cast<char>(0x80));
+  for (int64_t n = n0; n < n1; n += R) {
+    __m512i acc[M][R], corr[R];
+    for (int r = 0; r < R; ++r) {
+      corr[r] = _mm512_setzero_si512();
+      for (int m = 0; m < M; ++m) acc[m][r] = _mm512_setzero_si512();
+    }
+    for (int64_t k = 0; k < K; k += 64) {  // the last block masked (K % 64): zeros add nothing to either sum
+      const __mmask64 in = K - k >= 64 ? ~__mmask64(0) : (__mmask64(1) << (K - k)) - 1;
+      for (int r = 0; r < R; ++r) {
+        const __m512i wv = _mm512_maskz_loadu_epi8(in, w + (n + r) * K + k);
+        corr[r] = _mm512_dpbusd_epi32(corr[r], c128, wv);
+        for (int m = 0; m < M; ++m)
+          acc[m][r] = _mm512_dpbusd_epi32(acc[m][r], _mm512_maskz_loadu_epi8(in, xu + m * K + k), wv);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const int32_t c = _mm512_reduce_add_epi32(corr[r]);
+      for (int m = 0; m < M; ++m) y[m * N + n + r] = _mm512_reduce_add_epi32(acc[m][r]) - c;
+    }
+  }
+}
+
 }  // namespace
 
 // The same on raw pointers (decode_block.cpp's step): y [M, N] = x [M, K] w [N, K]^T, no bias, 1 <= M <= 4.
@@ -167,5 +196,31 @@ torch::Tensor rows_linear(torch::Tensor x, torch::Tensor w, c10::optional<torch:
   return y;
 }
 
-TORCH_LIBRARY(mm_linear, m) { m.def("rows(Tensor x, Tensor w, Tensor? bias) -> Tensor"); }
-TORCH_LIBRARY_IMPL(mm_linear, CPU, m) { m.impl("rows", &rows_linear); }
+// x [M, K] (M <= 4), w [N, K], both int8 -> x w^T [M, N] int32, exactly torch._int_mm(x, w.t()) (W8A8's product)
+torch::Tensor int8_rows(torch::Tensor x, torch::Tensor w) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "x [M, K], w [N, K]; got ", x.sizes(), ", ",
+              w.sizes());
+  TORCH_CHECK(x.scalar_type() == torch::kChar && w.scalar_type() == torch::kChar && w.is_contiguous(),
+              "x, w: int8, w contiguous; got ", x.scalar_type(), ", ", w.scalar_type());
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  TORCH_CHECK(M >= 1 && M <= MAX_ROWS, "1 to ", MAX_ROWS, " rows, got ", M);
+  const auto xc = x.contiguous();
+  const int8_t* xs = xc.data_ptr<int8_t>();
+  std::vector<uint8_t> xu(M * K);  // x + 128 as unsigned bytes
+  for (int64_t i = 0; i < M * K; ++i) xu[i] = static_cast<uint8_t>(xs[i]) ^ 0x80;
+  auto y = torch::empty({M, N}, x.options().dtype(torch::kInt));
+  const uint8_t* xp = xu.data();
+  const int8_t* wp = w.data_ptr<int8_t>();
+  int32_t* yp = y.data_ptr<int32_t>();
+  for_rows(M, N, [&](auto m, auto r, int64_t n0, int64_t n1) { rows_int8<m(), r()>(xp, wp, yp, n0, n1, N, K); });
+  return y;
+}
+
+TORCH_LIBRARY(mm_linear, m) {
+  m.def("rows(Tensor x, Tensor w, Tensor? bias) -> Tensor");
+  m.def("int8_rows(Tensor x, Tensor w) -> Tensor");
+}
+TORCH_LIBRARY_IMPL(mm_linear, CPU, m) {
+  m.impl("rows", &rows_linear);
+  m.impl("int8_rows", &int8_rows);
+}

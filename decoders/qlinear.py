@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import w4a8
+from . import cpu_kernels, w4a8
 
 BITS = (8, 4, 3)
 GROUP_SIZES = (32, 64, 128, 256)
@@ -183,7 +183,12 @@ class W8A8Linear(QuantLinear):
         x2 = x.reshape(-1, shape[-1]).float()  # [M, K]
         xs = x2.abs().amax(-1, keepdim=True).clamp(min=1e-8) / 127  # [M, 1] per-token scale
         xq = torch.round(x2 / xs).to(torch.int8)
-        acc = torch._int_mm(xq, self.qweight.t()) if x.device.type == "cpu" else xq.float() @ self.qweight.t().float()
+        if x.device.type != "cpu":
+            acc = xq.float() @ self.qweight.t().float()
+        elif xq.shape[0] <= 4 and cpu_kernels.loaded:  # decode steps: the row kernel (the same int32 sums, 2x faster)
+            acc = torch.ops.mm_linear.int8_rows(xq, self.qweight)
+        else:
+            acc = torch._int_mm(xq, self.qweight.t())
         y = (acc.float() * xs * self.scales).to(x.dtype)  # [M, N]
         if self.bias is not None:
             y = y + self.bias

@@ -13,9 +13,11 @@ Batch 1, the same thread count for both:
 Each of `rounds` rounds times ours (best of 3) then llama.cpp (best of its 3 repetitions); a row reports the median
 of the per-round ratios and their range: a shared machine drifts within minutes, so ratios are paired in time.
 
-llama.cpp has no Debian package; build it from the source vendored in the llama-cpp-python sdist:
+llama.cpp has no Debian package; build it from the source vendored in the llama-cpp-python sdist (without its AMX
+backend, which crashes in Q8_0/Q4_0 products on the Sapphire Rapids-class VMs here: llama.cpp issue 20824):
     pip download llama-cpp-python --no-binary :all: --no-deps && tar xzf llama_cpp_python-*.tar.gz
-    cmake -S llama_cpp_python-*/vendor/llama.cpp -B build -DGGML_NATIVE=ON -DLLAMA_CURL=OFF
+    cmake -S llama_cpp_python-*/vendor/llama.cpp -B build -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \
+        -DCMAKE_C_FLAGS=-mno-amx-int8 -DCMAKE_CXX_FLAGS=-mno-amx-int8
     cmake --build build -j --target llama-bench llama-simple
 """
 from __future__ import annotations

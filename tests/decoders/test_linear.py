@@ -1,5 +1,6 @@
-"""The few-row product kernel (decoders/linear.cpp: float32 by FMA, bf16 by vdpbf16ps) against the product computed
-here in float64 from the same numbers, and `Linear` using it only where it applies."""
+"""The few-row product kernel (decoders/linear.cpp: float32 by FMA, bf16 by vdpbf16ps, int8 by vpdpbusd) against the
+product computed here in float64 (int8: in int64) from the same numbers, and `Linear` and `W8A8Linear` using it only
+where it applies."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -63,3 +64,34 @@ def test_linear_uses_the_kernel_only_where_it_applies():
     y = lin(x)  # a gradient wanted: F.linear
     y.float().sum().backward()
     assert lin.weight.grad is not None and lin.weight.grad.abs().sum() > 0
+
+
+@needs_kernels
+@pytest.mark.parametrize("M", [1, 2, 3, 4])
+@pytest.mark.parametrize("K,N", [(768, 1280), (100, 37), (64, 4), (5, 3)])  # K % 64 tails; N not a multiple of 4
+def test_int8_kernel_equals_int_mm_exactly(M, K, N):
+    g = torch.Generator().manual_seed(M * K + N + 2)
+    x = torch.randint(-128, 128, (M, K), dtype=torch.int8, generator=g)
+    w = torch.randint(-128, 128, (N, K), dtype=torch.int8, generator=g)
+    x[0, 0], w[0, 0] = -128, -128  # the extremes: x + 128 = 0 and the largest product
+    got = torch.ops.mm_linear.int8_rows(x, w)
+    assert got.dtype == torch.int32
+    assert torch.equal(got, (x.long() @ w.long().t()).int())  # the exact integer sums, as torch._int_mm's
+
+
+@needs_kernels
+def test_w8a8_decode_rows_run_the_int8_kernel():
+    from decoders.qlinear import W8A8Linear
+
+    g = torch.Generator().manual_seed(3)
+    lin = W8A8Linear(torch.randint(-127, 128, (48, 64), generator=g), torch.rand(48, generator=g) / 100)
+    calls = []
+    real = torch.ops.mm_linear.int8_rows
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.ops.mm_linear, "int8_rows", lambda *a: calls.append(1) or real(*a))
+        for rows in (1, 4, 5):  # 5 rows: torch._int_mm
+            x = torch.randn(rows, 64, generator=g)
+            xs = x.abs().amax(-1, keepdim=True) / 127
+            want = (x / xs).round().long() @ lin.qweight.long().t() * xs * lin.scales
+            torch.testing.assert_close(lin(x), want.float(), rtol=1e-5, atol=1e-5)
+    assert len(calls) == 2
