@@ -67,6 +67,10 @@ class CausalLM(nn.Module):
         mask, is_causal = attention_mask_4d(attention_mask, start, T, h.device)
         return h, position_ids, mask, is_causal, start
 
+    def one_call_step(self, batch_size: int, max_tokens: int):
+        """`decode_step` as one native call a token, where a subclass has one (Llama: `decode_block.stepper`)."""
+        return None
+
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 32,
                  **kwargs) -> torch.Tensor:
         """Prompt + new tokens [B, T + new]; greedy unless `temperature` > 0 (see `decoders.generate.generate`)."""

@@ -51,19 +51,15 @@ def block(b, x: torch.Tensor, p, layer: int) -> torch.Tensor:
     return y.view(1, 1, -1)
 
 
-def stepper(model: LlamaForCausalLM, batch_size: int, max_tokens: int) -> Callable | None:
-    """`model.decode_step` for a batch of one on a cache of `max_tokens` slots as one C++ call a token (embedding,
-    every block, final norm, head: `torch.ops.mm_decode.step`), or None where that does not apply: a CPU model of
-    plain blocks (`plain`) in float32 or bf16 (bf16 on CPUs with AVX512-BF16), the kernels loaded, a batch of one,
-    no gradient. RoPE's cos and sin for positions below `max_tokens` are computed once, here, by `rope_cos_sin`."""
-    from .llama import Block, LlamaForCausalLM, rope_cos_sin
-
+def stepper(model: LlamaForCausalLM, batch_size: int, cos: torch.Tensor, sin: torch.Tensor) -> Callable | None:
+    """`model.decode_step` (a `LlamaForCausalLM` of `llama.Block`s) for a batch of one as one C++ call a token
+    (embedding, every block, final norm, head: `torch.ops.mm_decode.step`), or None where that does not apply: a CPU
+    model of plain blocks (`plain`) in float32 or bf16 (bf16 on CPUs with AVX512-BF16), the kernels loaded, a batch of
+    one, no gradient. cos, sin [P, Dh]: RoPE at positions 0..P-1 in the model's dtype (`rope_cos_sin`'s values)."""
     dtype = model.dtype
-    if not (type(model) is LlamaForCausalLM and batch_size == 1 and cpu_kernels.loaded
-            and model.device.type == "cpu" and not torch.is_grad_enabled()
+    if not (batch_size == 1 and cpu_kernels.loaded and model.device.type == "cpu" and not torch.is_grad_enabled()
             and (dtype == torch.float32 or dtype == torch.bfloat16 and cpu_kernels.bf16)
-            and all(type(b) is Block and plain(b) for b in model.layers)
-            and all(b.input_layernorm.eps == model.norm.eps for b in model.layers)
+            and all(plain(b) and b.input_layernorm.eps == model.norm.eps for b in model.layers)
             and (model.lm_head is None or type(model.lm_head) is Linear and model.lm_head.bias is None)):
         return None
     weights = [w for b in model.layers for w in (
@@ -73,8 +69,6 @@ def stepper(model: LlamaForCausalLM, batch_size: int, max_tokens: int) -> Callab
     head = embed if model.lm_head is None else model.lm_head.weight
     if any(w.dtype != dtype or not w.is_contiguous() for w in [*weights, embed, head, model.norm.weight]):
         return None
-    cos, sin = rope_cos_sin(model.inv_freq, torch.arange(max_tokens)[None], dtype)  # [1, 1, P, Dh] each
-    cos, sin = cos[0, 0].contiguous(), sin[0, 0].contiguous()
     n_kv_heads, eps = model.config.num_key_value_heads, model.norm.eps
 
     def step(token: torch.Tensor, position: torch.Tensor, slot: torch.Tensor, key_mask: torch.Tensor,

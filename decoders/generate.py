@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Iterator
 
 import torch
 
-from . import cpu_kernels, decode_block
+from . import cpu_kernels
 from .compile import aten_gemv, compile_decode, gemv_flags
 from .cuda_graph import static_decoder
 from .masks import positions_from_mask
@@ -119,7 +119,7 @@ def stream_tokens(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_ma
     logits = model(input_ids.to(device), prompt_mask, inputs_embeds=inputs_embeds, position_ids=positions,
                    kv_cache=cache, last_only=True)  # [B, 1, V]
     step_fn = compile_decode(model) if compile else (model.compiled_decode_step or  # eagerly on CPU: one C++ call
-                                                     decode_block.stepper(model, B, S_max) or model.decode_step)
+                                                     model.one_call_step(B, S_max) or model.decode_step)
     aten = aten_gemv(model, B)
     next_pos = positions[:, -1:] + 1  # [B, 1]
     # Step inputs live on the device and advance there: building them from Python ints would copy host -> device

@@ -287,6 +287,14 @@ class LlamaForCausalLM(CausalLM):
         mask = None if cache_lens is not None else key_mask[:, None, None, :]  # [B, 1, 1, S_max]
         return self.run_layers(h, position, mask, False, kv_cache, slot, cache_lens=cache_lens)
 
+    def one_call_step(self, batch_size: int, max_tokens: int):
+        """`decode_step` as one C++ call a token on a cache of `max_tokens` slots (`decode_block.stepper`), or None
+        where that does not apply (a subclass, another block, quantized or adapted linears, ...)."""
+        if type(self) is not LlamaForCausalLM or not all(type(b) is Block for b in self.layers):
+            return None
+        cos, sin = rope_cos_sin(self.inv_freq, torch.arange(max_tokens)[None], self.dtype)  # [1, 1, P, Dh]
+        return decode_block.stepper(self, batch_size, cos[0, 0].contiguous(), sin[0, 0].contiguous())
+
     def new_kv_cache(self, batch_size: int, max_tokens: int) -> KVCache:
         """A static cache for `batch_size` rows of up to `max_tokens` tokens, in the model's dtype and device."""
         c = self.config

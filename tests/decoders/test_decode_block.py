@@ -1,7 +1,7 @@
 """The C++ Llama block of the eager one-token CPU decode step (decoders/decode_block.cpp): a decode step through it
 against the same step through the Python blocks and against the model in float64, the cache slot it writes, and
 `decode_block.takes`/`plain` keeping the Python blocks wherever the C++ one does not apply; the same for the whole
-step in one call (`decode_block.stepper`, what `generate` runs)."""
+step in one call (`one_call_step`, what `generate` runs)."""
 import pytest
 import torch
 
@@ -80,7 +80,7 @@ def whole_step(m, prompt=(3, 14, 15, 92, 65), token=35):
     key_mask[:, :T + 1] = True
     with torch.inference_mode():
         m(torch.tensor([prompt]), kv_cache=cache)
-        fn = decode_block.stepper(m, 1, S)
+        fn = m.one_call_step(1, S)
         assert fn is not None
         logits = fn(torch.tensor([[token]]), torch.tensor([[T]]), torch.tensor([T]), key_mask, cache)
     return logits, cache
@@ -127,23 +127,24 @@ def test_greedy_tokens_equal_with_and_without_the_cpp_blocks():
 def test_no_whole_cpp_step_where_it_does_not_apply():
     m = model(torch.float32)
     with torch.inference_mode():
-        assert decode_block.stepper(m, 1, 8) is not None
-        assert decode_block.stepper(m, 2, 8) is None  # two rows
-        assert decode_block.stepper(model(torch.float64), 1, 8) is None
-        assert decode_block.stepper(model(torch.float32, head_dim=8), 1, 8) is None  # a block the C++ one is not
+        assert m.one_call_step(1, 8) is not None
+        assert m.one_call_step(2, 8) is None  # two rows
+        assert model(torch.float64).one_call_step(1, 8) is None
+        assert model(torch.float32, head_dim=8).one_call_step(1, 8) is None  # a block the C++ one is not
         m.lm_head.bias = torch.nn.Parameter(torch.zeros(101))  # a head with a bias
-        assert decode_block.stepper(m, 1, 8) is None
-    assert decode_block.stepper(model(torch.float32), 1, 8) is None  # a gradient
+        assert m.one_call_step(1, 8) is None
+        sub = type("Sub", (LlamaForCausalLM,), {})(m.config)  # a subclass may change the step
+        assert sub.one_call_step(1, 8) is None
+    assert model(torch.float32).one_call_step(1, 8) is None  # a gradient
 
 
 def test_the_step_op_names_what_does_not_fit():
     m = model(torch.float32)
-    fn = decode_block.stepper(m, 1, 8)
-    assert fn is None  # gradients on: built under inference mode below
+    assert m.one_call_step(1, 8) is None  # gradients on: built under inference mode below
     cache = m.new_kv_cache(1, 8)
     key_mask = torch.ones(1, 8, dtype=torch.bool)
     with torch.inference_mode():
-        fn = decode_block.stepper(m, 1, 8)
+        fn = m.one_call_step(1, 8)
         with pytest.raises(RuntimeError, match="token 101 outside the vocabulary of 101"):
             fn(torch.tensor([[101]]), torch.tensor([[0]]), torch.tensor([0]), key_mask, cache)
         with pytest.raises(RuntimeError, match="position 8 beyond the 8 RoPE rows given"):
