@@ -1,8 +1,8 @@
 // One Llama block for one token (batch 1) of an eager CPU decode step, in one call: what the Python block does in
 // ~45 PyTorch calls (decoders/llama.py Block.forward), with the same roundings, so eager decoding costs the kernels'
 // time rather than Python's. The products run on linear.cpp's row kernel, attention on decode_attention.cpp's.
-// `step` runs a whole step so: the token's embedding, every block, the final RMSNorm and the head (~300 PyTorch
-// calls at 6 layers, ~60 more in Python between the blocks).
+// `step` runs a whole step so: the token's embedding, every block, the final RMSNorm and the head, one call a token
+// instead of one a block and ~20 PyTorch calls around them (10M float32: 1.16 -> 0.73 ms a token).
 //
 //   h = rmsnorm(x) ln1;  q, k, v = h Wqkv^T;  q, k = rope(q), rope(k);  cache[slot] = k, v
 //   x = x + attend(q, cache) Wo^T;  h = rmsnorm(x) ln2;  g, u = h Wgu^T;  x = x + (silu(g) u) Wdown^T

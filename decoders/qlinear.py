@@ -5,7 +5,8 @@
     Int4Linear    4-bit codes [N, K/2] (the kernel's own packing)    torch._weight_int4pack_mm_for_cpu, bf16 activations
                   + scale and offset per group of g inputs [K/g, N, 2]
     W8A8Linear    int8 [N, K] + scale per output channel [N]         torch._int_mm on int8 activations quantized per
-                                                                     token (dynamic scale max|x| / 127), fp32 rescale
+                                                                     token (dynamic scale max|x| / 127), fp32 rescale;
+                                                                     1-4 rows: linear.cpp's int8 kernel (same sums)
     W4A8Linear    4-bit codes [N/16, K/8, 64] (decoders.w4a8.pack)   decoders/w4a8.cpp (AVX512-VNNI) on int8 activations
                   + scale and o - 8 s per group [K/g, N], fp16       quantized per block of 32 inputs (llama.cpp's Q8_0)
 
