@@ -4,8 +4,8 @@
 // One weight row after the other against all M rows of x, so each thread reads its weights once, in one forward
 // stream (for one row of x on Intel CPUs, four weight rows at a time: `four_rows`). Float32 accumulation with U
 // independent accumulators along K: float32 by FMA (AVX-512F), bf16 by vdpbf16ps (AVX512-BF16: each lane adds two
-// bf16 products; y rounded to bf16, nearest even). From memory: bf16 45-50 GB/s where ATen's bf16 product reads
-// 24-26; float32 one-row products ~4x faster than ATen's (MKL sgemm at M = 1) on small models.
+// bf16 products; y rounded to bf16, nearest even). From memory (AMD EPYC): bf16 45-50 GB/s where ATen's bf16
+// product reads 24-26; float32 one-row products ~4x faster than ATen's (MKL sgemm at M = 1) on small models.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
