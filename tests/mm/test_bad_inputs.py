@@ -58,6 +58,15 @@ def test_command_line_errors_exit_2_with_a_message(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_unknown_quantization_variant_is_named(capsys):
+    from mm.eval import bench_quant
+
+    with pytest.raises(SystemExit) as e:
+        bench_quant.main(["--variants", "bf16,w4a8"])
+    assert e.value.code == 2
+    assert "--variants: unknown w4a8; choose from bf16, int8" in capsys.readouterr().err
+
+
 def test_out_of_memory_is_a_message_not_a_traceback(monkeypatch, capsys):
     """MemoryError from a command (e.g. decoding a huge input) ends as one line and exit 2 (issue 24 item 6)."""
     import mm.apps.cli as cli
