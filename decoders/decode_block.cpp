@@ -15,8 +15,10 @@
 #include <limits>
 #include <vector>
 
-void rows_into(const float* x, const float* w, float* y, int64_t M, int64_t N, int64_t K);  // linear.cpp
-void rows_into(const at::BFloat16* x, const at::BFloat16* w, at::BFloat16* y, int64_t M, int64_t N, int64_t K);
+void rows_into(const float* x, const float* w, float* y, int64_t M, int64_t N, int64_t K,
+               const float* bias);  // linear.cpp
+void rows_into(const at::BFloat16* x, const at::BFloat16* w, at::BFloat16* y, int64_t M, int64_t N, int64_t K,
+               const float* bias);
 void attention_into(const float* q, const float* k, const float* v, const float* mask, float* y, int64_t Hkv,
                     int64_t G, int64_t S, int64_t D);  // decode_attention.cpp
 void attention_into(const at::BFloat16* q, const at::BFloat16* k, const at::BFloat16* v, const at::BFloat16* mask,
@@ -80,7 +82,7 @@ void block(T* x, const torch::Tensor* w, const T* cos, const T* sin, T* k_cache,
            const T* mask, const Shape& s, float eps, Scratch<T>& t) {
   const int64_t D = s.D, H = s.H, Hkv = s.Hkv, Dh = s.Dh, F = s.F, S = s.S;
   rms_norm(x, w[0].data_ptr<T>(), t.h.data(), D, eps);
-  rows_into(t.h.data(), w[1].data_ptr<T>(), t.qkv.data(), 1, (H + 2 * Hkv) * Dh, D);
+  rows_into(t.h.data(), w[1].data_ptr<T>(), t.qkv.data(), 1, (H + 2 * Hkv) * Dh, D, nullptr);
   const T* qkv = t.qkv.data();
   for (int64_t j = 0; j < H; ++j) rope(qkv + j * Dh, cos, sin, t.q.data() + j * Dh, Dh);  // head j reads kv j / G
   for (int64_t j = 0; j < Hkv; ++j) {
@@ -88,15 +90,15 @@ void block(T* x, const torch::Tensor* w, const T* cos, const T* sin, T* k_cache,
     std::copy_n(qkv + (H + Hkv + j) * Dh, Dh, v_cache + (j * S + slot) * Dh);
   }
   attention_into(t.q.data(), k_cache, v_cache, mask, t.y.data(), Hkv, H / Hkv, S, Dh);
-  rows_into(t.y.data(), w[2].data_ptr<T>(), t.o.data(), 1, D, H * Dh);
+  rows_into(t.y.data(), w[2].data_ptr<T>(), t.o.data(), 1, D, H * Dh, nullptr);
   for (int64_t d = 0; d < D; ++d) x[d] = rnd<T>(f(x[d]) + f(t.o[d]));
   rms_norm(x, w[3].data_ptr<T>(), t.h.data(), D, eps);
-  rows_into(t.h.data(), w[4].data_ptr<T>(), t.gu.data(), 1, 2 * F, D);  // gate, up
+  rows_into(t.h.data(), w[4].data_ptr<T>(), t.gu.data(), 1, 2 * F, D, nullptr);  // gate, up
   for (int64_t i = 0; i < F; ++i) {
     const float g = f(t.gu[i]);
     t.a[i] = rnd<T>(f(rnd<T>(g / (1.f + std::exp(-g)))) * f(t.gu[F + i]));  // silu(gate) * up
   }
-  rows_into(t.a.data(), w[5].data_ptr<T>(), t.o.data(), 1, D, F);
+  rows_into(t.a.data(), w[5].data_ptr<T>(), t.o.data(), 1, D, F, nullptr);
   for (int64_t d = 0; d < D; ++d) x[d] = rnd<T>(f(x[d]) + f(t.o[d]));
 }
 
@@ -135,7 +137,7 @@ torch::Tensor run_step(int64_t token, int64_t position, int64_t slot, const bool
              mask.data(), s, e, t);
   rms_norm(x.data(), norm.data_ptr<T>(), t.h.data(), s.D, e);
   auto logits = torch::empty({1, head.size(0)}, embed.options());
-  rows_into(t.h.data(), head.data_ptr<T>(), logits.data_ptr<T>(), 1, head.size(0), s.D);
+  rows_into(t.h.data(), head.data_ptr<T>(), logits.data_ptr<T>(), 1, head.size(0), s.D, nullptr);
   return logits;
 }
 
@@ -170,8 +172,8 @@ torch::Tensor decode_block(torch::Tensor x, std::vector<torch::Tensor> w, torch:
 // (as decode_block), one after the other; norm [D]; head [V', D]; cos, sin [P, Dh]: RoPE at positions 0..P-1;
 // k_caches, v_caches: each layer's [1, Hkv, S, Dh]. -> logits [1, V'] in the weights' dtype
 torch::Tensor decode_step(torch::Tensor token, torch::Tensor position, torch::Tensor slot, torch::Tensor key_mask,
-                          torch::Tensor embed, std::vector<torch::Tensor> layers, torch::Tensor norm, torch::Tensor head,
-                          torch::Tensor cos, torch::Tensor sin, std::vector<torch::Tensor> k_caches,
+                          torch::Tensor embed, std::vector<torch::Tensor> layers, torch::Tensor norm,
+                          torch::Tensor head, torch::Tensor cos, torch::Tensor sin, std::vector<torch::Tensor> k_caches,
                           std::vector<torch::Tensor> v_caches, int64_t n_kv_heads, double eps) {
   const auto dt = embed.scalar_type();
   TORCH_CHECK(dt == torch::kFloat || dt == torch::kBFloat16, "float32 or bfloat16, got ", dt);
@@ -180,12 +182,10 @@ torch::Tensor decode_step(torch::Tensor token, torch::Tensor position, torch::Te
               " k and v caches and ", 6 * L, " weights; got ", v_caches.size(), " and ", layers.size());
   check_cache(k_caches[0], v_caches[0], n_kv_heads, dt);
   const int64_t S = k_caches[0].size(2), Dh = k_caches[0].size(3), D = embed.size(1), V = embed.size(0);
-  for (size_t l = 1; l < L; ++l) {
+  const Shape s = check_block(layers.data(), D, n_kv_heads, Dh, S, dt);
+  for (size_t l = 1; l < L; ++l) {  // every other layer as the first
     check_cache(k_caches[l], v_caches[l], n_kv_heads, dt);
     TORCH_CHECK(k_caches[l].sizes() == k_caches[0].sizes(), "every layer's cache as the first's");
-  }
-  const Shape s = check_block(layers.data(), D, n_kv_heads, Dh, S, dt);
-  for (size_t l = 1; l < L; ++l) {
     const Shape sl = check_block(layers.data() + 6 * l, D, n_kv_heads, Dh, S, dt);
     TORCH_CHECK(sl.H == s.H && sl.F == s.F, "layer ", l, " is not shaped as layer 0");
   }

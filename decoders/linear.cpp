@@ -147,18 +147,19 @@ void rows_int8(const uint8_t* xu, const int8_t* w, int32_t* y, int64_t n0, int64
 
 }  // namespace
 
-// The same on raw pointers (decode_block.cpp's step): y [M, N] = x [M, K] w [N, K]^T, no bias, 1 <= M <= 4.
-void rows_into(const float* x, const float* w, float* y, int64_t M, int64_t N, int64_t K) {
-  for_rows(M, N, [&](auto m, auto r, int64_t n0, int64_t n1) {
-    rows_f32<m(), r()>(x, w, nullptr, y, n0, n1, N, K);
-  });
+// The same on raw pointers (decode_block.cpp's step, and rows_linear below): y [M, N] = x [M, K] w [N, K]^T + bias
+// (float32 [N] or null), 1 <= M <= 4.
+void rows_into(const float* x, const float* w, float* y, int64_t M, int64_t N, int64_t K,
+               const float* bias = nullptr) {
+  for_rows(M, N, [&](auto m, auto r, int64_t n0, int64_t n1) { rows_f32<m(), r()>(x, w, bias, y, n0, n1, N, K); });
 }
-void rows_into(const at::BFloat16* x, const at::BFloat16* w, at::BFloat16* y, int64_t M, int64_t N, int64_t K) {
+void rows_into(const at::BFloat16* x, const at::BFloat16* w, at::BFloat16* y, int64_t M, int64_t N, int64_t K,
+               const float* bias = nullptr) {
   const auto* xp = reinterpret_cast<const uint16_t*>(x);
   const auto* wp = reinterpret_cast<const uint16_t*>(w);
   auto* yp = reinterpret_cast<uint16_t*>(y);
   for_rows(M, N, [&](auto m, auto r, int64_t n0, int64_t n1) {
-    rows_bf16<m(), r()>(xp, wp, nullptr, yp, n0, n1, N, K);
+    rows_bf16<m(), r()>(xp, wp, bias, yp, n0, n1, N, K);
   });
 }
 
@@ -179,19 +180,10 @@ torch::Tensor rows_linear(torch::Tensor x, torch::Tensor w, c10::optional<torch:
   const float* bp = bias ? b.data_ptr<float>() : nullptr;
   auto y = torch::empty({M, N}, x.options());
   if (dt == torch::kFloat) {
-    const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>();
-    float* yp = y.data_ptr<float>();
-    for_rows(M, N, [&](auto m, auto r, int64_t n0, int64_t n1) {
-      rows_f32<m(), r()>(xp, wp, bp, yp, n0, n1, N, K);
-    });
+    rows_into(x.data_ptr<float>(), w.data_ptr<float>(), y.data_ptr<float>(), M, N, K, bp);
   } else {
     TORCH_CHECK(__builtin_cpu_supports("avx512bf16"), "bf16 rows need a CPU with AVX512-BF16");
-    const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
-    const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
-    auto* yp = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
-    for_rows(M, N, [&](auto m, auto r, int64_t n0, int64_t n1) {
-      rows_bf16<m(), r()>(xp, wp, bp, yp, n0, n1, N, K);
-    });
+    rows_into(x.data_ptr<at::BFloat16>(), w.data_ptr<at::BFloat16>(), y.data_ptr<at::BFloat16>(), M, N, K, bp);
   }
   return y;
 }
