@@ -2,8 +2,10 @@
 
 The held-out test of listening rather than of remembered sentence templates: random sequences of 3 to 8 words drawn
 from the system's English word list (Debian's `wamerican`, /usr/share/dict/words: real words no one here chose)
-mixed with the scenes' own words, spoken by the held-out espeak-ng voices (mm.data.speech_data). `non_speech` gives
-silence and noise clips, which should transcribe to nothing.
+mixed with the scenes' own words, spoken by the held-out espeak-ng voices (mm.data.speech_data). `common_words`
+narrows the list to the words of everyday English (those among the most frequent by `wordfreq`), which a small
+model can learn to spell from their sound; the whole list also asks it to spell words it never heard. `non_speech`
+gives silence and noise clips, which should transcribe to nothing.
 """
 from __future__ import annotations
 
@@ -39,6 +41,20 @@ def word_list(path: str | os.PathLike = WORDS_FILE, min_len: int = 2, max_len: i
     return tuple(words)
 
 
+@functools.lru_cache(maxsize=4)
+def common_words(top: int = 5000, path: str | os.PathLike = WORDS_FILE) -> tuple[str, ...]:
+    """The words of the word list (`word_list(path)`) that are among the `top` most frequent English words
+    (wordfreq's `top_n_list`), most frequent first: 4251 of the top 5000 with Debian's `wamerican`."""
+    from wordfreq import top_n_list
+
+    listed = set(word_list(path))
+    words = tuple(w for w in top_n_list("en", top) if w in listed)
+    if len(words) < 2000:
+        raise ValueError(f"{path}: only {len(words)} of its words are among the {top} most frequent English words; "
+                         f"the open-speech set asks for at least 2000 (raise `top`)")
+    return words
+
+
 def word_sequences(n: int, split: str = "heldout", seed: int = 0, words: tuple[str, ...] | None = None) -> list[str]:
     """`n` sequences of 3 to 8 words, each word from the word list or (SCENE_SHARE of them) the scene words."""
     words = words or word_list()
@@ -52,11 +68,12 @@ def word_sequences(n: int, split: str = "heldout", seed: int = 0, words: tuple[s
 
 
 def open_speech_examples(n: int, split: str = "heldout", seed: int = 0, cache_dir: str | os.PathLike | None = None,
-                         snr_db: float | tuple[float, float] | None = (10.0, 30.0), workers: int = 1
-                         ) -> list[SpeechExample]:
-    """`n` word sequences spoken by voices of `split` ('heldout': voices no training clip uses), with noise."""
+                         snr_db: float | tuple[float, float] | None = (10.0, 30.0), workers: int = 1,
+                         words: tuple[str, ...] | None = None) -> list[SpeechExample]:
+    """`n` word sequences (from `words`, by default the whole word list) spoken by voices of `split` ('heldout':
+    voices no training clip uses), with noise."""
     utts = [sample_utterance(text, item_rng(seed, split, "word-speech", i), split, snr_db)
-            for i, text in enumerate(word_sequences(n, split, seed))]
+            for i, text in enumerate(word_sequences(n, split, seed, words))]
     return [SpeechExample(w, u.text, u, []) for w, u in zip(speak_all(utts, cache_dir, workers), utts)]
 
 

@@ -13,6 +13,8 @@ sentence shows), spoken by voices no training clip uses (`mm.data.speech_data`).
     spoken       accuracy of the answer to a spoken question about an image
     open-speech  WER and CER on word sequences from a general English word list (`mm.data.words`), outside the
                  scene grammar, from the CTC head alone and from `model.transcribe` (joint decode)
+    common-speech  the same on sequences of everyday English words (`common_words`: the list's words among the
+                 5000 most frequent, 4251 words)
     silence      on clips of silence and noise: the share with an empty transcript and the words per clip
     cot          questions asked with `COT_INSTRUCTION` (Multimodal-CoT: rationale, then answer): accuracy with the
                  rationale beside the direct answer's on the same items, and how often the rationale names
@@ -36,11 +38,11 @@ from mm.models.fusion_speech import TRANSCRIBE_PROMPT
 from mm.data.scenes import (COT_INSTRUCTION, QUESTION_KINDS, SPLITS, item_rng, parse_objects, sample_question,
                             scene_examples, split_cot)
 from mm.data.speech_data import speech_examples, spoken_questions, transcript
-from mm.data.words import non_speech, open_speech_examples
+from mm.data.words import common_words, non_speech, open_speech_examples
 
 HELDOUT_SPLITS = tuple(s for s in SPLITS if s != "train")  # ('heldout', 'novel-pairs')
 EVAL_SEED = 1  # the recipe trains on seed 0; the held-out split is disjoint from training whatever the seed
-TASKS = ("caption", "question", "transcribe", "spoken", "open-speech", "silence", "cot")
+TASKS = ("caption", "question", "transcribe", "spoken", "open-speech", "common-speech", "silence", "cot")
 DEFAULT_TASKS = ("caption", "question", "transcribe", "spoken")
 
 
@@ -88,6 +90,8 @@ def evaluate(model, n: int = 300, batch_size: int = 32, cache_dir: str | Path | 
         results["spoken"] = {"accuracy": exact_match(preds, [q.answer for q in items])}
     if "open-speech" in tasks:
         results["open-speech"] = open_speech(model, n, seed, cache_dir)
+    if "common-speech" in tasks:
+        results["common-speech"] = open_speech(model, n, seed, cache_dir, common_words())
     if "silence" in tasks:
         clips = non_speech(n, seed)
         joint = [model.transcribe((c, 16000)) for c in tqdm(clips, desc="silence", file=sys.stderr, leave=False)]
@@ -100,9 +104,10 @@ def evaluate(model, n: int = 300, batch_size: int = 32, cache_dir: str | Path | 
     return results
 
 
-def open_speech(model, n: int, seed: int, cache_dir) -> dict:
-    """WER/CER of the CTC head alone and of the joint decode on word sequences outside the scene grammar."""
-    speech = open_speech_examples(n, "heldout", seed=seed, cache_dir=cache_dir, workers=4)
+def open_speech(model, n: int, seed: int, cache_dir, words: tuple[str, ...] | None = None) -> dict:
+    """WER/CER of the CTC head alone and of the joint decode on word sequences outside the scene grammar, from
+    `words` (by default the whole word list)."""
+    speech = open_speech_examples(n, "heldout", seed=seed, cache_dir=cache_dir, workers=4, words=words)
     refs = [transcript(e.text) for e in speech]
     joint = [model.transcribe((e.waveform, 16000)) for e in tqdm(speech, desc="open speech", unit="clip",
                                                                   file=sys.stderr, leave=False)]
@@ -146,10 +151,11 @@ def format_results(r: dict) -> str:
         lines.append(f"  transcribe   WER {t['wer']:.2f}%   CER {t['cer']:.2f}%   (decoder alone: WER {t['decoder_alone_wer']:.2f}%)")
     if "spoken" in r:
         lines.append(f"  spoken       accuracy {r['spoken']['accuracy']:.1f}%")
-    if "open-speech" in r:
-        o = r["open-speech"]
-        lines.append(f"  open speech  WER {o['wer']:.2f}%   CER {o['cer']:.2f}%   (CTC head alone: WER {o['ctc_wer']:.2f}%"
-                     f"   CER {o['ctc_cer']:.2f}%)")
+    for task, label in (("open-speech", "open speech "), ("common-speech", "common words")):
+        if task in r:
+            o = r[task]
+            lines.append(f"  {label} WER {o['wer']:.2f}%   CER {o['cer']:.2f}%   (CTC head alone: WER {o['ctc_wer']:.2f}%"
+                         f"   CER {o['ctc_cer']:.2f}%)")
     if "silence" in r:
         z = r["silence"]
         lines.append(f"  silence      empty {z['empty']:.1f}%   words per clip {z['words_per_clip']:.2f}   "

@@ -81,6 +81,7 @@ class TinyRecipe:
     save_every: int = 100
     # beyond the scene grammar (mm.train.tiny_data; all off in the shipped recipe)
     n_open: int = 0  # word sequences from a general English word list, spoken by training voices
+    open_words: int = 0  # 0: from the whole list; N: from its words among the N most frequent (mm.data.words)
     n_silence: int = 0  # clips of silence and noise, transcribed as nothing
     open_share: float = 0.0  # of the transcribe rows, word sequences
     silence_share: float = 0.0  # of the transcribe rows, clips without speech

@@ -24,7 +24,7 @@ from mm.data.scenes import (COLOURS, COLS, COT_INSTRUCTION, COUNT_WORDS, NUMBERS
                             describe, item_rng, questions, render, sample_question, sample_split_scene)
 from mm.data.react_episodes import episode
 from mm.data.speech_data import speech_examples, spoken_questions, transcript
-from mm.data.words import non_speech, open_speech_examples, word_list
+from mm.data.words import common_words, non_speech, open_speech_examples, word_list
 from mm.models.fusion import CAPTION_PROMPT
 from mm.models.fusion_speech import TRANSCRIBE_PROMPT
 from mm.train.grid_probe import grid_labels
@@ -39,7 +39,8 @@ def make_data(r: TinyRecipe, cache_dir: Path, log=print) -> dict:
     scenes = [sample_split_scene(item_rng(r.seed, "train", "text", i), "train") for i in range(r.n_text)]
     speech = speech_examples(r.n_speech, "train", seed=r.seed, cache_dir=cache_dir, workers=4)
     spoken = spoken_questions(r.n_spoken, "train", seed=r.seed, size=r.image_size, cache_dir=cache_dir, workers=4)
-    words = open_speech_examples(r.n_open, "train", seed=r.seed, cache_dir=cache_dir, workers=4) if r.n_open else []
+    words = open_speech_examples(r.n_open, "train", seed=r.seed, cache_dir=cache_dir, workers=4,
+                                 words=common_words(r.open_words) if r.open_words else None) if r.n_open else []
     log(f"data: {len(scenes)} scene texts, {len(speech)} spoken sentences, {len(spoken)} spoken questions, "
         f"{len(words)} spoken word sequences, {r.n_silence} clips without speech ({time.time() - t0:.0f} s)")
     qas = [qa for s in scenes for qa in questions(s)]

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from mm.data.scenes import COT_INSTRUCTION, split_cot
-from mm.data.words import SCENE_WORDS, word_list
+from mm.data.words import SCENE_WORDS, common_words, word_list
 from mm.models.fusion import FusionModel
 from mm.train.recipe_tiny import TinyRecipe, train_tiny
 from mm.train.tiny_model import SPEC_AUGMENT
@@ -45,6 +45,12 @@ def test_open_speech_and_silence_data(data):
         assert wave.abs().max() > 0.05
     assert all(text == "" for _, text in data["silence"])
     assert data["rationale"] and all(COT_INSTRUCTION in line and "answer:" in line for line in data["rationale"])
+
+
+def test_open_speech_from_common_words(tmp_path):
+    common = replace(OPEN, n_open=4, n_silence=0, open_words=3000)
+    texts = [text for _, text in make_data(common, tmp_path, log=lambda _: None)["open"]]
+    assert len(texts) == 4 and set(" ".join(texts).split()) <= set(common_words(3000)) | set(SCENE_WORDS)
 
 
 def test_rows_with_rationales_and_empty_transcripts(data):

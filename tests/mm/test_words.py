@@ -6,7 +6,8 @@ import torch
 
 from mm.data.scenes import SHAPES
 from mm.data.speech_data import voices
-from mm.data.words import SCENE_WORDS, WORDS_FILE, non_speech, open_speech_examples, word_list, word_sequences
+from mm.data.words import (SCENE_WORDS, WORDS_FILE, common_words, non_speech, open_speech_examples, word_list,
+                           word_sequences)
 
 
 def test_word_list_keeps_plain_lower_case_words(tmp_path):
@@ -28,6 +29,30 @@ def test_the_system_word_list_is_general_english():
     assert len(words) > 20000
     assert {"house", "water", "listen", "yellow", "quickly"} <= words
     assert not words & {"Paris", "cat's"}
+
+
+def test_common_words_are_the_frequent_words_of_the_list(tmp_path):
+    words = common_words(5000)
+    assert len(words) == len(set(words)) and 2000 <= len(words) <= 5000
+    assert set(words) <= set(word_list())
+    assert words[:3] == ("the", "to", "and")  # most frequent first
+    assert {"house", "water", "listen", "yellow", "quickly"} <= set(words)
+    assert not set(words) & {"aardvark", "zymurgy", "quixotic"}
+    assert set(common_words(3000)) < set(words)
+    plain = tmp_path / "words"
+    plain.write_text("\n".join(f"q{chr(97 + i % 26)}{chr(97 + i // 26 % 26)}{chr(97 + i // 676)}x" for i in range(2100)) + "\n")
+    with pytest.raises(ValueError, match="only 0 of its words are among the 5000 most frequent"):
+        common_words(5000, plain)
+
+
+def test_word_sequences_from_common_words():
+    common = common_words()
+    seqs = word_sequences(200, seed=3, words=common)
+    words = [w for s in seqs for w in s.split()]
+    assert set(words) <= set(common) | set(SCENE_WORDS)
+    assert len(set(words) - set(SCENE_WORDS)) > 300
+    ex = open_speech_examples(1, seed=0, snr_db=None, words=common)
+    assert [e.text for e in ex] == word_sequences(1, seed=0, words=common)
 
 
 def test_word_sequences_mix_list_and_scene_words_reproducibly():
