@@ -2,7 +2,8 @@
 // ~45 PyTorch calls (decoders/llama.py Block.forward), with the same roundings, so eager decoding costs the kernels'
 // time rather than Python's. The products run on linear.cpp's row kernel, attention on decode_attention.cpp's.
 // `step` runs a whole step so: the token's embedding, every block, the final RMSNorm and the head, one call a token
-// instead of one a block and ~20 PyTorch calls around them (10M float32: 1.16 -> 0.73 ms a token).
+// instead of one a block and ~20 PyTorch calls around them (10M float32: 1.16 -> 0.73 ms a token). The step's
+// linears may also be quantized as decoders/qlinear.py's W8A8Linear and W4A8Linear compute them (`Product`).
 //
 //   h = rmsnorm(x) ln1;  q, k, v = h Wqkv^T;  q, k = rope(q), rope(k);  cache[slot] = k, v
 //   x = x + attend(q, cache) Wo^T;  h = rmsnorm(x) ln2;  g, u = h Wgu^T;  x = x + (silu(g) u) Wdown^T
@@ -13,12 +14,16 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 void rows_into(const float* x, const float* w, float* y, int64_t M, int64_t N, int64_t K,
                const float* bias);  // linear.cpp
 void rows_into(const at::BFloat16* x, const at::BFloat16* w, at::BFloat16* y, int64_t M, int64_t N, int64_t K,
                const float* bias);
+void int8_rows_into(const uint8_t* xu, const int8_t* w, int32_t* y, int64_t M, int64_t N, int64_t K);  // linear.cpp
+void w4a8_into(const float* x, const uint8_t* w, const uint16_t* sc, float* y, int64_t M, int64_t N, int64_t K,
+               int64_t group);  // w4a8.cpp
 void attention_into(const float* q, const float* k, const float* v, const float* mask, float* y, int64_t Hkv,
                     int64_t G, int64_t S, int64_t D);  // decode_attention.cpp
 void attention_into(const at::BFloat16* q, const at::BFloat16* k, const at::BFloat16* v, const at::BFloat16* mask,
@@ -51,38 +56,124 @@ void rope(const T* x, const T* cos, const T* sin, T* out, int64_t Dh) {
   }
 }
 
+// One linear, y [N] = x [K] W^T, as its module computes it; the kind is read off the weight's dtype:
+//   Plain  a weight [N, K] in x's dtype, no scales (Linear)
+//   W8A8   int8 weight [N, K], float32 scales [N]; x quantized per token: a = max(max|x|, 1e-8) / 127,
+//          q = round(x / a) (nearest even); y = (float(q W^T) a) s  (W8A8Linear, exact int32 sums)
+//   W4A8   4-bit codes uint8 [N/16, K/8, 64] and float16 scales and corrections [N/16, K/group, 32]; x quantized
+//          per block of 32 inputs (w4a8.cpp)  (W4A8Linear)
+// The result rounded to x's dtype once, as the modules' `.to(x.dtype)`.
+enum class Kind { Plain, W8A8, W4A8 };
+struct Product {
+  Kind kind;
+  const void* w;
+  const void* s;
+  int64_t N, K, group;
+};
+
+Product product_of(const torch::Tensor& w, const torch::Tensor& s, at::ScalarType dt, const char* name) {
+  TORCH_CHECK(w.is_contiguous() && s.is_contiguous(), name, ": weight and scales contiguous");
+  if (w.scalar_type() == dt) {
+    TORCH_CHECK(w.dim() == 2 && s.numel() == 0, name, ": a weight [N, K] in x's dtype takes no scales; got ",
+                w.sizes(), ", scales ", s.sizes());
+    return {Kind::Plain, w.data_ptr(), nullptr, w.size(0), w.size(1), 0};
+  }
+  if (w.scalar_type() == torch::kChar) {
+    TORCH_CHECK(w.dim() == 2 && s.scalar_type() == torch::kFloat && s.numel() == w.size(0), name,
+                ": W8A8 takes int8 [N, K] and float32 scales [N]; got ", w.sizes(), ", scales ", s.scalar_type(), " ",
+                s.sizes());
+    return {Kind::W8A8, w.data_ptr(), s.data_ptr(), w.size(0), w.size(1), 0};
+  }
+  TORCH_CHECK(w.scalar_type() == torch::kByte && w.dim() == 3 && w.size(2) == 64 && s.scalar_type() == torch::kHalf &&
+              s.dim() == 3 && s.size(0) == w.size(0) && s.size(1) >= 1 && s.size(2) == 32 &&
+              w.size(1) * 8 % s.size(1) == 0 && w.size(1) * 8 / s.size(1) % 32 == 0, name,
+              ": a weight in x's dtype, W8A8 (int8) or W4A8 (uint8 [N/16, K/8, 64] with float16 scales [N/16, "
+              "K/group, 32], group a multiple of 32); got ", w.scalar_type(), " ", w.sizes(), ", scales ",
+              s.scalar_type(), " ", s.sizes());
+  const int64_t K = w.size(1) * 8;
+  return {Kind::W4A8, w.data_ptr(), s.data_ptr(), w.size(0) * 16, K, K / s.size(1)};
+}
+
+struct Layer {  // one block's weights: RMSNorm weights in x's dtype, products
+  const void* ln1;
+  Product qkv, o;
+  const void* ln2;
+  Product gate_up, down;
+};
+
 struct Shape {  // one block: model width, query / kv heads, head size, MLP width, cache slots
   int64_t D, H, Hkv, Dh, F, S;
 };
 
-// The block's weights (ln1, qkv, o, ln2, gate_up, down) fit D and Dh: the shape, with H and F read off them
-Shape check_block(const torch::Tensor* w, int64_t D, int64_t Hkv, int64_t Dh, int64_t S, at::ScalarType dt) {
-  TORCH_CHECK(w[1].dim() == 2 && w[1].size(0) % Dh == 0, "qkv weight: [(H + 2 Hkv) Dh, D], got ", w[1].sizes());
-  const int64_t H = w[1].size(0) / Dh - 2 * Hkv;
-  TORCH_CHECK(H > 0 && H % Hkv == 0, "qkv weight ", w[1].sizes(), " does not hold H + 2 x ", Hkv, " heads of ", Dh);
-  TORCH_CHECK(w[0].numel() == D && w[3].numel() == D && w[1].size(1) == D && w[2].dim() == 2 && w[2].size(0) == D &&
-              w[2].size(1) == H * Dh && w[4].dim() == 2 && w[4].size(1) == D && w[5].dim() == 2 &&
-              w[5].size(0) == D && w[4].size(0) == 2 * w[5].size(1), "block weights do not fit D = ", D);
-  for (int i = 0; i < 6; ++i)
-    TORCH_CHECK(w[i].scalar_type() == dt && w[i].is_contiguous(), "every weight contiguous in x's dtype");
-  return {D, H, Hkv, Dh, w[5].size(1), S};
+// The block's weights w (ln1, qkv, o, ln2, gate_up, down) with scales s (qkv, o, gate_up, down; empty for weights in
+// x's dtype) fit D and Dh: the layer, and its shape with H and F read off it
+Layer layer_of(const torch::Tensor* w, const torch::Tensor* s, int64_t D, int64_t Hkv, int64_t Dh, int64_t S,
+               at::ScalarType dt, Shape& shape) {
+  for (int i : {0, 3})
+    TORCH_CHECK(w[i].scalar_type() == dt && w[i].is_contiguous(), "RMSNorm weights contiguous in x's dtype");
+  const Layer l{w[0].data_ptr(), product_of(w[1], s[0], dt, "qkv"), product_of(w[2], s[1], dt, "o"),
+                w[3].data_ptr(), product_of(w[4], s[2], dt, "gate_up"), product_of(w[5], s[3], dt, "down")};
+  TORCH_CHECK(l.qkv.N % Dh == 0, "qkv weight: [(H + 2 Hkv) Dh, D], got ", l.qkv.N, " rows");
+  const int64_t H = l.qkv.N / Dh - 2 * Hkv;
+  TORCH_CHECK(H > 0 && H % Hkv == 0, "qkv weight of ", l.qkv.N, " rows does not hold H + 2 x ", Hkv, " heads of ", Dh);
+  TORCH_CHECK(w[0].numel() == D && w[3].numel() == D && l.qkv.K == D && l.o.N == D && l.o.K == H * Dh && l.gate_up.K == D && l.down.N == D &&
+              l.gate_up.N == 2 * l.down.K, "block weights do not fit D = ", D);
+  shape = {D, H, Hkv, Dh, l.down.K, S};
+  return l;
 }
 
 template <typename T>
-struct Scratch {  // a block's values between its products
+struct Scratch {  // a block's values between its products; the quantized products' own
   std::vector<T> h, qkv, q, y, o, gu, a;
+  std::vector<uint8_t> xu;  // W8A8: x's int8 codes + 128
+  std::vector<int32_t> acc;
+  std::vector<float> xf, yf;  // W4A8: x and y in float32
   explicit Scratch(const Shape& s)
       : h(s.D), qkv((s.H + 2 * s.Hkv) * s.Dh), q(s.H * s.Dh), y(s.H * s.Dh), o(s.D), gu(2 * s.F), a(s.F) {}
 };
 
-// x [D] <- the block on x. w: its 6 weights; cos, sin [Dh] at this token's position; caches [Hkv, S, Dh], written at
+template <typename T>
+void apply(const Product& p, const T* x, T* y, Scratch<T>& t) {
+  const int64_t N = p.N, K = p.K;
+  if (p.kind == Kind::Plain) {
+    rows_into(x, static_cast<const T*>(p.w), y, 1, N, K, nullptr);
+  } else if (p.kind == Kind::W8A8) {
+    float amax = 0.f;
+    for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::abs(f(x[k])));
+    const float a = std::max(amax, 1e-8f) / 127.f;
+    t.xu.resize(std::max<size_t>(t.xu.size(), K));
+    t.acc.resize(std::max<size_t>(t.acc.size(), N));
+    for (int64_t k = 0; k < K; ++k)
+      t.xu[k] = static_cast<uint8_t>(static_cast<int8_t>(std::nearbyint(f(x[k]) / a))) ^ 0x80;
+    int8_rows_into(t.xu.data(), static_cast<const int8_t*>(p.w), t.acc.data(), 1, N, K);
+    const float* s = static_cast<const float*>(p.s);
+    for (int64_t n = 0; n < N; ++n) y[n] = rnd<T>(static_cast<float>(t.acc[n]) * a * s[n]);
+  } else {
+    const float* xf = reinterpret_cast<const float*>(x);
+    if constexpr (!std::is_same_v<T, float>) {
+      t.xf.resize(std::max<size_t>(t.xf.size(), K));
+      for (int64_t k = 0; k < K; ++k) t.xf[k] = f(x[k]);
+      xf = t.xf.data();
+    }
+    float* yf = reinterpret_cast<float*>(y);
+    if constexpr (!std::is_same_v<T, float>) {
+      t.yf.resize(std::max<size_t>(t.yf.size(), N));
+      yf = t.yf.data();
+    }
+    w4a8_into(xf, static_cast<const uint8_t*>(p.w), static_cast<const uint16_t*>(p.s), yf, 1, N, K, p.group);
+    if constexpr (!std::is_same_v<T, float>)
+      for (int64_t n = 0; n < N; ++n) y[n] = rnd<T>(yf[n]);
+  }
+}
+
+// x [D] <- the block on x. l: its weights; cos, sin [Dh] at this token's position; caches [Hkv, S, Dh], written at
 // slot; mask [S] additive or null.
 template <typename T>
-void block(T* x, const torch::Tensor* w, const T* cos, const T* sin, T* k_cache, T* v_cache, int64_t slot,
+void block(T* x, const Layer& l, const T* cos, const T* sin, T* k_cache, T* v_cache, int64_t slot,
            const T* mask, const Shape& s, float eps, Scratch<T>& t) {
   const int64_t D = s.D, H = s.H, Hkv = s.Hkv, Dh = s.Dh, F = s.F, S = s.S;
-  rms_norm(x, w[0].data_ptr<T>(), t.h.data(), D, eps);
-  rows_into(t.h.data(), w[1].data_ptr<T>(), t.qkv.data(), 1, (H + 2 * Hkv) * Dh, D, nullptr);
+  rms_norm(x, static_cast<const T*>(l.ln1), t.h.data(), D, eps);
+  apply(l.qkv, t.h.data(), t.qkv.data(), t);
   const T* qkv = t.qkv.data();
   for (int64_t j = 0; j < H; ++j) rope(qkv + j * Dh, cos, sin, t.q.data() + j * Dh, Dh);  // head j reads kv j / G
   for (int64_t j = 0; j < Hkv; ++j) {
@@ -90,15 +181,15 @@ void block(T* x, const torch::Tensor* w, const T* cos, const T* sin, T* k_cache,
     std::copy_n(qkv + (H + Hkv + j) * Dh, Dh, v_cache + (j * S + slot) * Dh);
   }
   attention_into(t.q.data(), k_cache, v_cache, mask, t.y.data(), Hkv, H / Hkv, S, Dh);
-  rows_into(t.y.data(), w[2].data_ptr<T>(), t.o.data(), 1, D, H * Dh, nullptr);
+  apply(l.o, t.y.data(), t.o.data(), t);
   for (int64_t d = 0; d < D; ++d) x[d] = rnd<T>(f(x[d]) + f(t.o[d]));
-  rms_norm(x, w[3].data_ptr<T>(), t.h.data(), D, eps);
-  rows_into(t.h.data(), w[4].data_ptr<T>(), t.gu.data(), 1, 2 * F, D, nullptr);  // gate, up
+  rms_norm(x, static_cast<const T*>(l.ln2), t.h.data(), D, eps);
+  apply(l.gate_up, t.h.data(), t.gu.data(), t);  // gate, up
   for (int64_t i = 0; i < F; ++i) {
     const float g = f(t.gu[i]);
     t.a[i] = rnd<T>(f(rnd<T>(g / (1.f + std::exp(-g)))) * f(t.gu[F + i]));  // silu(gate) * up
   }
-  rows_into(t.a.data(), w[5].data_ptr<T>(), t.o.data(), 1, D, F, nullptr);
+  apply(l.down, t.a.data(), t.o.data(), t);
   for (int64_t d = 0; d < D; ++d) x[d] = rnd<T>(f(x[d]) + f(t.o[d]));
 }
 
@@ -110,20 +201,20 @@ void check_cache(const torch::Tensor& k, const torch::Tensor& v, int64_t Hkv, at
 }
 
 template <typename T>
-torch::Tensor run_block(torch::Tensor x, const std::vector<torch::Tensor>& w, torch::Tensor cos, torch::Tensor sin,
-                        torch::Tensor k_cache, torch::Tensor v_cache, int64_t slot, c10::optional<torch::Tensor> mask,
-                        const Shape& s, double eps) {
+torch::Tensor run_block(torch::Tensor x, const Layer& l, torch::Tensor cos, torch::Tensor sin, torch::Tensor k_cache,
+                        torch::Tensor v_cache, int64_t slot, c10::optional<torch::Tensor> mask, const Shape& s,
+                        double eps) {
   auto y = x.clone();
   Scratch<T> t(s);
-  block<T>(y.data_ptr<T>(), w.data(), cos.data_ptr<T>(), sin.data_ptr<T>(), k_cache.data_ptr<T>(),
-           v_cache.data_ptr<T>(), slot, mask ? mask->data_ptr<T>() : nullptr, s, static_cast<float>(eps), t);
+  block<T>(y.data_ptr<T>(), l, cos.data_ptr<T>(), sin.data_ptr<T>(), k_cache.data_ptr<T>(), v_cache.data_ptr<T>(),
+           slot, mask ? mask->data_ptr<T>() : nullptr, s, static_cast<float>(eps), t);
   return y;
 }
 
 template <typename T>
 torch::Tensor run_step(int64_t token, int64_t position, int64_t slot, const bool* key_mask, torch::Tensor embed,
-                       const std::vector<torch::Tensor>& layers, torch::Tensor norm, torch::Tensor head,
-                       torch::Tensor cos, torch::Tensor sin, const std::vector<torch::Tensor>& k_caches,
+                       const std::vector<Layer>& layers, torch::Tensor norm, const Product& head, torch::Tensor cos,
+                       torch::Tensor sin, const std::vector<torch::Tensor>& k_caches,
                        const std::vector<torch::Tensor>& v_caches, const Shape& s, double eps) {
   const float e = static_cast<float>(eps);
   std::vector<T> x(embed.data_ptr<T>() + token * s.D, embed.data_ptr<T>() + (token + 1) * s.D);
@@ -132,12 +223,12 @@ torch::Tensor run_step(int64_t token, int64_t position, int64_t slot, const bool
   const T* c = cos.data_ptr<T>() + position * s.Dh;
   const T* sn = sin.data_ptr<T>() + position * s.Dh;
   Scratch<T> t(s);
-  for (size_t l = 0; l < k_caches.size(); ++l)
-    block<T>(x.data(), layers.data() + 6 * l, c, sn, k_caches[l].data_ptr<T>(), v_caches[l].data_ptr<T>(), slot,
-             mask.data(), s, e, t);
+  for (size_t l = 0; l < layers.size(); ++l)
+    block<T>(x.data(), layers[l], c, sn, k_caches[l].data_ptr<T>(), v_caches[l].data_ptr<T>(), slot, mask.data(), s,
+             e, t);
   rms_norm(x.data(), norm.data_ptr<T>(), t.h.data(), s.D, e);
-  auto logits = torch::empty({1, head.size(0)}, embed.options());
-  rows_into(t.h.data(), head.data_ptr<T>(), logits.data_ptr<T>(), 1, head.size(0), s.D, nullptr);
+  auto logits = torch::empty({1, head.N}, embed.options());
+  apply(head, t.h.data(), logits.data_ptr<T>(), t);
   return logits;
 }
 
@@ -160,38 +251,47 @@ torch::Tensor decode_block(torch::Tensor x, std::vector<torch::Tensor> w, torch:
   if (mask)
     TORCH_CHECK(mask->numel() == S && mask->scalar_type() == dt && mask->is_contiguous(), "mask: [1, 1, 1, ", S,
                 "] in x's dtype");
-  const Shape s = check_block(w.data(), D, n_kv_heads, Dh, S, dt);
+  const std::vector<torch::Tensor> none(4, torch::empty({0}));
+  Shape s;
+  const Layer l = layer_of(w.data(), none.data(), D, n_kv_heads, Dh, S, dt, s);
   const int64_t at = slot.item<int64_t>();
   TORCH_CHECK(at >= 0 && at < S, "slot ", at, " outside the cache's ", S, " slots");
-  if (dt == torch::kFloat) return run_block<float>(x, w, cos, sin, k_cache, v_cache, at, mask, s, eps);
-  return run_block<at::BFloat16>(x, w, cos, sin, k_cache, v_cache, at, mask, s, eps);
+  if (dt == torch::kFloat) return run_block<float>(x, l, cos, sin, k_cache, v_cache, at, mask, s, eps);
+  return run_block<at::BFloat16>(x, l, cos, sin, k_cache, v_cache, at, mask, s, eps);
 }
 
 // A whole one-token step of a batch-1 Llama: token, position [1, 1] (int64), slot [1] (the cache slot written),
 // key_mask [1, S] bool (the slots attended to, this one included); embed [V, D]; layers: each block's 6 weights
-// (as decode_block), one after the other; norm [D]; head [V', D]; cos, sin [P, Dh]: RoPE at positions 0..P-1;
-// k_caches, v_caches: each layer's [1, Hkv, S, Dh]. -> logits [1, V'] in the weights' dtype
+// (as decode_block, or quantized: `Product`), one after the other; scales: each block's 4 linears' (qkv, o,
+// gate_up, down), then the head's, empty for a weight in the embedding's dtype; norm [D]; head [V', D] (or
+// quantized); cos, sin [P, Dh]: RoPE at positions 0..P-1; k_caches, v_caches: each layer's [1, Hkv, S, Dh].
+// -> logits [1, V'] in the embedding's dtype
 torch::Tensor decode_step(torch::Tensor token, torch::Tensor position, torch::Tensor slot, torch::Tensor key_mask,
-                          torch::Tensor embed, std::vector<torch::Tensor> layers, torch::Tensor norm,
-                          torch::Tensor head, torch::Tensor cos, torch::Tensor sin, std::vector<torch::Tensor> k_caches,
-                          std::vector<torch::Tensor> v_caches, int64_t n_kv_heads, double eps) {
+                          torch::Tensor embed, std::vector<torch::Tensor> layers, std::vector<torch::Tensor> scales,
+                          torch::Tensor norm, torch::Tensor head, torch::Tensor cos, torch::Tensor sin,
+                          std::vector<torch::Tensor> k_caches, std::vector<torch::Tensor> v_caches, int64_t n_kv_heads,
+                          double eps) {
   const auto dt = embed.scalar_type();
   TORCH_CHECK(dt == torch::kFloat || dt == torch::kBFloat16, "float32 or bfloat16, got ", dt);
   const size_t L = k_caches.size();
-  TORCH_CHECK(L >= 1 && v_caches.size() == L && layers.size() == 6 * L, L, " layers take ", L,
-              " k and v caches and ", 6 * L, " weights; got ", v_caches.size(), " and ", layers.size());
-  check_cache(k_caches[0], v_caches[0], n_kv_heads, dt);
+  TORCH_CHECK(L >= 1 && v_caches.size() == L && layers.size() == 6 * L && scales.size() == 4 * L + 1, L,
+              " layers take ", L, " k and v caches, ", 6 * L, " weights and ", 4 * L + 1, " scales; got ",
+              v_caches.size(), ", ", layers.size(), " and ", scales.size());
   const int64_t S = k_caches[0].size(2), Dh = k_caches[0].size(3), D = embed.size(1), V = embed.size(0);
-  const Shape s = check_block(layers.data(), D, n_kv_heads, Dh, S, dt);
-  for (size_t l = 1; l < L; ++l) {  // every other layer as the first
+  std::vector<Layer> ls;
+  Shape s;
+  for (size_t l = 0; l < L; ++l) {
     check_cache(k_caches[l], v_caches[l], n_kv_heads, dt);
     TORCH_CHECK(k_caches[l].sizes() == k_caches[0].sizes(), "every layer's cache as the first's");
-    const Shape sl = check_block(layers.data() + 6 * l, D, n_kv_heads, Dh, S, dt);
+    Shape sl;
+    ls.push_back(layer_of(layers.data() + 6 * l, scales.data() + 4 * l, D, n_kv_heads, Dh, S, dt, sl));
+    if (l == 0) s = sl;
     TORCH_CHECK(sl.H == s.H && sl.F == s.F, "layer ", l, " is not shaped as layer 0");
   }
   TORCH_CHECK(embed.dim() == 2 && embed.is_contiguous() && norm.numel() == D && norm.scalar_type() == dt &&
-              head.dim() == 2 && head.size(1) == D && head.scalar_type() == dt && head.is_contiguous(),
-              "embed [V, D], norm [D], head [V', D], contiguous in one dtype");
+              norm.is_contiguous(), "embed [V, D], norm [D], contiguous in one dtype");
+  const Product h = product_of(head, scales.back(), dt, "head");
+  TORCH_CHECK(h.K == D, "head: [V', ", D, "], got ", head.sizes());
   TORCH_CHECK(cos.dim() == 2 && cos.size(1) == Dh && cos.sizes() == sin.sizes() && cos.scalar_type() == dt &&
               sin.scalar_type() == dt && cos.is_contiguous() && sin.is_contiguous(), "cos, sin: [P, ", Dh, "]");
   TORCH_CHECK(key_mask.scalar_type() == torch::kBool && key_mask.numel() == S && key_mask.is_contiguous(),
@@ -202,15 +302,15 @@ torch::Tensor decode_step(torch::Tensor token, torch::Tensor position, torch::Te
   TORCH_CHECK(at >= 0 && at < S, "slot ", at, " outside the cache's ", S, " slots");
   const bool* km = key_mask.data_ptr<bool>();
   if (dt == torch::kFloat)
-    return run_step<float>(tok, pos, at, km, embed, layers, norm, head, cos, sin, k_caches, v_caches, s, eps);
-  return run_step<at::BFloat16>(tok, pos, at, km, embed, layers, norm, head, cos, sin, k_caches, v_caches, s, eps);
+    return run_step<float>(tok, pos, at, km, embed, ls, norm, h, cos, sin, k_caches, v_caches, s, eps);
+  return run_step<at::BFloat16>(tok, pos, at, km, embed, ls, norm, h, cos, sin, k_caches, v_caches, s, eps);
 }
 
 TORCH_LIBRARY(mm_decode, m) {
   m.def("block(Tensor x, Tensor[] weights, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, "
         "Tensor slot, Tensor? mask, int n_kv_heads, float eps) -> Tensor");
   m.def("step(Tensor token, Tensor position, Tensor slot, Tensor key_mask, Tensor embed, Tensor[] layers, "
-        "Tensor norm, Tensor head, Tensor cos, Tensor sin, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, "
+        "Tensor[] scales, Tensor norm, Tensor head, Tensor cos, Tensor sin, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, "
         "int n_kv_heads, float eps) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(mm_decode, CPU, m) {

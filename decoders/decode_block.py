@@ -3,9 +3,9 @@ by `cpu_kernels`): each block is one call instead of ~45 PyTorch calls, with the
 products on `linear.cpp`'s row kernel and its attention on `decode_attention.cpp`. Python's per-call cost was most
 of an eager step of a small model (10M float32: 1.2 ms a token, ~0.5 of it in the products; 0.68 ms with these
 blocks, against 0.43 for the compiled step; 125M bf16 5.8 -> 3.8 ms, as fast as compiled). `stepper` goes one
-further for `generate`: the whole step (embedding, blocks, final norm, head) in one call. The compiled step keeps
-the Python block (inductor fuses it); so does anything with more than one row or token, a gradient, quantized or
-adapted linears, biases."""
+further for `generate`: the whole step (embedding, blocks, final norm, head) in one call, its linears float or
+quantized as W8A8 / W4A8 (the modules' numbers). The compiled step keeps the Python block (inductor fuses it); so
+does anything with more than one row or token, a gradient, other quantized or adapted linears, biases."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable
@@ -14,6 +14,7 @@ import torch
 
 from . import cpu_kernels
 from .linear import Linear
+from .qlinear import W4A8Linear, W8A8Linear
 
 if TYPE_CHECKING:
     from .kv_cache import KVCache
@@ -51,30 +52,57 @@ def block(b, x: torch.Tensor, p, layer: int) -> torch.Tensor:
     return y.view(1, 1, -1)
 
 
+NO_SCALES = torch.empty(0)
+
+
+def product(linear) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(weight, scales) of a linear as `torch.ops.mm_decode.step` takes it, or None for one it does not compute: a
+    `Linear` (no scales), `W8A8Linear` (int8 weight, float32 scales) or `W4A8Linear` (packed codes, float16 scales and
+    corrections), none with a bias."""
+    if linear.bias is not None:
+        return None
+    if type(linear) is Linear:
+        return linear.weight, NO_SCALES
+    if type(linear) is W8A8Linear:
+        return linear.qweight, linear.scales
+    if type(linear) is W4A8Linear:
+        return linear.qweight, linear.sc
+    return None
+
+
 def stepper(model: LlamaForCausalLM, batch_size: int, cos: torch.Tensor, sin: torch.Tensor) -> Callable | None:
     """`model.decode_step` (a `LlamaForCausalLM` of `llama.Block`s) for a batch of one as one C++ call a token
     (embedding, every block, final norm, head: `torch.ops.mm_decode.step`), or None where that does not apply: a CPU
-    model of plain blocks (`plain`) in float32 or bf16 (bf16 on CPUs with AVX512-BF16), the kernels loaded, a batch of
-    one, no gradient. cos, sin [P, Dh]: RoPE at positions 0..P-1 in the model's dtype (`rope_cos_sin`'s values)."""
+    model in float32 or bf16 (bf16 on CPUs with AVX512-BF16) whose linears are bias-free `Linear`s or W8A8 / W4A8
+    (`product`), head size a multiple of 16, the kernels loaded, a batch of one, no gradient. cos, sin [P, Dh]: RoPE
+    at positions 0..P-1 in the model's dtype (`rope_cos_sin`'s values)."""
     dtype = model.dtype
     if not (batch_size == 1 and cpu_kernels.loaded and model.device.type == "cpu" and not torch.is_grad_enabled()
             and (dtype == torch.float32 or dtype == torch.bfloat16 and cpu_kernels.bf16)
-            and all(plain(b) and b.input_layernorm.eps == model.norm.eps for b in model.layers)
-            and (model.lm_head is None or type(model.lm_head) is Linear and model.lm_head.bias is None)):
+            and all(b.self_attn.head_dim % 16 == 0 and b.input_layernorm.eps == b.post_attention_layernorm.eps
+                    == model.norm.eps for b in model.layers)):
         return None
-    weights = [w for b in model.layers for w in (
-        b.input_layernorm.weight, b.self_attn.qkv_proj.weight, b.self_attn.o_proj.weight,
-        b.post_attention_layernorm.weight, b.mlp.gate_up_proj.weight, b.mlp.down_proj.weight)]
     embed = model.embed_tokens.weight
-    head = embed if model.lm_head is None else model.lm_head.weight
-    if any(w.dtype != dtype or not w.is_contiguous() for w in [*weights, embed, head, model.norm.weight]):
+    linears = [x for b in model.layers for x in (b.self_attn.qkv_proj, b.self_attn.o_proj, b.mlp.gate_up_proj,
+                                                 b.mlp.down_proj)]
+    products = [product(x) for x in linears] + [(embed, NO_SCALES) if model.lm_head is None else product(model.lm_head)]
+    if None in products:
         return None
+    norms = [w for b in model.layers for w in (b.input_layernorm.weight, b.post_attention_layernorm.weight)]
+    floats = [embed, model.norm.weight, *norms] + [w for w, _ in products if w.is_floating_point()]
+    if any(w.dtype != dtype or not w.is_contiguous() for w in floats):
+        return None
+    weights = [w for i in range(len(model.layers)) for w in (
+        norms[2 * i], products[4 * i][0], products[4 * i + 1][0], norms[2 * i + 1], products[4 * i + 2][0],
+        products[4 * i + 3][0])]
+    scales = [s for _, s in products]
+    head = products[-1][0]
     n_kv_heads, eps = model.config.num_key_value_heads, model.norm.eps
 
     def step(token: torch.Tensor, position: torch.Tensor, slot: torch.Tensor, key_mask: torch.Tensor,
              kv_cache: KVCache, cache_lens: torch.Tensor | None = None) -> torch.Tensor:
-        logits = torch.ops.mm_decode.step(token, position, slot, key_mask, embed, weights, model.norm.weight, head,
-                                          cos, sin, kv_cache.k, kv_cache.v, n_kv_heads, eps)
+        logits = torch.ops.mm_decode.step(token, position, slot, key_mask, embed, weights, scales, model.norm.weight,
+                                          head, cos, sin, kv_cache.k, kv_cache.v, n_kv_heads, eps)
         return logits.view(1, 1, -1)
 
     return step

@@ -188,6 +188,12 @@ torch::Tensor rows_linear(torch::Tensor x, torch::Tensor w, c10::optional<torch:
   return y;
 }
 
+// xu [M, K]: int8 x + 128 as unsigned bytes (its bits with the top one flipped); w [N, K] int8 -> y = x w^T [M, N]
+// int32, exact (decode_block.cpp's step, and int8_rows below), 1 <= M <= 4.
+void int8_rows_into(const uint8_t* xu, const int8_t* w, int32_t* y, int64_t M, int64_t N, int64_t K) {
+  for_rows(M, N, [&](auto m, auto r, int64_t n0, int64_t n1) { rows_int8<m(), r()>(xu, w, y, n0, n1, N, K); });
+}
+
 // x [M, K] (M <= 4), w [N, K], both int8 -> x w^T [M, N] int32, exactly torch._int_mm(x, w.t()) (W8A8's product)
 torch::Tensor int8_rows(torch::Tensor x, torch::Tensor w) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "x [M, K], w [N, K]; got ", x.sizes(), ", ",
@@ -201,10 +207,7 @@ torch::Tensor int8_rows(torch::Tensor x, torch::Tensor w) {
   std::vector<uint8_t> xu(M * K);  // x + 128 as unsigned bytes
   for (int64_t i = 0; i < M * K; ++i) xu[i] = static_cast<uint8_t>(xs[i]) ^ 0x80;
   auto y = torch::empty({M, N}, x.options().dtype(torch::kInt));
-  const uint8_t* xp = xu.data();
-  const int8_t* wp = w.data_ptr<int8_t>();
-  int32_t* yp = y.data_ptr<int32_t>();
-  for_rows(M, N, [&](auto m, auto r, int64_t n0, int64_t n1) { rows_int8<m(), r()>(xp, wp, yp, n0, n1, N, K); });
+  int8_rows_into(xu.data(), w.data_ptr<int8_t>(), y.data_ptr<int32_t>(), M, N, K);
   return y;
 }
 

@@ -289,7 +289,7 @@ class LlamaForCausalLM(CausalLM):
 
     def one_call_step(self, batch_size: int, max_tokens: int):
         """`decode_step` as one C++ call a token on a cache of `max_tokens` slots (`decode_block.stepper`), or None
-        where that does not apply (a subclass, another block, quantized or adapted linears, ...)."""
+        where that does not apply (a subclass, another block, adapted linears or other quantized ones, ...)."""
         if type(self) is not LlamaForCausalLM or not all(type(b) is Block for b in self.layers):
             return None
         cos, sin = rope_cos_sin(self.inv_freq, torch.arange(max_tokens)[None], self.dtype)  # [1, 1, P, Dh]

@@ -14,6 +14,7 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <cstring>
+#include <vector>
 
 namespace {
 
@@ -81,6 +82,26 @@ void tile(const uint8_t* w, const uint16_t* sc, const int8_t* q, const float* d,
 
 }  // namespace
 
+// The product on raw pointers (w4a8_linear below, decode_block.cpp's step): x [M, K] float32 (1 <= M <= 4), packed
+// and sc as w4a8_linear's -> y [M, N] float32.
+void w4a8_into(const float* x, const uint8_t* w, const uint16_t* sc, float* y, int64_t M, int64_t N, int64_t K,
+               int64_t group) {
+  std::vector<int8_t> q(M * K);
+  std::vector<float> d(M * K / QK), X(M * K / group);
+  quantize_rows(x, M, K, group, q.data(), d.data(), X.data());
+  const int8_t* qp = q.data();
+  const float* dp = d.data();
+  const float* Xp = X.data();
+  at::parallel_for(0, N / 16, 4, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) switch (M) {
+        case 1: tile<1>(w, sc, qp, dp, Xp, y, t, N, K, group); break;
+        case 2: tile<2>(w, sc, qp, dp, Xp, y, t, N, K, group); break;
+        case 3: tile<3>(w, sc, qp, dp, Xp, y, t, N, K, group); break;
+        default: tile<4>(w, sc, qp, dp, Xp, y, t, N, K, group); break;
+      }
+  });
+}
+
 inline void check_sc(const torch::Tensor& sc, int64_t N, int64_t K, int64_t group) {
   TORCH_CHECK(sc.scalar_type() == torch::kHalf && sc.dim() == 3 && sc.size(0) * 16 == N && sc.size(1) * group == K &&
               sc.size(2) == 32 && sc.is_contiguous(), "scales and corrections: contiguous float16 [", N / 16, ", ",
@@ -98,25 +119,9 @@ torch::Tensor w4a8_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor s
   TORCH_CHECK(packed.scalar_type() == torch::kUInt8 && packed.dim() == 3 && packed.size(1) * 8 == K &&
               packed.size(2) == 64 && packed.is_contiguous(), "packed: contiguous uint8 [N/16, K/8, 64]");
   check_sc(sc, N, K, group);
-  auto q = torch::empty({M, K}, x.options().dtype(torch::kInt8));
-  auto d = torch::empty({M, K / QK}, x.options());
-  auto X = torch::empty({M, K / group}, x.options());
-  quantize_rows(x.data_ptr<float>(), M, K, group, q.data_ptr<int8_t>(), d.data_ptr<float>(), X.data_ptr<float>());
   auto y = torch::empty({M, N}, x.options());
-  const uint8_t* w = packed.data_ptr<uint8_t>();
-  const auto* scp = reinterpret_cast<const uint16_t*>(sc.data_ptr<at::Half>());
-  const float* dp = d.data_ptr<float>();
-  const float* Xp = X.data_ptr<float>();
-  const int8_t* qp = q.data_ptr<int8_t>();
-  float* yp = y.data_ptr<float>();
-  at::parallel_for(0, N / 16, 4, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) switch (M) {
-        case 1: tile<1>(w, scp, qp, dp, Xp, yp, t, N, K, group); break;
-        case 2: tile<2>(w, scp, qp, dp, Xp, yp, t, N, K, group); break;
-        case 3: tile<3>(w, scp, qp, dp, Xp, yp, t, N, K, group); break;
-        default: tile<4>(w, scp, qp, dp, Xp, yp, t, N, K, group); break;
-      }
-  });
+  w4a8_into(x.data_ptr<float>(), packed.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(sc.data_ptr<at::Half>()),
+            y.data_ptr<float>(), M, N, K, group);
   return y;
 }
 

@@ -7,6 +7,8 @@ import torch
 
 from decoders import cpu_kernels, decode_block
 from decoders.llama import LlamaConfig, LlamaForCausalLM
+from decoders.qlinear import Int8Linear, W4A8Linear, W8A8Linear
+from decoders.quantize import quantize_model
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.build(), reason="the kernels need AVX512-VNNI and a C++ compiler")
 
@@ -107,6 +109,78 @@ def test_the_whole_cpp_step_equals_the_python_step(dtype, tied):
         assert c[:, :, 5].abs().sum() > 0 and (c[:, :, 6:] == 0).all()
 
 
+QUANTIZED = dict(intermediate_size=96, vocab_size=112)  # W4A8: rows a multiple of 16, inputs of 32
+
+
+def quantized(dtype, bits, skip=()):
+    """The test model with its linears (those not in `skip`) as W8A8 (bits 8) or W4A8 in groups of 32."""
+    return quantize_model(model(dtype, **QUANTIZED), bits=bits, group_size=None if bits == 8 else 32, activations=True,
+                          skip=skip)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bits, skip", [(8, ()), (4, ()), (8, ("lm_head", "o_proj")), (4, ("gate_up_proj",))])
+def test_the_whole_cpp_step_with_w8a8_and_w4a8_linears_equals_the_python_step(dtype, bits, skip):
+    if dtype == torch.bfloat16 and not cpu_kernels.bf16:
+        pytest.skip("bf16 rows need AVX512-BF16")
+    m = quantized(dtype, bits, skip)
+    kind = W8A8Linear if bits == 8 else W4A8Linear
+    assert type(m.layers[0].self_attn.qkv_proj) is kind and type(m.layers[1].mlp.down_proj) is kind
+    assert (type(m.lm_head) is kind) == ("lm_head" not in skip)
+    got, cache = whole_step(m)
+    want, want_cache = step(m, False)  # the modules' own forward (their int8 kernels and roundings)
+    scale = want.float().abs().max().item()
+    assert scale > 1
+    if dtype == torch.float32:  # the same int32 sums and scalings; float products and attention as before
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * scale)
+    else:
+        assert (got.float() - want.float()).abs().max() < 2e-2 * scale
+    for c, w in zip(cache.k + cache.v, want_cache.k + want_cache.v):
+        torch.testing.assert_close(c, w, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-5)
+        assert c[:, :, 5].abs().sum() > 0 and (c[:, :, 6:] == 0).all()
+
+
+def test_greedy_tokens_of_a_quantized_model_equal_with_and_without_the_whole_cpp_step():
+    m = quantized(torch.float32, 8)
+    ids = torch.tensor([[5, 6, 7]])
+    calls = []
+    real = decode_block.stepper
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(decode_block, "stepper", lambda *a: calls.append(real(*a)) or calls[-1])
+        whole = m.generate(ids, max_new_tokens=12, eos_token_id=None)
+        assert calls and None not in calls  # generate ran the whole step in C++
+        mp.setattr(decode_block, "stepper", lambda *a: None)
+        python = m.generate(ids, max_new_tokens=12, eos_token_id=None)
+    assert torch.equal(whole, python)
+
+
+def test_no_whole_cpp_step_for_other_quantized_linears():
+    m = quantize_model(model(torch.float32, **QUANTIZED), bits=8, group_size=None)  # weight-only int8
+    assert type(m.layers[0].mlp.down_proj) is Int8Linear
+    with torch.inference_mode():
+        assert m.one_call_step(1, 8) is None
+        m = quantized(torch.float32, 8)
+        assert m.one_call_step(1, 8) is not None
+        m.layers[1].self_attn.o_proj.bias = torch.nn.Parameter(torch.zeros(64))  # W8A8 with a bias
+        assert m.one_call_step(1, 8) is None
+
+
+def test_the_step_op_names_a_quantized_weight_that_does_not_fit():
+    m = quantized(torch.float32, 8)
+    cache = m.new_kv_cache(1, 8)
+    with torch.inference_mode():
+        fn = m.one_call_step(1, 8)
+        args = (torch.tensor([[1]]), torch.tensor([[0]]), torch.tensor([0]), torch.ones(1, 8, dtype=torch.bool), cache)
+        fn(*args)
+        m.layers[0].self_attn.o_proj.scales = torch.ones(63)
+        with pytest.raises(RuntimeError, match=r"o: W8A8 takes int8 \[N, K\] and float32 scales \[N\]"):
+            m.one_call_step(1, 8)(*args)
+        m = quantized(torch.float32, 4)
+        m.layers[0].mlp.down_proj.sc = m.layers[0].mlp.down_proj.sc[:, :, :16].contiguous()
+        with pytest.raises(RuntimeError, match="down: a weight in x's dtype, W8A8 .int8. or W4A8"):
+            m.one_call_step(1, 8)(*args)
+
+
 def test_greedy_tokens_equal_with_and_without_the_cpp_blocks():
     m = model(torch.float32)
     ids = torch.tensor([[5, 6, 7]])
@@ -189,6 +263,6 @@ def test_the_op_names_what_does_not_fit():
             torch.ops.mm_decode.block(torch.zeros(1, 64), w, *args, torch.tensor([8]), None, 2, 1e-6)
         with pytest.raises(RuntimeError, match="block weights do not fit D = 32"):
             torch.ops.mm_decode.block(torch.zeros(1, 32), [w[0][:32]] + w[1:], *args, torch.tensor([0]), None, 2, 1e-6)
-        with pytest.raises(RuntimeError, match="every weight contiguous in x's dtype"):
+        with pytest.raises(RuntimeError, match="RMSNorm weights contiguous in x's dtype"):
             torch.ops.mm_decode.block(torch.zeros(1, 64), [t.double() for t in w], *args, torch.tensor([0]), None, 2,
                                       1e-6)

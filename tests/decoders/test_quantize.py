@@ -158,7 +158,11 @@ def test_rtn_w8a8_model():
 
 def test_w8a8_decode_steps_keep_onednn(monkeypatch):
     """A bf16 batch-1 step switches oneDNN off for ATen's one-row bf16 product, except where a W8A8 linear runs:
-    its torch._int_mm is oneDNN's (without it ATen's reference loop is ~250x slower). Recorded in each call."""
+    its torch._int_mm is oneDNN's (without it ATen's reference loop is ~250x slower). Recorded in each call of the
+    Python step (the whole step in C++, `decode_block.stepper`, runs no module)."""
+    from decoders import decode_block
+
+    monkeypatch.setattr(decode_block, "stepper", lambda *a: None)
     seen = []
     for cls in (Int8Linear, W8A8Linear):
         forward = cls.forward
