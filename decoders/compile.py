@@ -14,9 +14,13 @@ from .qlinear import W8A8Linear
 # Inductor settings for the compiled CPU decode step: weights frozen into the graph, GEMMs picked by measurement
 # between inductor's C++ template and ATen, bf16/fp16 rounded where eager rounds (so greedy tokens stay those of the
 # eager model), and a C++ wrapper calling the kernels (a Python one costs ~1 ms a token). The CPU's base vector
-# ISA is taken from its flags (inductor otherwise compiles and runs a probe program for it in every process).
+# ISA is taken from its flags (inductor otherwise compiles and runs a probe program for it in every process). No FX
+# graph cache: its key leaves out the values of frozen weights, so a second model of the same shapes (in this process
+# or a later one) could load the first one's step and run its weights (torch 2.11; seen once a process had compiled
+# any other step).
 CPU_DECODE_INDUCTOR = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
-                       "emulate_precision_casts": True, "cpp_wrapper": True, "cpp.vec_isa_ok": True}
+                       "emulate_precision_casts": True, "cpp_wrapper": True, "cpp.vec_isa_ok": True,
+                       "fx_graph_cache": False}
 
 
 log = logging.getLogger(__name__)
@@ -99,8 +103,7 @@ def prepack_weights(model, batch: int) -> bool:
     """Whether the compiled CPU step lets oneDNN/MKL prepack (re-lay out once) its weights. Measured on the 2-core
     EPYC, decode tokens/s at batch 1, plain vs prepacked: 10M float32 430 -> 980, 125M float32 38 -> 53, 10M bfloat16
     1250 -> 2380 (its 12 MB of weights stay in the last-level cache), but 125M bfloat16 160 -> 86 (ATen's own bf16
-    GEMV streams weights from memory faster). Several rows: oneDNN's blocked kernels win. The price: packed tensors
-    cannot be pickled, so inductor's FX graph cache does not keep these steps across processes. Not with W8A8
+    GEMV streams weights from memory faster). Several rows: oneDNN's blocked kernels win. Not with W8A8
     linears at batch 1: prepacking turns their int8 products into oneDNN's quantized linear, slower for one row
     (10M W8A8: 570 tokens/s against 3000 with `torch._int_mm` on plain weights)."""
     if batch == 1 and any(isinstance(m, W8A8Linear) for m in model.modules()):

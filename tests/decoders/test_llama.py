@@ -410,14 +410,18 @@ def test_compiled_decode_step_gives_the_eager_tokens(tiny_dir):
 
 def test_two_models_of_one_shape_compile_their_own_weights(tiny_dir, caplog):
     """Each model's compiled step holds its own frozen weights, also at batch 1 where the step may come from
-    inductor's cache (dynamo skips guards on the modules, so a shared step would run the first model's weights).
-    Each compile says what it compiles and how long it took; a second call of the same shape compiles nothing."""
+    inductor's cache (dynamo skips guards on the modules, so a shared step would run the first model's weights; and
+    inductor's FX graph cache, whose key leaves out frozen weights, served the first model's step to the second once
+    the process had compiled another step: the bf16 one here). Each compile says what it compiles and how long it
+    took; a second call of the same shape compiles nothing."""
+    ids = left_padded_batch(seed=5, pads=(0,))[0][:1]
+    LlamaForCausalLM.from_pretrained(tiny_dir, dtype=torch.bfloat16).generate(ids, max_new_tokens=2, compile=True)
+    caplog.clear()
     first = LlamaForCausalLM.from_pretrained(tiny_dir)
     second = LlamaForCausalLM.from_pretrained(tiny_dir)
     with torch.no_grad():
         for p in second.parameters():
             p.mul_(-1.5)
-    ids = left_padded_batch(seed=5, pads=(0,))[0][:1]
     eager = [m.generate(ids, max_new_tokens=8, eos_token_id=None) for m in (first, second)]
     assert not torch.equal(*eager)
     with caplog.at_level(logging.WARNING, logger="decoders.compile"):
