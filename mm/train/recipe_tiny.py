@@ -46,7 +46,8 @@ from tqdm import tqdm
 from mm.models.fusion import FusionModel
 from mm.train.grid_probe import GridHead, vit_grid_loss
 from mm.train.loop import adamw, plot_losses, save_atomic, schedule, weights_digest
-from mm.train.tiny_data import TASK_CYCLE, TASKS, ctc_targets, make_data, sample_batch, scene_rows, transcribe_pool
+from mm.train.tiny_data import (TASK_CYCLE, TASKS, ctc_targets, make_data, padded, sample_batch, scene_rows,
+                                transcribe_pool)
 from mm.train.tiny_model import new_model, tokenizer_for, trainable
 
 
@@ -85,6 +86,7 @@ class TinyRecipe:
     n_silence: int = 0  # clips of silence and noise, transcribed as nothing
     open_share: float = 0.0  # of the transcribe rows, word sequences
     silence_share: float = 0.0  # of the transcribe rows, clips without speech
+    pad_silence: float = 0.0  # seconds: quiet before and after each training clip, up to this (tiny_data.padded)
     specaug: bool = False  # SpecAugment masks on the speech encoder's features while training (tiny_model.SPEC_AUGMENT)
     cot_share: float = 0.0  # of the question turns, asked for the rationale first (COT_INSTRUCTION)
     agent_share: float = 0.0  # of the joint steps, ReAct tool-use episodes (mm.data.react_episodes), text only
@@ -160,7 +162,7 @@ def encoder_loss(r: TinyRecipe, model: FusionModel, grid_head: GridHead, tokeniz
         row["grid_loss"] = loss.item()
     if step < r.speech_steps:
         clips = [rng.choice(transcribe_pool(r, data, rng)) for _ in range(r.batch[2])]
-        waves = [w for w, _ in clips]
+        waves = [padded(r, w, rng) for w, _ in clips]
         lengths = torch.tensor([w.shape[0] for w in waves])
         enc, enc_lengths = model.speech_encoder.encode(
             torch.nn.utils.rnn.pad_sequence(waves, batch_first=True).to(device), lengths.to(device))

@@ -6,6 +6,7 @@ Besides the four tasks of the shipped recipe (module docstring of mm.train.recip
     open speech   word sequences from a general English word list (mm.data.words), training voices, in the
                   transcribe task (`open_share` of its rows): listening, not the scene grammar
     silence       clips of silence and noise whose transcript is empty (`silence_share` of the transcribe rows)
+    padding       up to `pad_silence` seconds of quiet before and after each training clip (`padded`)
     rationales    questions asked with COT_INSTRUCTION answered "i see <the objects it is about>. answer: <a>"
                   (`cot_share` of the question turns): Multimodal-CoT's rationale, then the answer
     agent         ReAct episodes in text (mm.data.react_episodes: call a tool, read its observation, answer), built
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from encoders.audio import SAMPLE_RATE
 from mm.data.scenes import (COLOURS, COLS, COT_INSTRUCTION, COUNT_WORDS, NUMBERS, ROWS, SHAPES, SIZES, cot_target,
                             describe, item_rng, questions, render, sample_question, sample_split_scene)
 from mm.data.react_episodes import episode
@@ -108,7 +110,7 @@ def sample_batch(r: TinyRecipe, data: dict, task: str, size: int, rng: random.Ra
         for _ in range(size):
             wave, t = rng.choice(transcribe_pool(r, data, rng))
             convs.append(user(f"<audio>\n{TRANSCRIBE_PROMPT}", t))
-            audios.append(wave)
+            audios.append(padded(r, wave, rng))
             texts.append(t)
     else:
         for _ in range(size):
@@ -116,9 +118,22 @@ def sample_batch(r: TinyRecipe, data: dict, task: str, size: int, rng: random.Ra
             convs.append(user("<image><audio>", a))
             images.append(im)
             grids.append(grid)
-            audios.append(wave)
+            audios.append(padded(r, wave, rng))
             texts.append(t)
     return convs, images, grids, audios, texts
+
+
+def padded(r: TinyRecipe, wave: torch.Tensor, rng: random.Random) -> torch.Tensor:
+    """wave [S] with up to `r.pad_silence` seconds of quiet before and after it (each length uniform; digital silence
+    or faint noise, half and half), as a recording's speech runs start and end; unchanged (no draw) when 0."""
+    if not r.pad_silence:
+        return wave
+    parts = []
+    for _ in range(2):
+        n = int(rng.uniform(0, r.pad_silence) * SAMPLE_RATE)
+        level = 0.0 if rng.random() < 0.5 else 10 ** rng.uniform(-4, -2.5)
+        parts.append(torch.randn(n, generator=torch.Generator().manual_seed(rng.getrandbits(32))) * level)
+    return torch.cat([parts[0], wave, parts[1]])
 
 
 def transcribe_pool(r: TinyRecipe, data: dict, rng: random.Random) -> list:

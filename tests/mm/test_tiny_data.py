@@ -15,9 +15,10 @@ from mm.data.words import SCENE_WORDS, common_words, word_list
 from mm.models.fusion import FusionModel
 from mm.train.recipe_tiny import TinyRecipe, train_tiny
 from mm.train.tiny_model import SPEC_AUGMENT
-from mm.train.tiny_data import ctc_targets, make_data, sample_batch, transcribe_pool
+from mm.train.tiny_data import ctc_targets, make_data, padded, sample_batch, transcribe_pool
 
-OPEN = replace(TinyRecipe.smoke(), n_open=3, n_silence=3, open_share=0.4, silence_share=0.3, cot_share=0.5)
+OPEN = replace(TinyRecipe.smoke(), n_open=3, n_silence=3, open_share=0.4, silence_share=0.3, cot_share=0.5,
+               pad_silence=0.3)
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +46,24 @@ def test_open_speech_and_silence_data(data):
         assert wave.abs().max() > 0.05
     assert all(text == "" for _, text in data["silence"])
     assert data["rationale"] and all(COT_INSTRUCTION in line and "answer:" in line for line in data["rationale"])
+
+
+def test_clips_padded_with_quiet_before_and_after():
+    wave = torch.rand(8000) * 0.5 + 0.25  # loud, never near zero
+    rng = random.Random(3)
+    assert padded(TinyRecipe(), wave, rng) is wave and rng.random() == random.Random(3).random()  # off: no draw
+    r = replace(TinyRecipe(), pad_silence=0.5)
+    leads, faint = [], 0
+    for seed in range(40):
+        out = padded(r, wave, random.Random(seed))
+        assert torch.equal(out, padded(r, wave, random.Random(seed)))
+        start = int((out > 0.2).nonzero()[0])
+        assert torch.equal(out[start:start + 8000], wave) and len(out) - 8000 <= 16000
+        quiet = torch.cat([out[:start], out[start + 8000:]])
+        assert quiet.abs().max() < 0.02
+        leads.append(start)
+        faint += bool(quiet.abs().max() > 0)
+    assert min(leads) < 2000 and max(leads) > 6000 and 5 < faint < 40  # lengths spread over 0-0.5 s; some noise
 
 
 def test_open_speech_from_common_words(tmp_path):
