@@ -116,8 +116,8 @@ Layer layer_of(const torch::Tensor* w, const torch::Tensor* s, int64_t D, int64_
   TORCH_CHECK(l.qkv.N % Dh == 0, "qkv weight: [(H + 2 Hkv) Dh, D], got ", l.qkv.N, " rows");
   const int64_t H = l.qkv.N / Dh - 2 * Hkv;
   TORCH_CHECK(H > 0 && H % Hkv == 0, "qkv weight of ", l.qkv.N, " rows does not hold H + 2 x ", Hkv, " heads of ", Dh);
-  TORCH_CHECK(w[0].numel() == D && w[3].numel() == D && l.qkv.K == D && l.o.N == D && l.o.K == H * Dh && l.gate_up.K == D && l.down.N == D &&
-              l.gate_up.N == 2 * l.down.K, "block weights do not fit D = ", D);
+  TORCH_CHECK(w[0].numel() == D && w[3].numel() == D && l.qkv.K == D && l.o.N == D && l.o.K == H * Dh &&
+              l.gate_up.K == D && l.down.N == D && l.gate_up.N == 2 * l.down.K, "block weights do not fit D = ", D);
   shape = {D, H, Hkv, Dh, l.down.K, S};
   return l;
 }
@@ -310,8 +310,8 @@ TORCH_LIBRARY(mm_decode, m) {
   m.def("block(Tensor x, Tensor[] weights, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, "
         "Tensor slot, Tensor? mask, int n_kv_heads, float eps) -> Tensor");
   m.def("step(Tensor token, Tensor position, Tensor slot, Tensor key_mask, Tensor embed, Tensor[] layers, "
-        "Tensor[] scales, Tensor norm, Tensor head, Tensor cos, Tensor sin, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, "
-        "int n_kv_heads, float eps) -> Tensor");
+        "Tensor[] scales, Tensor norm, Tensor head, Tensor cos, Tensor sin, Tensor(a!)[] k_caches, "
+        "Tensor(b!)[] v_caches, int n_kv_heads, float eps) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(mm_decode, CPU, m) {
   m.impl("block", &decode_block);

@@ -120,8 +120,8 @@ torch::Tensor w4a8_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor s
               packed.size(2) == 64 && packed.is_contiguous(), "packed: contiguous uint8 [N/16, K/8, 64]");
   check_sc(sc, N, K, group);
   auto y = torch::empty({M, N}, x.options());
-  w4a8_into(x.data_ptr<float>(), packed.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(sc.data_ptr<at::Half>()),
-            y.data_ptr<float>(), M, N, K, group);
+  w4a8_into(x.data_ptr<float>(), packed.data_ptr<uint8_t>(),
+            reinterpret_cast<const uint16_t*>(sc.data_ptr<at::Half>()), y.data_ptr<float>(), M, N, K, group);
   return y;
 }
 

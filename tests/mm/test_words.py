@@ -40,7 +40,8 @@ def test_common_words_are_the_frequent_words_of_the_list(tmp_path):
     assert not set(words) & {"aardvark", "zymurgy", "quixotic"}
     assert set(common_words(3000)) < set(words)
     plain = tmp_path / "words"
-    plain.write_text("\n".join(f"q{chr(97 + i % 26)}{chr(97 + i // 26 % 26)}{chr(97 + i // 676)}x" for i in range(2100)) + "\n")
+    fake = [f"q{chr(97 + i % 26)}{chr(97 + i // 26 % 26)}{chr(97 + i // 676)}x" for i in range(2100)]  # no real words
+    plain.write_text("\n".join(fake) + "\n")
     with pytest.raises(ValueError, match="only 0 of its words are among the 5000 most frequent"):
         common_words(5000, plain)
 
