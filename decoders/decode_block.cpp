@@ -141,28 +141,22 @@ void apply(const Product& p, const T* x, T* y, Scratch<T>& t) {
     float amax = 0.f;
     for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::abs(f(x[k])));
     const float a = std::max(amax, 1e-8f) / 127.f;
-    t.xu.resize(std::max<size_t>(t.xu.size(), K));
-    t.acc.resize(std::max<size_t>(t.acc.size(), N));
+    t.xu.resize(K);  // a vector keeps its capacity when it shrinks: allocated once, for the largest product
+    t.acc.resize(N);
     for (int64_t k = 0; k < K; ++k)
       t.xu[k] = static_cast<uint8_t>(static_cast<int8_t>(std::nearbyint(f(x[k]) / a))) ^ 0x80;
     int8_rows_into(t.xu.data(), static_cast<const int8_t*>(p.w), t.acc.data(), 1, N, K);
     const float* s = static_cast<const float*>(p.s);
     for (int64_t n = 0; n < N; ++n) y[n] = rnd<T>(static_cast<float>(t.acc[n]) * a * s[n]);
+  } else if constexpr (std::is_same_v<T, float>) {  // W4A8 takes and gives float32
+    w4a8_into(x, static_cast<const uint8_t*>(p.w), static_cast<const uint16_t*>(p.s), y, 1, N, K, p.group);
   } else {
-    const float* xf = reinterpret_cast<const float*>(x);
-    if constexpr (!std::is_same_v<T, float>) {
-      t.xf.resize(std::max<size_t>(t.xf.size(), K));
-      for (int64_t k = 0; k < K; ++k) t.xf[k] = f(x[k]);
-      xf = t.xf.data();
-    }
-    float* yf = reinterpret_cast<float*>(y);
-    if constexpr (!std::is_same_v<T, float>) {
-      t.yf.resize(std::max<size_t>(t.yf.size(), N));
-      yf = t.yf.data();
-    }
-    w4a8_into(xf, static_cast<const uint8_t*>(p.w), static_cast<const uint16_t*>(p.s), yf, 1, N, K, p.group);
-    if constexpr (!std::is_same_v<T, float>)
-      for (int64_t n = 0; n < N; ++n) y[n] = rnd<T>(yf[n]);
+    t.xf.resize(K);
+    t.yf.resize(N);
+    for (int64_t k = 0; k < K; ++k) t.xf[k] = f(x[k]);
+    w4a8_into(t.xf.data(), static_cast<const uint8_t*>(p.w), static_cast<const uint16_t*>(p.s), t.yf.data(), 1, N, K,
+              p.group);
+    for (int64_t n = 0; n < N; ++n) y[n] = rnd<T>(t.yf[n]);
   }
 }
 

@@ -32,22 +32,30 @@ def takes(h: torch.Tensor, p) -> bool:
             and p.kv_cache.k[0].shape[0] == 1 and p.mask is not None and p.mask.shape[:3] == (1, 1, 1))
 
 
-def plain(block) -> bool:
-    """Whether `block` (`llama.Block`) is the plain Llama block the C++ one computes: `Linear`s without bias (not
-    quantized or adapted), one RMSNorm epsilon, a head size that is a multiple of 16 (the attention kernel's)."""
+def linears(block) -> tuple:
+    """The four products of `block` (`llama.Block`), in the C++ block's order: qkv, o, gate_up, down."""
     a, m = block.self_attn, block.mlp
-    linears = (a.qkv_proj, a.o_proj, m.gate_up_proj, m.down_proj)
-    return (all(type(x) is Linear and x.bias is None for x in linears) and a.head_dim % 16 == 0
-            and block.input_layernorm.eps == block.post_attention_layernorm.eps)
+    return a.qkv_proj, a.o_proj, m.gate_up_proj, m.down_proj
+
+
+def shaped(block) -> bool:
+    """Whether `block` has the C++ block's shape: one RMSNorm epsilon, a head size that is a multiple of 16 (the
+    attention kernel's)."""
+    return block.self_attn.head_dim % 16 == 0 and block.input_layernorm.eps == block.post_attention_layernorm.eps
+
+
+def plain(block) -> bool:
+    """Whether `block` is the plain Llama block the C++ one computes: `shaped`, its `Linear`s without bias (not
+    quantized or adapted)."""
+    return shaped(block) and all(type(x) is Linear and x.bias is None for x in linears(block))
 
 
 def block(b, x: torch.Tensor, p, layer: int) -> torch.Tensor:
     """`b(x, p, layer)` for x [1, 1, D], in one C++ call (see `takes` and `plain`)."""
-    a, m = b.self_attn, b.mlp
-    weights = [b.input_layernorm.weight, a.qkv_proj.weight, a.o_proj.weight, b.post_attention_layernorm.weight,
-               m.gate_up_proj.weight, m.down_proj.weight]
+    qkv, o, gate_up, down = (x.weight for x in linears(b))
+    weights = [b.input_layernorm.weight, qkv, o, b.post_attention_layernorm.weight, gate_up, down]
     y = torch.ops.mm_decode.block(x.view(1, -1), weights, p.cos.view(-1), p.sin.view(-1), p.kv_cache.k[layer],
-                                  p.kv_cache.v[layer], p.start, p.mask.view(1, 1, 1, -1), a.n_kv_heads,
+                                  p.kv_cache.v[layer], p.start, p.mask.view(1, 1, 1, -1), b.self_attn.n_kv_heads,
                                   b.input_layernorm.eps)
     return y.view(1, 1, -1)
 
@@ -73,19 +81,17 @@ def product(linear) -> tuple[torch.Tensor, torch.Tensor] | None:
 def stepper(model: LlamaForCausalLM, batch_size: int, cos: torch.Tensor, sin: torch.Tensor) -> Callable | None:
     """`model.decode_step` (a `LlamaForCausalLM` of `llama.Block`s) for a batch of one as one C++ call a token
     (embedding, every block, final norm, head: `torch.ops.mm_decode.step`), or None where that does not apply: a CPU
-    model in float32 or bf16 (bf16 on CPUs with AVX512-BF16) whose linears are bias-free `Linear`s or W8A8 / W4A8
-    (`product`), head size a multiple of 16, the kernels loaded, a batch of one, no gradient. cos, sin [P, Dh]: RoPE
+    model in float32 or bf16 (bf16 on CPUs with AVX512-BF16) of `shaped` blocks whose linears are bias-free `Linear`s
+    or W8A8 / W4A8 (`product`), the kernels loaded, a batch of one, no gradient. cos, sin [P, Dh]: RoPE
     at positions 0..P-1 in the model's dtype (`rope_cos_sin`'s values)."""
     dtype = model.dtype
     if not (batch_size == 1 and cpu_kernels.loaded and model.device.type == "cpu" and not torch.is_grad_enabled()
             and (dtype == torch.float32 or dtype == torch.bfloat16 and cpu_kernels.bf16)
-            and all(b.self_attn.head_dim % 16 == 0 and b.input_layernorm.eps == b.post_attention_layernorm.eps
-                    == model.norm.eps for b in model.layers)):
+            and all(shaped(b) and b.input_layernorm.eps == model.norm.eps for b in model.layers)):
         return None
     embed = model.embed_tokens.weight
-    linears = [x for b in model.layers for x in (b.self_attn.qkv_proj, b.self_attn.o_proj, b.mlp.gate_up_proj,
-                                                 b.mlp.down_proj)]
-    products = [product(x) for x in linears] + [(embed, NO_SCALES) if model.lm_head is None else product(model.lm_head)]
+    products = [product(x) for b in model.layers for x in linears(b)]
+    products.append((embed, NO_SCALES) if model.lm_head is None else product(model.lm_head))
     if None in products:
         return None
     norms = [w for b in model.layers for w in (b.input_layernorm.weight, b.post_attention_layernorm.weight)]
