@@ -297,6 +297,15 @@ def split_cot(reply: str) -> tuple[str, str]:
     return (rationale.strip(), answer.strip()) if sep else ("", reply.strip())
 
 
+REPEAT_PROMPT = "repeat: "  # before a text that the reply repeats word for word (the text-only `read` rows)
+
+
+def told(scene: list[Obj], question: str) -> str:
+    """A question about a scene given in words instead of an image: its caption, then the question on a line of its
+    own. The answer can only come from looking the object up in the context (text-only `read` rows, `mm eval`)."""
+    return f"{describe(scene)}\n{question}"
+
+
 def sample_question(scene: list[Obj], rng: random.Random) -> QA:
     """One question: a kind uniformly among QUESTION_KINDS, then a question of that kind uniformly."""
     qas = questions(scene)

@@ -19,6 +19,9 @@ sentence shows), spoken by voices no training clip uses (`mm.data.speech_data`).
     cot          questions asked with `COT_INSTRUCTION` (Multimodal-CoT: rationale, then answer): accuracy with the
                  rationale beside the direct answer's on the same items, and how often the rationale names
                  exactly the objects the question is about
+    read         text only: questions about held-out scenes given in words (`told`: the caption, then the
+                 question), by the number of objects, and texts to repeat word for word (held-out captions and
+                 numbers); what the decoder does with its context when nothing has to be seen or heard
 """
 from __future__ import annotations
 
@@ -35,14 +38,14 @@ from tqdm import tqdm
 from mm.eval.metrics import bleu4, cer, exact_match, normalize_answer, object_f1, rouge_l, wer
 from mm.models.fusion import CAPTION_PROMPT
 from mm.models.fusion_speech import TRANSCRIBE_PROMPT
-from mm.data.scenes import (COT_INSTRUCTION, QUESTION_KINDS, SPLITS, item_rng, parse_objects, sample_question,
-                            scene_examples, split_cot)
+from mm.data.scenes import (COT_INSTRUCTION, QUESTION_KINDS, REPEAT_PROMPT, SPLITS, describe, item_rng,
+                            parse_objects, sample_question, sample_split_scene, scene_examples, split_cot, told)
 from mm.data.speech_data import speech_examples, spoken_questions, transcript
 from mm.data.words import common_words, non_speech, open_speech_examples
 
 HELDOUT_SPLITS = tuple(s for s in SPLITS if s != "train")  # ('heldout', 'novel-pairs')
 EVAL_SEED = 1  # the recipe trains on seed 0; the held-out split is disjoint from training whatever the seed
-TASKS = ("caption", "question", "transcribe", "spoken", "open-speech", "common-speech", "silence", "cot")
+TASKS = ("caption", "question", "transcribe", "spoken", "open-speech", "common-speech", "silence", "cot", "read")
 DEFAULT_TASKS = ("caption", "question", "transcribe", "spoken")
 
 
@@ -101,6 +104,8 @@ def evaluate(model, n: int = 300, batch_size: int = 32, cache_dir: str | Path | 
                               "ctc_empty": 100 * sum(not t.split() for t in ctc) / n, "examples": joint[:3]}
     if "cot" in tasks:
         results["cot"] = chain_of_thought(model, n, batch_size, seed, split, size)
+    if "read" in tasks:
+        results["read"] = reading(model, n, batch_size, seed, split)
     return results
 
 
@@ -131,6 +136,22 @@ def chain_of_thought(model, n: int, batch_size: int, seed: int, split: str, size
             "direct_accuracy": exact_match(direct, [qa.answer for qa in qas]),
             "examples": [{"prediction": r, "reference": f"{qa.rationale} answer: {qa.answer}"}
                          for r, qa in zip(replies[:3], qas[:3])]}
+
+
+def reading(model, n: int, batch_size: int, seed: int, split: str) -> dict:
+    """Text only: accuracy of questions about scenes told in words (overall and by objects in the scene), and how
+    often a text to repeat (a held-out caption or a number, half and half) comes back exactly."""
+    scenes = [sample_split_scene(item_rng(seed, split, "scene", i), split) for i in range(n)]
+    qas = [sample_question(s, item_rng(seed, split, "eval-read", i)) for i, s in enumerate(scenes)]
+    preds = model.replies([(told(s, qa.question), [], []) for s, qa in zip(scenes, qas)], batch_size, 8, "read")
+    right = [normalize_answer(p) == normalize_answer(qa.answer) for p, qa in zip(preds, qas)]
+    objects = [str(len(s)) for s in scenes]
+    texts = [describe(s) if i % 2 else str(item_rng(seed, split, "eval-repeat", i).randint(0, 10 ** 6))
+             for i, s in enumerate(scenes)]
+    echoed = model.replies([(REPEAT_PROMPT + t, [], []) for t in texts], batch_size, 64, "repeat")
+    return {"accuracy": 100 * sum(right) / n, "by_objects": accuracy_by(right, objects, sorted(set(objects))),
+            "repeat": exact_match(echoed, texts),
+            "examples": [{"prediction": p, "reference": qa.answer} for p, qa in zip(preds[:3], qas[:3])]}
 
 
 def format_results(r: dict) -> str:
@@ -164,6 +185,11 @@ def format_results(r: dict) -> str:
         t = r["cot"]
         lines.append(f"  cot          accuracy {t['accuracy']:.1f}% with the rationale, {t['direct_accuracy']:.1f}% "
                      f"without; rationale right {t['rationale_right']:.1f}%")
+    if "read" in r:
+        t = r["read"]
+        objs = ", ".join(f"{k}: {v:.1f}%" for k, v in t["by_objects"].items())
+        lines.append(f"  read         scene in words: accuracy {t['accuracy']:.1f}% (by objects {objs}); repeat "
+                     f"{t['repeat']:.1f}%")
     return "\n".join(lines)
 
 

@@ -91,6 +91,7 @@ class TinyRecipe:
     cot_share: float = 0.0  # of the question turns, asked for the rationale first (COT_INSTRUCTION)
     agent_share: float = 0.0  # of the joint steps, ReAct tool-use episodes (mm.data.react_episodes), text only
     agent_batch: int = 8  # episodes per agent step
+    read_share: float = 0.0  # of the joint steps, text-only rows (tiny_data.read_conversation), `batch[1]` each
     context: int = 0  # the decoder's context window if not the init's (0: keep); episodes need about 620 tokens
     name: str = "tiny"  # the recipe's name on its plot
     init: str = ""  # a model directory to continue from (weights and tokenizer), e.g. the tiny recipe's `model/`
@@ -175,12 +176,14 @@ def encoder_loss(r: TinyRecipe, model: FusionModel, grid_head: GridHead, tokeniz
 
 def joint_loss(r: TinyRecipe, model: FusionModel, ddp: torch.nn.Module, grid_head: GridHead, processor, tokenizer,
                data: dict, stage: int, step: int, rng: random.Random, device: torch.device, row: dict) -> torch.Tensor:
-    """Stages 1 and 2: one task's rows (TASK_CYCLE; in stage 2 an `agent_share` of ReAct episodes), next-token loss +
-    CTC (speech) + the grid probe (images)."""
+    """Stages 1 and 2: one task's rows (TASK_CYCLE; in stage 2 an `agent_share` of ReAct episodes and a `read_share`
+    of text-only rows), next-token loss + CTC (speech) + the grid probe (images)."""
     task = TASK_CYCLE[step % len(TASK_CYCLE)]
     if stage == 2 and r.agent_share and rng.random() < r.agent_share:  # draws only when set: other recipes' rows stay
         task = "agent"
-    size = r.agent_batch if task == "agent" else r.batch[TASKS.index(task)]
+    elif stage == 2 and r.read_share and rng.random() < r.read_share / (1 - r.agent_share):
+        task = "read"
+    size = {"agent": r.agent_batch, "read": r.batch[1]}.get(task) or r.batch[TASKS.index(task)]
     convs, images, grids, audios, texts = sample_batch(r, data, task, size, rng)
     inputs = processor(convs, images, audios, add_generation_prompt=False, labels=True)
     speech = inputs["speech"]
@@ -332,7 +335,8 @@ def finish(r: TinyRecipe, model: FusionModel, history: list[dict], out: Path, ma
     if main:
         with open(out / "losses.jsonl", "w") as f:
             f.writelines(json.dumps(h) + "\n" for h in history)
-        plot_losses(history, out / "loss.png", TASKS + ("agent",) * bool(r.agent_share), f"mm train --recipe {r.name}")
+        extra = ("agent",) * bool(r.agent_share) + ("read",) * bool(r.read_share)
+        plot_losses(history, out / "loss.png", TASKS + extra, f"mm train --recipe {r.name}")
         model.to("cpu").save_pretrained(model_dir)
         log(f"saved {model_dir} and {out / 'loss.png'}")
     return model_dir

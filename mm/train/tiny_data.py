@@ -11,6 +11,9 @@ Besides the four tasks of the shipped recipe (module docstring of mm.train.recip
                   (`cot_share` of the question turns): Multimodal-CoT's rationale, then the answer
     agent         ReAct episodes in text (mm.data.react_episodes: call a tool, read its observation, answer), built
                   from the scenes' questions, captions and transcripts (`agent_share` of the joint steps)
+    read          text only (`read_share` of the joint steps): questions about a scene given in words (`told`), and
+                  texts to repeat word for word (captions, transcripts, numbers): looking things up in the context
+                  and copying from it, which the agent's final answers and questions about several objects need
 """
 from __future__ import annotations
 
@@ -22,8 +25,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from encoders.audio import SAMPLE_RATE
-from mm.data.scenes import (COLOURS, COLS, COT_INSTRUCTION, COUNT_WORDS, NUMBERS, ROWS, SHAPES, SIZES, cot_target,
-                            describe, item_rng, questions, render, sample_question, sample_split_scene)
+from mm.data.scenes import (COLOURS, COLS, COT_INSTRUCTION, COUNT_WORDS, NUMBERS, REPEAT_PROMPT, ROWS, SHAPES, SIZES,
+                            cot_target, describe, item_rng, questions, render, sample_question, sample_split_scene,
+                            told)
 from mm.data.react_episodes import episode
 from mm.data.speech_data import speech_examples, spoken_questions, transcript
 from mm.data.words import common_words, non_speech, open_speech_examples, word_list
@@ -106,6 +110,9 @@ def sample_batch(r: TinyRecipe, data: dict, task: str, size: int, rng: random.Ra
         for _ in range(size):
             heard = rng.choice(data["open"] if data["open"] and rng.random() < 0.5 else data["transcribe"])[1]
             convs.append(episode(rng, word_list(), rng.choice(data["question"]), rng.choice(data["caption"]), heard))
+    elif task == "read":
+        for _ in range(size):
+            convs.append(read_conversation(r, data, rng))
     elif task == "transcribe":
         for _ in range(size):
             wave, t = rng.choice(transcribe_pool(r, data, rng))
@@ -121,6 +128,25 @@ def sample_batch(r: TinyRecipe, data: dict, task: str, size: int, rng: random.Ra
             audios.append(padded(r, wave, rng))
             texts.append(t)
     return convs, images, grids, audios, texts
+
+
+def read_conversation(r: TinyRecipe, data: dict, rng: random.Random) -> list[dict]:
+    """A text-only row: half the time `question_turns` questions about a new training scene told in words (the
+    first turn holds the scene), else a text to repeat: a caption, a transcript or a number."""
+    if rng.random() < 0.5:
+        scene, conv = sample_split_scene(rng, "train"), []
+        for turn in range(r.question_turns):
+            qa = sample_question(scene, rng)
+            conv += user(told(scene, qa.question) if turn == 0 else qa.question, qa.answer)
+        return conv
+    kind = rng.random()
+    if kind < 1 / 3:
+        text = rng.choice(data["caption"])
+    elif kind < 2 / 3:
+        text = rng.choice(data["open"] if data["open"] and rng.random() < 0.5 else data["transcribe"])[1]
+    else:
+        text = str(rng.randint(0, 10 ** rng.randint(1, 6)))
+    return user(REPEAT_PROMPT + text, text)
 
 
 def padded(r: TinyRecipe, wave: torch.Tensor, rng: random.Random) -> torch.Tensor:

@@ -18,7 +18,7 @@ from mm.train.tiny_model import SPEC_AUGMENT
 from mm.train.tiny_data import ctc_targets, make_data, padded, sample_batch, transcribe_pool
 
 OPEN = replace(TinyRecipe.smoke(), n_open=3, n_silence=3, open_share=0.4, silence_share=0.3, cot_share=0.5,
-               pad_silence=0.3)
+               pad_silence=0.3, read_share=0.4)
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +106,7 @@ def test_the_recipe_trains_with_open_speech_silence_and_rationales(trained):
     rows = [json.loads(line) for line in (tmp_path / "losses.jsonl").read_text().splitlines()]
     assert len(rows) == sum(OPEN.steps) and all(math.isfinite(h["loss"]) for h in rows)
     assert all(math.isfinite(h["ctc_loss"]) for h in rows if "ctc_loss" in h)
+    assert "read" in {h.get("task") for h in rows if h["stage"] == 2}  # text-only rows (read_share)
     tok = FusionModel.from_pretrained(model_dir).tokenizer
     for text in ("answer", "look first", "i see a big red star", "faithless orphan"):
         assert tok.decode(tok.encode(text)) == text  # rationales and open words round-trip
