@@ -350,6 +350,24 @@ def test_only_the_llm_pre_beam_gets_a_ctc_score():
     assert full[0].tokens == [5, 7, 7, 3]
 
 
+@torch.no_grad()
+def test_the_fusion_models_small_vocabulary_gets_ctc_scores_for_every_token(monkeypatch):
+    """FusionModel.joint_search turns the pre-beam off below CTC_SCORES_EVERY_TOKEN_BELOW: the token the audio holds
+    is found though the decoder ranks it below its 6 best (as in the test above, through the model)."""
+    model = tiny_model(seed=3)
+    model.language_model.load_state_dict(biased_llm(13, plausible=[5, 7, EOS]).state_dict())
+    speech, lengths = speech_batch([16000], seed=1)
+    batch = build_speech_batch([[1, V, 4]], model.feature_lengths(lengths), V)
+    batch.update(speech=speech, speech_lengths=lengths)
+    T = int(model.speech_encoder.encode(speech, lengths)[1][0])  # CTC frames
+    path = [5, 5, 0, 7, 0, 7, 7, 0, 3, 3]
+    assert T > len(path)
+    monkeypatch.setattr(model.ctc, "log_softmax", lambda enc: peaky_log_probs([path], enc.shape[1], V, wrong=13))
+    opts = dict(max_new_tokens=8, ctc_weight=0.5, beam_size=4, eos_token_id=EOS)
+    assert model.joint_search(batch, **opts)[0][0][0].tokens == [5, 7, 7, 3]
+    assert 3 not in model.joint_search(batch, pre_beam_ratio=1.5, **opts)[0][0][0].tokens  # ESPnet's pre-beam
+
+
 def test_reorder_kv_cache_selects_rows():
     llm = LlamaForCausalLM(text_config())
     cache = llm.new_kv_cache(3, 4)
