@@ -21,7 +21,7 @@ void rows_into(const float* x, const float* w, float* y, int64_t M, int64_t N, i
                const float* bias);  // linear.cpp
 void rows_into(const at::BFloat16* x, const at::BFloat16* w, at::BFloat16* y, int64_t M, int64_t N, int64_t K,
                const float* bias);
-void int8_rows_into(const uint8_t* xu, const int8_t* w, int32_t* y, int64_t M, int64_t N, int64_t K);  // linear.cpp
+void int8_rows_into(const int8_t* x, const int8_t* w, int32_t* y, int64_t M, int64_t N, int64_t K);  // linear.cpp
 void w4a8_into(const float* x, const uint8_t* w, const uint16_t* sc, float* y, int64_t M, int64_t N, int64_t K,
                int64_t group);  // w4a8.cpp
 void attention_into(const float* q, const float* k, const float* v, const float* mask, float* y, int64_t Hkv,
@@ -125,7 +125,7 @@ Layer layer_of(const torch::Tensor* w, const torch::Tensor* s, int64_t D, int64_
 template <typename T>
 struct Scratch {  // a block's values between its products; the quantized products' own
   std::vector<T> h, qkv, q, y, o, gu, a;
-  std::vector<uint8_t> xu;  // W8A8: x's int8 codes + 128
+  std::vector<int8_t> xq;  // W8A8: x's int8 codes
   std::vector<int32_t> acc;
   std::vector<float> xf, yf;  // W4A8: x and y in float32
   explicit Scratch(const Shape& s)
@@ -141,11 +141,11 @@ void apply(const Product& p, const T* x, T* y, Scratch<T>& t) {
     float amax = 0.f;
     for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::abs(f(x[k])));
     const float a = std::max(amax, 1e-8f) / 127.f;
-    t.xu.resize(K);  // a vector keeps its capacity when it shrinks: allocated once, for the largest product
+    t.xq.resize(K);  // a vector keeps its capacity when it shrinks: allocated once, for the largest product
     t.acc.resize(N);
     for (int64_t k = 0; k < K; ++k)
-      t.xu[k] = static_cast<uint8_t>(static_cast<int8_t>(std::nearbyint(f(x[k]) / a))) ^ 0x80;
-    int8_rows_into(t.xu.data(), static_cast<const int8_t*>(p.w), t.acc.data(), 1, N, K);
+      t.xq[k] = static_cast<int8_t>(std::nearbyint(f(x[k]) / a));
+    int8_rows_into(t.xq.data(), static_cast<const int8_t*>(p.w), t.acc.data(), 1, N, K);
     const float* s = static_cast<const float*>(p.s);
     for (int64_t n = 0; n < N; ++n) y[n] = rnd<T>(static_cast<float>(t.acc[n]) * a * s[n]);
   } else if constexpr (std::is_same_v<T, float>) {  // W4A8 takes and gives float32

@@ -68,12 +68,12 @@ def test_linear_uses_the_kernel_only_where_it_applies():
 
 @needs_kernels
 @pytest.mark.parametrize("M", [1, 2, 3, 4])
-@pytest.mark.parametrize("K,N", [(768, 1280), (100, 37), (64, 4), (5, 3)])  # K % 64 tails; N not a multiple of 4
+@pytest.mark.parametrize("K,N", [(768, 1280), (1000, 37), (100, 37), (64, 4), (5, 3)])  # K % 256, K % 64 tails; N % 4
 def test_int8_kernel_equals_int_mm_exactly(M, K, N):
     g = torch.Generator().manual_seed(M * K + N + 2)
     x = torch.randint(-128, 128, (M, K), dtype=torch.int8, generator=g)
     w = torch.randint(-128, 128, (N, K), dtype=torch.int8, generator=g)
-    x[0, 0], w[0, 0] = -128, -128  # the extremes: x + 128 = 0 and the largest product
+    x[0, 0], w[0, 0] = -128, -128  # the extremes: w + 128 = 0 and the largest product
     got = torch.ops.mm_linear.int8_rows(x, w)
     assert got.dtype == torch.int32
     assert torch.equal(got, (x.long() @ w.long().t()).int())  # the exact integer sums, as torch._int_mm's
