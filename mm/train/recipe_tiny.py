@@ -181,9 +181,9 @@ def joint_loss(r: TinyRecipe, model: FusionModel, ddp: torch.nn.Module, grid_hea
     task = TASK_CYCLE[step % len(TASK_CYCLE)]
     if stage == 2 and r.agent_share and rng.random() < r.agent_share:  # draws only when set: other recipes' rows stay
         task = "agent"
-    elif stage == 2 and r.read_share and rng.random() < r.read_share / (1 - r.agent_share):
+    elif stage == 2 and r.read_share and rng.random() < r.read_share / (1 - r.agent_share):  # of all joint steps
         task = "read"
-    size = {"agent": r.agent_batch, "read": r.batch[1]}.get(task) or r.batch[TASKS.index(task)]
+    size = r.agent_batch if task == "agent" else r.batch[1] if task == "read" else r.batch[TASKS.index(task)]
     convs, images, grids, audios, texts = sample_batch(r, data, task, size, rng)
     inputs = processor(convs, images, audios, add_generation_prompt=False, labels=True)
     speech = inputs["speech"]

@@ -108,7 +108,7 @@ def sample_batch(r: TinyRecipe, data: dict, task: str, size: int, rng: random.Ra
             grids.append(grid)
     elif task == "agent":  # text only: the tools do the looking and listening
         for _ in range(size):
-            heard = rng.choice(data["open"] if data["open"] and rng.random() < 0.5 else data["transcribe"])[1]
+            heard = heard_text(data, rng)  # drawn first, as the recipes' rows were
             convs.append(episode(rng, word_list(), rng.choice(data["question"]), rng.choice(data["caption"]), heard))
     elif task == "read":
         for _ in range(size):
@@ -130,6 +130,12 @@ def sample_batch(r: TinyRecipe, data: dict, task: str, size: int, rng: random.Ra
     return convs, images, grids, audios, texts
 
 
+def heard_text(data: dict, rng: random.Random) -> str:
+    """A transcript of training speech for a text-only row: a word sequence half the time (when there are any), else a
+    scene sentence."""
+    return rng.choice(data["open"] if data["open"] and rng.random() < 0.5 else data["transcribe"])[1]
+
+
 def read_conversation(r: TinyRecipe, data: dict, rng: random.Random) -> list[dict]:
     """A text-only row: half the time `question_turns` questions about a new training scene told in words (the
     first turn holds the scene), else a text to repeat: a caption, a transcript or a number."""
@@ -143,7 +149,7 @@ def read_conversation(r: TinyRecipe, data: dict, rng: random.Random) -> list[dic
     if kind < 1 / 3:
         text = rng.choice(data["caption"])
     elif kind < 2 / 3:
-        text = rng.choice(data["open"] if data["open"] and rng.random() < 0.5 else data["transcribe"])[1]
+        text = heard_text(data, rng)
     else:
         text = str(rng.randint(0, 10 ** rng.randint(1, 6)))
     return user(REPEAT_PROMPT + text, text)
