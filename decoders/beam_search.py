@@ -176,9 +176,11 @@ def _running(score: torch.Tensor, utt: torch.Tensor, ended: list[list[Hypothesis
 
 
 def joint_scorers(name: str, make_decoder, ctc_log_probs: torch.Tensor | None, ctc_lengths: torch.Tensor | None,
-                  eos: int, ctc_weight: float, length_bonus: float, V: int) -> tuple[dict, dict]:
+                  eos: int, ctc_weight: float, length_bonus: float, V: int, lexicon=None,
+                  lexicon_weight: float = 0.0) -> tuple[dict, dict]:
     """Scorers and weights of joint CTC/attention decoding: the decoder's (`name`, made by make_decoder())
-    1 - ctc_weight, "ctc" ctc_weight, "length_bonus" length_bonus; those of weight 0 are left out."""
+    1 - ctc_weight, "ctc" ctc_weight, "length_bonus" length_bonus, "lexicon" (a `decoders.lexicon.LexiconScorer`,
+    ESPnet's word LM) lexicon_weight; those of weight 0 are left out."""
     if not 0.0 <= ctc_weight <= 1.0:
         raise ValueError(f"ctc_weight must lie in [0, 1], got {ctc_weight}")
     if ctc_weight > 0 and (ctc_log_probs is None or ctc_lengths is None):
@@ -188,7 +190,9 @@ def joint_scorers(name: str, make_decoder, ctc_log_probs: torch.Tensor | None, c
         scorers["ctc"] = CTCScorer(ctc_log_probs, ctc_lengths, eos)
     if length_bonus:
         scorers["length_bonus"] = LengthBonus(V)
-    weights = {name: 1 - ctc_weight, "ctc": ctc_weight, "length_bonus": length_bonus}
+    if lexicon is not None and lexicon_weight:
+        scorers["lexicon"] = lexicon
+    weights = {name: 1 - ctc_weight, "ctc": ctc_weight, "length_bonus": length_bonus, "lexicon": lexicon_weight}
     return scorers, {k: weights[k] for k in scorers}
 
 

@@ -1,6 +1,6 @@
 """`mm transcribe AUDIO... [--model DIR] [--decode ctc|attention|joint|rescore] [--beam N] [--timestamps]
-[--format text|json|srt] [--max-minutes M]`: batch transcription of files with an ASR model (our format or an
-ESPnet/Dolphin experiment directory).
+[--format text|json|srt] [--max-minutes M] [--lexicon WORDS.txt]`: batch transcription of files with an ASR model
+(our format or an ESPnet/Dolphin experiment directory).
 
 Output formats (to stdout, or one file per input with `out_dir`):
   text  one line per file (prefixed by "PATH: " when there are several); with --timestamps one line per segment,
@@ -18,12 +18,13 @@ import json
 import sys
 from pathlib import Path
 
+from decoders.lexicon import Lexicon
 from encoders.audio import MAX_MINUTES, too_long
 
 from mm.apps.options import set_threads
 from mm.models.asr import ASRModel
 from mm.models.asr_search import DECODE_MODES
-from mm.models.fusion_speech import check_decode
+from mm.models.fusion_speech import LEXICON_WEIGHT, check_decode
 from mm.models.transcript import Transcript
 from mm.models.formats import TRANSCRIBERS, load
 
@@ -162,10 +163,11 @@ def check_options(files: list[str], fmt: str, beam: int | None, batch_size: int,
 
 def decode_files(model, files: list[str], which: list[int], stream: TextStream | None, timestamps: bool,
                  progress: bool | None, decode: str | None, beam: int | None, sample_rate: int | None,
-                 max_minutes: float | None, **dolphin) -> list[Transcript]:
+                 max_minutes: float | None, lexicon: Lexicon | None = None, lexicon_weight: float = LEXICON_WEIGHT,
+                 **dolphin) -> list[Transcript]:
     """Transcripts of `files[i] for i in which`, each segment handed to `stream` as it is decoded (if any).
-    `sample_rate`: the files' rate (headerless PCM needs it). `dolphin`: batch_size, language and region for an
-    ESPnet/Dolphin model."""
+    `sample_rate`: the files' rate (headerless PCM needs it). lexicon / lexicon_weight: the multimodal model's word
+    list and its weight. `dolphin`: batch_size, language and region for an ESPnet/Dolphin model."""
     paths = [files[i] for i in which]
 
     def show(k, segment):  # paths[k]'s segment, to the stream
@@ -181,7 +183,7 @@ def decode_files(model, files: list[str], which: list[int], stream: TextStream |
     out = []
     for k, f in enumerate(paths):
         out.append(model.transcript(f if sample_rate is None else (f, sample_rate), source=f, decode=decode, beam=beam,
-                                    max_minutes=max_minutes,
+                                    max_minutes=max_minutes, lexicon=lexicon, lexicon_weight=lexicon_weight,
                                     progress=sys.stderr.isatty() if progress is None else progress,
                                     on_segment=functools.partial(show, k) if stream else None))
         if not timestamps:
@@ -196,7 +198,8 @@ def run_transcribe(files: list[str], model_dir: str | None, decode: str | None =
                    timestamps: bool = False, fmt: str = "text", batch_size: int = 8, out=None,
                    out_dir: str | None = None, progress: bool | None = None, device: str = "cpu",
                    language: str | None = None, region: str | None = None,
-                   max_minutes: float | None = MAX_MINUTES, sample_rate: int | None = None) -> list[Transcript]:
+                   max_minutes: float | None = MAX_MINUTES, sample_rate: int | None = None,
+                   lexicon: str | None = None, lexicon_weight: float = LEXICON_WEIGHT) -> list[Transcript]:
     """Transcribe files in batches and write them in fmt to `out` (default stdout) or to out_dir/<name><suffix>.
     A file that cannot be decoded does not stop the others: they are written, then a ValueError names each failure.
 
@@ -207,6 +210,8 @@ def run_transcribe(files: list[str], model_dir: str | None, decode: str | None =
     max_minutes: a longer recording (by its header, before it is decoded) fails, naming its length; None: no limit.
     sample_rate: the rate of every file: headerless .raw/.pcm (16-bit signed little-endian mono) need it; a file whose
     header says another rate fails.
+    lexicon: a word-list file (one word per line, optionally with a count): the multimodal model's search then spells
+    only its words (`decoders.lexicon`), their unigram score weighted by lexicon_weight.
     """
     check_options(files, fmt, beam, batch_size, max_minutes, out_dir, sample_rate)
     timestamps = timestamps or fmt == "srt"  # srt cues are trimmed to the words
@@ -215,6 +220,10 @@ def run_transcribe(files: list[str], model_dir: str | None, decode: str | None =
         check_decode(decode, option=f"--decode {decode}")
         if language or region:
             raise ValueError("--language / --region choose a Dolphin-style model's prompt; the multimodal model has none")
+    elif lexicon is not None:
+        raise ValueError("--lexicon: the word-list search is the multimodal model's; ESPnet/Dolphin models take none")
+    if lexicon is not None:
+        lexicon = Lexicon.from_file(lexicon)  # a bad file fails before anything is decoded
     checked = [(f, too_long(f, max_minutes, "--max-minutes")) for f in map(str, files)]  # before anything is decoded
     files = [f for f, why in checked if why is None]
     failed: dict[str, str] = {f: why for f, why in checked if why is not None}
@@ -224,7 +233,8 @@ def run_transcribe(files: list[str], model_dir: str | None, decode: str | None =
         stream = TextStream(out or sys.stdout, len(checked) > 1, timestamps, joiner)
     run = functools.partial(decode_files, model, files, stream=stream, timestamps=timestamps, progress=progress,
                             decode=decode, beam=beam, sample_rate=sample_rate, batch_size=batch_size,
-                            language=language, region=region, max_minutes=max_minutes)
+                            language=language, region=region, max_minutes=max_minutes,
+                            **({} if lexicon is None else {"lexicon": lexicon, "lexicon_weight": lexicon_weight}))
     try:
         results = run(list(range(len(files)))) if files else []
     except ValueError:  # one bad file must not cost the others: decode them one by one, naming each failure
@@ -266,6 +276,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="CPU threads (default: torch's choice; 1 is often fastest for small models on busy machines)")
     p.add_argument("--sample-rate", type=int, default=None,
                    help="the inputs' sample rate: needed for headerless .raw/.pcm (16-bit signed little-endian mono)")
+    p.add_argument("--lexicon", default=None, metavar="WORDS.txt",
+                   help="multimodal model: spell only the words of this list (one per line, optionally 'word count'), "
+                        "e.g. /usr/share/dict/words; best with --decode ctc --beam 16")
+    p.add_argument("--lexicon-weight", type=float, default=LEXICON_WEIGHT,
+                   help=f"the word list's unigram weight in the search (default {LEXICON_WEIGHT:g})")
     p.add_argument("--max-minutes", type=float, default=MAX_MINUTES,
                    help=f"refuse longer recordings, from their header before decoding (default {MAX_MINUTES:g})")
 
@@ -281,5 +296,5 @@ def cmd_transcribe(args) -> int:
     run_transcribe(args.audio, args.model, decode=args.decode, beam=args.beam, timestamps=args.timestamps,
                    fmt=args.fmt, batch_size=args.batch_size, out_dir=args.out_dir, device=args.device,
                    language=args.language, region=args.region, max_minutes=args.max_minutes,
-                   sample_rate=args.sample_rate)
+                   sample_rate=args.sample_rate, lexicon=args.lexicon, lexicon_weight=args.lexicon_weight)
     return 0

@@ -165,16 +165,19 @@ def scatter_features(h: torch.Tensor, is_slot: torch.Tensor, features: torch.Ten
 def joint_beam_search(llm: LlamaForCausalLM, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None,
                       ctc_log_probs: torch.Tensor | None, ctc_lengths: torch.Tensor | None, *, eos_token_id: int,
                       beam_size: int = 4, ctc_weight: float = 0.3, max_new_tokens: int = 64,
-                      pre_beam_ratio: float = 1.5, length_bonus: float = 0.0) -> list[list[Hypothesis]]:
+                      pre_beam_ratio: float = 1.5, length_bonus: float = 0.0, lexicon=None,
+                      lexicon_weight: float = 0.0) -> list[list[Hypothesis]]:
     """Beam search over the Llama decoder's next-token log-probs joined with the CTC prefix score, per prompt
     (`decoders.beam_search.weighted_beam_search` with `joint_scorers`; a scorer of weight 0 is not run):
 
         score(h + c) = score(h) + (1 - ctc_weight) * log p_llm(c | prompt, h)
                                 + ctc_weight * [log psi_ctc(h + c) - log psi_ctc(h)] + length_bonus
+                                + lexicon_weight * log p_lexicon(c | h)
 
     inputs_embeds [B, T, D] (left-padded prompts, attention_mask [B, T]); ctc_log_probs [B, T', V] over the SAME
     ids as the LLM (blank 0), ctc_lengths [B]. As in ESPnet, with 0 < ctc_weight < 1 only the int(pre_beam_ratio *
-    beam) best LLM tokens get a CTC score (EOS always does: the probability of exactly h). The beams of all prompts
+    beam) best LLM tokens get a CTC score (EOS always does: the probability of exactly h). lexicon: a
+    `decoders.lexicon.LexiconScorer` (the look-ahead word unigram of a word list) or None. The beams of all prompts
     run as one batch of B * beam rows over one static KV cache. A prompt stops when its best ended hypothesis beats
     all running ones (exact for the best when length_bonus <= 0) or at max_new_tokens, where the running hypotheses
     end without EOS. Returns each prompt's ended hypotheses, best first (tokens without EOS; scores: the unweighted
@@ -195,8 +198,12 @@ def joint_beam_search(llm: LlamaForCausalLM, inputs_embeds: torch.Tensor, attent
         raise ValueError(f"prompt of {T} tokens leaves no room in the context window of "
                          f"{llm.config.max_position_embeddings}")
     scorers, weights = joint_scorers("llm", lambda: LlamaScorer(llm, inputs_embeds, attention_mask, max_new_tokens),
-                                     ctc_log_probs, ctc_lengths, eos_token_id, ctc_weight, length_bonus, V)
-    return weighted_beam_search(scorers, weights, [max_new_tokens] * B, vocab_size=V, eos=eos_token_id,
+                                     ctc_log_probs, ctc_lengths, eos_token_id, ctc_weight, length_bonus, V,
+                                     lexicon, lexicon_weight)
+    maxlens = [max_new_tokens] * B
+    if ctc_weight > 0:  # each token takes a frame of its own: no more tokens than frames (as ESPnet's maxlen = T)
+        maxlens = [max(1, min(max_new_tokens, int(n))) for n in ctc_lengths.tolist()]
+    return weighted_beam_search(scorers, weights, maxlens, vocab_size=V, eos=eos_token_id,
                                 beam_size=beam_size, device=inputs_embeds.device, pre_beam_ratio=pre_beam_ratio,
                                 pre_beam_score_key="llm" if ctc_weight < 1 else None,
                                 stop="best_ended" if length_bonus <= 0 else None, eos_at_maxlen=False)

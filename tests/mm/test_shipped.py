@@ -92,6 +92,30 @@ def test_transcribe_decode_options_act_on_the_multimodal_model(model, tmp_path):
         run_transcribe([path], None, decode="rescore")
 
 
+def test_a_lexicon_makes_the_search_spell_only_its_words(model, tmp_path):
+    """`mm transcribe --lexicon FILE`: everyday words the CTC head misspells alone ("pleays opend the small windo")
+    come out as words of the list, closer to what was said; a missing list or an ESPnet-style model is refused."""
+    import io
+
+    from mm.apps.transcribe import run_transcribe
+    from mm.data.speech_data import synthesize
+    from mm.data.words import SCENE_WORDS, common_words
+
+    said = "please open the small window"
+    path, words = str(tmp_path / "said.wav"), tmp_path / "words.txt"
+    sf.write(path, synthesize(said, "en-us").numpy(), 16000)
+    lexicon = set(common_words()) | set(SCENE_WORDS)
+    words.write_text("\n".join(sorted(lexicon)) + "\n")
+    plain = run_transcribe([path], None, decode="ctc", beam=16, out=io.StringIO())[0].text
+    spelled = run_transcribe([path], None, decode="ctc", beam=16, lexicon=str(words), out=io.StringIO())[0].text
+    assert not set(plain.split()) <= lexicon, plain  # the test needs a misspelling to mend
+    assert spelled.split() and set(spelled.split()) <= lexicon, spelled
+    assert wer([spelled], [said]) < wer([plain], [said]), (plain, spelled)
+    assert model.transcribe(path, ctc_weight=1.0, beam_size=16, lexicon=sorted(lexicon)) == spelled  # the Python API
+    with pytest.raises(FileNotFoundError, match="nowhere.txt"):
+        run_transcribe([path], None, lexicon=str(tmp_path / "nowhere.txt"))
+
+
 def test_long_recording_is_transcribed_by_its_speech_runs(model, tmp_path):
     """40 s (over the 30 s a prompt takes): the question four times, 10 s of silence apart. Each run is its own
     segment, at the clip's place, whose text holds the clip's own transcript (the 0.2 s of silence a window keeps

@@ -350,6 +350,13 @@ def test_out_dir_refuses_two_inputs_with_one_output_name(model_dir, tmp_path):
     assert not (tmp_path / "out").exists()  # refused before anything was decoded or written
 
 
+def test_a_lexicon_is_refused_for_an_espnet_style_model(model_dir, tmp_path):
+    a = write(tmp_path / "a.wav", speechlike(1.0, 1))
+    (tmp_path / "words.txt").write_text("the\ncat\n")
+    with pytest.raises(ValueError, match="--lexicon: the word-list search is the multimodal model's"):
+        run_transcribe([str(a)], str(model_dir), lexicon=str(tmp_path / "words.txt"))
+
+
 def test_one_bad_file_does_not_cost_the_others(model_dir, tmp_path):
     good = [write(tmp_path / f"talk{k}.wav", speechlike(1.2, k)) for k in range(2)]
     bad = tmp_path / "notes.wav"
