@@ -59,9 +59,10 @@ class SpeechInference:
         joined with the CTC head's prefix scores, as ESPnet/Dolphin decode; the text then comes whole (stream=True
         yields it once). ctc_weight=0: the decoder alone, greedy, streamed token by token.
         lexicon: words the speaker uses (a `decoders.lexicon.Lexicon`, a word-list file, or a list of words): the
-        beam search adds their look-ahead unigram score times `lexicon_weight` (see `lexicon_scorer`)."""
+        beam search adds their look-ahead unigram score times `lexicon_weight` (see `lexicon_scorer`); with
+        ctc_weight=0 the decoder alone then searches the beam with it."""
         self.need("speech", "transcribe")
-        if ctc_weight <= 0:
+        if ctc_weight <= 0 and lexicon is None:
             return self.chat(transcribe_messages(audio), stream=stream, max_new_tokens=max_new_tokens)
         ids, _, _ = self._joint_transcribe(audio, max_new_tokens, ctc_weight, beam_size, lexicon, lexicon_weight)
         text = self.tokenizer.decode(ids).strip()

@@ -112,6 +112,8 @@ def test_a_lexicon_makes_the_search_spell_only_its_words(model, tmp_path):
     assert spelled.split() and set(spelled.split()) <= lexicon, spelled
     assert wer([spelled], [said]) < wer([plain], [said]), (plain, spelled)
     assert model.transcribe(path, ctc_weight=1.0, beam_size=16, lexicon=sorted(lexicon)) == spelled  # the Python API
+    alone = model.transcribe(path, ctc_weight=0.0, lexicon=sorted(lexicon))  # the decoder alone, in a beam with it
+    assert alone.split() and set(alone.split()) <= lexicon, alone
     with pytest.raises(FileNotFoundError, match="nowhere.txt"):
         run_transcribe([path], None, lexicon=str(tmp_path / "nowhere.txt"))
 
