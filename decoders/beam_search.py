@@ -212,7 +212,8 @@ def batch_beam_search(decoder: TransformerDecoder | None, enc: torch.Tensor, enc
                       ctc_log_probs: torch.Tensor | None, *, sos: int, eos: int, beam_size: int = 10,
                       ctc_weight: float = 0.5, length_bonus: float = 0.0, maxlenratio: float = 0.0,
                       minlenratio: float = 0.0, pre_beam_ratio: float = 1.5, prefix: list[int] | None = None,
-                      suppress: list[int] | None = None, prompt_in_maxlen: bool = False) -> list[list[Hypothesis]]:
+                      suppress: list[int] | None = None, prompt_in_maxlen: bool = False, lexicon=None,
+                      lexicon_weight: float = 0.0) -> list[list[Hypothesis]]:
     """Joint CTC/attention beam search of a padded batch enc [B, T, D], ctc_log_probs [B, T, V]; every utterance
     gets the n-best ESPnet would give it alone, but the hypotheses of all utterances are scored together.
 
@@ -226,6 +227,7 @@ def batch_beam_search(decoder: TransformerDecoder | None, enc: torch.Tensor, enc
     fails there with an IndexError).
     suppress: token ids that can never be chosen (-inf before the pre-beam, as ESPnet S2T's ScoreFilter does to
     the time tokens after <notimestamps>).
+    lexicon: a `decoders.lexicon.LexiconScorer` (a word list's look-ahead unigram) weighted by lexicon_weight, or None.
     """
     use_ctc, use_dec = ctc_weight > 0, ctc_weight < 1
     if use_dec and decoder is None:
@@ -237,7 +239,7 @@ def batch_beam_search(decoder: TransformerDecoder | None, enc: torch.Tensor, enc
     n_prompt = len(prefix) - 1 if prompt_in_maxlen or use_ctc else 0
     limits = [_max_min_len(int(n), maxlenratio, minlenratio, n_prompt) for n in enc_lengths.tolist()]
     scorers, weights = joint_scorers("decoder", lambda: DecoderScorer(decoder, enc, enc_lengths), ctc_log_probs,
-                                     enc_lengths, eos, ctc_weight, length_bonus, V)
+                                     enc_lengths, eos, ctc_weight, length_bonus, V, lexicon, lexicon_weight)
     ended = weighted_beam_search(scorers, weights, [m for m, _ in limits], minlens=[m for _, m in limits],
                                  vocab_size=V, eos=eos, beam_size=beam_size, device=enc.device, prefix=prefix,
                                  pre_beam_ratio=pre_beam_ratio, pre_beam_score_key="full" if use_dec else None,
@@ -249,7 +251,8 @@ def batch_beam_search(decoder: TransformerDecoder | None, enc: torch.Tensor, enc
             ended[b] = beam_search(decoder, enc[b, :T_b], lp, sos=sos, eos=eos, beam_size=beam_size,
                                    ctc_weight=ctc_weight, length_bonus=length_bonus, maxlenratio=maxlenratio,
                                    minlenratio=max(0.0, minlenratio - 0.1), pre_beam_ratio=pre_beam_ratio,
-                                   prefix=prefix, suppress=suppress, prompt_in_maxlen=prompt_in_maxlen)
+                                   prefix=prefix, suppress=suppress, prompt_in_maxlen=prompt_in_maxlen,
+                                   lexicon=lexicon, lexicon_weight=lexicon_weight)
     return ended
 
 

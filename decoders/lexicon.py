@@ -104,17 +104,29 @@ class Lexicon:
         return math.log(self.end[n]) if self.end[n] > 0 else -math.inf
 
 
+def as_lexicon(words) -> Lexicon:
+    """A Lexicon as it is, a word-list file (str or path: `Lexicon.from_file`), or an iterable of words."""
+    if isinstance(words, Lexicon):
+        return words
+    if isinstance(words, (str, os.PathLike)):
+        return Lexicon.from_file(words)
+    return Lexicon(list(words))
+
+
 def _log(x: float) -> float:
     return math.log(x) if x > 0 else -math.inf
 
 
 class LexiconScorer:
-    """The lexicon's look-ahead score of every next token (`pieces`: each token id's SentencePiece piece, "▁" marking
+    """The lexicon's look-ahead score of the next tokens (`pieces`: each token id's SentencePiece piece, "▁" marking
     a word's start) after each hypothesis. State: per hypothesis, the tree node of the word being spelled (BOUNDARY
-    before the first word, OOV inside a word outside the lexicon). Tokens that are not text (ids in `specials`, byte
-    pieces "<0x..>", "<unk>", "<s>") score -inf except `eos`, which ends the last word."""
+    before the first word, OOV inside a word outside the lexicon). Tokens that are not text ("<...>" pieces: "<unk>",
+    "<s>", bytes, a speech model's language or time tokens) score -inf except `eos`, which ends the last word.
 
-    partial = False
+    Below `FULL_BELOW` tokens it scores every token (a full scorer); above, as ESPnet's partial scorers, only the
+    pre-beam's (and eos), working each out per (state, token) rather than a row of V (40k for Dolphin) per state."""
+
+    FULL_BELOW = 4096
 
     def __init__(self, lexicon: Lexicon, pieces: list[str], eos: int, unk_prob: float = 0.0, word_bonus: float = 0.0,
                  device: torch.device | str | None = None):
@@ -122,7 +134,9 @@ class LexiconScorer:
             raise ValueError(f"unk_prob must lie in [0, 1), got {unk_prob}")
         self.lex, self.eos, self.unk, self.bonus, self.device = lexicon, eos, unk_prob, word_bonus, device
         self.pieces = [None if re.fullmatch(r"<.+>", p) else p for p in pieces]  # None: not text
-        self._rows: dict[int, tuple[torch.Tensor, list[int]]] = {}  # state -> (scores [V], next states [V])
+        self.partial = len(pieces) >= self.FULL_BELOW
+        self._steps: dict[tuple[int, int], tuple[float, int]] = {}  # (state, token) -> (score, next state)
+        self._rows: dict[int, torch.Tensor] = {}  # state -> scores [V]
 
     def _close(self, s: int) -> float:
         """Score of a word boundary in state s."""
@@ -148,30 +162,41 @@ class LexiconScorer:
                 score, s = score + math.log(self.lex.mass[m] / self.lex.mass[s]), m
         return score, s
 
-    def _row(self, s: int) -> tuple[torch.Tensor, list[int]]:
+    def _step(self, s: int, t: int) -> tuple[float, int]:
+        """(score, next state) of token t in state s."""
+        step = self._steps.get((s, t))
+        if step is None:
+            p = self.pieces[t]
+            if t == self.eos:
+                step = self._close(s), BOUNDARY
+            elif p is None:
+                step = -math.inf, s
+            elif p.startswith("▁"):
+                score, n = self._spell(0, p[1:])
+                step = score + self._close(s), n
+            else:
+                step = self._spell(0 if s == BOUNDARY else s, p)
+            self._steps[(s, t)] = step
+        return step
+
+    def _row(self, s: int) -> torch.Tensor:
         row = self._rows.get(s)
         if row is None:
-            scores, nexts = [], []
-            for t, p in enumerate(self.pieces):
-                if t == self.eos:
-                    score, n = self._close(s), BOUNDARY
-                elif p is None:
-                    score, n = -math.inf, s
-                elif p.startswith("▁"):
-                    score, n = self._spell(0, p[1:])
-                    score += self._close(s)
-                else:
-                    score, n = self._spell(0 if s == BOUNDARY else s, p)
-                scores.append(score)
-                nexts.append(n)
-            row = self._rows[s] = (torch.tensor(scores, device=self.device), nexts)
+            row = self._rows[s] = torch.tensor([self._step(s, t)[0] for t in range(len(self.pieces))],
+                                               device=self.device)
         return row
 
     def init_state(self, utt, prefix):
         return [BOUNDARY] * len(utt)
 
     def score(self, yseq, states, ids=None):
-        return torch.stack([self._row(s)[0] for s in states]).to(yseq.device), states
+        if ids is None:
+            return torch.stack([self._row(s) for s in states]).to(yseq.device), states
+        scores = torch.full((len(states), len(self.pieces)), -math.inf)
+        for n, (s, row) in enumerate(zip(states, ids.tolist())):
+            for t in row + [self.eos]:
+                scores[n, t] = self._step(s, t)[0]
+        return scores.to(yseq.device), states
 
     def select(self, states, prev, tok):
-        return [self._row(states[p])[1][t] for p, t in zip(prev.tolist(), tok.tolist())]
+        return [self._step(states[p], t)[1] for p, t in zip(prev.tolist(), tok.tolist())]

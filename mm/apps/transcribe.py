@@ -166,8 +166,8 @@ def decode_files(model, files: list[str], which: list[int], stream: TextStream |
                  max_minutes: float | None, lexicon: Lexicon | None = None, lexicon_weight: float = LEXICON_WEIGHT,
                  **dolphin) -> list[Transcript]:
     """Transcripts of `files[i] for i in which`, each segment handed to `stream` as it is decoded (if any).
-    `sample_rate`: the files' rate (headerless PCM needs it). lexicon / lexicon_weight: the multimodal model's word
-    list and its weight. `dolphin`: batch_size, language and region for an ESPnet/Dolphin model."""
+    `sample_rate`: the files' rate (headerless PCM needs it). lexicon / lexicon_weight: a word list for the beam
+    search and its weight. `dolphin`: batch_size, language and region for an ESPnet/Dolphin model."""
     paths = [files[i] for i in which]
 
     def show(k, segment):  # paths[k]'s segment, to the stream
@@ -176,7 +176,7 @@ def decode_files(model, files: list[str], which: list[int], stream: TextStream |
     if isinstance(model, ASRModel):  # windows of all files decoded together in batches
         out = model.transcribe(paths, decode=decode, beam=beam or 10, timestamps=timestamps, progress=progress,
                                sample_rate=sample_rate, max_minutes=max_minutes, on_segment=show if stream else None,
-                               **dolphin)
+                               lexicon=lexicon, lexicon_weight=lexicon_weight, **dolphin)
         for i in which if stream else []:
             stream.finish(i, files[i])
         return out
@@ -210,8 +210,8 @@ def run_transcribe(files: list[str], model_dir: str | None, decode: str | None =
     max_minutes: a longer recording (by its header, before it is decoded) fails, naming its length; None: no limit.
     sample_rate: the rate of every file: headerless .raw/.pcm (16-bit signed little-endian mono) need it; a file whose
     header says another rate fails.
-    lexicon: a word-list file (one word per line, optionally with a count): the multimodal model's search then spells
-    only its words (`decoders.lexicon`), their unigram score weighted by lexicon_weight.
+    lexicon: a word-list file (one word per line, optionally with a count): the beam search then spells only its words
+    (`decoders.lexicon`), their unigram score weighted by lexicon_weight ("ctc" becomes a beam search).
     """
     check_options(files, fmt, beam, batch_size, max_minutes, out_dir, sample_rate)
     timestamps = timestamps or fmt == "srt"  # srt cues are trimmed to the words
@@ -220,8 +220,6 @@ def run_transcribe(files: list[str], model_dir: str | None, decode: str | None =
         check_decode(decode, option=f"--decode {decode}")
         if language or region:
             raise ValueError("--language / --region choose a Dolphin-style model's prompt; the multimodal model has none")
-    elif lexicon is not None:
-        raise ValueError("--lexicon: the word-list search is the multimodal model's; ESPnet/Dolphin models take none")
     if lexicon is not None:
         lexicon = Lexicon.from_file(lexicon)  # a bad file fails before anything is decoded
     checked = [(f, too_long(f, max_minutes, "--max-minutes")) for f in map(str, files)]  # before anything is decoded
@@ -234,7 +232,7 @@ def run_transcribe(files: list[str], model_dir: str | None, decode: str | None =
     run = functools.partial(decode_files, model, files, stream=stream, timestamps=timestamps, progress=progress,
                             decode=decode, beam=beam, sample_rate=sample_rate, batch_size=batch_size,
                             language=language, region=region, max_minutes=max_minutes,
-                            **({} if lexicon is None else {"lexicon": lexicon, "lexicon_weight": lexicon_weight}))
+                            lexicon=lexicon, lexicon_weight=lexicon_weight)
     try:
         results = run(list(range(len(files)))) if files else []
     except ValueError:  # one bad file must not cost the others: decode them one by one, naming each failure
@@ -277,8 +275,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sample-rate", type=int, default=None,
                    help="the inputs' sample rate: needed for headerless .raw/.pcm (16-bit signed little-endian mono)")
     p.add_argument("--lexicon", default=None, metavar="WORDS.txt",
-                   help="multimodal model: spell only the words of this list (one per line, optionally 'word count'), "
-                        "e.g. /usr/share/dict/words; best with --decode ctc --beam 16")
+                   help="spell only the words of this list (one per line, optionally 'word count'), e.g. "
+                        "/usr/share/dict/words; --decode ctc then searches a beam (the multimodal model: best with "
+                        "--decode ctc --beam 16)")
     p.add_argument("--lexicon-weight", type=float, default=LEXICON_WEIGHT,
                    help=f"the word list's unigram weight in the search (default {LEXICON_WEIGHT:g})")
     p.add_argument("--max-minutes", type=float, default=MAX_MINUTES,

@@ -44,7 +44,7 @@ from decoders.tokenizer import SentencePieceTokenizer
 from encoders.audio import MAX_MINUTES, check_minutes, load_audio
 from encoders.speech_encoder import SpeechEncoder
 from mm.models.asr_config import OUR_MODEL_TYPE, ASRConfig
-from mm.models.asr_search import ASRSearch
+from mm.models.asr_search import LEXICON_WEIGHT, ASRSearch
 from mm.models.convert_espnet import espnet_state_dict, load_espnet_dir, load_espnet_state_dict
 from mm.models.s2t_tokens import S2TTokens, is_special
 from mm.models.transcript import Transcript, Word, timed_words, word_groups
@@ -150,7 +150,7 @@ class ASRModel(ASRSearch, nn.Module):
                    timestamps: bool = False, batch_size: int = 8, sample_rate: int | None = None,
                    language: str | None = None, region: str | None = None, max_window: float = 30.0,
                    progress: bool | None = False, max_minutes: float | None = MAX_MINUTES,
-                   on_segment=None) -> Transcript | list[Transcript]:
+                   on_segment=None, lexicon=None, lexicon_weight: float = LEXICON_WEIGHT) -> Transcript | list[Transcript]:
         """Transcribe a file path, a waveform (with sample_rate), or a list of them (then a list is returned).
 
         decode: "ctc" (greedy), "attention", "joint" (default with a decoder; ctc_weight 0.5 as ESPnet) or
@@ -161,12 +161,16 @@ class ASRModel(ASRSearch, nn.Module):
         before anything is decoded (arrays and headerless files as they are read); None: no limit.
         on_segment: called as on_segment(item index, Segment) as soon as each window is decoded, in time order per
         recording and recording after recording (windows are then batched in that order, not by length).
+        lexicon: a word list (a `decoders.lexicon.Lexicon`, a file of one word per line, or a list of words) that the
+        beam searches spell with, its look-ahead unigram weighted by lexicon_weight; "ctc" then searches a beam too;
+        not with "rescore" (a ValueError) or a character model.
         """
         from tqdm import tqdm
 
         single = not isinstance(audio, (list, tuple))
         items = [audio] if single else list(audio)
-        self._decode_options(decode, ctc_weight)  # bad options fail before any audio is read
+        self._decode_options(decode, ctc_weight, lexicon)  # bad options fail before any audio is read
+        lexicon = self.lexicon_scorer(lexicon)
         rate = self.config.speech.frontend.sample_rate
         limit = check_minutes(items, max_minutes)  # every header before any file is decoded
         # read everything first: a bad file fails before minutes of decoding
@@ -182,7 +186,8 @@ class ASRModel(ASRSearch, nn.Module):
                 chunk = order[k: k + batch_size]
                 segs = self.decode_batch([waves[jobs[j][0]][jobs[j][1]: jobs[j][2]] for j in chunk], decode, beam,
                                          ctc_weight, timestamps, language, region,
-                                         offsets=[jobs[j][1] / rate for j in chunk])
+                                         offsets=[jobs[j][1] / rate for j in chunk], lexicon=lexicon,
+                                         lexicon_weight=lexicon_weight)
                 results.update(zip(chunk, segs))
                 bar.update(len(chunk))
                 while on_segment and emitted in results:  # jobs are in (recording, time) order

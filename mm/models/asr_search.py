@@ -5,6 +5,8 @@ Segments.
 Searches. "ctc": greedy CTC; "attention": the decoder's beam search; "joint": the CTC/attention beam search of
 ESPnet (ctc_weight 0.5 by default, as its Speech2Text); "rescore": the CTC prefix beam's n-best rescored by the
 decoder (Dolphin's attention_rescoring; ctc_weight from the training config, 0 for prompt models as Dolphin's).
+With a word lexicon (`decoders.lexicon`) "ctc" becomes a CTC prefix beam search, and "ctc", "attention" and "joint"
+add its look-ahead unigram, weighted, on the pre-beam (a partial scorer at Dolphin's 40k tokens).
 
 Dolphin / OWSM prompts. When the token list has `<asr>` and language tokens (the blocks of s2t_tokens: Dolphin's
 138 languages <ab>..<zu> and 179 regions <AD>..<ZA>), the decoder is primed with
@@ -24,11 +26,13 @@ import torch
 
 from decoders.beam_search import attention_rescoring, batch_beam_search
 from decoders.ctc import ctc_forced_align, ctc_greedy_decode
+from decoders.lexicon import LexiconScorer, as_lexicon
 from mm.models.s2t_tokens import token_id
 from mm.models.transcript import Segment, Word
 
 DECODE_MODES = ("ctc", "attention", "joint", "rescore")
 ESPNET_JOINT_CTC_WEIGHT = 0.5  # Speech2Text's default ctc_weight
+LEXICON_WEIGHT = 0.5  # as the multimodal model's (mm.models.fusion_speech); not tuned on an ESPnet/Dolphin model
 
 
 class ASRSearch:
@@ -83,9 +87,11 @@ class ASRSearch:
     @torch.no_grad()
     def decode_batch(self, waves: list[torch.Tensor], decode: str | None = None, beam: int = 10,
                      ctc_weight: float | None = None, timestamps: bool = False, language: str | None = None,
-                     region: str | None = None, offsets: list[float] | None = None) -> list[Segment]:
-        """Decode 16 kHz waveforms (each [S] >= min_samples) as one padded batch; one Segment per waveform."""
-        decode, ctc_weight = self._decode_options(decode, ctc_weight)
+                     region: str | None = None, offsets: list[float] | None = None,
+                     lexicon: LexiconScorer | None = None, lexicon_weight: float = LEXICON_WEIGHT) -> list[Segment]:
+        """Decode 16 kHz waveforms (each [S] >= min_samples) as one padded batch; one Segment per waveform.
+        lexicon: `lexicon_scorer`'s scorer of a word list, or None."""
+        decode, ctc_weight = self._decode_options(decode, ctc_weight, lexicon)
         offsets = offsets or [0.0] * len(waves)
         dev = self.device
         lengths = torch.tensor([w.numel() for w in waves], device=dev)
@@ -94,7 +100,7 @@ class ASRSearch:
         log_probs = self.ctc_log_probs(enc)  # [B, T', V]
         # the prompt (and language detection) even for CTC decoding, which reports the language too
         prefixes, lang_region = self._prefixes(enc, enc_lengths, language, region)
-        hyps = self._search(decode, beam, ctc_weight, enc, enc_lengths, log_probs, prefixes)
+        hyps = self._search(decode, beam, ctc_weight, enc, enc_lengths, log_probs, prefixes, lexicon, lexicon_weight)
         c = self.config
         segments = []
         for b, ids in enumerate(hyps):
@@ -114,10 +120,11 @@ class ASRSearch:
         return segments
 
     def _search(self, decode: str, beam: int, ctc_weight: float, enc: torch.Tensor, enc_lengths: torch.Tensor,
-                log_probs: torch.Tensor, prefixes: list[list[int]]) -> list[list[int]]:
+                log_probs: torch.Tensor, prefixes: list[list[int]], lexicon: LexiconScorer | None = None,
+                lexicon_weight: float = LEXICON_WEIGHT) -> list[list[int]]:
         """The best token ids per utterance; enc [B, T', d], log_probs [B, T', V], prefixes from _prefixes."""
         c = self.config
-        if decode == "ctc":
+        if decode == "ctc" and lexicon is None:
             return [[i for i in ids if i not in (c.sos, c.eos)] for ids in ctc_greedy_decode(log_probs, enc_lengths)]
         if decode == "rescore":
             hyps = []
@@ -136,10 +143,21 @@ class ASRSearch:
             lp = log_probs[sel] if ctc_weight > 0 else None
             nbest = batch_beam_search(self.decoder, enc[sel], enc_lengths[sel], lp, sos=c.sos, eos=c.eos,
                                       beam_size=beam, ctc_weight=ctc_weight, prefix=list(prefix),
-                                      suppress=self.s2t.suppressed(list(prefix)), prompt_in_maxlen=True)
+                                      suppress=self.s2t.suppressed(list(prefix)), prompt_in_maxlen=True,
+                                      lexicon=lexicon, lexicon_weight=lexicon_weight)
             for b, n in zip(idx, nbest):
                 hyps[b] = n[0].tokens if n else []
         return hyps
+
+    def lexicon_scorer(self, words) -> LexiconScorer | None:
+        """The `decoders.lexicon.LexiconScorer` of `words` (a Lexicon, a word-list file or a list of words; None: none)
+        over this model's token list; a character model (token_type char) has no word pieces to spell with."""
+        if words is None:
+            return None
+        if self.config.token_type != "bpe":
+            raise ValueError(f"a word lexicon needs a model of word pieces (token_type bpe); this one is "
+                             f"{self.config.token_type!r}")
+        return LexiconScorer(as_lexicon(words), list(self.config.token_list), self.config.eos)
 
     def _align(self, log_probs: torch.Tensor, ids: list[int], offset: float) -> list[Word]:
         """Words with times from a CTC forced alignment of ids on log_probs [T', V]; [] when none fits."""
@@ -151,8 +169,9 @@ class ASRSearch:
             return []
         return self._words(ids, spans, offset)
 
-    def _decode_options(self, decode: str | None, ctc_weight: float | None) -> tuple[str, float]:
-        """(decode, ctc_weight) with their defaults, checked against the model (CTC only, prompt model)."""
+    def _decode_options(self, decode: str | None, ctc_weight: float | None, lexicon=None) -> tuple[str, float]:
+        """(decode, ctc_weight) with their defaults, checked against the model (CTC only, prompt model) and a lexicon
+        (only in the beam searches)."""
         if decode is None:
             decode = "joint" if self.decoder is not None else "ctc"
         if decode not in DECODE_MODES:
@@ -161,6 +180,8 @@ class ASRSearch:
             raise ValueError(f"decode={decode!r} needs an attention decoder; this model is CTC only (use 'ctc')")
         default = {"ctc": 1.0, "attention": 0.0, "joint": ESPNET_JOINT_CTC_WEIGHT,
                    "rescore": 0.0 if self.has_prompt else self.config.ctc_weight}[decode]  # Dolphin: 0
+        if lexicon is not None and decode == "rescore":
+            raise ValueError("a lexicon acts in the beam searches (decode ctc, attention or joint), not in rescore")
         if ctc_weight is None or decode in ("ctc", "attention"):
             ctc_weight = default
         if not 0.0 <= ctc_weight <= 1.0:

@@ -9,7 +9,7 @@ import torch
 from tqdm import tqdm
 
 from decoders.ctc import ctc_forced_align, ctc_greedy_decode
-from decoders.lexicon import Lexicon, LexiconScorer
+from decoders.lexicon import Lexicon, LexiconScorer, as_lexicon
 from encoders.audio import MAX_MINUTES, check_minutes
 from mm.models.speech_adapter import joint_beam_search
 from mm.models.transcript import Segment, Transcript, timed_words, word_groups
@@ -101,7 +101,7 @@ class SpeechInference:
             else tuple(lexicon)
         cached = getattr(self, "_lexicon", None)
         if cached is None or cached[0] != key:
-            lex = key if isinstance(key, Lexicon) else Lexicon.from_file(key) if isinstance(key, str) else Lexicon(key)
+            lex = as_lexicon(key)
             pieces = [self.tokenizer.sp.id_to_piece(i) for i in range(self.tokenizer.sp.get_piece_size())]
             pieces += ["<special>"] * (self.language_model.config.vocab_size - len(pieces))  # the media tokens' ids
             cached = self._lexicon = (key, LexiconScorer(lex, pieces, self.tokenizer.eos_id))

@@ -115,3 +115,23 @@ def test_lexicon_files(tmp_path):
         Lexicon.from_file(tmp_path / "missing.txt")
     with pytest.raises(ValueError, match="empty lexicon"):
         Lexicon([])
+
+
+def test_a_large_vocabulary_scores_only_the_pre_beam(monkeypatch):
+    """Above FULL_BELOW tokens the scorer is partial: on the ids it is given (and eos) it scores what the full
+    scorer does, elsewhere -inf; the states it selects are the same."""
+    full = LexiconScorer(lexicon(), PIECES, EOS)
+    monkeypatch.setattr(LexiconScorer, "FULL_BELOW", len(PIECES))
+    part = LexiconScorer(lexicon(), PIECES, EOS)
+    assert part.partial and not full.partial
+    yseq = torch.zeros(2, 0, dtype=torch.long)
+    states = full.select([BOUNDARY], torch.tensor([0, 0]), torch.tensor([PIECES.index("▁t"), PIECES.index("▁a")]))
+    ids = torch.tensor([[PIECES.index("he"), PIECES.index("a"), PIECES.index("?")], [PIECES.index("t"), 0, 1]])
+    want, _ = full.score(yseq, states)
+    got, scored = part.score(yseq, states, ids)
+    for n in range(2):
+        for t in range(len(PIECES)):
+            expect = want[n, t] if t in ids[n].tolist() + [EOS] else -math.inf
+            assert got[n, t] == expect, (n, PIECES[t])
+    tok = torch.tensor([PIECES.index("he"), PIECES.index("t")])
+    assert part.select(scored, torch.tensor([0, 1]), tok) == full.select(states, torch.tensor([0, 1]), tok)

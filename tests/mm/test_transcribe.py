@@ -350,11 +350,20 @@ def test_out_dir_refuses_two_inputs_with_one_output_name(model_dir, tmp_path):
     assert not (tmp_path / "out").exists()  # refused before anything was decoded or written
 
 
-def test_a_lexicon_is_refused_for_an_espnet_style_model(model_dir, tmp_path):
-    a = write(tmp_path / "a.wav", speechlike(1.0, 1))
-    (tmp_path / "words.txt").write_text("the\ncat\n")
-    with pytest.raises(ValueError, match="--lexicon: the word-list search is the multimodal model's"):
-        run_transcribe([str(a)], str(model_dir), lexicon=str(tmp_path / "words.txt"))
+def test_a_lexicon_makes_an_espnet_style_model_spell_its_words(model_dir, tmp_path):
+    """--lexicon with an ESPnet-style model: the CTC beam search (no longer greedy) and the joint search write only the
+    list's words (the random model writes others without it); rescore takes none."""
+    a = write(tmp_path / "a.wav", speechlike(3.0, 1))
+    lexicon = {"the", "cat", "sat", "on", "mat", "dog", "ran", "to", "park", "she", "sells", "sea", "shells", "hello"}
+    (tmp_path / "words.txt").write_text("\n".join(sorted(lexicon)) + "\n")
+    plain = run_transcribe([a], str(model_dir), decode="ctc", out=io.StringIO())[0].text
+    assert not set(plain.split()) <= lexicon, plain
+    for decode in ("ctc", "joint"):
+        text = run_transcribe([a], str(model_dir), decode=decode, beam=4, lexicon=str(tmp_path / "words.txt"),
+                              out=io.StringIO())[0].text
+        assert text.split() and set(text.split()) <= lexicon, (decode, text)
+    with pytest.raises(ValueError, match="a lexicon acts in the beam searches"):
+        run_transcribe([a], str(model_dir), decode="rescore", lexicon=str(tmp_path / "words.txt"))
 
 
 def test_one_bad_file_does_not_cost_the_others(model_dir, tmp_path):
