@@ -22,6 +22,7 @@ void rows_into(const float* x, const float* w, float* y, int64_t M, int64_t N, i
 void rows_into(const at::BFloat16* x, const at::BFloat16* w, at::BFloat16* y, int64_t M, int64_t N, int64_t K,
                const float* bias);
 void int8_rows_into(const int8_t* x, const int8_t* w, int32_t* y, int64_t M, int64_t N, int64_t K);  // linear.cpp
+void w8_rows_into(const float* x, const int8_t* w, float* y, int64_t M, int64_t N, int64_t K);  // linear.cpp
 void w4a8_into(const float* x, const uint8_t* w, const uint16_t* sc, float* y, int64_t M, int64_t N, int64_t K,
                int64_t group);  // w4a8.cpp
 void attention_into(const float* q, const float* k, const float* v, const float* mask, float* y, int64_t Hkv,
@@ -62,8 +63,10 @@ void rope(const T* x, const T* cos, const T* sin, T* out, int64_t Dh) {
 //          q = round(x / a) (nearest even); y = (float(q W^T) a) s  (W8A8Linear, exact int32 sums)
 //   W4A8   4-bit codes uint8 [N/16, K/8, 64] and float16 scales and corrections [N/16, K/group, 32]; x quantized
 //          per block of 32 inputs (w4a8.cpp)  (W4A8Linear)
+//   Int8   int8 weight [N, K], bf16 scales [N]; weight-only: x rounded to bf16, float32 sums, y = bf16(sum s)
+//          (Int8Linear's torch._weight_int8pack_mm, its sums in another order)
 // The result rounded to x's dtype once, as the modules' `.to(x.dtype)`.
-enum class Kind { Plain, W8A8, W4A8 };
+enum class Kind { Plain, W8A8, W4A8, Int8 };
 struct Product {
   Kind kind;
   const void* w;
@@ -79,10 +82,11 @@ Product product_of(const torch::Tensor& w, const torch::Tensor& s, at::ScalarTyp
     return {Kind::Plain, w.data_ptr(), nullptr, w.size(0), w.size(1), 0};
   }
   if (w.scalar_type() == torch::kChar) {
-    TORCH_CHECK(w.dim() == 2 && s.scalar_type() == torch::kFloat && s.numel() == w.size(0), name,
-                ": W8A8 takes int8 [N, K] and float32 scales [N]; got ", w.sizes(), ", scales ", s.scalar_type(), " ",
-                s.sizes());
-    return {Kind::W8A8, w.data_ptr(), s.data_ptr(), w.size(0), w.size(1), 0};
+    TORCH_CHECK(w.dim() == 2 && (s.scalar_type() == torch::kFloat || s.scalar_type() == torch::kBFloat16) &&
+                s.numel() == w.size(0), name, ": int8 [N, K] takes float32 (W8A8) or bf16 (weight-only) scales [N]; "
+                "got ", w.sizes(), ", scales ", s.scalar_type(), " ", s.sizes());
+    const Kind kind = s.scalar_type() == torch::kFloat ? Kind::W8A8 : Kind::Int8;
+    return {kind, w.data_ptr(), s.data_ptr(), w.size(0), w.size(1), 0};
   }
   TORCH_CHECK(w.scalar_type() == torch::kByte && w.dim() == 3 && w.size(2) == 64 && s.scalar_type() == torch::kHalf &&
               s.dim() == 3 && s.size(0) == w.size(0) && s.size(1) >= 1 && s.size(2) == 32 &&
@@ -127,7 +131,7 @@ struct Scratch {  // a block's values between its products; the quantized produc
   std::vector<T> h, qkv, q, y, o, gu, a;
   std::vector<int8_t> xq;  // W8A8: x's int8 codes
   std::vector<int32_t> acc;
-  std::vector<float> xf, yf;  // W4A8: x and y in float32
+  std::vector<float> xf, yf;  // W4A8, Int8: x and y in float32
   explicit Scratch(const Shape& s)
       : h(s.D), qkv((s.H + 2 * s.Hkv) * s.Dh), q(s.H * s.Dh), y(s.H * s.Dh), o(s.D), gu(2 * s.F), a(s.F) {}
 };
@@ -148,6 +152,13 @@ void apply(const Product& p, const T* x, T* y, Scratch<T>& t) {
     int8_rows_into(t.xq.data(), static_cast<const int8_t*>(p.w), t.acc.data(), 1, N, K);
     const float* s = static_cast<const float*>(p.s);
     for (int64_t n = 0; n < N; ++n) y[n] = rnd<T>(static_cast<float>(t.acc[n]) * a * s[n]);
+  } else if (p.kind == Kind::Int8) {
+    t.xf.resize(K);
+    t.yf.resize(N);
+    for (int64_t k = 0; k < K; ++k) t.xf[k] = f(rnd<at::BFloat16>(f(x[k])));  // the module's x.to(bfloat16)
+    w8_rows_into(t.xf.data(), static_cast<const int8_t*>(p.w), t.yf.data(), 1, N, K);
+    const at::BFloat16* s = static_cast<const at::BFloat16*>(p.s);
+    for (int64_t n = 0; n < N; ++n) y[n] = rnd<T>(f(rnd<at::BFloat16>(t.yf[n] * f(s[n]))));
   } else if constexpr (std::is_same_v<T, float>) {  // W4A8 takes and gives float32
     w4a8_into(x, static_cast<const uint8_t*>(p.w), static_cast<const uint16_t*>(p.s), y, 1, N, K, p.group);
   } else {

@@ -1,5 +1,5 @@
-// Products of a few rows (decode steps): y [M, N] = x [M, K] w [N, K]^T (+ bias), M <= 4, float32 or bf16; and
-// int8 x int8 -> int32 (W8A8), exact.
+// Products of a few rows (decode steps): y [M, N] = x [M, K] w [N, K]^T (+ bias), M <= 4, float32 or bf16;
+// int8 x int8 -> int32 (W8A8), exact; and float32 x int8 -> float32 (weight-only int8).
 //
 // One weight row after the other against all M rows of x, so each thread reads its weights once, in one forward
 // stream (for one row of x on Intel CPUs, four weight rows at a time: `four_rows`). Float32 accumulation with U
@@ -157,6 +157,41 @@ void rows_int8(const int8_t* x, const int32_t* xsum, const int8_t* w, int32_t* y
   }
 }
 
+// float32 x against int8 weights, float32 sums (weight-only int8, Int8Linear): each block of 16 weights widened to
+// float32 as it is read (vpmovsxbd, vcvtdq2ps), then FMA; U blocks of a row per iteration, as rows_f32.
+template <int M, int R>
+void rows_w8(const float* x, const int8_t* w, float* y, int64_t n0, int64_t n1, int64_t N, int64_t K) {
+  for (int64_t n = n0; n < n1; n += R) {
+    __m512 acc[M][R][U];
+    for (int m = 0; m < M; ++m)
+      for (int r = 0; r < R; ++r)
+        for (int u = 0; u < U; ++u) acc[m][r][u] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 16 * U <= K; k += 16 * U)
+      for (int r = 0; r < R; ++r)
+        for (int u = 0; u < U; ++u) {
+          const __m128i wb = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + (n + r) * K + k + 16 * u));
+          const __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(wb));
+          for (int m = 0; m < M; ++m)
+            acc[m][r][u] = _mm512_fmadd_ps(_mm512_loadu_ps(x + m * K + k + 16 * u), wv, acc[m][r][u]);
+        }
+    for (; k < K; k += 16) {  // the rest, the last block masked (K % 16)
+      const __mmask16 in = K - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (K - k)) - 1);
+      for (int r = 0; r < R; ++r) {
+        const __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(in, w + (n + r) * K + k)));
+        for (int m = 0; m < M; ++m)
+          acc[m][r][0] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(in, x + m * K + k), wv, acc[m][r][0]);
+      }
+    }
+    for (int m = 0; m < M; ++m)
+      for (int r = 0; r < R; ++r) {
+        __m512 a = acc[m][r][0];
+        for (int u = 1; u < U; ++u) a = _mm512_add_ps(a, acc[m][r][u]);
+        y[m * N + n + r] = _mm512_reduce_add_ps(a);
+      }
+  }
+}
+
 }  // namespace
 
 // The same on raw pointers (decode_block.cpp's step, and rows_linear below): y [M, N] = x [M, K] w [N, K]^T + bias
@@ -209,6 +244,26 @@ void int8_rows_into(const int8_t* x, const int8_t* w, int32_t* y, int64_t M, int
   for_rows(M, N, [&](auto m, auto r, int64_t n0, int64_t n1) { rows_int8<m(), r()>(x, xsum, w, y, n0, n1, N, K); });
 }
 
+// x [M, K] float32, w [N, K] int8 -> y = x w^T [M, N] float32 (decode_block.cpp's step for Int8Linear, and w8_rows
+// below), 1 <= M <= 4.
+void w8_rows_into(const float* x, const int8_t* w, float* y, int64_t M, int64_t N, int64_t K) {
+  for_rows(M, N, [&](auto m, auto r, int64_t n0, int64_t n1) { rows_w8<m(), r()>(x, w, y, n0, n1, N, K); });
+}
+
+// x [M, K] (M <= 4) float32, w [N, K] int8 -> x w^T [M, N] float32 (the weight-only int8 product before its scales)
+torch::Tensor w8_rows(torch::Tensor x, torch::Tensor w) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "x [M, K], w [N, K]; got ", x.sizes(), ", ",
+              w.sizes());
+  TORCH_CHECK(x.scalar_type() == torch::kFloat && w.scalar_type() == torch::kChar && w.is_contiguous(),
+              "x float32, w int8 contiguous; got ", x.scalar_type(), ", ", w.scalar_type());
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  TORCH_CHECK(M >= 1 && M <= MAX_ROWS, "1 to ", MAX_ROWS, " rows, got ", M);
+  const auto xc = x.contiguous();
+  auto y = torch::empty({M, N}, x.options());
+  w8_rows_into(xc.data_ptr<float>(), w.data_ptr<int8_t>(), y.data_ptr<float>(), M, N, K);
+  return y;
+}
+
 // x [M, K] (M <= 4), w [N, K], both int8 -> x w^T [M, N] int32, exactly torch._int_mm(x, w.t()) (W8A8's product)
 torch::Tensor int8_rows(torch::Tensor x, torch::Tensor w) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "x [M, K], w [N, K]; got ", x.sizes(), ", ",
@@ -226,8 +281,10 @@ torch::Tensor int8_rows(torch::Tensor x, torch::Tensor w) {
 TORCH_LIBRARY(mm_linear, m) {
   m.def("rows(Tensor x, Tensor w, Tensor? bias) -> Tensor");
   m.def("int8_rows(Tensor x, Tensor w) -> Tensor");
+  m.def("w8_rows(Tensor x, Tensor w) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(mm_linear, CPU, m) {
   m.impl("rows", &rows_linear);
   m.impl("int8_rows", &int8_rows);
+  m.impl("w8_rows", &w8_rows);
 }

@@ -7,7 +7,7 @@ import torch
 
 from decoders import cpu_kernels, decode_block
 from decoders.llama import LlamaConfig, LlamaForCausalLM
-from decoders.qlinear import Int8Linear, W4A8Linear, W8A8Linear
+from decoders.qlinear import Int4Linear, Int8Linear, W4A8Linear, W8A8Linear
 from decoders.quantize import quantize_model
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.build(), reason="the kernels need AVX512-VNNI and a C++ compiler")
@@ -154,9 +154,33 @@ def test_greedy_tokens_of_a_quantized_model_equal_with_and_without_the_whole_cpp
     assert torch.equal(whole, python)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_whole_cpp_step_with_weight_only_int8_linears_is_the_python_step_in_another_order(dtype):
+    """Int8Linear (weight-only, torch._weight_int8pack_mm): x rounded to bf16, float32 sums, y = bf16(sum * s); the
+    C++ step sums in another order, so the results agree to bf16's rounding, and greedy tokens are the same."""
+    if dtype == torch.bfloat16 and not cpu_kernels.bf16:
+        pytest.skip("bf16 rows need AVX512-BF16")
+    m = quantize_model(model(dtype, **QUANTIZED), bits=8, group_size=None)
+    assert type(m.layers[0].self_attn.qkv_proj) is Int8Linear and type(m.lm_head) is Int8Linear
+    got, cache = whole_step(m)
+    want, want_cache = step(m, False)
+    scale = want.float().abs().max().item()
+    assert scale > 1
+    assert (got.float() - want.float()).abs().max() < 2e-2 * scale  # bf16 outputs: one rounding apart at most
+    for c, w in zip(cache.k + cache.v, want_cache.k + want_cache.v):
+        torch.testing.assert_close(c.float(), w.float(), rtol=2e-2, atol=1e-3)
+        assert c[:, :, 5].abs().sum() > 0 and (c[:, :, 6:] == 0).all()
+    ids = torch.tensor([[5, 6, 7]])
+    with pytest.MonkeyPatch.context() as mp:
+        whole = m.generate(ids, max_new_tokens=12, eos_token_id=None)
+        mp.setattr(decode_block, "stepper", lambda *a: None)
+        python = m.generate(ids, max_new_tokens=12, eos_token_id=None)
+    assert torch.equal(whole, python)
+
+
 def test_no_whole_cpp_step_for_other_quantized_linears():
-    m = quantize_model(model(torch.float32, **QUANTIZED), bits=8, group_size=None)  # weight-only int8
-    assert type(m.layers[0].mlp.down_proj) is Int8Linear
+    m = quantize_model(model(torch.float32, **QUANTIZED), bits=4, group_size=32)  # weight-only int4
+    assert type(m.layers[0].mlp.down_proj) is Int4Linear
     with torch.inference_mode():
         assert m.one_call_step(1, 8) is None
         m = quantized(torch.float32, 8)
@@ -173,7 +197,8 @@ def test_the_step_op_names_a_quantized_weight_that_does_not_fit():
         args = (torch.tensor([[1]]), torch.tensor([[0]]), torch.tensor([0]), torch.ones(1, 8, dtype=torch.bool), cache)
         fn(*args)
         m.layers[0].self_attn.o_proj.scales = torch.ones(63)
-        with pytest.raises(RuntimeError, match=r"o: W8A8 takes int8 \[N, K\] and float32 scales \[N\]"):
+        with pytest.raises(RuntimeError, match=r"o: int8 \[N, K\] takes float32 \(W8A8\) or bf16 \(weight-only\) "
+                                               r"scales \[N\]"):
             m.one_call_step(1, 8)(*args)
         m = quantized(torch.float32, 4)
         m.layers[0].mlp.down_proj.sc = m.layers[0].mlp.down_proj.sc[:, :, :16].contiguous()

@@ -80,6 +80,19 @@ def test_int8_kernel_equals_int_mm_exactly(M, K, N):
 
 
 @needs_kernels
+@pytest.mark.parametrize("M", [1, 4])
+@pytest.mark.parametrize("K,N", [(768, 1280), (1000, 37), (100, 37), (5, 3)])  # K % 64, K % 16 tails; N % 4
+def test_weight_only_int8_kernel_equals_the_float64_product(M, K, N):
+    g = torch.Generator().manual_seed(M * K + N + 3)
+    x = torch.randn(M, K, generator=g)
+    w = torch.randint(-128, 128, (N, K), dtype=torch.int8, generator=g)
+    got = torch.ops.mm_linear.w8_rows(x, w)
+    want = x.double() @ w.double().t()
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5 * want.abs().max().item())
+
+
+@needs_kernels
 def test_w8a8_decode_rows_run_the_int8_kernel():
     from decoders.qlinear import W8A8Linear
 
