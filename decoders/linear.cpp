@@ -60,8 +60,20 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) void rows_bf16(const uint
   }
 }
 
-template <int M, int R>
-void rows_f32(const float* x, const float* w, const float* bias, float* y, int64_t n0, int64_t n1, int64_t N,
+// 16 weights as float32: float32 as they are; int8 (weight-only int8, Int8Linear) widened as they are read
+// (vpmovsxbd, vcvtdq2ps); masked: the first K % 16, zeros after
+inline __m512 load16(const float* w) { return _mm512_loadu_ps(w); }
+inline __m512 load16(__mmask16 in, const float* w) { return _mm512_maskz_loadu_ps(in, w); }
+inline __m512 load16(const int8_t* w) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w))));
+}
+inline __m512 load16(__mmask16 in, const int8_t* w) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(in, w)));
+}
+
+// float32 x against float32 or int8 weights W, float32 sums by FMA
+template <int M, int R, typename W>
+void rows_f32(const float* x, const W* w, const float* bias, float* y, int64_t n0, int64_t n1, int64_t N,
               int64_t K) {
   for (int64_t n = n0; n < n1; n += R) {
     __m512 acc[M][R][U];
@@ -72,14 +84,14 @@ void rows_f32(const float* x, const float* w, const float* bias, float* y, int64
     for (; k + 16 * U <= K; k += 16 * U)
       for (int r = 0; r < R; ++r)
         for (int u = 0; u < U; ++u) {
-          const __m512 wv = _mm512_loadu_ps(w + (n + r) * K + k + 16 * u);
+          const __m512 wv = load16(w + (n + r) * K + k + 16 * u);
           for (int m = 0; m < M; ++m)
             acc[m][r][u] = _mm512_fmadd_ps(_mm512_loadu_ps(x + m * K + k + 16 * u), wv, acc[m][r][u]);
         }
     for (; k < K; k += 16) {  // the rest, the last block masked (K % 16)
       const __mmask16 in = K - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (K - k)) - 1);
       for (int r = 0; r < R; ++r) {
-        const __m512 wv = _mm512_maskz_loadu_ps(in, w + (n + r) * K + k);
+        const __m512 wv = load16(in, w + (n + r) * K + k);
         for (int m = 0; m < M; ++m)
           acc[m][r][0] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(in, x + m * K + k), wv, acc[m][r][0]);
       }
@@ -157,41 +169,6 @@ void rows_int8(const int8_t* x, const int32_t* xsum, const int8_t* w, int32_t* y
   }
 }
 
-// float32 x against int8 weights, float32 sums (weight-only int8, Int8Linear): each block of 16 weights widened to
-// float32 as it is read (vpmovsxbd, vcvtdq2ps), then FMA; U blocks of a row per iteration, as rows_f32.
-template <int M, int R>
-void rows_w8(const float* x, const int8_t* w, float* y, int64_t n0, int64_t n1, int64_t N, int64_t K) {
-  for (int64_t n = n0; n < n1; n += R) {
-    __m512 acc[M][R][U];
-    for (int m = 0; m < M; ++m)
-      for (int r = 0; r < R; ++r)
-        for (int u = 0; u < U; ++u) acc[m][r][u] = _mm512_setzero_ps();
-    int64_t k = 0;
-    for (; k + 16 * U <= K; k += 16 * U)
-      for (int r = 0; r < R; ++r)
-        for (int u = 0; u < U; ++u) {
-          const __m128i wb = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + (n + r) * K + k + 16 * u));
-          const __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(wb));
-          for (int m = 0; m < M; ++m)
-            acc[m][r][u] = _mm512_fmadd_ps(_mm512_loadu_ps(x + m * K + k + 16 * u), wv, acc[m][r][u]);
-        }
-    for (; k < K; k += 16) {  // the rest, the last block masked (K % 16)
-      const __mmask16 in = K - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (K - k)) - 1);
-      for (int r = 0; r < R; ++r) {
-        const __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(in, w + (n + r) * K + k)));
-        for (int m = 0; m < M; ++m)
-          acc[m][r][0] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(in, x + m * K + k), wv, acc[m][r][0]);
-      }
-    }
-    for (int m = 0; m < M; ++m)
-      for (int r = 0; r < R; ++r) {
-        __m512 a = acc[m][r][0];
-        for (int u = 1; u < U; ++u) a = _mm512_add_ps(a, acc[m][r][u]);
-        y[m * N + n + r] = _mm512_reduce_add_ps(a);
-      }
-  }
-}
-
 }  // namespace
 
 // The same on raw pointers (decode_block.cpp's step, and rows_linear below): y [M, N] = x [M, K] w [N, K]^T + bias
@@ -247,7 +224,7 @@ void int8_rows_into(const int8_t* x, const int8_t* w, int32_t* y, int64_t M, int
 // x [M, K] float32, w [N, K] int8 -> y = x w^T [M, N] float32 (decode_block.cpp's step for Int8Linear, and w8_rows
 // below), 1 <= M <= 4.
 void w8_rows_into(const float* x, const int8_t* w, float* y, int64_t M, int64_t N, int64_t K) {
-  for_rows(M, N, [&](auto m, auto r, int64_t n0, int64_t n1) { rows_w8<m(), r()>(x, w, y, n0, n1, N, K); });
+  for_rows(M, N, [&](auto m, auto r, int64_t n0, int64_t n1) { rows_f32<m(), r()>(x, w, nullptr, y, n0, n1, N, K); });
 }
 
 // x [M, K] (M <= 4) float32, w [N, K] int8 -> x w^T [M, N] float32 (the weight-only int8 product before its scales)
