@@ -40,6 +40,8 @@ def test_tree_holds_each_words_probability():
         assert w in lex and lex.log_prob(w) == pytest.approx(math.log(c / TOTAL))
     assert "th" not in lex and "thee" not in lex and lex.log_prob("x") == -math.inf
     assert Lexicon(["A", "a", "b"]).log_prob("a") == pytest.approx(math.log(2 / 3))  # lower-cased, merged
+    zero = Lexicon(["a", "ab"], [1, 0])  # a word of count 0 is left out (no node of mass 0 to divide by)
+    assert "ab" not in zero and len(zero) == 1 and zero.log_prob("a") == 0.0
 
 
 @pytest.mark.parametrize("split", [["▁the"], ["▁t", "he"], ["▁t", "h", "e"], ["▁", "t", "he"], ["t", "he"]])
