@@ -276,8 +276,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the inputs' sample rate: needed for headerless .raw/.pcm (16-bit signed little-endian mono)")
     p.add_argument("--lexicon", default=None, metavar="WORDS.txt",
                    help="spell only the words of this list (one per line, optionally 'word count'), e.g. "
-                        "/usr/share/dict/words; --decode ctc then searches a beam (the multimodal model: best with "
-                        "--decode ctc --beam 16)")
+                        "/usr/share/dict/words: it must hold the words said; --decode ctc then searches a beam (the "
+                        "multimodal model: best with --decode ctc --beam 16)")
     p.add_argument("--lexicon-weight", type=float, default=LEXICON_WEIGHT,
                    help=f"the word list's unigram weight in the search (default {LEXICON_WEIGHT:g})")
     p.add_argument("--max-minutes", type=float, default=MAX_MINUTES,
