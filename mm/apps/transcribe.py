@@ -18,13 +18,13 @@ import json
 import sys
 from pathlib import Path
 
-from decoders.lexicon import Lexicon
+from decoders.lexicon import LEXICON_WEIGHT, Lexicon
 from encoders.audio import MAX_MINUTES, too_long
 
 from mm.apps.options import set_threads
 from mm.models.asr import ASRModel
 from mm.models.asr_search import DECODE_MODES
-from mm.models.fusion_speech import LEXICON_WEIGHT, check_decode
+from mm.models.fusion_speech import check_decode
 from mm.models.transcript import Transcript
 from mm.models.formats import TRANSCRIBERS, load
 

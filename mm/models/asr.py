@@ -40,11 +40,12 @@ from torch import nn
 from decoders.asr_decoder import TransformerDecoder
 from decoders.checkpoint import CheckpointError, read_json, read_safetensors, write_hf_weights
 from decoders.ctc import CTC
+from decoders.lexicon import LEXICON_WEIGHT
 from decoders.tokenizer import SentencePieceTokenizer
 from encoders.audio import MAX_MINUTES, check_minutes, load_audio
 from encoders.speech_encoder import SpeechEncoder
 from mm.models.asr_config import OUR_MODEL_TYPE, ASRConfig
-from mm.models.asr_search import LEXICON_WEIGHT, ASRSearch
+from mm.models.asr_search import ASRSearch
 from mm.models.convert_espnet import espnet_state_dict, load_espnet_dir, load_espnet_state_dict
 from mm.models.s2t_tokens import S2TTokens, is_special
 from mm.models.transcript import Transcript, Word, timed_words, word_groups
@@ -150,7 +151,8 @@ class ASRModel(ASRSearch, nn.Module):
                    timestamps: bool = False, batch_size: int = 8, sample_rate: int | None = None,
                    language: str | None = None, region: str | None = None, max_window: float = 30.0,
                    progress: bool | None = False, max_minutes: float | None = MAX_MINUTES,
-                   on_segment=None, lexicon=None, lexicon_weight: float = LEXICON_WEIGHT) -> Transcript | list[Transcript]:
+                   on_segment=None, lexicon=None,
+                   lexicon_weight: float = LEXICON_WEIGHT) -> Transcript | list[Transcript]:
         """Transcribe a file path, a waveform (with sample_rate), or a list of them (then a list is returned).
 
         decode: "ctc" (greedy), "attention", "joint" (default with a decoder; ctc_weight 0.5 as ESPnet) or

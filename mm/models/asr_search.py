@@ -26,13 +26,12 @@ import torch
 
 from decoders.beam_search import attention_rescoring, batch_beam_search
 from decoders.ctc import ctc_forced_align, ctc_greedy_decode
-from decoders.lexicon import LexiconScorer, as_lexicon
+from decoders.lexicon import LEXICON_WEIGHT, LexiconScorer, as_lexicon
 from mm.models.s2t_tokens import token_id
 from mm.models.transcript import Segment, Word
 
 DECODE_MODES = ("ctc", "attention", "joint", "rescore")
 ESPNET_JOINT_CTC_WEIGHT = 0.5  # Speech2Text's default ctc_weight
-LEXICON_WEIGHT = 0.5  # as the multimodal model's (mm.models.fusion_speech); not tuned on an ESPnet/Dolphin model
 
 
 class ASRSearch:

@@ -9,7 +9,7 @@ import torch
 from tqdm import tqdm
 
 from decoders.ctc import ctc_forced_align, ctc_greedy_decode
-from decoders.lexicon import Lexicon, LexiconScorer, as_lexicon
+from decoders.lexicon import LEXICON_WEIGHT, Lexicon, LexiconScorer, as_lexicon
 from encoders.audio import MAX_MINUTES, check_minutes
 from mm.models.speech_adapter import joint_beam_search
 from mm.models.transcript import Segment, Transcript, timed_words, word_groups
@@ -27,11 +27,6 @@ DECODE_CTC_WEIGHT = {"ctc": 1.0, "attention": 0.0, "joint": JOINT_CTC_WEIGHT, No
 # the everyday-words model, 100 held-out clips of everyday words: joint CER 40.2% with the pre-beam, 21.3% without
 # (the CTC head alone: 20.2%), scene sentences unchanged, 1.5x the decoding time.
 CTC_SCORES_EVERY_TOKEN_BELOW = 4096
-# The lexicon's weight in the search when one is given (`lexicon=`; ESPnet's lm_weight), chosen on held-out clips of
-# everyday words of seed 2 (`mm eval` uses seed 1): CTC head + lexicon, beam 16, 60 clips: WER 29.8 / 28.5 / 28.5% at
-# 0.3 / 0.5 / 0.7 (0.7 with a word bonus of -2). The lexicon is closed (decoders.lexicon: unk_prob 0): an open one
-# (a word outside it at P = 1e-6) let misspellings through (joint search, seed 1: 43.2 -> 59.1% WER).
-LEXICON_WEIGHT = 0.5
 
 
 def check_decode(decode: str | None, option: str | None = None) -> None:
