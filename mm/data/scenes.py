@@ -278,6 +278,19 @@ def questions(scene: list[Obj]) -> list[QA]:
     return out
 
 
+PLACES = [Obj("", "", "", r, c).place() for r in range(3) for c in range(3)]  # "at the top left" ... "at the bottom right"
+
+
+def question_form(question: str) -> str:
+    """The grammar's form of a question, its words of the scene replaced: "what colour is the <shape>?", "what shape
+    is <place>?", "how many <colour> shapes are there?" (what is looked up, and how; `mm eval`'s "by form")."""
+    places = "|".join(sorted(PLACES, key=len, reverse=True))  # "at the top left" before "at the top"
+    form = re.sub(rf"\b({places})\b", "<place>", question)
+    form = re.sub(rf"\b({'|'.join(COLOURS)})\b", "<colour>", form)
+    form = re.sub(rf"\b({'|'.join(SIZES)})\b", "<size>", form)
+    return re.sub(rf"\b({'|'.join(SHAPES)})s?\b", "<shape>", form)
+
+
 COT_INSTRUCTION = "look first."  # appended to a question: answer with the rationale first, then "answer: ..."
 
 

@@ -42,7 +42,8 @@ from mm.eval.metrics import bleu4, cer, exact_match, normalize_answer, object_f1
 from mm.models.fusion import CAPTION_PROMPT
 from mm.models.fusion_speech import TRANSCRIBE_PROMPT
 from mm.data.scenes import (COT_INSTRUCTION, QUESTION_KINDS, REPEAT_PROMPT, SPLITS, describe, item_rng,
-                            parse_objects, sample_question, sample_split_scene, scene_examples, split_cot, told)
+                            parse_objects, question_form, sample_question, sample_split_scene, scene_examples,
+                            split_cot, told)
 from mm.data.speech_data import speech_examples, spoken_questions, transcript
 from mm.data.words import SCENE_WORDS, common_words, non_speech, open_speech_examples, word_list
 
@@ -56,6 +57,19 @@ DEFAULT_TASKS = ("caption", "question", "transcribe", "spoken")
 def accuracy_by(right: list[bool], keys: list[str], groups) -> dict[str, float]:
     """Percent right within each group (items whose key is the group); 0 for a group with no items."""
     return {g: 100 * sum(r for r, k in zip(right, keys) if k == g) / max(1, keys.count(g)) for g in groups}
+
+
+def by_form(right: list[bool], qas: list, scenes: list) -> dict[str, dict]:
+    """Accuracy by the question's form (`question_form`) on scenes of two or three objects, where a question must
+    pick one object out: {form: {"accuracy": percent, "n": items}}, most frequent form first."""
+    forms = [question_form(qa.question) for qa, s in zip(qas, scenes) if len(s) > 1]
+    right = [r for r, s in zip(right, scenes) if len(s) > 1]
+    counts = Counter(forms).most_common()
+    return {f: {"accuracy": accuracy_by(right, forms, [f])[f], "n": k} for f, k in counts}
+
+
+def format_forms(forms: dict[str, dict]) -> str:
+    return ", ".join(f"\"{f}\" {v['accuracy']:.0f}% ({v['n']})" for f, v in forms.items())
 
 
 def evaluate(model, n: int = 300, batch_size: int = 32, cache_dir: str | Path | None = None, seed: int = EVAL_SEED,
@@ -81,7 +95,8 @@ def evaluate(model, n: int = 300, batch_size: int = 32, cache_dir: str | Path | 
         objects = [str(len(s.scene)) for s in scenes]
         results["question"] = {"accuracy": 100 * sum(right) / len(right),
                                "by_kind": accuracy_by(right, [qa.kind for qa in qas], QUESTION_KINDS),
-                               "by_objects": accuracy_by(right, objects, sorted(set(objects)))}
+                               "by_objects": accuracy_by(right, objects, sorted(set(objects))),
+                               "by_form": by_form(right, qas, [s.scene for s in scenes])}
     if "transcribe" in tasks:
         speech = speech_examples(n, split, seed=seed, cache_dir=cache_dir, workers=4)
         refs = [transcript(e.text) for e in speech]
@@ -167,7 +182,7 @@ def reading(model, n: int, batch_size: int, seed: int, split: str) -> dict:
              for i, s in enumerate(scenes)]
     echoed = model.replies([(REPEAT_PROMPT + t, [], []) for t in texts], batch_size, 64, "repeat")
     return {"accuracy": 100 * sum(right) / n, "by_objects": accuracy_by(right, objects, sorted(set(objects))),
-            "repeat": exact_match(echoed, texts),
+            "by_form": by_form(right, qas, scenes), "repeat": exact_match(echoed, texts),
             "examples": [{"prediction": p, "reference": qa.answer} for p, qa in zip(preds[:3], qas[:3])]}
 
 
@@ -184,6 +199,8 @@ def format_results(r: dict) -> str:
         if "by_objects" in r["question"]:
             objs = ", ".join(f"{k}: {v:.1f}%" for k, v in r["question"]["by_objects"].items())
             lines.append(f"               by objects in the scene  {objs}")
+        if "by_form" in r["question"]:
+            lines.append(f"               by form, 2-3 objects  {format_forms(r['question']['by_form'])}")
     if "transcribe" in r:
         t = r["transcribe"]
         lines.append(f"  transcribe   WER {t['wer']:.2f}%   CER {t['cer']:.2f}%   (decoder alone: WER {t['decoder_alone_wer']:.2f}%)")
@@ -210,6 +227,8 @@ def format_results(r: dict) -> str:
         objs = ", ".join(f"{k}: {v:.1f}%" for k, v in t["by_objects"].items())
         lines.append(f"  read         scene in words: accuracy {t['accuracy']:.1f}% (by objects {objs}); repeat "
                      f"{t['repeat']:.1f}%")
+        if "by_form" in t:
+            lines.append(f"               by form, 2-3 objects  {format_forms(t['by_form'])}")
     return "\n".join(lines)
 
 

@@ -8,7 +8,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from mm.data.scenes import REPEAT_PROMPT, describe, parse_objects, questions, sample_split_scene, told
+from mm.data.scenes import (REPEAT_PROMPT, Obj, describe, parse_objects, question_form, questions, sample_split_scene,
+                            told)
 from mm.eval.evaluate import evaluate, format_results
 from mm.train.recipe_tiny import TinyRecipe
 from mm.train.tiny_data import read_conversation, sample_batch
@@ -81,3 +82,20 @@ def test_eval_read_scores_lookups_by_objects_and_repeats():
     assert got["accuracy"] == pytest.approx(100 * (30 - threes) / 30)
     assert got["repeat"] == 50  # the captions, not the numbers
     assert "read         scene in words: accuracy" in format_results(r)
+    forms = got["by_form"]  # scenes of 2 and 3 objects: right exactly on the twos
+    twos = sum(len(parse_objects(p.split("\n")[0])) == 2 for p in reader.prompts[:30])
+    assert sum(v["n"] for v in forms.values()) == 30 - sum(len(parse_objects(p.split("\n")[0])) == 1
+                                                          for p in reader.prompts[:30])
+    assert sum(v["accuracy"] * v["n"] / 100 for v in forms.values()) == pytest.approx(twos)
+    assert "by form, 2-3 objects" in format_results(r)
+
+
+def test_question_form_names_what_is_looked_up():
+    scene = [Obj("star", "red", "big", 0, 0), Obj("star", "blue", "small", 2, 2), Obj("circle", "white", "big", 1, 1)]
+    forms = {question_form(qa.question) for qa in questions(scene)}
+    assert forms == {"what colour is the <size> <shape>?", "what colour is the <shape>?",
+                     "what colour is the shape <place>?", "what shape is <place>?", "what shape is <colour>?",
+                     "how many shapes are there?", "how many <shape> are there?", "how many <colour> shapes are there?",
+                     "where is the <shape>?", "where is the <colour> <shape>?"}
+    assert question_form("what shape is at the bottom right?") == "what shape is <place>?"  # not "<place> right"
+    assert question_form("what colour is the shape in the middle?") == "what colour is the shape <place>?"

@@ -216,6 +216,10 @@ def test_eval_question_accuracy_by_objects_in_the_scene(model):
     # the groups partition the items: their accuracies, weighted by group size, give the overall accuracy
     assert sum(by_objects[str(c)] * k for c, k in counts.items()) / 24 == pytest.approx(r["question"]["accuracy"])
     assert "by objects in the scene  1: " in format_results(r)
+    forms = r["question"]["by_form"]  # the forms partition the items of 2 and 3 objects
+    assert sum(v["n"] for v in forms.values()) == counts[2] + counts[3]
+    assert sum(v["accuracy"] * v["n"] for v in forms.values()) == pytest.approx(
+        by_objects["2"] * counts[2] + by_objects["3"] * counts[3])
 
 
 def test_shipped_model_is_small():
