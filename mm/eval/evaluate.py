@@ -64,11 +64,12 @@ def by_form(right: list[bool], qas: list, scenes: list) -> dict[str, dict]:
     pick one object out: {form: {"accuracy": percent, "n": items}}, most frequent form first."""
     forms = [question_form(qa.question) for qa, s in zip(qas, scenes) if len(s) > 1]
     right = [r for r, s in zip(right, scenes) if len(s) > 1]
-    counts = Counter(forms).most_common()
-    return {f: {"accuracy": accuracy_by(right, forms, [f])[f], "n": k} for f, k in counts}
+    return {f: {"accuracy": 100 * sum(r for r, g in zip(right, forms) if g == f) / k, "n": k}
+            for f, k in Counter(forms).most_common()}
 
 
 def format_forms(forms: dict[str, dict]) -> str:
+    """'"what colour is the <shape>?" 56% (16), ...'."""
     return ", ".join(f"\"{f}\" {v['accuracy']:.0f}% ({v['n']})" for f, v in forms.items())
 
 
