@@ -62,10 +62,11 @@ def accuracy_by(right: list[bool], keys: list[str], groups) -> dict[str, float]:
 def by_form(right: list[bool], qas: list, scenes: list) -> dict[str, dict]:
     """Accuracy by the question's form (`question_form`) on scenes of two or three objects, where a question must
     pick one object out: {form: {"accuracy": percent, "n": items}}, most frequent form first."""
-    forms = [question_form(qa.question) for qa, s in zip(qas, scenes) if len(s) > 1]
-    right = [r for r, s in zip(right, scenes) if len(s) > 1]
-    return {f: {"accuracy": 100 * sum(r for r, g in zip(right, forms) if g == f) / k, "n": k}
-            for f, k in Counter(forms).most_common()}
+    pairs = [(r, question_form(qa.question)) for r, qa, s in zip(right, qas, scenes) if len(s) > 1]
+    right, forms = [r for r, _ in pairs], [f for _, f in pairs]
+    counts = Counter(forms).most_common()
+    accuracy = accuracy_by(right, forms, [f for f, _ in counts])
+    return {f: {"accuracy": accuracy[f], "n": k} for f, k in counts}
 
 
 def format_forms(forms: dict[str, dict]) -> str:
