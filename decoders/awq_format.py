@@ -60,8 +60,7 @@ def awq_tensors(u: torch.Tensor, s: torch.Tensor, z: torch.Tensor, bits: int) ->
 
 def int4_to_awq(lin: Int4Linear) -> dict[str, torch.Tensor]:
     """An Int4Linear's AWQ tensors (its bf16 scales in fp16; z = 8 - o / s up to the offset's bf16 rounding)."""
-    s = lin.scales_and_zeros[..., 0].float().t()  # [N, G]
-    o = lin.scales_and_zeros[..., 1].float().t()
+    s, o = lin.scales_offsets()  # [N, G] each
     N, K, g = lin.out_features, lin.in_features, lin.group_size
     z = 8 - torch.round(o / s)  # o = (8 - z) s, up to the offset's bfloat16 rounding
     w = lin.dequantize()  # (u - 8) s + o

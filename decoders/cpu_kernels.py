@@ -1,6 +1,8 @@
 """The project's C++ kernels for CPU decode steps, built from source on first use (AVX512-VNNI):
 
     w4a8.cpp              torch.ops.mm_w4a8.linear, .dequantize_t   W4A8 products (decoders.w4a8)
+                          torch.ops.mm_w4a8.w4_linear,              weight-only 4-bit products on the same bytes
+                          .w4_dequantize_t                          (Int4Linear)
     decode_attention.cpp  torch.ops.mm_attention.decode            one token's attention over a static cache
     linear.cpp            torch.ops.mm_linear.rows                 float32 and bf16 products of 1-4 rows
                                                                    (decoders.linear; bf16 needs AVX512-BF16, `bf16`)
@@ -81,6 +83,10 @@ def build() -> bool:
     torch.library.register_fake("mm_w4a8::dequantize_t")(
         lambda packed, sc, group, dtype: packed.new_empty(packed.shape[1] * 8, packed.shape[0] * 16,
                                                                     dtype=dtype))
+    torch.library.register_fake("mm_w4a8::w4_linear")(
+        lambda x, packed, sz, group: x.new_empty(x.shape[0], packed.shape[0] * 16))
+    torch.library.register_fake("mm_w4a8::w4_dequantize_t")(
+        lambda packed, sz, group: packed.new_empty(packed.shape[1] * 8, packed.shape[0] * 16, dtype=torch.float32))
     torch.library.register_fake("mm_attention::decode")(lambda q, k, v, mask: torch.empty_like(q))
     torch.library.register_fake("mm_linear::rows")(lambda x, w, bias: x.new_empty(x.shape[0], w.shape[0]))
     torch.library.register_fake("mm_linear::int8_rows")(

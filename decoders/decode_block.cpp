@@ -25,6 +25,8 @@ void int8_rows_into(const int8_t* x, const int8_t* w, int32_t* y, int64_t M, int
 void w8_rows_into(const float* x, const int8_t* w, float* y, int64_t M, int64_t N, int64_t K);  // linear.cpp
 void w4a8_into(const float* x, const uint8_t* w, const uint16_t* sc, float* y, int64_t M, int64_t N, int64_t K,
                int64_t group);  // w4a8.cpp
+void w4_into(const float* x, const uint8_t* w, const uint32_t* sz, float* y, int64_t M, int64_t N, int64_t K,
+             int64_t group);  // w4a8.cpp
 void attention_into(const float* q, const float* k, const float* v, const float* mask, float* y, int64_t Hkv,
                     int64_t G, int64_t S, int64_t D);  // decode_attention.cpp
 void attention_into(const at::BFloat16* q, const at::BFloat16* k, const at::BFloat16* v, const at::BFloat16* mask,
@@ -65,8 +67,10 @@ void rope(const T* x, const T* cos, const T* sin, T* out, int64_t Dh) {
 //          per block of 32 inputs (w4a8.cpp)  (W4A8Linear)
 //   Int8   int8 weight [N, K], bf16 scales [N]; weight-only: x rounded to bf16, float32 sums, y = bf16(sum s)
 //          (Int8Linear's torch._weight_int8pack_mm, its sums in another order)
+//   Int4   4-bit codes uint8 [N/16, K/8, 64] and bf16 scales and offsets [N/16, K/group, 16, 2]; weight-only: x rounded
+//          to bf16, y = bf16(w4a8.cpp's float32 sums)  (Int4Linear)
 // The result rounded to x's dtype once, as the modules' `.to(x.dtype)`.
-enum class Kind { Plain, W8A8, W4A8, Int8 };
+enum class Kind { Plain, W8A8, W4A8, Int8, Int4 };
 struct Product {
   Kind kind;
   const void* w;
@@ -87,6 +91,14 @@ Product product_of(const torch::Tensor& w, const torch::Tensor& s, at::ScalarTyp
                 "got ", w.sizes(), ", scales ", s.scalar_type(), " ", s.sizes());
     const Kind kind = s.scalar_type() == torch::kFloat ? Kind::W8A8 : Kind::Int8;
     return {kind, w.data_ptr(), s.data_ptr(), w.size(0), w.size(1), 0};
+  }
+  if (w.scalar_type() == torch::kByte && w.dim() == 3 && w.size(2) == 64 && s.scalar_type() == torch::kBFloat16) {
+    const int64_t N = w.size(0) * 16, K = w.size(1) * 8;
+    TORCH_CHECK(s.dim() == 4 && s.size(0) == w.size(0) && s.size(1) >= 1 && K % s.size(1) == 0 &&
+                K / s.size(1) % 8 == 0 && s.size(2) == 16 && s.size(3) == 2, name, ": 4-bit codes [N/16, K/8, 64] "
+                "take bf16 scales and offsets [N/16, K/group, 16, 2] (weight-only) or float16 [N/16, K/group, 32] "
+                "(W4A8); got ", w.sizes(), ", scales ", s.sizes());
+    return {Kind::Int4, w.data_ptr(), s.data_ptr(), N, K, K / s.size(1)};
   }
   TORCH_CHECK(w.scalar_type() == torch::kByte && w.dim() == 3 && w.size(2) == 64 && s.scalar_type() == torch::kHalf &&
               s.dim() == 3 && s.size(0) == w.size(0) && s.size(1) >= 1 && s.size(2) == 32 &&
@@ -131,7 +143,7 @@ struct Scratch {  // a block's values between its products; the quantized produc
   std::vector<T> h, qkv, q, y, o, gu, a;
   std::vector<int8_t> xq;  // W8A8: x's int8 codes
   std::vector<int32_t> acc;
-  std::vector<float> xf, yf;  // W4A8, Int8: x and y in float32
+  std::vector<float> xf, yf;  // W4A8, Int8, Int4: x and y in float32
   explicit Scratch(const Shape& s)
       : h(s.D), qkv((s.H + 2 * s.Hkv) * s.Dh), q(s.H * s.Dh), y(s.H * s.Dh), o(s.D), gu(2 * s.F), a(s.F) {}
 };
@@ -159,6 +171,13 @@ void apply(const Product& p, const T* x, T* y, Scratch<T>& t) {
     w8_rows_into(t.xf.data(), static_cast<const int8_t*>(p.w), t.yf.data(), 1, N, K);
     const at::BFloat16* s = static_cast<const at::BFloat16*>(p.s);
     for (int64_t n = 0; n < N; ++n) y[n] = rnd<T>(f(rnd<at::BFloat16>(t.yf[n] * f(s[n]))));
+  } else if (p.kind == Kind::Int4) {
+    t.xf.resize(K);
+    t.yf.resize(N);
+    for (int64_t k = 0; k < K; ++k) t.xf[k] = f(rnd<at::BFloat16>(f(x[k])));  // the module's x.to(bfloat16)
+    w4_into(t.xf.data(), static_cast<const uint8_t*>(p.w), static_cast<const uint32_t*>(p.s), t.yf.data(), 1, N, K,
+            p.group);
+    for (int64_t n = 0; n < N; ++n) y[n] = rnd<T>(f(rnd<at::BFloat16>(t.yf[n])));
   } else if constexpr (std::is_same_v<T, float>) {  // W4A8 takes and gives float32
     w4a8_into(x, static_cast<const uint8_t*>(p.w), static_cast<const uint16_t*>(p.s), y, 1, N, K, p.group);
   } else {

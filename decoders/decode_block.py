@@ -4,9 +4,9 @@ products on `linear.cpp`'s row kernel and its attention on `decode_attention.cpp
 of an eager step of a small model (10M float32: 1.2 ms a token, ~0.5 of it in the products; 0.68 ms with these
 blocks, against 0.43 for the compiled step; 125M bf16 5.8 -> 3.8 ms, as fast as compiled). `stepper` goes one
 further for `generate`: the whole step (embedding, blocks, final norm, head) in one call, its linears float or
-quantized as W8A8 / W4A8 (the modules' numbers) or weight-only int8 (its sums in another order). The compiled step
-keeps the Python block (inductor fuses it); so does anything with more than one row or token, a gradient, other
-quantized or adapted linears, biases."""
+quantized as W8A8 / W4A8 (the modules' numbers) or weight-only int8 / int4 (their sums in another order). The
+compiled step keeps the Python block (inductor fuses it); so does anything with more than one row or token, a
+gradient, other quantized or adapted linears, biases."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable
@@ -15,7 +15,7 @@ import torch
 
 from . import cpu_kernels
 from .linear import Linear
-from .qlinear import Int8Linear, W4A8Linear, W8A8Linear
+from .qlinear import Int4Linear, Int8Linear, W4A8Linear, W8A8Linear
 
 if TYPE_CHECKING:
     from .kv_cache import KVCache
@@ -67,7 +67,8 @@ NO_SCALES = torch.empty(0)
 def product(linear) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(weight, scales) of a linear as `torch.ops.mm_decode.step` takes it, or None for one it does not compute: a
     `Linear` (no scales), `W8A8Linear` (int8 weight, float32 scales), `Int8Linear` (int8 weight, bf16 scales: weight
-    only) or `W4A8Linear` (packed codes, float16 scales and corrections), none with a bias."""
+    only), `W4A8Linear` (packed codes, float16 scales and corrections) or `Int4Linear` (the same packing, bf16 scales
+    and offsets: weight only), none with a bias."""
     if linear.bias is not None:
         return None
     if type(linear) is Linear:
@@ -76,6 +77,8 @@ def product(linear) -> tuple[torch.Tensor, torch.Tensor] | None:
         return linear.qweight, linear.scales
     if type(linear) is W4A8Linear:
         return linear.qweight, linear.sc
+    if type(linear) is Int4Linear:
+        return linear.qweight, linear.so
     return None
 
 
@@ -83,8 +86,8 @@ def stepper(model: LlamaForCausalLM, batch_size: int, cos: torch.Tensor, sin: to
     """`model.decode_step` (a `LlamaForCausalLM` of `llama.Block`s) for a batch of one as one C++ call a token
     (embedding, every block, final norm, head: `torch.ops.mm_decode.step`), or None where that does not apply: a CPU
     model in float32 or bf16 (bf16 on CPUs with AVX512-BF16) of `shaped` blocks whose linears are bias-free `Linear`s
-    or W8A8 / W4A8 / weight-only int8 (`product`), the kernels loaded, a batch of one, no gradient. cos, sin [P, Dh]:
-    RoPE at positions 0..P-1 in the model's dtype (`rope_cos_sin`'s values)."""
+    or W8A8 / W4A8 / weight-only int8 / int4 (`product`), the kernels loaded, a batch of one, no gradient. cos, sin
+    [P, Dh]: RoPE at positions 0..P-1 in the model's dtype (`rope_cos_sin`'s values)."""
     dtype = model.dtype
     if not (batch_size == 1 and cpu_kernels.loaded and model.device.type == "cpu" and not torch.is_grad_enabled()
             and (dtype == torch.float32 or dtype == torch.bfloat16 and cpu_kernels.bf16)

@@ -2,8 +2,9 @@
 
     module        weight in memory                                  product on CPU (measured, batch 1)
     Int8Linear    int8 [N, K] + one scale per output channel [N]    torch._weight_int8pack_mm, bf16 activations
-    Int4Linear    4-bit codes [N, K/2] (the kernel's own packing)    torch._weight_int4pack_mm_for_cpu, bf16 activations
-                  + scale and offset per group of g inputs [K/g, N, 2]
+    Int4Linear    4-bit codes [N/16, K/8, 64] (decoders.w4a8.pack)   decoders/w4a8.cpp's weight-only rows (float32
+                  + scale and offset per group of g inputs             sums), bf16 activations
+                  [N/16, K/g, 16, 2] (per tile of 16 rows), bf16
     W8A8Linear    int8 [N, K] + scale per output channel [N]         torch._int_mm on int8 activations quantized per
                                                                      token (dynamic scale max|x| / 127), fp32 rescale;
                                                                      1-4 rows: linear.cpp's int8 kernel (same sums)
@@ -131,19 +132,21 @@ class Int8Linear(QuantLinear):
 
 
 class Int4Linear(QuantLinear):
-    """Weight-only 4- or 3-bit codes in groups of `group_size` inputs, in the CPU int4 kernel's packing."""
+    """Weight-only 4- or 3-bit codes in groups of `group_size` inputs, packed as `w4a8.pack` (W4A8Linear's bytes)."""
 
     def __init__(self, u: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits: int, group_size: int,
                  bias: torch.Tensor | None = None):
         """Codes u [N, K] in [0, 15], scale and offset [N, K / group_size]: w = (u - 8) * scale + offset."""
         N, K = u.shape
         super().__init__(K, N, bias)
-        if N % 16 or K % 2:
-            raise ValueError(f"the int4 kernel needs out_features divisible by 16 and even in_features, got [{N}, {K}]")
+        if N % 16 or K % 8 or group_size % 8:
+            raise ValueError(f"the int4 kernel needs out_features divisible by 16, in_features by 8 and groups of a "
+                             f"multiple of 8 inputs, got [{N}, {K}] in groups of {group_size}")
         self.bits, self.group_size = bits, group_size
-        self.register_buffer("qweight", torch._convert_weight_to_int4pack_for_cpu(u.int().contiguous(), 1))  # [N, K/2]
-        sz = torch.stack([scale.float(), offset.float()], dim=-1).transpose(0, 1)  # [K/g, N, 2]
-        self.register_buffer("scales_and_zeros", sz.to(torch.bfloat16).contiguous())
+        self.register_buffer("qweight", w4a8.pack(u))  # [N/16, K/8, 64]
+        so = torch.stack([scale.float(), offset.float()], dim=-1).to(torch.bfloat16)  # [N, K/g, 2]
+        self.register_buffer("so", so.view(N // 16, 16, -1, 2).transpose(1, 2).contiguous())  # [N/16, K/g, 16, 2]
+        w4a8.kernel()  # built (once) here rather than inside a compiled step's tracing
 
     @staticmethod
     def codes(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -152,15 +155,30 @@ class Int4Linear(QuantLinear):
             return q.int() + 8, s, torch.zeros_like(s, dtype=torch.float32)
         return q.int(), s, (8 - z.float()) * s.float()
 
+    def scales_offsets(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(s, o) [N, K/g] in float32 (stored in bf16, per tile of 16 rows and group: `so` [N/16, K/g, 16, 2])."""
+        return self.so.transpose(1, 2).reshape(self.out_features, -1, 2).float().unbind(-1)
+
     def dequantize(self) -> torch.Tensor:
-        """w_hat [N, K] = (u - 8) * s + o, exactly as the kernel forms it (through the kernel, on the identity)."""
-        eye = torch.eye(self.in_features, device=self.qweight.device)
-        return torch._weight_int4pack_mm_for_cpu(eye, self.qweight, self.group_size, self.scales_and_zeros.float()).t()
+        """w_hat [N, K] = (u - 8) * s + o in float32 (two roundings, as the kernel library's `w4_dequantize_t`)."""
+        N, K = self.out_features, self.in_features
+        s, o = self.scales_offsets()  # [N, K/g] each
+        u = w4a8.unpack(self.qweight).view(N, s.shape[1], -1).float()
+        return ((u - 8) * s[..., None] + o[..., None]).view(N, K)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """y = bf16(x) w_hat^T rounded to bf16: 1-4 rows on CPU on the kernel library's weight-only rows (`w4a8.cpp`:
+        float32 sums, per group s sum u x + (o - 8 s) sum x), more rows against its dequantized weight; elsewhere,
+        or without the library, against `dequantize()`."""
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)
-        y = torch._weight_int4pack_mm_for_cpu(x2, self.qweight, self.group_size, self.scales_and_zeros).to(x.dtype)
+        x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16).float()
+        if cpu_kernels.loaded and x.device.type == "cpu" and x2.shape[0] <= w4a8.MAX_ROWS:
+            y = torch.ops.mm_w4a8.w4_linear(x2.contiguous(), self.qweight, self.so, self.group_size)
+        elif cpu_kernels.loaded and x.device.type == "cpu":
+            y = x2 @ torch.ops.mm_w4a8.w4_dequantize_t(self.qweight, self.so, self.group_size)
+        else:
+            y = x2 @ self.dequantize().t()
+        y = y.to(torch.bfloat16).to(x.dtype)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features)
@@ -217,14 +235,8 @@ class W4A8Linear(QuantLinear):
     @classmethod
     def from_int4(cls, lin: Int4Linear) -> W4A8Linear:
         """The same weights (codes, scales, offsets of a 4-bit model, e.g. a GGUF Q4_0 file's) with int8 activations."""
-        s, o = lin.scales_and_zeros.float().transpose(0, 1).unbind(-1)  # [N, K/g] each
-        N, K = lin.out_features, lin.in_features
-        if N % 64 == 0:  # the int4 kernel's bytes [N/64, K, 32]: row 64 b + j in the low nibble, 64 b + 32 + j high
-            p = lin.qweight.reshape(N // 64, K, 32)
-            u = torch.cat([p & 0x0F, p >> 4], dim=2).transpose(1, 2).reshape(N, K)
-        else:  # other row counts pack their last rows differently: read the codes back from the dequantized weight
-            expand = lambda t: t.repeat_interleave(lin.group_size, dim=1)  # noqa: E731
-            u = torch.round((lin.dequantize() - expand(o)) / expand(s)).nan_to_num(0).clamp(-8, 7) + 8  # s = 0: w = o
+        s, o = lin.scales_offsets()  # [N, K/g] each
+        u = w4a8.unpack(lin.qweight)  # the same bytes
         return cls(u, s, o, lin.bits, lin.group_size, lin.bias)
 
     @property

@@ -10,6 +10,11 @@
 // row 16 t + l at input k0 + j in its low nibble and at k0 + 4 + j in its high nibble (j < 4). Scales and
 // corrections, sc [N/16, K/group, 32] float16: per tile and group, the 16 rows' s, then their c, so a tile reads its
 // scales as one forward stream beside its weights (laid out [K/group, N], the 1.1B model's products took 20% longer).
+// Weight-only (Int4Linear), on the same bytes: x in float32 (the module rounds it to bf16 first) and
+//   y[m, n] = sum_g ( s[g, n] sum_k u[n, k] x[m, k] + c[g, n] X[m, g] ),  X: the group's sum of x, c = o - 8 s,
+// in float32 FMAs, 16 output rows in the lanes of a register, each input's 16 codes widened as they are read. Its
+// scales and offsets, so [N/16, K/group, 16, 2] bf16: per tile and group, one 32-bit word a row, s in the low half
+// and o in the high one (exact in float32), a forward stream beside the codes as W4A8's scales are.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -76,6 +81,99 @@ void tile(const uint8_t* w, const uint16_t* sc, const int8_t* q, const float* d,
     const __m512 cg = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sct + 16)));
     for (int m = 0; m < M; ++m)
       tot[m] = _mm512_fmadd_ps(cg, _mm512_set1_ps(X[m * (K / group) + g]), _mm512_fmadd_ps(sg, acc[m], tot[m]));
+  }
+  for (int m = 0; m < M; ++m) _mm512_storeu_ps(y + m * N + t * 16, tot[m]);
+}
+
+
+// (s, o) of rows [16 t, 16 t + 16) in group g of G, from so [N/16, G, 16, 2] bf16 read as 32-bit words (s in the low
+// half, o in the high one), in float32 (exact)
+inline void scales_offsets(const uint32_t* sz, int64_t g, int64_t t, int64_t G, __m512& s, __m512& o) {
+  const __m512i so = _mm512_loadu_si512(sz + (t * G + g) * 16);
+  s = _mm512_castsi512_ps(_mm512_slli_epi32(so, 16));
+  o = _mm512_castsi512_ps(_mm512_and_si512(so, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+}
+
+// Weight-only: rows [16 t, 16 t + 16) of y for the M rows of x (float32), X [M, K/group] the groups' sums of x
+template <int M>
+void tile_w4(const uint8_t* w, const uint32_t* sz, const float* x, const float* X, float* y, int64_t t, int64_t N,
+             int64_t K, int64_t group) {
+  const __m512i low = _mm512_set1_epi32(0x0F);
+  const __m512 eight = _mm512_set1_ps(8.f);
+  const uint8_t* wt = w + t * (K / 8) * 64;
+  __m512 tot[M];
+  for (int m = 0; m < M; ++m) tot[m] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < K / group; ++g) {
+    __m512 acc[M][4];  // one accumulator per byte j of a lane: two FMAs a step on each
+    for (int m = 0; m < M; ++m)
+      for (int j = 0; j < 4; ++j) acc[m][j] = _mm512_setzero_ps();
+    for (int64_t k8 = g * group / 8; k8 < (g + 1) * group / 8; ++k8) {  // 8 inputs a step
+      const __m512i v = _mm512_loadu_si512(wt + k8 * 64);  // lane l: row 16 t + l, byte j: inputs j, 4 + j
+      for (int j = 0; j < 4; ++j) {
+        const __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(v, 8 * j), low));
+        const __m512 hi = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(v, 8 * j + 4), low));
+        for (int m = 0; m < M; ++m) {
+          const float* xm = x + m * K + k8 * 8;
+          acc[m][j] = _mm512_fmadd_ps(_mm512_set1_ps(xm[j]), lo, acc[m][j]);
+          acc[m][j] = _mm512_fmadd_ps(_mm512_set1_ps(xm[4 + j]), hi, acc[m][j]);
+        }
+      }
+    }
+    __m512 sg, og;
+    scales_offsets(sz, g, t, K / group, sg, og);
+    const __m512 cg = _mm512_sub_ps(og, _mm512_mul_ps(eight, sg));  // o - 8 s (8 s exact)
+    for (int m = 0; m < M; ++m) {
+      const __m512 a = _mm512_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]), _mm512_add_ps(acc[m][2], acc[m][3]));
+      tot[m] = _mm512_fmadd_ps(cg, _mm512_set1_ps(X[m * (K / group) + g]), _mm512_fmadd_ps(sg, a, tot[m]));
+    }
+  }
+  for (int m = 0; m < M; ++m) _mm512_storeu_ps(y + m * N + t * 16, tot[m]);
+}
+
+
+// bf16(i mod 16) for i < 32: vpermw reads five bits of each index, so a code's neighbouring bit needs no masking
+alignas(64) const uint16_t W4_BF16_TABLE[32] = {
+    0x0000, 0x3F80, 0x4000, 0x4040, 0x4080, 0x40A0, 0x40C0, 0x40E0, 0x4100, 0x4110, 0x4120, 0x4130, 0x4140, 0x4150,
+    0x4160, 0x4170, 0x0000, 0x3F80, 0x4000, 0x4040, 0x4080, 0x40A0, 0x40C0, 0x40E0, 0x4100, 0x4110, 0x4120, 0x4130,
+    0x4140, 0x4150, 0x4160, 0x4170};
+
+// The same with AVX512-BF16 (vdpbf16ps: two products a lane, exact here, added in float32): codes become bf16 by
+// vpermw on W4_BF16_TABLE, x comes in bf16 pairs xp [M, K/8, 4] of 32-bit words, per 8 inputs (x0, x2), (x1, x3),
+// (x4, x6), (x5, x7), as the 16-bit words of a lane pair the codes: the low nibbles of bytes 0 and 2, of bytes 1 and
+// 3, then the high nibbles. About 1.5x the float32 FMA form's rate here, as fast as torch's int4 kernel.
+template <int M>
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) void tile_w4_bf16(const uint8_t* w, const uint32_t* sz,
+                                                                         const uint32_t* xp, const float* X, float* y,
+                                                                         int64_t t, int64_t N, int64_t K,
+                                                                         int64_t group) {
+  const __m512i table = _mm512_load_si512(W4_BF16_TABLE);
+  const __m512 eight = _mm512_set1_ps(8.f);
+  const uint8_t* wt = w + t * (K / 8) * 64;
+  __m512 tot[M];
+  for (int m = 0; m < M; ++m) tot[m] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < K / group; ++g) {
+    __m512 acc[M][4];  // one accumulator per pair of inputs: vdpbf16ps's latency, not its rate, bounds one chain
+    for (int m = 0; m < M; ++m)
+      for (int j = 0; j < 4; ++j) acc[m][j] = _mm512_setzero_ps();
+    for (int64_t k8 = g * group / 8; k8 < (g + 1) * group / 8; ++k8) {
+      const __m512i v = _mm512_loadu_si512(wt + k8 * 64);
+      const __m512i c[4] = {_mm512_permutexvar_epi16(v, table),  // (u0, u2), (u1, u3), (u4, u6), (u5, u7)
+                            _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 8), table),
+                            _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), table),
+                            _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 12), table)};
+      for (int m = 0; m < M; ++m) {
+        const uint32_t* x4 = xp + (m * (K / 8) + k8) * 4;
+        for (int j = 0; j < 4; ++j)
+          acc[m][j] = _mm512_dpbf16_ps(acc[m][j], (__m512bh)c[j], (__m512bh)_mm512_set1_epi32(static_cast<int>(x4[j])));
+      }
+    }
+    __m512 sg, og;
+    scales_offsets(sz, g, t, K / group, sg, og);
+    const __m512 cg = _mm512_sub_ps(og, _mm512_mul_ps(eight, sg));
+    for (int m = 0; m < M; ++m)
+      tot[m] = _mm512_fmadd_ps(cg, _mm512_set1_ps(X[m * (K / group) + g]),
+                               _mm512_fmadd_ps(sg, _mm512_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]),
+                                                                 _mm512_add_ps(acc[m][2], acc[m][3])), tot[m]));
   }
   for (int m = 0; m < M; ++m) _mm512_storeu_ps(y + m * N + t * 16, tot[m]);
 }
@@ -167,11 +265,112 @@ torch::Tensor w4a8_dequantize_t(torch::Tensor packed, torch::Tensor sc, int64_t 
   return out;
 }
 
+// Weight-only, on raw pointers (w4_linear below, decode_block.cpp's step): x [M, K] float32 (1 <= M <= 4), packed
+// [N/16, K/8, 64], sz [N/16, K/group, 16, 2] bf16 as 32-bit words -> y [M, N] float32
+void w4_into(const float* x, const uint8_t* w, const uint32_t* sz, float* y, int64_t M, int64_t N, int64_t K,
+             int64_t group) {
+  std::vector<float> X(M * K / group, 0.f);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) X[m * (K / group) + k / group] += x[m * K + k];
+  const float* Xp = X.data();
+  static const bool bf16 = __builtin_cpu_supports("avx512bf16");
+  if (bf16) {  // x's bf16 bits (x holds bf16 values: the module rounded it) in tile_w4_bf16's pairs
+    std::vector<uint32_t> xp(M * K / 2);
+    const int order[8] = {0, 2, 1, 3, 4, 6, 5, 7};
+    for (int64_t i = 0; i < M * K / 8; ++i)
+      for (int j = 0; j < 8; ++j) {
+        uint32_t b;
+        std::memcpy(&b, x + i * 8 + order[j], 4);
+        reinterpret_cast<uint16_t*>(xp.data())[i * 8 + j] = static_cast<uint16_t>(b >> 16);
+      }
+    const uint32_t* xpp = xp.data();
+    at::parallel_for(0, N / 16, 4, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) switch (M) {
+          case 1: tile_w4_bf16<1>(w, sz, xpp, Xp, y, t, N, K, group); break;
+          case 2: tile_w4_bf16<2>(w, sz, xpp, Xp, y, t, N, K, group); break;
+          case 3: tile_w4_bf16<3>(w, sz, xpp, Xp, y, t, N, K, group); break;
+          default: tile_w4_bf16<4>(w, sz, xpp, Xp, y, t, N, K, group); break;
+        }
+    });
+    return;
+  }
+  at::parallel_for(0, N / 16, 4, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) switch (M) {
+        case 1: tile_w4<1>(w, sz, x, Xp, y, t, N, K, group); break;
+        case 2: tile_w4<2>(w, sz, x, Xp, y, t, N, K, group); break;
+        case 3: tile_w4<3>(w, sz, x, Xp, y, t, N, K, group); break;
+        default: tile_w4<4>(w, sz, x, Xp, y, t, N, K, group); break;
+      }
+  });
+}
+
+inline void check_sz(const torch::Tensor& sz, int64_t N, int64_t K, int64_t group) {
+  TORCH_CHECK(sz.scalar_type() == torch::kBFloat16 && sz.dim() == 4 && sz.size(0) * 16 == N &&
+              sz.size(1) * group == K && sz.size(2) == 16 && sz.size(3) == 2 && sz.is_contiguous(),
+              "scales and offsets: contiguous bfloat16 [", N / 16, ", ", K / group, ", 16, 2], got ", sz.sizes(), " ",
+              sz.scalar_type());
+}
+
+inline void check_packed(const torch::Tensor& packed, int64_t group) {
+  TORCH_CHECK(packed.scalar_type() == torch::kUInt8 && packed.dim() == 3 && packed.size(2) == 64 &&
+              packed.is_contiguous(), "packed: contiguous uint8 [N/16, K/8, 64]");
+  TORCH_CHECK(group % 8 == 0 && packed.size(1) * 8 % group == 0, "in_features ", packed.size(1) * 8,
+              " must be a multiple of group ", group, ", a multiple of 8");
+}
+
+// x [M, K] float32 (M <= 4), packed [N/16, K/8, 64] uint8, scales and offsets sz [N/16, K/group, 16, 2] bf16
+// -> [M, N]
+torch::Tensor w4_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor sz, int64_t group) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous(), "x: contiguous float32 [M, K]");
+  const int64_t M = x.size(0), K = x.size(1), N = packed.size(0) * 16;
+  TORCH_CHECK(M >= 1 && M <= MAX_ROWS, "1 to ", MAX_ROWS, " rows, got ", M);
+  check_packed(packed, group);
+  TORCH_CHECK(packed.size(1) * 8 == K, "x has ", K, " inputs, the weight ", packed.size(1) * 8);
+  check_sz(sz, N, K, group);
+  auto y = torch::empty({M, N}, x.options());
+  w4_into(x.data_ptr<float>(), packed.data_ptr<uint8_t>(), reinterpret_cast<const uint32_t*>(sz.data_ptr()),
+          y.data_ptr<float>(), M, N, K, group);
+  return y;
+}
+
+// w^T [K, N] = ((u - 8) s + o)^T in float32 (two roundings, as Int4Linear.dequantize) from the same bytes
+torch::Tensor w4_dequantize_t(torch::Tensor packed, torch::Tensor sz, int64_t group) {
+  check_packed(packed, group);
+  const int64_t N = packed.size(0) * 16, K8 = packed.size(1), K = K8 * 8;
+  check_sz(sz, N, K, group);
+  auto out = torch::empty({K, N}, packed.options().dtype(torch::kFloat));
+  const uint8_t* w = packed.data_ptr<uint8_t>();
+  const auto* szp = reinterpret_cast<const uint32_t*>(sz.data_ptr());
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, K8, 8, [&](int64_t k0, int64_t k1) {
+    const __m512i low = _mm512_set1_epi32(0x0F);
+    const __m512 eight = _mm512_set1_ps(8.f);
+    for (int64_t k8 = k0; k8 < k1; ++k8) {
+      const int64_t g = k8 * 8 / group;
+      for (int64_t t = 0; t < N / 16; ++t) {
+        const __m512i v = _mm512_loadu_si512(w + (t * K8 + k8) * 64);
+        __m512 sg, og;
+        scales_offsets(szp, g, t, K / group, sg, og);
+        for (int j = 0; j < 8; ++j) {
+          const __m512i u = _mm512_and_si512(_mm512_srli_epi32(v, 8 * (j % 4) + 4 * (j / 4)), low);
+          const __m512 wv = _mm512_add_ps(_mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(u), eight), sg), og);
+          _mm512_storeu_ps(o + (k8 * 8 + j) * N + t * 16, wv);
+        }
+      }
+    }
+  });
+  return out;
+}
+
 TORCH_LIBRARY(mm_w4a8, m) {
   m.def("linear(Tensor x, Tensor packed, Tensor sc, int group) -> Tensor");
   m.def("dequantize_t(Tensor packed, Tensor sc, int group, ScalarType dtype) -> Tensor");
+  m.def("w4_linear(Tensor x, Tensor packed, Tensor sz, int group) -> Tensor");
+  m.def("w4_dequantize_t(Tensor packed, Tensor sz, int group) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(mm_w4a8, CPU, m) {
   m.impl("linear", &w4a8_linear);
   m.impl("dequantize_t", &w4a8_dequantize_t);
+  m.impl("w4_linear", &w4_linear);
+  m.impl("w4_dequantize_t", &w4_dequantize_t);
 }

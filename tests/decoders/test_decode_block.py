@@ -155,13 +155,16 @@ def test_greedy_tokens_of_a_quantized_model_equal_with_and_without_the_whole_cpp
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_whole_cpp_step_with_weight_only_int8_linears_is_the_python_step_in_another_order(dtype):
-    """Int8Linear (weight-only, torch._weight_int8pack_mm): x rounded to bf16, float32 sums, y = bf16(sum * s); the
-    C++ step sums in another order, so the results agree to bf16's rounding, and greedy tokens are the same."""
+@pytest.mark.parametrize("bits, group_size, kind", [(8, None, Int8Linear), (4, 32, Int4Linear)])
+def test_the_whole_cpp_step_with_weight_only_linears_is_the_python_step_in_another_order(dtype, bits, group_size,
+                                                                                           kind):
+    """Int8Linear (torch._weight_int8pack_mm) and Int4Linear (w4a8.cpp's weight-only rows), both weight-only: x
+    rounded to bf16, float32 sums, y rounded to bf16; the C++ step sums in another order, so the results agree to
+    bf16's rounding, and greedy tokens are the same."""
     if dtype == torch.bfloat16 and not cpu_kernels.bf16:
         pytest.skip("bf16 rows need AVX512-BF16")
-    m = quantize_model(model(dtype, **QUANTIZED), bits=8, group_size=None)
-    assert type(m.layers[0].self_attn.qkv_proj) is Int8Linear and type(m.lm_head) is Int8Linear
+    m = quantize_model(model(dtype, **QUANTIZED), bits=bits, group_size=group_size)
+    assert type(m.layers[0].self_attn.qkv_proj) is kind and type(m.lm_head) is kind
     got, cache = whole_step(m)
     want, want_cache = step(m, False)
     scale = want.float().abs().max().item()
@@ -178,10 +181,12 @@ def test_the_whole_cpp_step_with_weight_only_int8_linears_is_the_python_step_in_
     assert torch.equal(whole, python)
 
 
-def test_no_whole_cpp_step_for_other_quantized_linears():
+def test_no_whole_cpp_step_for_quantized_linears_with_a_bias():
     m = quantize_model(model(torch.float32, **QUANTIZED), bits=4, group_size=32)  # weight-only int4
     assert type(m.layers[0].mlp.down_proj) is Int4Linear
     with torch.inference_mode():
+        assert m.one_call_step(1, 8) is not None
+        m.layers[0].mlp.down_proj.bias = torch.nn.Parameter(torch.zeros(64))
         assert m.one_call_step(1, 8) is None
         m = quantized(torch.float32, 8)
         assert m.one_call_step(1, 8) is not None

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from decoders import LlamaConfig, LlamaForCausalLM
+from decoders import LlamaConfig, LlamaForCausalLM, cpu_kernels
 from decoders.quantize import (Int4Linear, Int8Linear, QuantLinear, W8A8Linear, dequantize_weight, memory_report,
                                quantize_model, quantize_weight, quantized_linear)
 
@@ -78,6 +78,25 @@ def test_int4_kernel_weight_and_product(bits, g, symmetric):
     x = torch.randn(3, 5, 256)
     ref = bf16(x) @ expected.t() + lin.bias
     assert torch.allclose(ql(x), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("rows", [1, 4, 15])
+def test_int4_rows_kernel_and_its_dequantized_weight_equal_the_pytorch_form(rows, monkeypatch):
+    """Int4Linear's CPU paths (w4a8.cpp: weight-only rows for 1-4 rows, its dequantized weight for more) against the
+    PyTorch form (bf16(x) @ dequantize().t(), rounded to bf16) that runs without the kernel library."""
+    if not cpu_kernels.build():
+        pytest.skip("the kernel library needs AVX512-VNNI and a C++ compiler")
+    torch.manual_seed(3)
+    ql = quantized_linear(nn.Linear(512, 96, bias=False), 4, 64)
+    assert isinstance(ql, Int4Linear) and ql.qweight.shape == (6, 64, 64)
+    assert torch.equal(torch.ops.mm_w4a8.w4_dequantize_t(ql.qweight, ql.so, 64).t(), ql.dequantize())
+    x = torch.randn(rows, 512) * torch.linspace(0.1, 3, 512)
+    got = ql(x)
+    monkeypatch.setattr(cpu_kernels, "loaded", False)
+    want = ql(x)
+    exact = bf16(x).double() @ ql.dequantize().double().t()
+    ulp = want.abs().max().item() * 2 ** -7
+    assert (got - want).abs().max() <= ulp and (got - exact).abs().max() <= ulp  # one bf16 rounding apart at most
 
 
 def test_int8_and_w8a8_products_equal_their_formulas():
