@@ -178,6 +178,19 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) void tile_w4_bf16(const u
   for (int m = 0; m < M; ++m) _mm512_storeu_ps(y + m * N + t * 16, tot[m]);
 }
 
+// tile(std::integral_constant<int, M>{}, t) for every tile t of 16 output rows, in parallel (M: rows of x, 1-4)
+template <typename F>
+void for_tiles(int64_t M, int64_t N, F tile) {
+  at::parallel_for(0, N / 16, 4, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) switch (M) {
+        case 1: tile(std::integral_constant<int, 1>{}, t); break;
+        case 2: tile(std::integral_constant<int, 2>{}, t); break;
+        case 3: tile(std::integral_constant<int, 3>{}, t); break;
+        default: tile(std::integral_constant<int, 4>{}, t); break;
+      }
+  });
+}
+
 }  // namespace
 
 // The product on raw pointers (w4a8_linear below, decode_block.cpp's step): x [M, K] float32 (1 <= M <= 4), packed
@@ -190,14 +203,7 @@ void w4a8_into(const float* x, const uint8_t* w, const uint16_t* sc, float* y, i
   const int8_t* qp = q.data();
   const float* dp = d.data();
   const float* Xp = X.data();
-  at::parallel_for(0, N / 16, 4, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) switch (M) {
-        case 1: tile<1>(w, sc, qp, dp, Xp, y, t, N, K, group); break;
-        case 2: tile<2>(w, sc, qp, dp, Xp, y, t, N, K, group); break;
-        case 3: tile<3>(w, sc, qp, dp, Xp, y, t, N, K, group); break;
-        default: tile<4>(w, sc, qp, dp, Xp, y, t, N, K, group); break;
-      }
-  });
+  for_tiles(M, N, [&](auto m, int64_t t) { tile<m()>(w, sc, qp, dp, Xp, y, t, N, K, group); });
 }
 
 inline void check_sc(const torch::Tensor& sc, int64_t N, int64_t K, int64_t group) {
@@ -284,24 +290,10 @@ void w4_into(const float* x, const uint8_t* w, const uint32_t* sz, float* y, int
         reinterpret_cast<uint16_t*>(xp.data())[i * 8 + j] = static_cast<uint16_t>(b >> 16);
       }
     const uint32_t* xpp = xp.data();
-    at::parallel_for(0, N / 16, 4, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) switch (M) {
-          case 1: tile_w4_bf16<1>(w, sz, xpp, Xp, y, t, N, K, group); break;
-          case 2: tile_w4_bf16<2>(w, sz, xpp, Xp, y, t, N, K, group); break;
-          case 3: tile_w4_bf16<3>(w, sz, xpp, Xp, y, t, N, K, group); break;
-          default: tile_w4_bf16<4>(w, sz, xpp, Xp, y, t, N, K, group); break;
-        }
-    });
+    for_tiles(M, N, [&](auto m, int64_t t) { tile_w4_bf16<m()>(w, sz, xpp, Xp, y, t, N, K, group); });
     return;
   }
-  at::parallel_for(0, N / 16, 4, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) switch (M) {
-        case 1: tile_w4<1>(w, sz, x, Xp, y, t, N, K, group); break;
-        case 2: tile_w4<2>(w, sz, x, Xp, y, t, N, K, group); break;
-        case 3: tile_w4<3>(w, sz, x, Xp, y, t, N, K, group); break;
-        default: tile_w4<4>(w, sz, x, Xp, y, t, N, K, group); break;
-      }
-  });
+  for_tiles(M, N, [&](auto m, int64_t t) { tile_w4<m()>(w, sz, x, Xp, y, t, N, K, group); });
 }
 
 inline void check_sz(const torch::Tensor& sz, int64_t N, int64_t K, int64_t group) {
