@@ -67,8 +67,8 @@ void rope(const T* x, const T* cos, const T* sin, T* out, int64_t Dh) {
 //          per block of 32 inputs (w4a8.cpp)  (W4A8Linear)
 //   Int8   int8 weight [N, K], bf16 scales [N]; weight-only: x rounded to bf16, float32 sums, y = bf16(sum s)
 //          (Int8Linear's torch._weight_int8pack_mm, its sums in another order)
-//   Int4   4-bit codes uint8 [N/16, K/8, 64] and bf16 scales and offsets [N/16, K/group, 16, 2]; weight-only: x rounded
-//          to bf16, y = bf16(w4a8.cpp's float32 sums)  (Int4Linear)
+//   Int4   4-bit codes uint8 [N/16, K/8, 64] and bf16 scales and offsets [N/16, K/group, 16, 2]; weight-only:
+//          x rounded to bf16, y = bf16(w4a8.cpp's float32 sums)  (Int4Linear)
 // The result rounded to x's dtype once, as the modules' `.to(x.dtype)`.
 enum class Kind { Plain, W8A8, W4A8, Int8, Int4 };
 struct Product {
