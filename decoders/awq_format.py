@@ -61,11 +61,8 @@ def awq_tensors(u: torch.Tensor, s: torch.Tensor, z: torch.Tensor, bits: int) ->
 def int4_to_awq(lin: Int4Linear) -> dict[str, torch.Tensor]:
     """An Int4Linear's AWQ tensors (its bf16 scales in fp16; z = 8 - o / s up to the offset's bf16 rounding)."""
     s, o = lin.scales_offsets()  # [N, G] each
-    N, K, g = lin.out_features, lin.in_features, lin.group_size
     z = 8 - torch.round(o / s)  # o = (8 - z) s, up to the offset's bfloat16 rounding
-    w = lin.dequantize()  # (u - 8) s + o
-    u = torch.round((w.view(N, -1, g) - o[..., None]) / s[..., None]) + 8  # [N, G, g]
-    return awq_tensors(u.reshape(N, K), s.t().half(), z.t(), lin.bits)
+    return awq_tensors(w4a8.unpack(lin.qweight), s.t().half(), z.t(), lin.bits)  # its codes as they are
 
 
 def w4a8_to_awq(lin: W4A8Linear) -> dict[str, torch.Tensor]:

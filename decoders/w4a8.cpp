@@ -85,7 +85,6 @@ void tile(const uint8_t* w, const uint16_t* sc, const int8_t* q, const float* d,
   for (int m = 0; m < M; ++m) _mm512_storeu_ps(y + m * N + t * 16, tot[m]);
 }
 
-
 // (s, o) of rows [16 t, 16 t + 16) in group g of G, from so [N/16, G, 16, 2] bf16 read as 32-bit words (s in the low
 // half, o in the high one), in float32 (exact)
 inline void scales_offsets(const uint32_t* sz, int64_t g, int64_t t, int64_t G, __m512& s, __m512& o) {
@@ -94,12 +93,24 @@ inline void scales_offsets(const uint32_t* sz, int64_t g, int64_t t, int64_t G, 
   o = _mm512_castsi512_ps(_mm512_and_si512(so, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
 }
 
+// The end of a group for M rows of x: tot += s (sum of acc's four) + (o - 8 s) X[m, g] (X: the groups' sums of x)
+template <int M>
+inline void add_group(const uint32_t* sz, int64_t g, int64_t t, int64_t G, const __m512 (&acc)[M][4], const float* X,
+                      __m512 (&tot)[M]) {
+  __m512 sg, og;
+  scales_offsets(sz, g, t, G, sg, og);
+  const __m512 cg = _mm512_sub_ps(og, _mm512_mul_ps(_mm512_set1_ps(8.f), sg));  // o - 8 s (8 s exact)
+  for (int m = 0; m < M; ++m) {
+    const __m512 a = _mm512_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]), _mm512_add_ps(acc[m][2], acc[m][3]));
+    tot[m] = _mm512_fmadd_ps(cg, _mm512_set1_ps(X[m * G + g]), _mm512_fmadd_ps(sg, a, tot[m]));
+  }
+}
+
 // Weight-only: rows [16 t, 16 t + 16) of y for the M rows of x (float32), X [M, K/group] the groups' sums of x
 template <int M>
 void tile_w4(const uint8_t* w, const uint32_t* sz, const float* x, const float* X, float* y, int64_t t, int64_t N,
              int64_t K, int64_t group) {
   const __m512i low = _mm512_set1_epi32(0x0F);
-  const __m512 eight = _mm512_set1_ps(8.f);
   const uint8_t* wt = w + t * (K / 8) * 64;
   __m512 tot[M];
   for (int m = 0; m < M; ++m) tot[m] = _mm512_setzero_ps();
@@ -119,17 +130,10 @@ void tile_w4(const uint8_t* w, const uint32_t* sz, const float* x, const float* 
         }
       }
     }
-    __m512 sg, og;
-    scales_offsets(sz, g, t, K / group, sg, og);
-    const __m512 cg = _mm512_sub_ps(og, _mm512_mul_ps(eight, sg));  // o - 8 s (8 s exact)
-    for (int m = 0; m < M; ++m) {
-      const __m512 a = _mm512_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]), _mm512_add_ps(acc[m][2], acc[m][3]));
-      tot[m] = _mm512_fmadd_ps(cg, _mm512_set1_ps(X[m * (K / group) + g]), _mm512_fmadd_ps(sg, a, tot[m]));
-    }
+    add_group<M>(sz, g, t, K / group, acc, X, tot);
   }
   for (int m = 0; m < M; ++m) _mm512_storeu_ps(y + m * N + t * 16, tot[m]);
 }
-
 
 // bf16(i mod 16) for i < 32: vpermw reads five bits of each index, so a code's neighbouring bit needs no masking
 alignas(64) const uint16_t W4_BF16_TABLE[32] = {
@@ -147,7 +151,6 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) void tile_w4_bf16(const u
                                                                          int64_t t, int64_t N, int64_t K,
                                                                          int64_t group) {
   const __m512i table = _mm512_load_si512(W4_BF16_TABLE);
-  const __m512 eight = _mm512_set1_ps(8.f);
   const uint8_t* wt = w + t * (K / 8) * 64;
   __m512 tot[M];
   for (int m = 0; m < M; ++m) tot[m] = _mm512_setzero_ps();
@@ -167,13 +170,7 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) void tile_w4_bf16(const u
           acc[m][j] = _mm512_dpbf16_ps(acc[m][j], (__m512bh)c[j], (__m512bh)_mm512_set1_epi32(static_cast<int>(x4[j])));
       }
     }
-    __m512 sg, og;
-    scales_offsets(sz, g, t, K / group, sg, og);
-    const __m512 cg = _mm512_sub_ps(og, _mm512_mul_ps(eight, sg));
-    for (int m = 0; m < M; ++m)
-      tot[m] = _mm512_fmadd_ps(cg, _mm512_set1_ps(X[m * (K / group) + g]),
-                               _mm512_fmadd_ps(sg, _mm512_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]),
-                                                                 _mm512_add_ps(acc[m][2], acc[m][3])), tot[m]));
+    add_group<M>(sz, g, t, K / group, acc, X, tot);
   }
   for (int m = 0; m < M; ++m) _mm512_storeu_ps(y + m * N + t * 16, tot[m]);
 }
