@@ -105,8 +105,7 @@ def make_run(model, check: Callable[[str], str | None], kind: Callable[[str], st
         """Stream the agent's steps on `task` (about the uploaded image and audio)."""
         task = (task or "").strip()
         image, audio = _path(image), _path(audio)
-        names = [Path(f).name if f else None for f in (image, audio)]
-        shown = Transcript(files_line(task, *names))
+        shown = Transcript(files_line(task, image, audio))  # the task as the agent reads it: file names, no folders
         problems = [] if task else ["The task is empty: type what the agent should do."]
         if max_steps is None or not 1 <= max_steps <= STEP_CAP or max_steps != int(max_steps):
             problems.append(f"The step limit must be a whole number from 1 to {STEP_CAP}, got {max_steps}.")

@@ -2,7 +2,7 @@
 tools: the agent (mm.agent.react) and the recipe (mm.train) read the format from here, one definition for both.
 
 A conversation: a system message naming the tools, the task as the first user message (its files appended by
-name, `Files: image1 = PATH; audio1 = PATH`, `files_line`; the tools take the name or a path), then each assistant
+name, `Files: image1 = scene.png; audio1 = question.wav`, `files_line`; the tools take the name or a path), then each assistant
 reply and the tool's result as the next user message:
 
     Thought: i need the question first.
@@ -22,13 +22,16 @@ shipped model was trained on (`episode`). The tasks of `episode`: a spoken quest
 then ask_image), a written question (ask_image), a caption (caption), a transcript (transcribe) and arithmetic
 (calculator). Files go by their names (image1, audio1) rather than their paths: a small model that has to copy an
 arbitrary path letter by letter gets it wrong (measured: 0 of 3 paths copied after 3,600 episodes), and engines name
-attachments by handle too; the paths in the task are drawn from a general word list so that nothing is learnt from
-them.
+attachments by handle too; the file names in the task are drawn from a general word list so that nothing is learnt
+from them. The task shows each file's name without its folder: where a file lies (a checkout, a temporary upload) is
+no business of the model's, and with whole paths the shipped model's choice of tools changed with the folder (an
+unseen task sentence: 4 of 8 folders right).
 """
 from __future__ import annotations
 
 import json
 import random
+from pathlib import PureWindowsPath
 
 from mm.data.speech_data import transcript
 
@@ -62,8 +65,9 @@ def attachments(image: str | None = None, audio: str | None = None) -> dict[str,
 
 
 def files_line(task: str, image: str | None = None, audio: str | None = None) -> str:
-    """The task as the agent's first user message: `task`, then its files by name on a line of their own."""
-    files = [f"{k} = {v}" for k, v in attachments(image, audio).items()]
+    """The task as the agent's first user message: `task`, then its files by handle and file name (no folder) on a line
+    of their own."""
+    files = [f"{k} = {PureWindowsPath(v).name}" for k, v in attachments(image, audio).items()]  # at / and \ alike
     return task + ("\nFiles: " + "; ".join(files) if files else "")
 
 

@@ -117,8 +117,8 @@ def test_step_and_time_limits_stop_the_run():
 
 
 def test_files_go_to_the_task_as_mm_agent_gives_them(tmp_path, monkeypatch):
-    """The tab and `mm agent` hand the agent one task text: "<task>\\nFiles: image1 = PATH; audio1 = PATH"; the chatbot
-    shows the upload names (not the server's cache paths)."""
+    """The tab and `mm agent` hand the agent one task text: "<task>\\nFiles: image1 = NAME; audio1 = NAME", the files'
+    names without their folders (not the server's cache paths), as the chatbot shows them; the tools get the paths."""
     import mm
     from mm.apps.agent import run_agent
 
@@ -128,9 +128,8 @@ def test_files_go_to_the_task_as_mm_agent_gives_them(tmp_path, monkeypatch):
     script = ('Action: transcribe\nAction Input: {"audio": "%s"}' % audio, "Final Answer: red")
     model = ScriptedModel(*script)
     shown = list(make_run(model, accept, file_kind)("answer the question", str(image), str(audio)))[-1]
-    asked = f"answer the question\nFiles: image1 = {image}; audio1 = {audio}"
-    assert model.seen[0][1] == {"role": "user", "content": asked}
-    assert shown[0] == {"role": "user", "content": "answer the question\nFiles: image1 = scene.png; audio1 = question.wav"}
+    asked = "answer the question\nFiles: image1 = scene.png; audio1 = question.wav"
+    assert model.seen[0][1] == {"role": "user", "content": asked} and shown[0] == model.seen[0][1]
     assert say("Observation: what colour is the star") in shown  # the model's transcribe tool ran
 
     cli = ScriptedModel(*script)
@@ -138,7 +137,7 @@ def test_files_go_to_the_task_as_mm_agent_gives_them(tmp_path, monkeypatch):
     assert run_agent(["answer the question", "--image", str(image), "--audio", str(audio)]) == 0
     assert cli.seen[0][1] == model.seen[0][1]
     assert run_agent(["answer the question", "--image", str(image)]) == 0
-    assert cli.seen[-1][1]["content"] == f"answer the question\nFiles: image1 = {image}"
+    assert cli.seen[-1][1]["content"] == "answer the question\nFiles: image1 = scene.png"
 
 
 def test_uploads_are_refused_with_the_chats_checks(tmp_path):

@@ -78,6 +78,9 @@ def test_spoken_question_is_passed_on_as_heard_and_answered():
 def test_files_are_named_on_their_own_line_and_passed_by_name():
     assert files_line("describe it.", "a.png", "b.wav") == "describe it.\nFiles: image1 = a.png; audio1 = b.wav"
     assert files_line("hi", audio="x.flac") == "hi\nFiles: audio1 = x.flac" and files_line("hi") == "hi"
+    # the folder is not shown: the model's choices must not change with where a checkout or an upload lies
+    assert files_line("hi", "/home/runner/work/mm/examples/a.png", "C:\\Users\\me\\b.wav") == \
+        "hi\nFiles: image1 = a.png; audio1 = b.wav"
     assert attachments("a.png", "b.wav") == {"image1": "a.png", "audio1": "b.wav"}
     for conv in sample(50):
         for m in conv:
