@@ -7,8 +7,8 @@
     linear.cpp            torch.ops.mm_linear.rows                 float32 and bf16 products of 1-4 rows
                                                                    (decoders.linear; bf16 needs AVX512-BF16, `bf16`)
                           torch.ops.mm_linear.int8_rows            int8 x int8 -> int32 of 1-4 rows (W8A8)
-                          torch.ops.mm_linear.w8_rows              float32 x int8 -> float32 of 1-4 rows
-                                                                   (weight-only int8)
+                          torch.ops.mm_linear.w8_linear            weight-only int8 products of 1-4 rows
+                                                                   (Int8Linear: x as int16, exact sums)
     decode_block.cpp      torch.ops.mm_decode.block                a Llama block for one token, eagerly
                                                                    (decoders.decode_block; the two above inside)
 
@@ -91,7 +91,7 @@ def build() -> bool:
     torch.library.register_fake("mm_linear::rows")(lambda x, w, bias: x.new_empty(x.shape[0], w.shape[0]))
     torch.library.register_fake("mm_linear::int8_rows")(
         lambda x, w: x.new_empty(x.shape[0], w.shape[0], dtype=torch.int32))
-    torch.library.register_fake("mm_linear::w8_rows")(lambda x, w: x.new_empty(x.shape[0], w.shape[0]))
+    torch.library.register_fake("mm_linear::w8_linear")(lambda x, w, s: x.new_empty(x.shape[0], w.shape[0]))
     if time.perf_counter() - t0 > 2:
         log.warning("built the C++ CPU kernels in %.0f s (once; cached)", time.perf_counter() - t0)
     loaded = True

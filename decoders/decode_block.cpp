@@ -22,7 +22,8 @@ void rows_into(const float* x, const float* w, float* y, int64_t M, int64_t N, i
 void rows_into(const at::BFloat16* x, const at::BFloat16* w, at::BFloat16* y, int64_t M, int64_t N, int64_t K,
                const float* bias);
 void int8_rows_into(const int8_t* x, const int8_t* w, int32_t* y, int64_t M, int64_t N, int64_t K);  // linear.cpp
-void w8_rows_into(const float* x, const int8_t* w, float* y, int64_t M, int64_t N, int64_t K);  // linear.cpp
+void w8_into(const float* x, const int8_t* w, const at::BFloat16* s, float* y, int64_t M, int64_t N,  // linear.cpp
+             int64_t K);
 void w4a8_into(const float* x, const uint8_t* w, const uint16_t* sc, float* y, int64_t M, int64_t N, int64_t K,
                int64_t group);  // w4a8.cpp
 void w4_into(const float* x, const uint8_t* w, const uint32_t* sz, float* y, int64_t M, int64_t N, int64_t K,
@@ -65,8 +66,8 @@ void rope(const T* x, const T* cos, const T* sin, T* out, int64_t Dh) {
 //          q = round(x / a) (nearest even); y = (float(q W^T) a) s  (W8A8Linear, exact int32 sums)
 //   W4A8   4-bit codes uint8 [N/16, K/8, 64] and float16 scales and corrections [N/16, K/group, 32]; x quantized
 //          per block of 32 inputs (w4a8.cpp)  (W4A8Linear)
-//   Int8   int8 weight [N, K], bf16 scales [N]; weight-only: x rounded to bf16, float32 sums, y = bf16(sum s)
-//          (Int8Linear's torch._weight_int8pack_mm, its sums in another order)
+//   Int8   int8 weight [N, K], bf16 scales [N]; weight-only: x rounded to bf16, then int16 on a power-of-two grid,
+//          exact integer sums, y = bf16(sum a s) (linear.cpp's w8_into, as Int8Linear's 1-4 rows)
 //   Int4   4-bit codes uint8 [N/16, K/8, 64] and bf16 scales and offsets [N/16, K/group, 16, 2]; weight-only:
 //          x rounded to bf16, y = bf16(w4a8.cpp's float32 sums)  (Int4Linear)
 // The result rounded to x's dtype once, as the modules' `.to(x.dtype)`.
@@ -167,10 +168,9 @@ void apply(const Product& p, const T* x, T* y, Scratch<T>& t) {
   } else if (p.kind == Kind::Int8) {
     t.xf.resize(K);
     t.yf.resize(N);
-    for (int64_t k = 0; k < K; ++k) t.xf[k] = f(rnd<at::BFloat16>(f(x[k])));  // the module's x.to(bfloat16)
-    w8_rows_into(t.xf.data(), static_cast<const int8_t*>(p.w), t.yf.data(), 1, N, K);
-    const at::BFloat16* s = static_cast<const at::BFloat16*>(p.s);
-    for (int64_t n = 0; n < N; ++n) y[n] = rnd<T>(f(rnd<at::BFloat16>(t.yf[n] * f(s[n]))));
+    for (int64_t k = 0; k < K; ++k) t.xf[k] = f(x[k]);
+    w8_into(t.xf.data(), static_cast<const int8_t*>(p.w), static_cast<const at::BFloat16*>(p.s), t.yf.data(), 1, N, K);
+    for (int64_t n = 0; n < N; ++n) y[n] = rnd<T>(f(rnd<at::BFloat16>(t.yf[n])));
   } else if (p.kind == Kind::Int4) {
     t.xf.resize(K);
     t.yf.resize(N);

@@ -1,7 +1,9 @@
 """Quantized linear modules and the round-to-nearest (RTN) formulas they are built with.
 
     module        weight in memory                                  product on CPU (measured, batch 1)
-    Int8Linear    int8 [N, K] + one scale per output channel [N]    torch._weight_int8pack_mm, bf16 activations
+    Int8Linear    int8 [N, K] + one scale per output channel [N]    1-4 rows: linear.cpp's int16 x int8 rows (bf16
+                                                                     activations on a power-of-two int16 grid, exact
+                                                                     sums); more: torch._weight_int8pack_mm, bf16
     Int4Linear    4-bit codes [N/16, K/8, 64] (decoders.w4a8.pack)   decoders/w4a8.cpp's weight-only rows (float32
                   + scale and offset per group of g inputs             sums), bf16 activations
                   [N/16, K/g, 16, 2] (per tile of 16 rows), bf16
@@ -29,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import cpu_kernels, w4a8
+from . import cpu_kernels, linear, w4a8
 
 BITS = (8, 4, 3)
 GROUP_SIZES = (32, 64, 128, 256)
@@ -115,14 +117,20 @@ class Int8Linear(QuantLinear):
         super().__init__(q.shape[1], q.shape[0], bias)
         self.register_buffer("qweight", q.to(torch.int8).contiguous())  # [N, K]
         self.register_buffer("scales", s.reshape(-1).to(torch.bfloat16).contiguous())  # [N]
+        cpu_kernels.build()  # built (once) here rather than inside a compiled step's tracing
 
     def dequantize(self) -> torch.Tensor:
         return self.qweight.float() * self.scales.float()[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """y = bf16(x) w^T s rounded to bf16: 1-4 rows on CPU on the kernel library's int16 x int8 rows (`linear.cpp`'s
+        w8_into: x on a power-of-two grid of its largest value, exact sums), more rows by torch's
+        `_weight_int8pack_mm` (float32 sums); elsewhere, against the dequantized weight."""
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        if x.device.type == "cpu":
+        if cpu_kernels.loaded and x.device.type == "cpu" and x2.shape[0] <= linear.MAX_ROWS:
+            y = torch.ops.mm_linear.w8_linear(x2.contiguous(), self.qweight, self.scales)
+        elif x.device.type == "cpu":
             y = torch._weight_int8pack_mm(x2.to(torch.bfloat16), self.qweight, self.scales).to(x.dtype)
         else:  # elsewhere: dequantize on the fly (the CPU kernel is the measured one)
             y = F.linear(x2, self.qweight.to(x.dtype)) * self.scales.to(x.dtype)
