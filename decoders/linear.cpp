@@ -1,5 +1,5 @@
 // Products of a few rows (decode steps): y [M, N] = x [M, K] w [N, K]^T (+ bias), M <= 4, float32 or bf16;
-// int8 x int8 -> int32 (W8A8), exact; and weight-only int8 (Int8Linear: x in bf16 against int8 weights, x int16).
+// int8 x int8 -> int32 (W8A8), exact; and weight-only int8 (Int8Linear: bf16 x as 15-bit integers, exact sums).
 //
 // One weight row after the other against all M rows of x, so each thread reads its weights once, in one forward
 // stream (for one row of x on Intel CPUs, four weight rows at a time: `four_rows`). Float32 accumulation with U
@@ -165,46 +165,54 @@ void rows_int8(const int8_t* x, const int32_t* xsum, const int8_t* w, int32_t* y
   }
 }
 
-// int16 x int8 -> int64, exact (weight-only int8): each block of 32 weights widened to int16 as it is read
-// (vpmovsxbw), then vpdpwssd (each int32 lane adds two int16 products): two instructions per 32 weights, where
-// widening to float32 and FMA took six. 256 bytes of a row per iteration (two blocks per accumulator), as the int8
-// kernel reads, each line prefetched 1 KB ahead (on the Intel Xeon, [5632 x 2048] from memory on one thread: 888 ->
-// 666 us; the int8 x int8 kernel: 535). No lane overflows while each accumulator adds at most 256 pairs of at most 2^23 - 2^16, i.e. for
-// |x| <= 2^15 - 2^7, |w| <= 128 and K / 128 + 7 <= 256; the caller keeps x to that range (`w8_into`).
+// Weight-only int8 rows, exact: x as 15-bit integers q = 128 xh + xl (xh in [-128, 127], xl in [0, 127], both int8)
+// against int8 weights by vpdpbusd, which multiplies unsigned by signed bytes: each weight block goes in as w + 128
+// (its top bit flipped as it is read) against xh and against xl, and 128 sum_k q (xsum) is taken off at the end:
+// sum_k w q = 128 sum (w + 128) xh + sum (w + 128) xl - 128 xsum. Three instructions per 64 weights (where widening
+// the weights to int16 for vpdpwssd took four, and to float32 for FMAs twelve), 256 bytes of a row per iteration,
+// each line prefetched 1 KB ahead. Lanes stay within int32 for K < 2^20 (each adds 255 * 128 * 4 a step).
 template <int M, int R>
-void rows_int16(const int16_t* x, const int8_t* w, int64_t* y, int64_t n0, int64_t n1, int64_t N, int64_t K) {
+void rows_w8(const int8_t* xh, const int8_t* xl, const int64_t* xsum, const int8_t* w, int64_t* y, int64_t n0,
+             int64_t n1, int64_t N, int64_t K) {
+  constexpr int V = 2;  // accumulators per part (R = 4: 16 in all)
+  const __m512i c128 = _mm512_set1_epi8(static_cast<char>(0x80));
   for (int64_t n = n0; n < n1; n += R) {
-    __m512i acc[M][R][U];
+    __m512i hi[M][R][V], lo[M][R][V];
     for (int m = 0; m < M; ++m)
       for (int r = 0; r < R; ++r)
-        for (int u = 0; u < U; ++u) acc[m][r][u] = _mm512_setzero_si512();
+        for (int v = 0; v < V; ++v) hi[m][r][v] = lo[m][r][v] = _mm512_setzero_si512();
     int64_t k = 0;
-    for (; k + 64 * U <= K; k += 64 * U)
+    for (; k + 256 <= K; k += 256)
       for (int r = 0; r < R; ++r)
-        for (int u = 0; u < U; ++u) {
-          _mm_prefetch(reinterpret_cast<const char*>(w + (n + r) * K + k + 64 * u) + 1024, _MM_HINT_T0);
-          for (int h = 0; h < 64; h += 32) {
-            const __m512i wv = _mm512_cvtepi8_epi16(
-                _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + (n + r) * K + k + 64 * u + h)));
-            for (int m = 0; m < M; ++m)
-              acc[m][r][u] = _mm512_dpwssd_epi32(acc[m][r][u], wv, _mm512_loadu_si512(x + m * K + k + 64 * u + h));
+        for (int u = 0; u < 4; u += V)
+          for (int v = 0; v < V; ++v) {
+            const int8_t* wp = w + (n + r) * K + k + 64 * (u + v);
+            _mm_prefetch(reinterpret_cast<const char*>(wp) + 1024, _MM_HINT_T0);
+            const __m512i wu = _mm512_xor_si512(_mm512_loadu_si512(wp), c128);
+            for (int m = 0; m < M; ++m) {
+              const int64_t i = m * K + k + 64 * (u + v);
+              hi[m][r][v] = _mm512_dpbusd_epi32(hi[m][r][v], wu, _mm512_loadu_si512(xh + i));
+              lo[m][r][v] = _mm512_dpbusd_epi32(lo[m][r][v], wu, _mm512_loadu_si512(xl + i));
+            }
           }
-        }
-    for (; k < K; k += 32) {  // the rest, the last block masked (K % 32)
-      const __mmask32 in = K - k >= 32 ? ~__mmask32(0) : (__mmask32(1) << (K - k)) - 1;
+    for (; k < K; k += 64) {  // the rest, the last block masked (K % 64): x's zeros add nothing
+      const __mmask64 in = K - k >= 64 ? ~__mmask64(0) : (__mmask64(1) << (K - k)) - 1;
       for (int r = 0; r < R; ++r) {
-        const __m512i wv = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(in, w + (n + r) * K + k));
-        for (int m = 0; m < M; ++m)
-          acc[m][r][0] = _mm512_dpwssd_epi32(acc[m][r][0], wv, _mm512_maskz_loadu_epi16(in, x + m * K + k));
+        const __m512i wu = _mm512_xor_si512(_mm512_maskz_loadu_epi8(in, w + (n + r) * K + k), c128);
+        for (int m = 0; m < M; ++m) {
+          hi[m][r][0] = _mm512_dpbusd_epi32(hi[m][r][0], wu, _mm512_maskz_loadu_epi8(in, xh + m * K + k));
+          lo[m][r][0] = _mm512_dpbusd_epi32(lo[m][r][0], wu, _mm512_maskz_loadu_epi8(in, xl + m * K + k));
+        }
       }
     }
     for (int m = 0; m < M; ++m)
       for (int r = 0; r < R; ++r) {
-        __m512i a = _mm512_setzero_si512();  // the U accumulators summed in int64: together they may pass 2^31
-        for (int u = 0; u < U; ++u)
-          a = _mm512_add_epi64(a, _mm512_add_epi64(_mm512_cvtepi32_epi64(_mm512_castsi512_si256(acc[m][r][u])),
-                                                   _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(acc[m][r][u], 1))));
-        y[m * N + n + r] = _mm512_reduce_add_epi64(a);
+        int64_t h = 0, l = 0;
+        for (int v = 0; v < V; ++v) {
+          h += _mm512_reduce_add_epi32(hi[m][r][v]);
+          l += _mm512_reduce_add_epi32(lo[m][r][v]);
+        }
+        y[m * N + n + r] = 128 * h + l - 128 * xsum[m];
       }
   }
 }
@@ -262,17 +270,16 @@ void int8_rows_into(const int8_t* x, const int8_t* w, int32_t* y, int64_t M, int
 }
 
 // Weight-only int8 (Int8Linear): y [M, N] = bf16(x) w^T * s in float32 (decode_block.cpp's step, and w8_linear
-// below), 1 <= M <= 4. Each row of x is rounded to bf16, then written as int16 q on a power-of-two grid a = 2^(e -
-// 14), e the exponent of its largest |x|: the values within 2^7 of the largest keep every bit (a bf16 value has 8
-// significant bits), smaller ones round to the grid (error <= 2^(e - 15), against bf16's own rounding of x of up to
-// |x| 2^-9), and the products are exact integers: y = float(sum q w) a s, where torch._weight_int8pack_mm sums bf16(x)
-// w in float32. Past K = 31872 the grid is coarser by the factor that keeps rows_int16's lanes from overflowing.
+// below), 1 <= M <= 4. Each row of x is rounded to bf16, then written as a 15-bit integer q on a power-of-two grid
+// a = 2^(e - 13), e the exponent of its largest |x|: the values within 2^6 of the largest keep every bit (a bf16
+// value has 8 significant bits), smaller ones round to the grid (error <= 2^(e - 14), against bf16's own rounding of
+// x of up to |x| 2^-9); the products are exact integers (rows_w8): y = float(sum q w) a s, where
+// torch._weight_int8pack_mm sums bf16(x) w in float32. A NaN or infinite x gives a row of NaN.
 void w8_into(const float* x, const int8_t* w, const at::BFloat16* s, float* y, int64_t M, int64_t N, int64_t K) {
-  std::vector<int16_t> q(M * K);
+  std::vector<int8_t> xh(M * K), xl(M * K);
   std::vector<int64_t> acc(M * N);
-  int coarser = 0;
-  while (K / 128 + 7 > (int64_t(256) << coarser)) ++coarser;
   float a[MAX_ROWS];
+  int64_t xsum[MAX_ROWS];
   for (int64_t m = 0; m < M; ++m) {
     const float* xm = x + m * K;
     __m512 mx = _mm512_setzero_ps();
@@ -284,17 +291,21 @@ void w8_into(const float* x, const int8_t* w, const at::BFloat16* s, float* y, i
     }
     const float amax = static_cast<float>(c10::BFloat16(_mm512_reduce_max_ps(mx)));  // max |bf16(x)|
     const bool finite = std::isfinite(amax) && !nan;
-    const int e = amax > 0.f && finite ? std::ilogb(amax) - 14 + coarser : 0;
-    a[m] = !finite ? NAN : amax > 0.f ? std::ldexp(1.f, e) : 1.f;  // a NaN or infinite x: a row of NaN
+    const int e = amax > 0.f && finite ? std::ilogb(amax) - 13 : 0;
+    a[m] = !finite ? NAN : amax > 0.f ? std::ldexp(1.f, e) : 1.f;
     const __m512 scale = _mm512_set1_ps(static_cast<float>(-e));
-    for (int64_t k = 0; k < K; k += 16) {  // q = bf16(x) / 2^e, to the nearest integer (even on ties)
+    __m512i sum = _mm512_setzero_si512();
+    for (int64_t k = 0; k < K; k += 16) {  // q = bf16(x) / 2^e to the nearest integer (even on ties), |q| <= 16320
       const __mmask16 in = K - k >= 16 ? 0xFFFF : (1u << (K - k)) - 1;
-      const __m512 v = _mm512_scalef_ps(round_bf16(_mm512_maskz_loadu_ps(in, xm + k)), scale);
-      _mm256_mask_storeu_epi16(q.data() + m * K + k, in, _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(v)));
+      const __m512i q = _mm512_cvtps_epi32(_mm512_scalef_ps(round_bf16(_mm512_maskz_loadu_ps(in, xm + k)), scale));
+      _mm_mask_storeu_epi8(xh.data() + m * K + k, in, _mm512_cvtepi32_epi8(_mm512_srai_epi32(q, 7)));
+      _mm_mask_storeu_epi8(xl.data() + m * K + k, in, _mm512_cvtepi32_epi8(_mm512_and_si512(q, _mm512_set1_epi32(127))));
+      sum = _mm512_add_epi32(sum, q);
     }
+    xsum[m] = _mm512_reduce_add_epi32(sum);
   }
   for_rows(M, N, [&](auto m, auto r, int64_t n0, int64_t n1) {
-    rows_int16<m(), r()>(q.data(), w, acc.data(), n0, n1, N, K);
+    rows_w8<m(), r()>(xh.data(), xl.data(), xsum, w, acc.data(), n0, n1, N, K);
   });
   for (int64_t m = 0; m < M; ++m)
     for (int64_t n = 0; n < N; ++n) y[m * N + n] = static_cast<float>(acc[m * N + n]) * a[m] * static_cast<float>(s[n]);
