@@ -9,6 +9,8 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <vector>
 
@@ -269,17 +271,14 @@ void int8_rows_into(const int8_t* x, const int8_t* w, int32_t* y, int64_t M, int
   for_rows(M, N, [&](auto m, auto r, int64_t n0, int64_t n1) { rows_int8<m(), r()>(x, xsum, w, y, n0, n1, N, K); });
 }
 
-// Weight-only int8 (Int8Linear): y [M, N] = bf16(x) w^T * s in float32 (decode_block.cpp's step, and w8_linear
-// below), 1 <= M <= 4. Each row of x is rounded to bf16, then written as a 15-bit integer q on a power-of-two grid
-// a = 2^(e - 13), e the exponent of its largest |x|: the values within 2^6 of the largest keep every bit (a bf16
-// value has 8 significant bits), smaller ones round to the grid (error <= 2^(e - 14), against bf16's own rounding of
-// x of up to |x| 2^-9); the products are exact integers (rows_w8): y = float(sum q w) a s, where
-// torch._weight_int8pack_mm sums bf16(x) w in float32. A NaN or infinite x gives a row of NaN.
-void w8_into(const float* x, const int8_t* w, const at::BFloat16* s, float* y, int64_t M, int64_t N, int64_t K) {
-  std::vector<int8_t> xh(M * K), xl(M * K);
-  std::vector<int64_t> acc(M * N);
-  float a[MAX_ROWS];
-  int64_t xsum[MAX_ROWS];
+// Activations for the exact weight-only products (w8_into here, w4_into in w4a8.cpp): each row m of x [M, K] rounded
+// to bf16, then written as a 15-bit integer q on a power-of-two grid a[m] = 2^(e - 13), e the exponent of its largest
+// |x|: the values within 2^6 of the largest keep every bit (a bf16 value has 8 significant bits), smaller ones round
+// to the grid (ties to even; error <= 2^(e - 14), against bf16's own rounding of x of up to |x| 2^-9). q goes out in
+// two int8 parts, q = 128 xh + xl (xh in [-128, 127], xl in [0, 127]), for vpdpbusd; sums [M, K / group] holds each
+// group's sum of q. A NaN or infinite x makes a[m] NaN (its row of y NaN).
+void split_rows(const float* x, int64_t M, int64_t K, int64_t group, int8_t* xh, int8_t* xl, float* a, int64_t* sums) {
+  const int64_t G = K / group;
   for (int64_t m = 0; m < M; ++m) {
     const float* xm = x + m * K;
     __m512 mx = _mm512_setzero_ps();
@@ -294,16 +293,32 @@ void w8_into(const float* x, const int8_t* w, const at::BFloat16* s, float* y, i
     const int e = amax > 0.f && finite ? std::ilogb(amax) - 13 : 0;
     a[m] = !finite ? NAN : amax > 0.f ? std::ldexp(1.f, e) : 1.f;
     const __m512 scale = _mm512_set1_ps(static_cast<float>(-e));
-    __m512i sum = _mm512_setzero_si512();
-    for (int64_t k = 0; k < K; k += 16) {  // q = bf16(x) / 2^e to the nearest integer (even on ties), |q| <= 16320
+    std::fill(sums + m * G, sums + (m + 1) * G, 0);
+    for (int64_t k = 0; k < K; k += 16) {  // |q| <= 255 * 2^6 = 16320
       const __mmask16 in = K - k >= 16 ? 0xFFFF : (1u << (K - k)) - 1;
       const __m512i q = _mm512_cvtps_epi32(_mm512_scalef_ps(round_bf16(_mm512_maskz_loadu_ps(in, xm + k)), scale));
-      _mm_mask_storeu_epi8(xh.data() + m * K + k, in, _mm512_cvtepi32_epi8(_mm512_srai_epi32(q, 7)));
-      _mm_mask_storeu_epi8(xl.data() + m * K + k, in, _mm512_cvtepi32_epi8(_mm512_and_si512(q, _mm512_set1_epi32(127))));
-      sum = _mm512_add_epi32(sum, q);
+      _mm_mask_storeu_epi8(xh + m * K + k, in, _mm512_cvtepi32_epi8(_mm512_srai_epi32(q, 7)));
+      _mm_mask_storeu_epi8(xl + m * K + k, in, _mm512_cvtepi32_epi8(_mm512_and_si512(q, _mm512_set1_epi32(127))));
+      if (k / group == std::min(k + 15, K - 1) / group) {
+        sums[m * G + k / group] += _mm512_reduce_add_epi32(q);
+      } else {  // a block across groups (a group of 8 or 24 inputs)
+        alignas(64) int32_t qs[16];
+        _mm512_store_si512(qs, q);
+        for (int64_t i = k; i < std::min(k + 16, K); ++i) sums[m * G + i / group] += qs[i - k];
+      }
     }
-    xsum[m] = _mm512_reduce_add_epi32(sum);
   }
+}
+
+// Weight-only int8 (Int8Linear): y [M, N] = bf16(x) w^T * s in float32 (decode_block.cpp's step, and w8_linear
+// below), 1 <= M <= 4: x as split_rows writes it, exact integer sums (rows_w8), y = float(sum q w) a s, where
+// torch._weight_int8pack_mm sums bf16(x) w in float32.
+void w8_into(const float* x, const int8_t* w, const at::BFloat16* s, float* y, int64_t M, int64_t N, int64_t K) {
+  std::vector<int8_t> xh(M * K), xl(M * K);
+  std::vector<int64_t> acc(M * N);
+  float a[MAX_ROWS];
+  int64_t xsum[MAX_ROWS];
+  split_rows(x, M, K, K, xh.data(), xl.data(), a, xsum);
   for_rows(M, N, [&](auto m, auto r, int64_t n0, int64_t n1) {
     rows_w8<m(), r()>(xh.data(), xl.data(), xsum, w, acc.data(), n0, n1, N, K);
   });

@@ -10,16 +10,20 @@
 // row 16 t + l at input k0 + j in its low nibble and at k0 + 4 + j in its high nibble (j < 4). Scales and
 // corrections, sc [N/16, K/group, 32] float16: per tile and group, the 16 rows' s, then their c, so a tile reads its
 // scales as one forward stream beside its weights (laid out [K/group, N], the 1.1B model's products took 20% longer).
-// Weight-only (Int4Linear), on the same bytes: x in float32 (the module rounds it to bf16 first) and
-//   y[m, n] = sum_g ( s[g, n] sum_k u[n, k] x[m, k] + c[g, n] X[m, g] ),  X: the group's sum of x, c = o - 8 s,
-// in float32 FMAs, 16 output rows in the lanes of a register, each input's 16 codes widened as they are read. Its
-// scales and offsets, so [N/16, K/group, 16, 2] bf16: per tile and group, one 32-bit word a row, s in the low half
-// and o in the high one (exact in float32), a forward stream beside the codes as W4A8's scales are.
+// Weight-only (Int4Linear), on the same bytes: each row of x rounded to bf16 and written as 15-bit integers q on a
+// power-of-two grid a (linear.cpp's split_rows), and
+//   y[m, n] = a[m] sum_g ( s[g, n] sum_k u[n, k] q[m, k] + c[g, n] Q[m, g] ),  Q: the group's sum of q, c = o - 8 s,
+// the sums over k exact integers (vpdpbusd), the rest in float32 FMAs. Its scales and offsets, so [N/16, K/group,
+// 16, 2] bf16: per tile and group, one 32-bit word a row, s in the low half and o in the high one (exact in
+// float32), a forward stream beside the codes as W4A8's scales are.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <cstring>
 #include <vector>
+
+void split_rows(const float* x, int64_t M, int64_t K, int64_t group, int8_t* xh, int8_t* xl, float* a,  // linear.cpp
+                int64_t* sums);
 
 namespace {
 
@@ -93,86 +97,44 @@ inline void scales_offsets(const uint32_t* sz, int64_t g, int64_t t, int64_t G, 
   o = _mm512_castsi512_ps(_mm512_and_si512(so, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
 }
 
-// The end of a group for M rows of x: tot += s (sum of acc's four) + (o - 8 s) X[m, g] (X: the groups' sums of x)
+// Weight-only: rows [16 t, 16 t + 16) of y for the M rows of x as split_rows writes them (xh, xl [M, K]; Q
+// [M, K/group] the groups' sums of q; a [M] the rows' grids). Per group the exact integer sum_k u q = 128 sum u xh
+// + sum u xl (vpdpbusd: the codes unsigned, x's parts signed, 16 output rows in the lanes of a register; four
+// instructions per 8 inputs, two chains for each part), then y += s dot + (o - 8 s) Q in float32, times a at the end.
+// Lanes stay within int32 for groups of up to 8192 inputs.
 template <int M>
-inline void add_group(const uint32_t* sz, int64_t g, int64_t t, int64_t G, const __m512 (&acc)[M][4], const float* X,
-                      __m512 (&tot)[M]) {
-  __m512 sg, og;
-  scales_offsets(sz, g, t, G, sg, og);
-  const __m512 cg = _mm512_sub_ps(og, _mm512_mul_ps(_mm512_set1_ps(8.f), sg));  // o - 8 s (8 s exact)
-  for (int m = 0; m < M; ++m) {
-    const __m512 a = _mm512_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]), _mm512_add_ps(acc[m][2], acc[m][3]));
-    tot[m] = _mm512_fmadd_ps(cg, _mm512_set1_ps(X[m * G + g]), _mm512_fmadd_ps(sg, a, tot[m]));
-  }
-}
-
-// Weight-only: rows [16 t, 16 t + 16) of y for the M rows of x (float32), X [M, K/group] the groups' sums of x
-template <int M>
-void tile_w4(const uint8_t* w, const uint32_t* sz, const float* x, const float* X, float* y, int64_t t, int64_t N,
-             int64_t K, int64_t group) {
-  const __m512i low = _mm512_set1_epi32(0x0F);
+void tile_w4(const uint8_t* w, const uint32_t* sz, const int8_t* xh, const int8_t* xl, const int64_t* Q,
+             const float* a, float* y, int64_t t, int64_t N, int64_t K, int64_t group) {
+  const __m512i low = _mm512_set1_epi8(0x0F);
   const uint8_t* wt = w + t * (K / 8) * 64;
+  const int64_t G = K / group;
   __m512 tot[M];
   for (int m = 0; m < M; ++m) tot[m] = _mm512_setzero_ps();
-  for (int64_t g = 0; g < K / group; ++g) {
-    __m512 acc[M][4];  // one accumulator per byte j of a lane: two FMAs a step on each
-    for (int m = 0; m < M; ++m)
-      for (int j = 0; j < 4; ++j) acc[m][j] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    __m512i h0[M], h1[M], l0[M], l1[M];
+    for (int m = 0; m < M; ++m) h0[m] = h1[m] = l0[m] = l1[m] = _mm512_setzero_si512();
     for (int64_t k8 = g * group / 8; k8 < (g + 1) * group / 8; ++k8) {  // 8 inputs a step
       const __m512i v = _mm512_loadu_si512(wt + k8 * 64);  // lane l: row 16 t + l, byte j: inputs j, 4 + j
-      for (int j = 0; j < 4; ++j) {
-        const __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(v, 8 * j), low));
-        const __m512 hi = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(v, 8 * j + 4), low));
-        for (int m = 0; m < M; ++m) {
-          const float* xm = x + m * K + k8 * 8;
-          acc[m][j] = _mm512_fmadd_ps(_mm512_set1_ps(xm[j]), lo, acc[m][j]);
-          acc[m][j] = _mm512_fmadd_ps(_mm512_set1_ps(xm[4 + j]), hi, acc[m][j]);
-        }
-      }
-    }
-    add_group<M>(sz, g, t, K / group, acc, X, tot);
-  }
-  for (int m = 0; m < M; ++m) _mm512_storeu_ps(y + m * N + t * 16, tot[m]);
-}
-
-// bf16(i mod 16) for i < 32: vpermw reads five bits of each index, so a code's neighbouring bit needs no masking
-alignas(64) const uint16_t W4_BF16_TABLE[32] = {
-    0x0000, 0x3F80, 0x4000, 0x4040, 0x4080, 0x40A0, 0x40C0, 0x40E0, 0x4100, 0x4110, 0x4120, 0x4130, 0x4140, 0x4150,
-    0x4160, 0x4170, 0x0000, 0x3F80, 0x4000, 0x4040, 0x4080, 0x40A0, 0x40C0, 0x40E0, 0x4100, 0x4110, 0x4120, 0x4130,
-    0x4140, 0x4150, 0x4160, 0x4170};
-
-// The same with AVX512-BF16 (vdpbf16ps: two products a lane, exact here, added in float32): codes become bf16 by
-// vpermw on W4_BF16_TABLE, x comes in bf16 pairs xp [M, K/8, 4] of 32-bit words, per 8 inputs (x0, x2), (x1, x3),
-// (x4, x6), (x5, x7), as the 16-bit words of a lane pair the codes: the low nibbles of bytes 0 and 2, of bytes 1 and
-// 3, then the high nibbles. About 1.5x the float32 FMA form's rate here, as fast as torch's int4 kernel.
-template <int M>
-__attribute__((target("avx512f,avx512bw,avx512bf16"))) void tile_w4_bf16(const uint8_t* w, const uint32_t* sz,
-                                                                         const uint32_t* xp, const float* X, float* y,
-                                                                         int64_t t, int64_t N, int64_t K,
-                                                                         int64_t group) {
-  const __m512i table = _mm512_load_si512(W4_BF16_TABLE);
-  const uint8_t* wt = w + t * (K / 8) * 64;
-  __m512 tot[M];
-  for (int m = 0; m < M; ++m) tot[m] = _mm512_setzero_ps();
-  for (int64_t g = 0; g < K / group; ++g) {
-    __m512 acc[M][4];  // one accumulator per pair of inputs: vdpbf16ps's latency, not its rate, bounds one chain
-    for (int m = 0; m < M; ++m)
-      for (int j = 0; j < 4; ++j) acc[m][j] = _mm512_setzero_ps();
-    for (int64_t k8 = g * group / 8; k8 < (g + 1) * group / 8; ++k8) {
-      const __m512i v = _mm512_loadu_si512(wt + k8 * 64);
-      const __m512i c[4] = {_mm512_permutexvar_epi16(v, table),  // (u0, u2), (u1, u3), (u4, u6), (u5, u7)
-                            _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 8), table),
-                            _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), table),
-                            _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 12), table)};
+      const __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
       for (int m = 0; m < M; ++m) {
-        const uint32_t* x4 = xp + (m * (K / 8) + k8) * 4;
-        for (int j = 0; j < 4; ++j)
-          acc[m][j] = _mm512_dpbf16_ps(acc[m][j], (__m512bh)c[j], (__m512bh)_mm512_set1_epi32(static_cast<int>(x4[j])));
+        const int64_t i = m * K + k8 * 8;
+        h0[m] = _mm512_dpbusd_epi32(h0[m], lo, bcast4(xh + i));
+        h1[m] = _mm512_dpbusd_epi32(h1[m], hi, bcast4(xh + i + 4));
+        l0[m] = _mm512_dpbusd_epi32(l0[m], lo, bcast4(xl + i));
+        l1[m] = _mm512_dpbusd_epi32(l1[m], hi, bcast4(xl + i + 4));
       }
     }
-    add_group<M>(sz, g, t, K / group, acc, X, tot);
+    __m512 sg, og;
+    scales_offsets(sz, g, t, G, sg, og);
+    const __m512 cg = _mm512_sub_ps(og, _mm512_mul_ps(_mm512_set1_ps(8.f), sg));  // o - 8 s (8 s exact)
+    for (int m = 0; m < M; ++m) {
+      const __m512i dot = _mm512_add_epi32(_mm512_slli_epi32(_mm512_add_epi32(h0[m], h1[m]), 7),
+                                           _mm512_add_epi32(l0[m], l1[m]));
+      tot[m] = _mm512_fmadd_ps(cg, _mm512_set1_ps(static_cast<float>(Q[m * G + g])),
+                               _mm512_fmadd_ps(sg, _mm512_cvtepi32_ps(dot), tot[m]));
+    }
   }
-  for (int m = 0; m < M; ++m) _mm512_storeu_ps(y + m * N + t * 16, tot[m]);
+  for (int m = 0; m < M; ++m) _mm512_storeu_ps(y + m * N + t * 16, _mm512_mul_ps(tot[m], _mm512_set1_ps(a[m])));
 }
 
 // tile(std::integral_constant<int, M>{}, t) for every tile t of 16 output rows, in parallel (M: rows of x, 1-4)
@@ -272,25 +234,13 @@ torch::Tensor w4a8_dequantize_t(torch::Tensor packed, torch::Tensor sc, int64_t 
 // [N/16, K/8, 64], sz [N/16, K/group, 16, 2] bf16 as 32-bit words -> y [M, N] float32
 void w4_into(const float* x, const uint8_t* w, const uint32_t* sz, float* y, int64_t M, int64_t N, int64_t K,
              int64_t group) {
-  std::vector<float> X(M * K / group, 0.f);
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t k = 0; k < K; ++k) X[m * (K / group) + k / group] += x[m * K + k];
-  const float* Xp = X.data();
-  static const bool bf16 = __builtin_cpu_supports("avx512bf16");
-  if (bf16) {  // x's bf16 bits (x holds bf16 values: the module rounded it) in tile_w4_bf16's pairs
-    std::vector<uint32_t> xp(M * K / 2);
-    const int order[8] = {0, 2, 1, 3, 4, 6, 5, 7};
-    for (int64_t i = 0; i < M * K / 8; ++i)
-      for (int j = 0; j < 8; ++j) {
-        uint32_t b;
-        std::memcpy(&b, x + i * 8 + order[j], 4);
-        reinterpret_cast<uint16_t*>(xp.data())[i * 8 + j] = static_cast<uint16_t>(b >> 16);
-      }
-    const uint32_t* xpp = xp.data();
-    for_tiles(M, N, [&](auto m, int64_t t) { tile_w4_bf16<m()>(w, sz, xpp, Xp, y, t, N, K, group); });
-    return;
-  }
-  for_tiles(M, N, [&](auto m, int64_t t) { tile_w4<m()>(w, sz, x, Xp, y, t, N, K, group); });
+  std::vector<int8_t> xh(M * K), xl(M * K);
+  std::vector<int64_t> Q(M * (K / group));
+  float a[MAX_ROWS];
+  split_rows(x, M, K, group, xh.data(), xl.data(), a, Q.data());
+  const int8_t *xhp = xh.data(), *xlp = xl.data();
+  const int64_t* Qp = Q.data();
+  for_tiles(M, N, [&](auto m, int64_t t) { tile_w4<m()>(w, sz, xhp, xlp, Qp, a, y, t, N, K, group); });
 }
 
 inline void check_sz(const torch::Tensor& sz, int64_t N, int64_t K, int64_t group) {
@@ -303,8 +253,8 @@ inline void check_sz(const torch::Tensor& sz, int64_t N, int64_t K, int64_t grou
 inline void check_packed(const torch::Tensor& packed, int64_t group) {
   TORCH_CHECK(packed.scalar_type() == torch::kUInt8 && packed.dim() == 3 && packed.size(2) == 64 &&
               packed.is_contiguous(), "packed: contiguous uint8 [N/16, K/8, 64]");
-  TORCH_CHECK(group % 8 == 0 && packed.size(1) * 8 % group == 0, "in_features ", packed.size(1) * 8,
-              " must be a multiple of group ", group, ", a multiple of 8");
+  TORCH_CHECK(group % 8 == 0 && group <= 8192 && packed.size(1) * 8 % group == 0, "in_features ",
+              packed.size(1) * 8, " must be a multiple of group ", group, ", a multiple of 8 up to 8192");
 }
 
 // x [M, K] float32 (M <= 4), packed [N/16, K/8, 64] uint8, scales and offsets sz [N/16, K/group, 16, 2] bf16
