@@ -66,10 +66,10 @@ void rope(const T* x, const T* cos, const T* sin, T* out, int64_t Dh) {
 //          q = round(x / a) (nearest even); y = (float(q W^T) a) s  (W8A8Linear, exact int32 sums)
 //   W4A8   4-bit codes uint8 [N/16, K/8, 64] and float16 scales and corrections [N/16, K/group, 32]; x quantized
 //          per block of 32 inputs (w4a8.cpp)  (W4A8Linear)
-//   Int8   int8 weight [N, K], bf16 scales [N]; weight-only: x rounded to bf16, then int16 on a power-of-two grid,
-//          exact integer sums, y = bf16(sum a s) (linear.cpp's w8_into, as Int8Linear's 1-4 rows)
+//   Int8   int8 weight [N, K], bf16 scales [N]; weight-only: x rounded to bf16, then 15-bit integers on a
+//          power-of-two grid, exact integer sums (linear.cpp's split_rows, w8_into), y = bf16(sum a s)  (Int8Linear)
 //   Int4   4-bit codes uint8 [N/16, K/8, 64] and bf16 scales and offsets [N/16, K/group, 16, 2]; weight-only:
-//          x rounded to bf16, y = bf16(w4a8.cpp's float32 sums)  (Int4Linear)
+//          x as for Int8, exact integer sums per group (w4a8.cpp's w4_into), y = bf16(...)  (Int4Linear)
 // The result rounded to x's dtype once, as the modules' `.to(x.dtype)`.
 enum class Kind { Plain, W8A8, W4A8, Int8, Int4 };
 struct Product {

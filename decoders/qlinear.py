@@ -1,12 +1,12 @@
 """Quantized linear modules and the round-to-nearest (RTN) formulas they are built with.
 
     module        weight in memory                                  product on CPU (measured, batch 1)
-    Int8Linear    int8 [N, K] + one scale per output channel [N]    1-4 rows: linear.cpp's int16 x int8 rows (bf16
-                                                                     activations on a power-of-two int16 grid, exact
+    Int8Linear    int8 [N, K] + one scale per output channel [N]    1-4 rows: linear.cpp's exact rows (bf16 activations
+                                                                     as 15-bit integers on a power-of-two grid, integer
                                                                      sums); more: torch._weight_int8pack_mm, bf16
-    Int4Linear    4-bit codes [N/16, K/8, 64] (decoders.w4a8.pack)   decoders/w4a8.cpp's weight-only rows (float32
-                  + scale and offset per group of g inputs             sums), bf16 activations
-                  [N/16, K/g, 16, 2] (per tile of 16 rows), bf16
+    Int4Linear    4-bit codes [N/16, K/8, 64] (decoders.w4a8.pack)   1-4 rows: decoders/w4a8.cpp's exact rows (the same
+                  + scale and offset per group of g inputs             15-bit activations, integer sums per group);
+                  [N/16, K/g, 16, 2] (per tile of 16 rows), bf16       more: its dequantized weight, bf16 activations
     W8A8Linear    int8 [N, K] + scale per output channel [N]         torch._int_mm on int8 activations quantized per
                                                                      token (dynamic scale max|x| / 127), fp32 rescale;
                                                                      1-4 rows: linear.cpp's int8 kernel (same sums)
@@ -123,8 +123,8 @@ class Int8Linear(QuantLinear):
         return self.qweight.float() * self.scales.float()[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """y = bf16(x) w^T s rounded to bf16: 1-4 rows on CPU on the kernel library's int16 x int8 rows (`linear.cpp`'s
-        w8_into: x on a power-of-two grid of its largest value, exact sums), more rows by torch's
+        """y = bf16(x) w^T s rounded to bf16: 1-4 rows on CPU on the kernel library's exact rows (`linear.cpp`'s
+        w8_into: x as 15-bit integers on a power-of-two grid of its largest value, integer sums), more rows by torch's
         `_weight_int8pack_mm` (float32 sums); elsewhere, against the dequantized weight."""
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
@@ -176,8 +176,8 @@ class Int4Linear(QuantLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """y = bf16(x) w_hat^T rounded to bf16: 1-4 rows on CPU on the kernel library's weight-only rows (`w4a8.cpp`:
-        float32 sums, per group s sum u x + (o - 8 s) sum x), more rows against its dequantized weight; elsewhere,
-        or without the library, against `dequantize()`."""
+        bf16(x) as 15-bit integers q on a power-of-two grid, per group s sum u q + (o - 8 s) sum q in exact integer
+        sums), more rows against its dequantized weight; elsewhere, or without the library, against `dequantize()`."""
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16).float()
         if cpu_kernels.loaded and x.device.type == "cpu" and x2.shape[0] <= w4a8.MAX_ROWS:
