@@ -172,7 +172,8 @@ void rows_int8(const int8_t* x, const int32_t* xsum, const int8_t* w, int32_t* y
 // (its top bit flipped as it is read) against xh and against xl, and 128 sum_k q (xsum) is taken off at the end:
 // sum_k w q = 128 sum (w + 128) xh + sum (w + 128) xl - 128 xsum. Three instructions per 64 weights (where widening
 // the weights to int16 for vpdpwssd took four, and to float32 for FMAs twelve), 256 bytes of a row per iteration,
-// each line prefetched 1 KB ahead. Lanes stay within int32 for K < 2^20 (each adds 255 * 128 * 4 a step).
+// each line prefetched 1 KB ahead. Each accumulator holds at most K / 2 + 64 products of at most 255 * 128, so its
+// lanes and their sum stay within int32 for K <= 131072 (w8_into checks).
 template <int M, int R>
 void rows_w8(const int8_t* xh, const int8_t* xl, const int64_t* xsum, const int8_t* w, int64_t* y, int64_t n0,
              int64_t n1, int64_t N, int64_t K) {
@@ -314,6 +315,7 @@ void split_rows(const float* x, int64_t M, int64_t K, int64_t group, int8_t* xh,
 // below), 1 <= M <= 4: x as split_rows writes it, exact integer sums (rows_w8), y = float(sum q w) a s, where
 // torch._weight_int8pack_mm sums bf16(x) w in float32.
 void w8_into(const float* x, const int8_t* w, const at::BFloat16* s, float* y, int64_t M, int64_t N, int64_t K) {
+  TORCH_CHECK(K <= 131072, "weight-only int8 rows take up to 131072 inputs, got ", K);
   std::vector<int8_t> xh(M * K), xl(M * K);
   std::vector<int64_t> acc(M * N);
   float a[MAX_ROWS];

@@ -79,15 +79,21 @@ def test_int8_kernel_equals_int_mm_exactly(M, K, N):
     assert torch.equal(got, (x.long() @ w.long().t()).int())  # the exact integer sums, as torch._int_mm's
 
 
-def w8_formula(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """linear.cpp's weight-only int8 product as documented: each row of bf16(x) as a 15-bit integer q on the grid
-    a = 2^(e - 13), e the exponent of its largest |x|, ties to even; exact integer sums; y = bf16(float(sum q w) a s)."""
+def grid(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """linear.cpp's split_rows as documented: each row of bf16(x) as 15-bit integers q [M, K] on the grid a [M, 1] =
+    2^(e - 13), e the exponent of its largest |x|, ties to even."""
     xb = x.bfloat16().float()
     amax = xb.abs().amax(-1, keepdim=True)  # [M, 1]
     e = torch.frexp(amax).exponent - 1  # amax = m 2^e, 1 <= m < 2
     a = torch.where(amax > 0, torch.ldexp(torch.ones_like(amax), e - 13), torch.ones_like(amax))
     q = torch.round(xb / a)  # round half to even, as nearbyint
     assert q.abs().max() < 2 ** 14
+    return q, a
+
+
+def w8_formula(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """The weight-only int8 product as documented: exact integer sums of q w; y = bf16(float(sum q w) a s)."""
+    q, a = grid(x)
     acc = q.long() @ w.long().t()  # [M, N] exact
     return (acc.float() * a * s.float()).bfloat16()
 
@@ -144,3 +150,26 @@ def test_w8a8_decode_rows_run_the_int8_kernel():
             want = (x / xs).round().long() @ lin.qweight.long().t() * xs * lin.scales
             torch.testing.assert_close(lin(x), want.float(), rtol=1e-5, atol=1e-5)
     assert len(calls) == 2
+
+
+@needs_kernels
+@pytest.mark.parametrize("M,group", [(1, 32), (3, 128), (4, 8)])
+def test_weight_only_int4_kernel_is_its_integer_formula(M, group):
+    """w4a8.cpp's weight-only rows: y = a sum_g (s sum_k u q + (o - 8 s) sum_k q) with q, a from the grid above and
+    the sums over k exact, against the same in float64 (the kernel's float32 steps only round)."""
+    from decoders.qlinear import Int4Linear
+
+    g = torch.Generator().manual_seed(M + group)
+    N, K = 48, 256
+    u = torch.randint(0, 16, (N, K), generator=g)
+    scale, offset = torch.rand(N, K // group, generator=g) / 20, torch.randn(N, K // group, generator=g) / 20
+    lin = Int4Linear(u, scale, offset, 4, group)
+    x = torch.randn(M, K, generator=g) * torch.logspace(-4, 1, K)[torch.randperm(K, generator=g)]
+    got = torch.ops.mm_w4a8.w4_linear(x, lin.qweight, lin.so, group)
+    q, a = grid(x)
+    s, o = (t.double() for t in lin.scales_offsets())  # [N, G], as stored (bf16)
+    dots = (u.view(N, 1, -1, group).double() * q.view(1, M, -1, group).double()).sum(-1)  # [N, M, G] exact
+    Q = q.view(M, -1, group).double().sum(-1)  # [M, G]
+    want = a.double() * ((s[:, None] * dots).sum(-1).t() + Q @ (o - 8 * s).t())  # [M, N]
+    scale_of_terms = a.double() * ((s[:, None] * dots).abs().sum(-1).t() + Q.abs() @ (o - 8 * s).abs().t())
+    assert ((got.double() - want).abs() <= 1e-6 * scale_of_terms + 1e-30).all()
