@@ -36,3 +36,17 @@ def test_the_command_trains_each_form_and_writes_its_curve(tmp_path, capsys):
     assert "easy" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["--forms", "sideways"])
+
+
+def test_a_curriculum_trains_its_first_steps_on_fewer_pairs(monkeypatch):
+    import mm.eval.recall as recall
+
+    seen = []
+    real = recall.recall_batch
+    monkeypatch.setattr(recall, "recall_batch", lambda n, pairs, *a: seen.append((n, pairs)) or real(n, pairs, *a))
+    log = recall.train_recall("reversed", 5, pairs=4, batch=8, layers=1, hidden=32, heads=2, kv_heads=1, every=5,
+                              curriculum=(2, 3))
+    assert seen == [(500, 4)] + [(8, 2)] * 3 + [(8, 4)] * 2  # held out on 4 pairs; 3 steps on 2, then 4
+    assert [r["step"] for r in log] == [5]
+    with pytest.raises(SystemExit):
+        main(["--curriculum", "2"])
