@@ -50,15 +50,17 @@ def recall_batch(n: int, pairs: int, value_first: bool, fillers: int,
 
 def train_recall(form: str, steps: int, pairs: int = 6, batch: int = 64, lr: float = 1e-3, layers: int = 4,
                  hidden: int = 256, heads: int = 4, kv_heads: int = 2, every: int = 100, device: str = "cpu",
-                 seed: int = 0, curriculum: tuple[int, int] | None = None) -> list[dict]:
+                 seed: int = 0, curriculum: list[tuple[int, int | None, int]] = ()) -> list[dict]:
     """Train a decoder from scratch on one form; [{step, loss, accuracy}] every `every` steps (accuracy: greedy, on
-    500 held-out sequences of `pairs` pairs). curriculum (p, s): the first s of the steps on sequences of p pairs."""
+    500 held-out sequences of the form with `pairs` pairs). curriculum: phases (pairs, fillers or None for the
+    form's, steps) that take the first of the steps, in order; the rest on the form itself."""
     value_first, fillers = FORMS[form]
+    phases = [(p, fillers if f is None else f, n) for p, f, n in curriculum]
     torch.manual_seed(seed)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=hidden * 21 // 8,
                                          num_hidden_layers=layers, num_attention_heads=heads,
                                          num_key_value_heads=kv_heads, head_dim=hidden // heads,
-                                         max_position_embeddings=2 * max(pairs, curriculum[0] if curriculum else 0) + 8,
+                                         max_position_embeddings=2 * max([pairs] + [p for p, _, _ in phases]) + 8,
                                          tie_word_embeddings=False)).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed + 1)
@@ -66,8 +68,13 @@ def train_recall(form: str, steps: int, pairs: int = 6, batch: int = 64, lr: flo
                                                          torch.Generator().manual_seed(seed + 2)))
     log = []
     for step in range(1, steps + 1):
-        n = curriculum[0] if curriculum and step <= curriculum[1] else pairs
-        x, y = (t.to(device) for t in recall_batch(batch, n, value_first, fillers, g))
+        n, f, end = pairs, fillers, 0
+        for p, pf, steps_of in phases:
+            end += steps_of
+            if step <= end:
+                n, f = p, pf
+                break
+        x, y = (t.to(device) for t in recall_batch(batch, n, value_first, f, g))
         loss = F.cross_entropy(model(x)[:, -1].float(), y)
         opt.zero_grad()
         loss.backward()
@@ -94,17 +101,20 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--curriculum", default=None, metavar="P:S",
-                   help="train the first S steps on P pairs (e.g. 2:500), then on --pairs")
+    p.add_argument("--curriculum", default=None, metavar="P[:F]:S,...",
+                   help="phases first: S steps on P pairs (and F fillers), e.g. 2:500 or 2:0:300,2:3:400; then the form")
     p.add_argument("--json", default=None, help="write {form: [{step, loss, accuracy}]} here")
     a = p.parse_args(argv)
-    curriculum = None
-    if a.curriculum:
+    curriculum = []
+    for phase in a.curriculum.split(",") if a.curriculum else []:
         try:
-            curriculum = tuple(int(v) for v in a.curriculum.split(":"))
-            assert len(curriculum) == 2 and 1 <= curriculum[0] <= KEYS and curriculum[1] >= 0
+            v = [int(x) for x in phase.split(":")]
+            n, f, steps = (v[0], None, v[1]) if len(v) == 2 else v  # ValueError unless 2 or 3 numbers
+            assert 1 <= n <= KEYS and (f is None or 0 <= f <= 4) and steps >= 0
+            curriculum.append((n, f, steps))
         except (ValueError, AssertionError):
-            p.error(f"--curriculum takes P:S, P pairs (1 to {KEYS}) for the first S steps, got {a.curriculum!r}")
+            p.error(f"--curriculum takes phases P:S or P:F:S (P pairs, 1 to {KEYS}; F fillers, 0 to 4; S steps), "
+                    f"got {phase!r}")
     forms = a.forms.split(",")
     if bad := [f for f in forms if f not in FORMS]:
         p.error(f"unknown form {bad[0]!r}; forms: {', '.join(FORMS)}")

@@ -43,10 +43,14 @@ def test_a_curriculum_trains_its_first_steps_on_fewer_pairs(monkeypatch):
 
     seen = []
     real = recall.recall_batch
-    monkeypatch.setattr(recall, "recall_batch", lambda n, pairs, *a: seen.append((n, pairs)) or real(n, pairs, *a))
-    log = recall.train_recall("reversed", 5, pairs=4, batch=8, layers=1, hidden=32, heads=2, kv_heads=1, every=5,
-                              curriculum=(2, 3))
-    assert seen == [(500, 4)] + [(8, 2)] * 3 + [(8, 4)] * 2  # held out on 4 pairs; 3 steps on 2, then 4
-    assert [r["step"] for r in log] == [5]
-    with pytest.raises(SystemExit):
-        main(["--curriculum", "2"])
+    monkeypatch.setattr(recall, "recall_batch", lambda n, pairs, first, fillers, g: seen.append((n, pairs, fillers))
+                        or real(n, pairs, first, fillers, g))
+    log = recall.train_recall("both", 6, pairs=4, batch=8, layers=1, hidden=32, heads=2, kv_heads=1, every=6,
+                              curriculum=[(2, 0, 2), (2, None, 1), (3, 1, 1)])
+    # held out on the form (4 pairs, 3 fillers); 2 steps on 2 pairs without fillers, 1 with the form's, 1 on 3 pairs
+    # with one filler, then the form
+    assert seen == [(500, 4, 3), (8, 2, 0), (8, 2, 0), (8, 2, 3), (8, 3, 1), (8, 4, 3), (8, 4, 3)]
+    assert [r["step"] for r in log] == [6]
+    for bad in ("2", "2:1:2:3", "0:5", "2:9:5", "x:1"):
+        with pytest.raises(SystemExit):
+            main(["--curriculum", bad])
