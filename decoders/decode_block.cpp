@@ -168,13 +168,13 @@ void apply(const Product& p, const T* x, T* y, Scratch<T>& t) {
   } else if (p.kind == Kind::Int8) {
     t.xf.resize(K);
     t.yf.resize(N);
-    for (int64_t k = 0; k < K; ++k) t.xf[k] = f(x[k]);
+    for (int64_t k = 0; k < K; ++k) t.xf[k] = f(x[k]);  // to bf16, then to the grid, in split_rows
     w8_into(t.xf.data(), static_cast<const int8_t*>(p.w), static_cast<const at::BFloat16*>(p.s), t.yf.data(), 1, N, K);
     for (int64_t n = 0; n < N; ++n) y[n] = rnd<T>(f(rnd<at::BFloat16>(t.yf[n])));
   } else if (p.kind == Kind::Int4) {
     t.xf.resize(K);
     t.yf.resize(N);
-    for (int64_t k = 0; k < K; ++k) t.xf[k] = f(rnd<at::BFloat16>(f(x[k])));  // the module's x.to(bfloat16)
+    for (int64_t k = 0; k < K; ++k) t.xf[k] = f(x[k]);  // to bf16, then to the grid, in split_rows
     w4_into(t.xf.data(), static_cast<const uint8_t*>(p.w), static_cast<const uint32_t*>(p.s), t.yf.data(), 1, N, K,
             p.group);
     for (int64_t n = 0; n < N; ++n) y[n] = rnd<T>(f(rnd<at::BFloat16>(t.yf[n])));
