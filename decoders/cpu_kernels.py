@@ -8,7 +8,7 @@
                                                                    (decoders.linear; bf16 needs AVX512-BF16, `bf16`)
                           torch.ops.mm_linear.int8_rows            int8 x int8 -> int32 of 1-4 rows (W8A8)
                           torch.ops.mm_linear.w8_linear            weight-only int8 products of 1-4 rows
-                                                                   (Int8Linear: x as int16, exact sums)
+                                                                   (Int8Linear: x as 15-bit integers, exact)
     decode_block.cpp      torch.ops.mm_decode.block                a Llama block for one token, eagerly
                                                                    (decoders.decode_block; the two above inside)
 

@@ -2,8 +2,8 @@
 tools: the agent (mm.agent.react) and the recipe (mm.train) read the format from here, one definition for both.
 
 A conversation: a system message naming the tools, the task as the first user message (its files appended by
-name, `Files: image1 = scene.png; audio1 = question.wav`, `files_line`; the tools take the name or a path), then each assistant
-reply and the tool's result as the next user message:
+name, `Files: image1 = scene.png; audio1 = question.wav`, `files_line`; the tools take the name or a path), then
+each assistant reply and the tool's result as the next user message:
 
     Thought: i need the question first.
     Action: transcribe

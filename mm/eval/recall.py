@@ -103,7 +103,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--curriculum", default=None, metavar="P[:F]:S,...",
-                   help="phases first: S steps on P pairs (and F fillers), e.g. 2:500 or 2:0:300,2:3:400; then the form")
+                   help="phases first: S steps on P pairs (and F fillers), e.g. 2:500 or 2:0:300,2:3:400; "
+                        "then the form")
     p.add_argument("--json", default=None, help="write {form: [{step, loss, accuracy}]} here")
     a = p.parse_args(argv)
     curriculum = []
