@@ -114,8 +114,8 @@ def test_weight_only_int8_kernel_is_its_formula_bitwise(M, K, N):
     # error of at most 2^-14 max|x| per input
     xb = x.bfloat16().double()
     exact = xb @ w.double().t() * s.double()
-    grid = 2.0 ** -14 * xb.abs().amax(-1, keepdim=True) * (w.double().abs().sum(-1) * s.double())
-    assert ((got.double() - exact).abs() <= 2.0 ** -8 * exact.abs() + grid * 1.001).all()
+    grid_error = 2.0 ** -14 * xb.abs().amax(-1, keepdim=True) * (w.double().abs().sum(-1) * s.double())
+    assert ((got.double() - exact).abs() <= 2.0 ** -8 * exact.abs() + grid_error * 1.001).all()
 
 
 @needs_kernels
