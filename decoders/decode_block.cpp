@@ -22,7 +22,7 @@ void rows_into(const float* x, const float* w, float* y, int64_t M, int64_t N, i
 void rows_into(const at::BFloat16* x, const at::BFloat16* w, at::BFloat16* y, int64_t M, int64_t N, int64_t K,
                const float* bias);
 void int8_rows_into(const int8_t* x, const int8_t* w, int32_t* y, int64_t M, int64_t N, int64_t K);  // linear.cpp
-void w8_into(const float* x, const int8_t* w, const at::BFloat16* s, float* y, int64_t M, int64_t N,  // linear.cpp
+void w8_into(const float* x, const int8_t* w, const at::BFloat16* s, at::BFloat16* y, int64_t M, int64_t N,  // linear.cpp
              int64_t K);
 void w4a8_into(const float* x, const uint8_t* w, const uint16_t* sc, float* y, int64_t M, int64_t N, int64_t K,
                int64_t group);  // w4a8.cpp
@@ -145,6 +145,7 @@ struct Scratch {  // a block's values between its products; the quantized produc
   std::vector<int8_t> xq;  // W8A8: x's int8 codes
   std::vector<int32_t> acc;
   std::vector<float> xf, yf;  // W4A8, Int8, Int4: x and y in float32
+  std::vector<at::BFloat16> yb;  // Int8 in a float32 step: y as w8_into rounds it
   explicit Scratch(const Shape& s)
       : h(s.D), qkv((s.H + 2 * s.Hkv) * s.Dh), q(s.H * s.Dh), y(s.H * s.Dh), o(s.D), gu(2 * s.F), a(s.F) {}
 };
@@ -167,10 +168,16 @@ void apply(const Product& p, const T* x, T* y, Scratch<T>& t) {
     for (int64_t n = 0; n < N; ++n) y[n] = rnd<T>(static_cast<float>(t.acc[n]) * a * s[n]);
   } else if (p.kind == Kind::Int8) {
     t.xf.resize(K);
-    t.yf.resize(N);
     for (int64_t k = 0; k < K; ++k) t.xf[k] = f(x[k]);  // to bf16, then to the grid, in split_rows
-    w8_into(t.xf.data(), static_cast<const int8_t*>(p.w), static_cast<const at::BFloat16*>(p.s), t.yf.data(), 1, N, K);
-    for (int64_t n = 0; n < N; ++n) y[n] = rnd<T>(f(rnd<at::BFloat16>(t.yf[n])));
+    const auto* w = static_cast<const int8_t*>(p.w);
+    const auto* s = static_cast<const at::BFloat16*>(p.s);
+    if constexpr (std::is_same_v<T, at::BFloat16>) {
+      w8_into(t.xf.data(), w, s, y, 1, N, K);
+    } else {
+      t.yb.resize(N);
+      w8_into(t.xf.data(), w, s, t.yb.data(), 1, N, K);
+      for (int64_t n = 0; n < N; ++n) y[n] = f(t.yb[n]);
+    }
   } else if (p.kind == Kind::Int4) {
     t.xf.resize(K);
     t.yf.resize(N);

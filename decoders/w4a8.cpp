@@ -29,6 +29,9 @@ namespace {
 
 constexpr int64_t QK = 32;      // inputs per activation block
 constexpr int64_t MAX_ROWS = 4;  // rows of x per call (decode steps; larger products dequantize instead)
+// The codes are read 2 KB ahead (a software prefetch beside each load): on the Intel Xeon's two threads, 1.1B-shaped
+// weight-only products in groups of 32 cycled through memory read 24 GB/s against 20 without (512 bytes ahead: 22).
+constexpr int PREFETCH = 2048;
 
 // x [M, K] (float32) -> q [M, K] int8 and d [M, K/32] per block; X [M, G] = sum of d * sum(q) over a group's blocks.
 // q = round(x * (127 / amax)) to nearest even (the default rounding mode, as nearbyint).
@@ -68,6 +71,7 @@ void tile(const uint8_t* w, const uint16_t* sc, const int8_t* q, const float* d,
       __m512i dot0[M], dot1[M];
       for (int m = 0; m < M; ++m) dot0[m] = dot1[m] = _mm512_setzero_si512();
       for (int j = 0; j < 4; ++j) {  // 8 inputs a step
+        _mm_prefetch(reinterpret_cast<const char*>(wt + (b * 4 + j) * 64) + PREFETCH, _MM_HINT_T0);
         const __m512i v = _mm512_loadu_si512(wt + (b * 4 + j) * 64);
         const __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
         for (int m = 0; m < M; ++m) {
@@ -114,6 +118,7 @@ void tile_w4(const uint8_t* w, const uint32_t* sz, const int8_t* xh, const int8_
     __m512i h0[M], h1[M], l0[M], l1[M];
     for (int m = 0; m < M; ++m) h0[m] = h1[m] = l0[m] = l1[m] = _mm512_setzero_si512();
     for (int64_t k8 = g * group / 8; k8 < (g + 1) * group / 8; ++k8) {  // 8 inputs a step
+      _mm_prefetch(reinterpret_cast<const char*>(wt + k8 * 64) + PREFETCH, _MM_HINT_T0);
       const __m512i v = _mm512_loadu_si512(wt + k8 * 64);  // lane l: row 16 t + l, byte j: inputs j, 4 + j
       const __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
       for (int m = 0; m < M; ++m) {

@@ -68,7 +68,8 @@ def test_linear_uses_the_kernel_only_where_it_applies():
 
 @needs_kernels
 @pytest.mark.parametrize("M", [1, 2, 3, 4])
-@pytest.mark.parametrize("K,N", [(768, 1280), (1000, 37), (100, 37), (64, 4), (5, 3)])  # K % 256, K % 64 tails; N % 4
+@pytest.mark.parametrize("K,N", [(768, 1280), (256, 1000), (1000, 37), (100, 37), (64, 4), (5, 3)])
+# K % 256, K % 64 tails; N % 4, and each thread's rows % 16 (the kernels' blocks of four rows 4 apart)
 def test_int8_kernel_equals_int_mm_exactly(M, K, N):
     g = torch.Generator().manual_seed(M * K + N + 2)
     x = torch.randint(-128, 128, (M, K), dtype=torch.int8, generator=g)
@@ -100,7 +101,8 @@ def w8_formula(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor) -> torch.Tenso
 
 @needs_kernels
 @pytest.mark.parametrize("M", [1, 2, 3, 4])
-@pytest.mark.parametrize("K,N", [(768, 1280), (1000, 37), (100, 37), (64, 4), (5, 3)])  # K % 256, K % 32 tails; N % 4
+@pytest.mark.parametrize("K,N", [(768, 1280), (256, 1000), (1000, 37), (100, 37), (64, 4), (5, 3)])
+# K % 256, K % 32 tails; N % 4, and each thread's rows % 16
 def test_weight_only_int8_kernel_is_its_formula_bitwise(M, K, N):
     g = torch.Generator().manual_seed(M * K + N + 3)
     x = torch.randn(M, K, generator=g) * torch.logspace(-6, 2, K)[torch.randperm(K, generator=g)]  # 8 decades
