@@ -32,12 +32,20 @@ inline __m512 round_bf16(__m512 v) {  // to_bf16 on 16 floats, back as float32 (
   return _mm512_castsi512_ps(_mm512_and_si512(r, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
 }
 
-// y[m, n] for n in [n0, n1), R weight rows at a time ((n1 - n0) % R == 0), each row's sum in the same order whatever R
+// R = 4 weight rows are read together ROW_STRIDE rows apart, in blocks of 16 rows, where four neighbouring rows of
+// 1.5-2 KB lie in two 4 KB pages: on the Intel Xeon's two threads, products from memory read 13% faster so (1.1B-shaped
+// weight-only int8: 25 -> 29 GB/s), on one thread 125M-shaped bf16 7-12% (4 KB rows of 1.1B bf16: 1-2%).
+constexpr int ROW_STRIDE = 4;
+
+// y[m, n] for n in [n0, n1), R weight rows at a time, ROW_STRIDE apart ((n1 - n0) % (R ROW_STRIDE) == 0 for R > 1),
+// each row's sum in the same order whatever R
 template <int M, int R>
 __attribute__((target("avx512f,avx512bw,avx512bf16"))) void rows_bf16(const uint16_t* x, const uint16_t* w,
                                                                       const float* bias, uint16_t* y, int64_t n0,
                                                                       int64_t n1, int64_t N, int64_t K) {
-  for (int64_t n = n0; n < n1; n += R) {
+  constexpr int S = R > 1 ? ROW_STRIDE : 1;
+  for (int64_t nb = n0; nb < n1; nb += R * S)
+  for (int64_t n = nb; n < nb + S; ++n) {
     __m512 acc[M][R][U];
     for (int m = 0; m < M; ++m)
       for (int r = 0; r < R; ++r)
@@ -46,7 +54,7 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) void rows_bf16(const uint
     for (; k + 32 * U <= K; k += 32 * U)
       for (int r = 0; r < R; ++r)
         for (int u = 0; u < U; ++u) {
-          const __m512i wv = _mm512_loadu_si512(w + (n + r) * K + k + 32 * u);
+          const __m512i wv = _mm512_loadu_si512(w + (n + r * S) * K + k + 32 * u);
           for (int m = 0; m < M; ++m)
             acc[m][r][u] = _mm512_dpbf16_ps(acc[m][r][u], (__m512bh)_mm512_loadu_si512(x + m * K + k + 32 * u),
                                             (__m512bh)wv);
@@ -54,7 +62,7 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) void rows_bf16(const uint
     for (; k < K; k += 32) {  // the rest, the last block masked (K % 32)
       const __mmask32 in = K - k >= 32 ? ~__mmask32(0) : (__mmask32(1) << (K - k)) - 1;
       for (int r = 0; r < R; ++r) {
-        const __m512i wv = _mm512_maskz_loadu_epi16(in, w + (n + r) * K + k);
+        const __m512i wv = _mm512_maskz_loadu_epi16(in, w + (n + r * S) * K + k);
         for (int m = 0; m < M; ++m)
           acc[m][r][0] = _mm512_dpbf16_ps(acc[m][r][0], (__m512bh)_mm512_maskz_loadu_epi16(in, x + m * K + k),
                                           (__m512bh)wv);
@@ -64,7 +72,7 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) void rows_bf16(const uint
       for (int r = 0; r < R; ++r) {
         __m512 a = acc[m][r][0];
         for (int u = 1; u < U; ++u) a = _mm512_add_ps(a, acc[m][r][u]);
-        y[m * N + n + r] = to_bf16(_mm512_reduce_add_ps(a) + (bias ? bias[n + r] : 0.f));
+        y[m * N + n + r * S] = to_bf16(_mm512_reduce_add_ps(a) + (bias ? bias[n + r * S] : 0.f));
       }
   }
 }
@@ -73,7 +81,9 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) void rows_bf16(const uint
 template <int M, int R>
 void rows_f32(const float* x, const float* w, const float* bias, float* y, int64_t n0, int64_t n1, int64_t N,
               int64_t K) {
-  for (int64_t n = n0; n < n1; n += R) {
+  constexpr int S = R > 1 ? ROW_STRIDE : 1;
+  for (int64_t nb = n0; nb < n1; nb += R * S)
+  for (int64_t n = nb; n < nb + S; ++n) {
     __m512 acc[M][R][U];
     for (int m = 0; m < M; ++m)
       for (int r = 0; r < R; ++r)
@@ -82,14 +92,14 @@ void rows_f32(const float* x, const float* w, const float* bias, float* y, int64
     for (; k + 16 * U <= K; k += 16 * U)
       for (int r = 0; r < R; ++r)
         for (int u = 0; u < U; ++u) {
-          const __m512 wv = _mm512_loadu_ps(w + (n + r) * K + k + 16 * u);
+          const __m512 wv = _mm512_loadu_ps(w + (n + r * S) * K + k + 16 * u);
           for (int m = 0; m < M; ++m)
             acc[m][r][u] = _mm512_fmadd_ps(_mm512_loadu_ps(x + m * K + k + 16 * u), wv, acc[m][r][u]);
         }
     for (; k < K; k += 16) {  // the rest, the last block masked (K % 16)
       const __mmask16 in = K - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (K - k)) - 1);
       for (int r = 0; r < R; ++r) {
-        const __m512 wv = _mm512_maskz_loadu_ps(in, w + (n + r) * K + k);
+        const __m512 wv = _mm512_maskz_loadu_ps(in, w + (n + r * S) * K + k);
         for (int m = 0; m < M; ++m)
           acc[m][r][0] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(in, x + m * K + k), wv, acc[m][r][0]);
       }
@@ -98,7 +108,7 @@ void rows_f32(const float* x, const float* w, const float* bias, float* y, int64
       for (int r = 0; r < R; ++r) {
         __m512 a = acc[m][r][0];
         for (int u = 1; u < U; ++u) a = _mm512_add_ps(a, acc[m][r][u]);
-        y[m * N + n + r] = _mm512_reduce_add_ps(a) + (bias ? bias[n + r] : 0.f);
+        y[m * N + n + r * S] = _mm512_reduce_add_ps(a) + (bias ? bias[n + r * S] : 0.f);
       }
   }
 }
@@ -108,16 +118,15 @@ void rows_f32(const float* x, const float* w, const float* bias, float* y, int64
 // EPYC (Zen 5) a first version of this kernel that interleaved 4 rows read at half the rate of one stream.
 const bool four_rows = (__builtin_cpu_init(), __builtin_cpu_is("intel"));
 
-// rows<M, R>(n0, n1) over blocks of weight rows, in parallel; R = 4 over a multiple of B rows (the int8 kernels'
-// blocks of 16, below)
-template <int B = 4, typename F>
+// rows<M, R>(n0, n1) over blocks of weight rows, in parallel (R = 4 over whole blocks of 4 ROW_STRIDE rows)
+template <typename F>
 void for_rows(int64_t M, int64_t N, F rows) {
   at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
     using I1 = std::integral_constant<int, 1>;
     switch (M) {
       case 1:
         if (four_rows) {
-          const int64_t n4 = n0 + (n1 - n0) / B * B;
+          const int64_t n4 = n0 + (n1 - n0) / (4 * ROW_STRIDE) * (4 * ROW_STRIDE);
           rows(I1{}, std::integral_constant<int, 4>{}, n0, n4);
           n0 = n4;
         }
@@ -130,11 +139,6 @@ void for_rows(int64_t M, int64_t N, F rows) {
   });
 }
 
-// The int8 kernels below read their R = 4 weight rows together INT8_STRIDE rows apart, in blocks of 16 rows: four
-// neighbouring rows of 2 KB (K = 2048) lie in two 4 KB pages, and rows 8 KB apart read 13% faster (1.1B-shaped
-// weight-only products from memory on the Intel Xeon's two threads: 25 -> 29 GB/s, where bf16 reads 27).
-constexpr int INT8_STRIDE = 4;
-
 // int8 x int8 -> int32, exact (W8A8): vpdpbusd multiplies unsigned by signed bytes, so each weight block goes in as
 // w + 128 (its bits with the top one flipped as it is read) against x, and 128 sum_k x[m, k] (xsum, once a call) is
 // taken off. One vpdpbusd per 64 weights, U blocks of a row per iteration: on the Intel Xeon, 1.1B-shaped products
@@ -144,7 +148,7 @@ template <int M, int R>
 void rows_int8(const int8_t* x, const int32_t* xsum, const int8_t* w, int32_t* y, int64_t n0, int64_t n1, int64_t N,
                int64_t K) {
   const __m512i c128 = _mm512_set1_epi8(static_cast<char>(0x80));
-  constexpr int S = R > 1 ? INT8_STRIDE : 1;
+  constexpr int S = R > 1 ? ROW_STRIDE : 1;
   for (int64_t nb = n0; nb < n1; nb += R * S)
   for (int64_t n = nb; n < nb + S; ++n) {
     __m512i acc[M][R][U];
@@ -190,7 +194,7 @@ void rows_w8(const int8_t* xh, const int8_t* xl, const int64_t* xsum, const floa
              const at::BFloat16* s, at::BFloat16* y, int64_t n0, int64_t n1, int64_t N, int64_t K) {
   constexpr int V = 2;  // accumulators per part (R = 4: 16 in all)
   const __m512i c128 = _mm512_set1_epi8(static_cast<char>(0x80));
-  constexpr int S = R > 1 ? INT8_STRIDE : 1;
+  constexpr int S = R > 1 ? ROW_STRIDE : 1;
   for (int64_t nb = n0; nb < n1; nb += R * S)
   for (int64_t n = nb; n < nb + S; ++n) {
     __m512i hi[M][R][V], lo[M][R][V];
@@ -283,7 +287,7 @@ void int8_rows_into(const int8_t* x, const int8_t* w, int32_t* y, int64_t M, int
   int32_t xsum[MAX_ROWS] = {};
   for (int64_t m = 0; m < M; ++m)
     for (int64_t k = 0; k < K; ++k) xsum[m] += x[m * K + k];
-  for_rows<4 * INT8_STRIDE>(M, N, [&](auto m, auto r, int64_t n0, int64_t n1) {
+  for_rows(M, N, [&](auto m, auto r, int64_t n0, int64_t n1) {
     rows_int8<m(), r()>(x, xsum, w, y, n0, n1, N, K);
   });
 }
@@ -337,7 +341,7 @@ void w8_into(const float* x, const int8_t* w, const at::BFloat16* s, at::BFloat1
   float a[MAX_ROWS];
   int64_t xsum[MAX_ROWS];
   split_rows(x, M, K, K, xh.data(), xl.data(), a, xsum);
-  for_rows<4 * INT8_STRIDE>(M, N, [&](auto m, auto r, int64_t n0, int64_t n1) {
+  for_rows(M, N, [&](auto m, auto r, int64_t n0, int64_t n1) {
     rows_w8<m(), r()>(xh.data(), xl.data(), xsum, a, w, s, y, n0, n1, N, K);
   });
 }

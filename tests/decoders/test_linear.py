@@ -15,7 +15,8 @@ needs_kernels = pytest.mark.skipif(not cpu_kernels.loaded, reason="the kernels n
 
 @needs_bf16
 @pytest.mark.parametrize("M", [1, 2, 3, 4])
-@pytest.mark.parametrize("K,N", [(256, 384), (688, 37), (40, 4)])  # K % 32 tails; N not a multiple of 4
+@pytest.mark.parametrize("K,N", [(256, 384), (256, 1000), (688, 37), (40, 4)])
+# K % 32 tails; N not a multiple of 4, each thread's rows not a multiple of 16 (blocks of four rows 4 apart)
 def test_bf16_kernel_equals_the_product_in_float64(M, K, N):
     g = torch.Generator().manual_seed(M * K + N)
     x = torch.randn(M, K, generator=g).bfloat16()
@@ -31,7 +32,7 @@ def test_bf16_kernel_equals_the_product_in_float64(M, K, N):
 
 @needs_kernels
 @pytest.mark.parametrize("M", [1, 2, 3, 4])
-@pytest.mark.parametrize("K,N", [(256, 384), (688, 37), (40, 4), (7, 3)])  # K % 64 and K % 16 tails
+@pytest.mark.parametrize("K,N", [(256, 384), (256, 1000), (688, 37), (40, 4), (7, 3)])  # K % 64, K % 16 tails
 def test_float32_kernel_equals_the_product_in_float64(M, K, N):
     g = torch.Generator().manual_seed(M * K + N + 1)
     x, w, b = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g) * 0.05, torch.randn(N, generator=g)
