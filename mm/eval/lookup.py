@@ -1,6 +1,6 @@
 """Lookup in a told scene: does a decoder, trained from scratch on scenes given in words, learn to answer questions
 about them, and does a warm-up on bare pairs, one lookup direction at a time, help? `python -m mm.eval.lookup
-[--warmup col_of_shape:600,shape_of_col:600] [--steps 750] [--every 250]`.
+[--warmup col_of_shape:600,shape_of_col:600,shape_at:600:2] [--steps 750] [--every 250]`.
 
 The shipped model's wrong answers are nearly always another object's attribute: it has not learnt to find the named
 object in its context. This probe takes the vision out: the decoder's shape (4 layers x 256, 4 heads, 2 kv heads),
@@ -13,13 +13,14 @@ schedule). First, optionally, a warm-up on bare told items of 2-3 objects, each 
     shape_of_col  "red star, blue circle\\nwhat shape is red"               -> star
     shape_at      "red star at the top left, ...\\nwhat shape is at the top left"  -> star
     col_at        "... \\nwhat colour is the shape at the top left"          -> red
-    where_shape   "... \\nwhat shape ... where is the star"                  -> at the top left
+    where_shape   "... \\nwhere is the star"                               -> at the top left
     where_cs      "... \\nwhere is the red star"                            -> at the top left
 
-each for its steps (64 rows a step, constant lr), the question's tail added in thirds ("", "?", "? =": a new form
-with the tail from the start did not form), a quarter of the rows rehearsing the directions before it. Printed: after
-each direction, the bare accuracy of every direction so far (of 100); then every `--every` steps the greedy accuracy
-on 300 held-out and 300 training scenes, by number of objects and by question form.
+each for its steps (DIRECTION:STEPS, or DIRECTION:STEPS:OBJECTS for that many objects; 64 rows a step, constant
+lr), the question's tail added in thirds ("", "?", "? =": a new form with the tail from the start did not form), a
+quarter of the rows rehearsing the directions before it. Printed: after each direction, the bare accuracy of every
+direction so far (of 100, on 2-3 objects); then every `--every` steps the greedy accuracy on 300 held-out and 300
+training scenes, by number of objects and by question form.
 
 Measured (one CPU thread; README, The shipped model): `--warmup col_of_shape:600,shape_of_col:600,where_shape:600`
 forms the first two (100 of 100; then 89, the first at 99) but not where_shape (31, the first two falling to 84), and
@@ -67,9 +68,10 @@ def scene_tokenizer(vocab: int = 640, scenes: int = 4000, word_lines: int = 1600
     return train_sentencepiece([d / "corpus.txt"], d / "tokenizer", vocab_size=vocab)
 
 
-def bare_item(r: random.Random, direction: str) -> tuple[str, str, str]:
-    """(items, question without its tail, answer): 2-3 objects of distinct shapes, colours and places."""
-    k = r.choice([2, 3])
+def bare_item(r: random.Random, direction: str, objects: tuple[int, ...] = (2, 3)) -> tuple[str, str, str]:
+    """(items, question without its tail, answer): `objects` (a count drawn from them) of distinct shapes, colours and
+    places."""
+    k = r.choice(objects)
     shapes, cols, places = r.sample(SHAPES, k), r.sample(COLOURS, k), r.sample(PLACES, k)
     i = r.randrange(k)
     with_place = direction in WITH_PLACES
@@ -102,8 +104,9 @@ class Probe:
             self.sets[split] = scenes, [sample_question(s, item_rng(1, split, "eval-read", i))
                                         for i, s in enumerate(scenes)]
 
-    def bare_row(self, r: random.Random, direction: str, tail: str) -> tuple[list[int], list[int]]:
-        items, question, answer = bare_item(r, direction)
+    def bare_row(self, r: random.Random, direction: str, tail: str,
+                 objects: tuple[int, ...] = (2, 3)) -> tuple[list[int], list[int]]:
+        items, question, answer = bare_item(r, direction, objects)
         prompt = [BOS] + self.tok.encode(items) + self.tok.encode(f"\n{question}{tail}")
         a = self.tok.encode(answer) + [EOS]
         return prompt + a, [-100] * len(prompt) + a
@@ -143,20 +146,22 @@ class Probe:
             out.append(nxt)
         return out
 
-    def warm_up(self, phases: list[tuple[str, int]], log=print) -> dict:
-        """Each (direction, steps) in turn; returns {direction: bare accuracy of every direction so far}."""
+    def warm_up(self, phases: list[tuple[str, int, tuple[int, ...]]], log=print) -> dict:
+        """Each (direction, steps, objects) in turn; returns {direction: bare accuracy (2-3 objects) of every
+        direction so far}."""
         done, out = [], {}
-        for direction, steps in phases:
+        for direction, steps, objects in phases:
             loss = float("nan")
             for s in range(1, steps + 1):
                 r = random.Random(f"warm/{direction}/{s}")
                 tail = TAILS[0] if s <= steps // 3 else TAILS[1] if s <= 2 * steps // 3 else TAILS[2]
-                rows = [self.bare_row(r, direction, tail) if (not done or r.random() < 0.75)
+                rows = [self.bare_row(r, direction, tail, objects) if (not done or r.random() < 0.75)
                         else self.bare_row(r, r.choice(done), TAILS[-1]) for _ in range(64)]
                 loss = self.step(rows, clip=False)
-            done.append(direction)
+            done += [direction] * (direction not in done)
             out[direction] = {d: self.bare_accuracy(d) for d in done}
-            log(f"warm-up {direction} ({steps} steps): loss {loss:.3f}, bare accuracy {out[direction]}")
+            log(f"warm-up {direction} ({steps} steps, {objects} objects): loss {loss:.3f}, bare accuracy "
+                f"{out[direction]}")
         return out
 
     def bare_accuracy(self, direction: str, n: int = 100) -> int:
@@ -209,8 +214,9 @@ class Probe:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m mm.eval.lookup", description=__doc__.split("\n\n")[0])
-    p.add_argument("--warmup", default="", metavar="DIRECTION:STEPS,...",
-                   help=f"bare told items first, one direction at a time; directions: {', '.join(DIRECTIONS)}")
+    p.add_argument("--warmup", default="", metavar="DIRECTION:STEPS[:OBJECTS],...",
+                   help="bare told items first, one direction at a time (2-3 objects, or OBJECTS); directions: "
+                        f"{', '.join(DIRECTIONS)}")
     p.add_argument("--steps", type=int, default=750, help="told-scene steps")
     p.add_argument("--every", type=int, default=250)
     p.add_argument("--eval-items", type=int, default=300, help="held-out and training scenes asked, each")
@@ -219,10 +225,12 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     phases = []
     for phase in a.warmup.split(",") if a.warmup else []:
-        direction, _, steps = phase.partition(":")
-        if direction not in DIRECTIONS or not steps.isdigit():
-            p.error(f"--warmup takes DIRECTION:STEPS phases (directions: {', '.join(DIRECTIONS)}), got {phase!r}")
-        phases.append((direction, int(steps)))
+        direction, *numbers = phase.split(":")
+        if direction not in DIRECTIONS or len(numbers) not in (1, 2) or not all(n.isdigit() for n in numbers) or (
+                len(numbers) == 2 and not 1 <= int(numbers[1]) <= 6):
+            p.error(f"--warmup takes DIRECTION:STEPS or DIRECTION:STEPS:OBJECTS phases (directions: "
+                    f"{', '.join(DIRECTIONS)}; 1 to 6 objects), got {phase!r}")
+        phases.append((direction, int(numbers[0]), (int(numbers[1]),) if len(numbers) == 2 else (2, 3)))
     torch.set_num_threads(a.threads)
     probe = Probe(eval_items=a.eval_items)
     warm = probe.warm_up(phases)

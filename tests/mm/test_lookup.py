@@ -33,11 +33,13 @@ def test_each_bare_answer_belongs_to_the_object_its_question_names(direction):
                           "where_shape": place, "where_cs": place}[direction]
         seen.add(answer)
     assert len(seen) > 3  # the answers vary
+    for k in (1, 2, 5):
+        assert len(bare_item(random.Random(k), direction, (k,))[0].split(", ")) == k
 
 
 def test_the_command_warms_up_trains_and_writes_its_curve(tmp_path, capsys):
     out = tmp_path / "lookup.json"
-    assert main(["--warmup", "col_of_shape:3,where_cs:3", "--steps", "2", "--every", "1", "--eval-items", "4",
+    assert main(["--warmup", "col_of_shape:3,where_cs:3:2", "--steps", "2", "--every", "1", "--eval-items", "4",
                  "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert list(result["warmup"]) == ["col_of_shape", "where_cs"]
@@ -49,5 +51,6 @@ def test_the_command_warms_up_trains_and_writes_its_curve(tmp_path, capsys):
         for split in ("heldout", "train"):
             assert 0 <= r[split]["accuracy"] <= 100 and set(r[split]["objects"]) == {"1", "2", "3"}
     assert "warm-up where_cs" in capsys.readouterr().out
-    with pytest.raises(SystemExit):
-        main(["--warmup", "sideways:10"])
+    for bad in ("sideways:10", "col_at:10:7", "col_at:10:0", "col_at", "col_at:x"):
+        with pytest.raises(SystemExit):
+            main(["--warmup", bad])
