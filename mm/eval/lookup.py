@@ -25,7 +25,9 @@ training scenes, by number of objects and by question form.
 Measured (one CPU thread; README, The shipped model): `--warmup col_of_shape:600,shape_of_col:600,where_shape:600`
 forms the first two (100 of 100; then 89, the first at 99) but not where_shape (31, the first two falling to 84), and
 the told scenes reach 81.0% held-out at step 750 ("what colour is the <shape>?" 22/22, "what shape is <colour>?"
-21/21); 300 steps a direction form none (43, 41, 45: chance is ~40).
+21/21; without a warm-up 76.3%, 11/22 and 12/21); 300 steps a direction form none (43, 41, 45: chance is ~40). The
+directions keyed by a place did not form in 600-900 steps (27-42) and eroded the formed ones (told scenes: 69.0%);
+`--warmup shape_at:1500:2` (two objects) had begun to by step 1500 (60).
 """
 from __future__ import annotations
 
