@@ -22,8 +22,8 @@ void rows_into(const float* x, const float* w, float* y, int64_t M, int64_t N, i
 void rows_into(const at::BFloat16* x, const at::BFloat16* w, at::BFloat16* y, int64_t M, int64_t N, int64_t K,
                const float* bias);
 void int8_rows_into(const int8_t* x, const int8_t* w, int32_t* y, int64_t M, int64_t N, int64_t K);  // linear.cpp
-void w8_into(const float* x, const int8_t* w, const at::BFloat16* s, at::BFloat16* y, int64_t M, int64_t N,  // linear.cpp
-             int64_t K);
+void w8_into(const float* x, const int8_t* w, const at::BFloat16* s, at::BFloat16* y, int64_t M, int64_t N,
+             int64_t K);  // linear.cpp
 void w4a8_into(const float* x, const uint8_t* w, const uint16_t* sc, float* y, int64_t M, int64_t N, int64_t K,
                int64_t group);  // w4a8.cpp
 void w4_into(const float* x, const uint8_t* w, const uint32_t* sz, float* y, int64_t M, int64_t N, int64_t K,

@@ -13,7 +13,8 @@ ITEM = re.compile(rf"({'|'.join(COLOURS)}) ({'|'.join(SHAPES)})(?: ({'|'.join(PL
 C, S, P = (f"(?P<{n}>{'|'.join(v)})" for n, v in (("colour", COLOURS), ("shape", SHAPES), ("place", PLACES)))
 QUESTION = {d: re.compile(q) for d, q in {
     "col_of_shape": f"what colour is the {S}", "shape_of_col": f"what shape is {C}", "shape_at": f"what shape is {P}",
-    "col_at": f"what colour is the shape {P}", "where_shape": f"where is the {S}", "where_cs": f"where is the {C} {S}"}.items()}
+    "col_at": f"what colour is the shape {P}", "where_shape": f"where is the {S}",
+    "where_cs": f"where is the {C} {S}"}.items()}
 
 
 @pytest.mark.parametrize("direction", DIRECTIONS)
