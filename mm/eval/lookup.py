@@ -40,14 +40,14 @@ import tempfile
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from decoders import LlamaConfig, LlamaForCausalLM
+from decoders.loss import IGNORE_INDEX, next_token_loss
 from decoders.tokenizer_train import train_sentencepiece
 from mm.data.scenes import (COLOURS, PLACES, SHAPES, describe, item_rng, question_form, questions, sample_question,
                             sample_scene, sample_split_scene)
 from mm.data.words import common_words
-from mm.eval.evaluate import normalize_answer
+from mm.eval.metrics import normalize_answer
 
 DIRECTIONS = ("col_of_shape", "shape_of_col", "shape_at", "col_at", "where_shape", "where_cs")
 WITH_PLACES = ("shape_at", "col_at", "where_shape", "where_cs")
@@ -111,26 +111,25 @@ class Probe:
         items, question, answer = bare_item(r, direction, objects)
         prompt = [BOS] + self.tok.encode(items) + self.tok.encode(f"\n{question}{tail}")
         a = self.tok.encode(answer) + [EOS]
-        return prompt + a, [-100] * len(prompt) + a
+        return prompt + a, [IGNORE_INDEX] * len(prompt) + a
 
     def scene_row(self, scene, qas) -> tuple[list[int], list[int]]:
         ids = [BOS] + self.tok.encode(describe(scene))
-        labels = [-100] * len(ids)
+        labels = [IGNORE_INDEX] * len(ids)
         for qa in qas:
             q, a = self.tok.encode("\n" + qa.question + " ="), self.tok.encode(qa.answer) + [EOS]
             ids += q + a
-            labels += [-100] * len(q) + a
+            labels += [IGNORE_INDEX] * len(q) + a
         return ids, labels
 
     def step(self, rows: list[tuple[list[int], list[int]]], clip: bool) -> float:
         L = max(len(i) for i, _ in rows)
         x = torch.zeros(len(rows), L, dtype=torch.long)
-        y = torch.full((len(rows), L), -100)
+        y = torch.full((len(rows), L), IGNORE_INDEX)
         mask = torch.zeros(len(rows), L, dtype=torch.long)
         for k, (ids, labels) in enumerate(rows):
             x[k, :len(ids)], y[k, :len(labels)], mask[k, :len(ids)] = torch.tensor(ids), torch.tensor(labels), 1
-        logits = self.model(x, mask)
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), y[:, 1:].flatten(), ignore_index=-100)
+        loss = next_token_loss(self.model(x, mask), y)
         self.opt.zero_grad()
         loss.backward()
         if clip:
@@ -171,7 +170,7 @@ class Probe:
         right = 0
         for j in range(n):
             ids, labels = self.bare_row(random.Random(f"bare-eval/{direction}/{j}"), direction, TAILS[-1])
-            k = next(i for i, v in enumerate(labels) if v != -100)
+            k = next(i for i, v in enumerate(labels) if v != IGNORE_INDEX)
             right += self.greedy(ids[:k]) == ids[k:-1]
         self.model.train()
         return right
