@@ -319,6 +319,54 @@ def told(scene: list[Obj], question: str) -> str:
     return f"{describe(scene)}\n{question}"
 
 
+LOOKUP_DIRECTIONS = ("col_of_shape", "shape_of_col", "shape_at", "col_at", "where_shape", "where_cs")
+
+
+def lookup_item(rng: random.Random, direction: str, objects: tuple[int, ...] = (2, 3),
+                avoid: frozenset[tuple[str, str]] = frozenset()) -> tuple[str, str, str]:
+    """A bare told item of one lookup direction: (items, question without its tail, answer), `objects` (a count
+    drawn from them) of distinct shapes, colours and places, no (shape, colour) pair in `avoid` (e.g. the held-out
+    pairs: redrawn until none is):
+        col_of_shape  "red star, blue circle" / "what colour is the star"                 -> "red"
+        shape_of_col  "red star, blue circle" / "what shape is red"                       -> "star"
+        shape_at      "red star at the top left, ..." / "what shape is at the top left"   -> "star"
+        col_at        "..." / "what colour is the shape at the top left"                  -> "red"
+        where_shape   "..." / "where is the star"                                         -> "at the top left"
+        where_cs      "..." / "where is the red star"                                     -> "at the top left"
+    """
+    if direction not in LOOKUP_DIRECTIONS:
+        raise ValueError(f"lookup direction must be one of {LOOKUP_DIRECTIONS}, got {direction!r}")
+    while True:
+        k = rng.choice(objects)
+        shapes, cols, places = rng.sample(SHAPES, k), rng.sample(COLOURS, k), rng.sample(PLACES, k)
+        i = rng.randrange(k)
+        if not avoid.intersection(zip(shapes, cols)):
+            break
+    with_place = direction in ("shape_at", "col_at", "where_shape", "where_cs")
+    items = ", ".join(f"{c} {s} {p}" if with_place else f"{c} {s}" for c, s, p in zip(cols, shapes, places))
+    question, answer = {"col_of_shape": (f"what colour is the {shapes[i]}", cols[i]),
+                        "shape_of_col": (f"what shape is {cols[i]}", shapes[i]),
+                        "shape_at": (f"what shape is {places[i]}", shapes[i]),
+                        "col_at": (f"what colour is the shape {places[i]}", cols[i]),
+                        "where_shape": (f"where is the {shapes[i]}", places[i]),
+                        "where_cs": (f"where is the {cols[i]} {shapes[i]}", places[i])}[direction]
+    return items, question, answer
+
+
+def lookup_phases(text: str) -> list[tuple[str, int, tuple[int, ...]]]:
+    """'col_of_shape:600,shape_at:1500:2' -> [(direction, steps, objects)]: a warm-up of bare told items, one
+    direction after another, on 2-3 objects or the phase's OBJECTS (1-6); ValueError naming a malformed phase."""
+    phases = []
+    for phase in text.split(",") if text else []:
+        direction, *numbers = phase.split(":")
+        if direction not in LOOKUP_DIRECTIONS or len(numbers) not in (1, 2) or not all(n.isdigit() for n in numbers) or (
+                len(numbers) == 2 and not 1 <= int(numbers[1]) <= 6):
+            raise ValueError(f"a lookup warm-up is DIRECTION:STEPS or DIRECTION:STEPS:OBJECTS phases, comma-separated "
+                             f"(directions: {', '.join(LOOKUP_DIRECTIONS)}; 1 to 6 objects), got {phase!r}")
+        phases.append((direction, int(numbers[0]), (int(numbers[1]),) if len(numbers) == 2 else (2, 3)))
+    return phases
+
+
 def sample_question(scene: list[Obj], rng: random.Random) -> QA:
     """One question: a kind uniformly among QUESTION_KINDS, then a question of that kind uniformly."""
     qas = questions(scene)

@@ -44,13 +44,11 @@ import torch
 from decoders import LlamaConfig, LlamaForCausalLM
 from decoders.loss import IGNORE_INDEX, next_token_loss
 from decoders.tokenizer_train import train_sentencepiece
-from mm.data.scenes import (COLOURS, PLACES, SHAPES, describe, item_rng, question_form, questions, sample_question,
-                            sample_scene, sample_split_scene)
+from mm.data.scenes import (LOOKUP_DIRECTIONS, describe, item_rng, lookup_item, lookup_phases, question_form,
+                            questions, sample_question, sample_scene, sample_split_scene)
 from mm.data.words import common_words
 from mm.eval.metrics import normalize_answer
 
-DIRECTIONS = ("col_of_shape", "shape_of_col", "shape_at", "col_at", "where_shape", "where_cs")
-WITH_PLACES = ("shape_at", "col_at", "where_shape", "where_cs")
 BOS, EOS = 1, 2
 TAILS = ("", "?", "? =")  # the question's tail in each third of a direction's warm-up
 
@@ -68,23 +66,6 @@ def scene_tokenizer(vocab: int = 640, scenes: int = 4000, word_lines: int = 1600
     d = Path(tempfile.mkdtemp(prefix="mm-lookup-"))
     (d / "corpus.txt").write_text("\n".join(lines))
     return train_sentencepiece([d / "corpus.txt"], d / "tokenizer", vocab_size=vocab)
-
-
-def bare_item(r: random.Random, direction: str, objects: tuple[int, ...] = (2, 3)) -> tuple[str, str, str]:
-    """(items, question without its tail, answer): `objects` (a count drawn from them) of distinct shapes, colours and
-    places."""
-    k = r.choice(objects)
-    shapes, cols, places = r.sample(SHAPES, k), r.sample(COLOURS, k), r.sample(PLACES, k)
-    i = r.randrange(k)
-    with_place = direction in WITH_PLACES
-    items = ", ".join(f"{c} {s} {p}" if with_place else f"{c} {s}" for c, s, p in zip(cols, shapes, places))
-    question, answer = {"col_of_shape": (f"what colour is the {shapes[i]}", cols[i]),
-                        "shape_of_col": (f"what shape is {cols[i]}", shapes[i]),
-                        "shape_at": (f"what shape is {places[i]}", shapes[i]),
-                        "col_at": (f"what colour is the shape {places[i]}", cols[i]),
-                        "where_shape": (f"where is the {shapes[i]}", places[i]),
-                        "where_cs": (f"where is the {cols[i]} {shapes[i]}", places[i])}[direction]
-    return items, question, answer
 
 
 class Probe:
@@ -108,7 +89,7 @@ class Probe:
 
     def bare_row(self, r: random.Random, direction: str, tail: str,
                  objects: tuple[int, ...] = (2, 3)) -> tuple[list[int], list[int]]:
-        items, question, answer = bare_item(r, direction, objects)
+        items, question, answer = lookup_item(r, direction, objects)
         prompt = [BOS] + self.tok.encode(items) + self.tok.encode(f"\n{question}{tail}")
         a = self.tok.encode(answer) + [EOS]
         return prompt + a, [IGNORE_INDEX] * len(prompt) + a
@@ -217,21 +198,17 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m mm.eval.lookup", description=__doc__.split("\n\n")[0])
     p.add_argument("--warmup", default="", metavar="DIRECTION:STEPS[:OBJECTS],...",
                    help="bare told items first, one direction at a time (2-3 objects, or OBJECTS); directions: "
-                        f"{', '.join(DIRECTIONS)}")
+                        f"{', '.join(LOOKUP_DIRECTIONS)}")
     p.add_argument("--steps", type=int, default=750, help="told-scene steps")
     p.add_argument("--every", type=int, default=250)
     p.add_argument("--eval-items", type=int, default=300, help="held-out and training scenes asked, each")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", default=None, help="write {warmup, curve} here")
     a = p.parse_args(argv)
-    phases = []
-    for phase in a.warmup.split(",") if a.warmup else []:
-        direction, *numbers = phase.split(":")
-        if direction not in DIRECTIONS or len(numbers) not in (1, 2) or not all(n.isdigit() for n in numbers) or (
-                len(numbers) == 2 and not 1 <= int(numbers[1]) <= 6):
-            p.error(f"--warmup takes DIRECTION:STEPS or DIRECTION:STEPS:OBJECTS phases (directions: "
-                    f"{', '.join(DIRECTIONS)}; 1 to 6 objects), got {phase!r}")
-        phases.append((direction, int(numbers[0]), (int(numbers[1]),) if len(numbers) == 2 else (2, 3)))
+    try:
+        phases = lookup_phases(a.warmup)
+    except ValueError as e:
+        p.error(str(e))
     torch.set_num_threads(a.threads)
     probe = Probe(eval_items=a.eval_items)
     warm = probe.warm_up(phases)

@@ -43,11 +43,12 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from mm.data.scenes import lookup_phases
 from mm.models.fusion import FusionModel
 from mm.train.grid_probe import GridHead, vit_grid_loss
 from mm.train.loop import adamw, plot_losses, save_atomic, schedule, weights_digest
-from mm.train.tiny_data import (TASK_CYCLE, TASKS, ctc_targets, make_data, padded, sample_batch, scene_rows,
-                                transcribe_pool)
+from mm.train.tiny_data import (TASK_CYCLE, TASKS, ctc_targets, lookup_rows, make_data, padded, padded_rows,
+                                sample_batch, scene_rows, transcribe_pool)
 from mm.train.tiny_model import new_model, tokenizer_for, trainable
 
 
@@ -92,6 +93,8 @@ class TinyRecipe:
     agent_share: float = 0.0  # of the joint steps, ReAct tool-use episodes (mm.data.react_episodes), text only
     agent_batch: int = 8  # episodes per agent step
     read_share: float = 0.0  # of the joint steps, text-only rows (tiny_data.read_conversation), `batch[1]` each
+    lookup_warmup: str = ""  # "DIRECTION:STEPS[:OBJECTS],...": the first joint steps, bare told lookups (tiny_data.lookup_rows)
+    fresh_decoder: bool = False  # with `init`: the decoder starts again from random weights, the rest is init's
     context: int = 0  # the decoder's context window if not the init's (0: keep); episodes need about 620 tokens
     name: str = "tiny"  # the recipe's name on its plot
     init: str = ""  # a model directory to continue from (weights and tokenizer), e.g. the tiny recipe's `model/`
@@ -122,6 +125,11 @@ class TinyRecipe:
         return dataclasses.replace(cls.open_vocab(init), steps=(0, 0, 1000), lr=(1e-3, 1e-3, 5e-4), speech_steps=0,
                                    agent_share=0.3, agent_batch=12, context=1024, grid_weight=0.0,
                                    name="tiny-agent")
+
+    @property
+    def lookup_steps(self) -> int:
+        """Joint steps of the lookup warm-up (a malformed `lookup_warmup` is a ValueError naming it)."""
+        return sum(steps for _, steps, _ in lookup_phases(self.lookup_warmup))
 
     def overridden(self, settings: list[str]) -> "TinyRecipe":
         """The recipe with `key=value` settings (`mm train --set`): numbers, strings, and comma-separated tuples such
@@ -177,7 +185,13 @@ def encoder_loss(r: TinyRecipe, model: FusionModel, grid_head: GridHead, tokeniz
 def joint_loss(r: TinyRecipe, model: FusionModel, ddp: torch.nn.Module, grid_head: GridHead, processor, tokenizer,
                data: dict, stage: int, step: int, rng: random.Random, device: torch.device, row: dict) -> torch.Tensor:
     """Stages 1 and 2: one task's rows (TASK_CYCLE; in stage 2 an `agent_share` of ReAct episodes and a `read_share`
-    of text-only rows), next-token loss + CTC (speech) + the grid probe (images)."""
+    of text-only rows, after the `lookup_warmup` steps of bare lookups), next-token loss + CTC (speech) + the grid
+    probe (images)."""
+    if stage == 2 and step < r.lookup_steps:
+        ids, labels, mask = padded_rows(lookup_rows(r, processor, step, 2 * r.batch[1], rng))
+        o = ddp(ids.to(device), None, mask.to(device), labels=labels.to(device))
+        row.update(task="lookup", lm_loss=o.lm_loss.item())
+        return o.loss
     task = TASK_CYCLE[step % len(TASK_CYCLE)]
     if stage == 2 and r.agent_share and rng.random() < r.agent_share:  # draws only when set: other recipes' rows stay
         task = "agent"
@@ -229,6 +243,8 @@ def train_tiny(out_dir: str | Path, recipe: TinyRecipe | None = None, resume: bo
     stop_after: leave after that many steps in all (counting from the first step of stage 0) with a checkpoint
     saved, returning None; a later call resumes from it."""
     r = recipe or TinyRecipe()
+    if r.lookup_steps > r.steps[2]:  # a malformed or too long warm-up fails here, not after the first stages
+        raise ValueError(f"lookup_warmup={r.lookup_warmup!r} is longer than stage 2 ({r.steps[2]} steps)")
     if r.grid_batch == 0 and r.speech_steps < r.steps[0]:
         raise ValueError(f"grid_batch=0 leaves stage 0 nothing to train after speech_steps={r.speech_steps}; set "
                          f"speech_steps to steps[0]={r.steps[0]}")
@@ -335,7 +351,7 @@ def finish(r: TinyRecipe, model: FusionModel, history: list[dict], out: Path, ma
     if main:
         with open(out / "losses.jsonl", "w") as f:
             f.writelines(json.dumps(h) + "\n" for h in history)
-        extra = ("agent",) * bool(r.agent_share) + ("read",) * bool(r.read_share)
+        extra = ("agent",) * bool(r.agent_share) + ("read",) * bool(r.read_share) + ("lookup",) * bool(r.lookup_warmup)
         plot_losses(history, out / "loss.png", TASKS + extra, f"mm train --recipe {r.name}")
         model.to("cpu").save_pretrained(model_dir)
         log(f"saved {model_dir} and {out / 'loss.png'}")

@@ -14,6 +14,10 @@ Besides the four tasks of the shipped recipe (module docstring of mm.train.recip
     read          text only (`read_share` of the joint steps): questions about a scene given in words (`told`), and
                   texts to repeat word for word (captions, transcripts, numbers): looking things up in the context
                   and copying from it, which the agent's final answers and questions about several objects need
+    lookup        text only, the first joint steps (`lookup_warmup`): bare told items ("red star, blue circle" /
+                  "what colour is the star?" -> "red"), one lookup direction after another, each with the question's
+                  tail added in thirds (none, "?", then the chat turn), a quarter of the rows rehearsing the
+                  directions before it (`lookup_rows`; measured with `python -m mm.eval.lookup`)
 """
 from __future__ import annotations
 
@@ -24,10 +28,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from decoders.loss import IGNORE_INDEX
 from encoders.audio import SAMPLE_RATE
 from mm.data.scenes import (COLOURS, COLS, COT_INSTRUCTION, COUNT_WORDS, NUMBERS, REPEAT_PROMPT, ROWS, SHAPES, SIZES,
-                            cot_target, describe, item_rng, questions, render, sample_question, sample_split_scene,
-                            told)
+                            cot_target, describe, heldout_pairs, item_rng, lookup_item, lookup_phases, questions,
+                            render, sample_question, sample_split_scene, told)
 from mm.data.react_episodes import episode
 from mm.data.speech_data import speech_examples, spoken_questions, transcript
 from mm.data.words import common_words, non_speech, open_speech_examples, word_list
@@ -153,6 +158,43 @@ def read_conversation(r: TinyRecipe, data: dict, rng: random.Random) -> list[dic
     else:
         text = str(rng.randint(0, 10 ** rng.randint(1, 6)))
     return user(REPEAT_PROMPT + text, text)
+
+
+def lookup_rows(r: TinyRecipe, processor, step: int, size: int, rng: random.Random) -> list[tuple[list, list]]:
+    """(ids, labels) of `size` bare told items for joint step `step` of the lookup warm-up (`r.lookup_warmup`): the
+    phase's direction, its question's tail by the third of the phase ("" and "?" as plain text after BOS, then the
+    chat turn), a quarter of the rows (after the first phase) an earlier direction as a chat turn. No item shows a
+    held-out (shape, colour) pair."""
+    done, start = [], 0
+    for direction, steps, objects in lookup_phases(r.lookup_warmup):
+        if step < start + steps:
+            break
+        done.append(direction)
+        start += steps
+    else:
+        raise ValueError(f"step {step} is past the lookup warm-up {r.lookup_warmup!r}")
+    third = min(2, 3 * (step - start) // steps)
+    rows = []
+    for _ in range(size):
+        rehearse = bool(done) and rng.random() < 0.25
+        items, question, answer = lookup_item(rng, rng.choice(done) if rehearse else direction,
+                                              (2, 3) if rehearse else objects, avoid=heldout_pairs())
+        if rehearse or third == 2:
+            ids, labels, _ = processor.encode(user(f"{items}\n{question}?", answer), [], add_generation_prompt=False)
+        else:
+            tok = processor.tokenizer
+            prompt, reply = tok.encode(f"{items}\n{question}{'?' * third}", bos=True), tok.encode(answer, eos=True)
+            ids, labels = prompt + reply, [IGNORE_INDEX] * len(prompt) + reply
+        rows.append((ids, labels))
+    return rows
+
+
+def padded_rows(rows: list[tuple[list, list]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids, labels, attention mask) [B, L] of (ids, labels) rows, padded on the right (id 0, IGNORE_INDEX, 0)."""
+    L = max(len(ids) for ids, _ in rows)
+    ids = torch.tensor([i + [0] * (L - len(i)) for i, _ in rows])
+    labels = torch.tensor([lab + [IGNORE_INDEX] * (L - len(lab)) for _, lab in rows])
+    return ids, labels, (torch.arange(L)[None] < torch.tensor([len(i) for i, _ in rows])[:, None]).long()
 
 
 def padded(r: TinyRecipe, wave: torch.Tensor, rng: random.Random) -> torch.Tensor:

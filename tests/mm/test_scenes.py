@@ -271,3 +271,46 @@ def test_rationales_name_the_objects_the_question_is_about():
     assert target == "i see a big blue star at the bottom right. answer: blue"
     assert split_cot(target) == ("i see a big blue star at the bottom right.", "blue")
     assert split_cot("  blue ") == ("", "blue")
+
+
+WITH_PLACES = ("shape_at", "col_at", "where_shape", "where_cs")
+ITEM = re.compile(rf"({'|'.join(scenes.COLOURS)}) ({'|'.join(scenes.SHAPES)})(?: ({'|'.join(scenes.PLACES)}))?$")
+C, S, P = (f"(?P<{n}>{'|'.join(v)})" for n, v in (("colour", scenes.COLOURS), ("shape", scenes.SHAPES),
+                                                      ("place", scenes.PLACES)))
+QUESTION = {d: re.compile(q) for d, q in {
+    "col_of_shape": f"what colour is the {S}", "shape_of_col": f"what shape is {C}", "shape_at": f"what shape is {P}",
+    "col_at": f"what colour is the shape {P}", "where_shape": f"where is the {S}",
+    "where_cs": f"where is the {C} {S}"}.items()}
+
+
+@pytest.mark.parametrize("direction", scenes.LOOKUP_DIRECTIONS)
+def test_each_lookup_answer_belongs_to_the_object_its_question_names(direction):
+    """Bare told items of the lookup warm-up: the answer is the named object's attribute; with `avoid` (the
+    held-out pairs, as the recipe draws them) no item shows an avoided pair."""
+    seen, avoid = set(), scenes.heldout_pairs()
+    for i in range(300):
+        items, question, answer = scenes.lookup_item(random.Random(i), direction, avoid=avoid)
+        objects = [ITEM.match(part).groups() for part in items.split(", ")]  # (colour, shape, place or None)
+        assert not avoid.intersection((o[1], o[0]) for o in objects)
+        assert 2 <= len(objects) <= 3 and all((o[2] is not None) == (direction in WITH_PLACES) for o in objects)
+        for field in range(2 + (direction in WITH_PLACES)):
+            assert len({o[field] for o in objects}) == len(objects)  # each colour, shape, place once
+        key = QUESTION[direction].fullmatch(question).groupdict()  # what the question names
+        named = [o for o in objects if all(dict(zip(("colour", "shape", "place"), o))[f] == v for f, v in key.items())]
+        assert len(named) == 1, (items, question)
+        colour, shape, place = named[0]
+        assert answer == {"col_of_shape": colour, "shape_of_col": shape, "shape_at": shape, "col_at": colour,
+                          "where_shape": place, "where_cs": place}[direction]
+        seen.add(answer)
+    assert len(seen) > 3  # the answers vary
+    for k in (1, 2, 5):
+        assert len(scenes.lookup_item(random.Random(k), direction, (k,))[0].split(", ")) == k
+
+
+def test_lookup_phases_parse_and_reject_with_the_phase_named():
+    assert scenes.lookup_phases("col_of_shape:600,shape_at:1500:2") == [("col_of_shape", 600, (2, 3)),
+                                                                         ("shape_at", 1500, (2,))]
+    assert scenes.lookup_phases("") == []
+    for bad in ("sideways:10", "col_at:10:7", "col_at:10:0", "col_at", "col_at:x"):
+        with pytest.raises(ValueError, match=bad):
+            scenes.lookup_phases(f"col_of_shape:5,{bad}")

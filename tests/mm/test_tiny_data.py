@@ -10,12 +10,14 @@ from dataclasses import replace
 import pytest
 import torch
 
+from decoders.loss import IGNORE_INDEX
+from mm.data import scenes
 from mm.data.scenes import COT_INSTRUCTION, split_cot
 from mm.data.words import SCENE_WORDS, common_words, word_list
 from mm.models.fusion import FusionModel
 from mm.train.recipe_tiny import TinyRecipe, train_tiny
 from mm.train.tiny_model import SPEC_AUGMENT
-from mm.train.tiny_data import ctc_targets, make_data, padded, sample_batch, transcribe_pool
+from mm.train.tiny_data import ctc_targets, lookup_rows, make_data, padded, sample_batch, transcribe_pool
 
 OPEN = replace(TinyRecipe.smoke(), n_open=3, n_silence=3, open_share=0.4, silence_share=0.3, cot_share=0.5,
                pad_silence=0.3, read_share=0.4)
@@ -148,6 +150,66 @@ def test_tiny_open_continues_from_the_model_it_is_given(trained, tmp_path):
     zeros = enc.normalize(torch.zeros_like(feats), torch.tensor([feats.shape[1]]))[0]  # a zero-filled band, normalised
     differ = masked_feats != feats
     assert differ.any() and torch.equal(masked_feats[differ], zeros[differ])  # masked bands in training only
+
+
+def test_lookup_warmup_rows_one_direction_after_another_with_the_tail_in_thirds(trained):
+    """`lookup_rows`: each step's direction and tail (none, "?", then the chat turn) by its place in the warm-up; the
+    labels are the named object's attribute, then EOS; after the first phase about a quarter of the rows rehearse the
+    earlier directions as chat turns; no held-out pair; a step past the warm-up is refused."""
+    _, model_dir = trained
+    processor = FusionModel.from_pretrained(model_dir).processor()
+    tok = processor.tokenizer
+    r = replace(OPEN, lookup_warmup="col_of_shape:6,where_cs:3:2")
+    held = scenes.heldout_pairs()
+    rehearsed = 0
+    for step in range(9):
+        rows = lookup_rows(r, processor, step, 40, random.Random(step))
+        assert len(rows) == 40
+        for ids, labels in rows:
+            k = next(i for i, v in enumerate(labels) if v != IGNORE_INDEX)
+            assert labels[:k] == [IGNORE_INDEX] * k and labels[k:] == ids[k:] and ids[-1] == tok.eos_id
+            prompt, answer = tok.decode(ids[:k]), tok.decode(ids[k:-1]).strip()
+            chat = "USER:" in prompt
+            items, question = prompt.split("USER:")[-1].replace("ASSISTANT:", "").strip().split("\n")
+            objects = [part.split(" ", 2) for part in items.split(", ")]  # colour, shape[, place]
+            assert not held.intersection((o[1], o[0]) for o in objects)
+            if question.startswith("what colour is the "):  # col_of_shape, this phase's or rehearsed
+                shape = question.removeprefix("what colour is the ").rstrip("?")
+                assert [o[0] for o in objects if o[1] == shape] == [answer] and 2 <= len(objects) <= 3
+                rehearsed += step >= 6
+            else:
+                assert step >= 6 and len(objects) == 2  # where_cs on its two objects
+                colour, shape = question.removeprefix("where is the ").rstrip("?").split(" ")
+                assert [o[2] for o in objects if o[:2] == [colour, shape]] == [answer]
+            if step < 6 or not question.startswith("what colour"):  # a rehearsed row is always the chat turn
+                third = step // 2 if step < 6 else step - 6
+                assert chat == (third == 2) and question.endswith("?") == (third >= 1)
+    assert 0.1 < rehearsed / (3 * 40) < 0.4
+    with pytest.raises(ValueError, match="step 9 is past the lookup warm-up"):
+        lookup_rows(r, processor, 9, 1, random.Random(0))
+
+
+def test_a_fresh_decoder_warmed_up_on_lookups(trained, tmp_path):
+    """`fresh_decoder` with `init`: every decoder weight starts again, everything else is init's; `lookup_warmup`
+    makes the first joint steps lookup rows; a warm-up longer than stage 2 or malformed is refused before training."""
+    _, init = trained
+    base = FusionModel.from_pretrained(init)
+    small = dict(n_text=24, n_speech=6, n_spoken=6, n_open=4, n_silence=2, batch=(2, 2, 2, 2), save_every=2)
+    recipe = replace(TinyRecipe.agent(str(init)), **small, fresh_decoder=True)
+    fresh = FusionModel.from_pretrained(train_tiny(tmp_path / "fresh", replace(recipe, steps=(0, 0, 0)), progress=False))
+    for k, v in fresh.state_dict().items():
+        if not k.startswith("language_model."):
+            assert torch.equal(v, base.state_dict()[k]), k
+        else:  # Llama's initialisation: matrices N(0, 0.02) drawn anew, norms at one
+            assert torch.equal(v, torch.ones_like(v)) if v.dim() == 1 else not torch.equal(v, base.state_dict()[k]), k
+    out = tmp_path / "warm"
+    train_tiny(out, replace(recipe, steps=(0, 0, 3), agent_share=0.0, lookup_warmup="col_of_shape:2"), progress=False)
+    rows = [json.loads(line) for line in (out / "losses.jsonl").read_text().splitlines()]
+    assert [h["task"] for h in rows][:2] == ["lookup", "lookup"] and rows[2]["task"] != "lookup"
+    assert all(math.isfinite(h["lm_loss"]) for h in rows)
+    for warmup, message in (("col_of_shape:4", "longer than stage 2"), ("col_of_shape", "got 'col_of_shape'")):
+        with pytest.raises(ValueError, match=message):
+            train_tiny(tmp_path / "bad", replace(recipe, steps=(0, 0, 3), lookup_warmup=warmup), progress=False)
 
 
 def test_recipe_settings_from_the_command_line():
