@@ -103,9 +103,9 @@ def new_model(r: TinyRecipe, data: dict, tokenizer) -> FusionModel:
     if r.init:
         model = FusionModel.from_pretrained(r.init)
         model.config.text.max_position_embeddings = r.context or model.config.text.max_position_embeddings
-        if r.fresh_decoder:  # encoders, CTC head, projector and adapter kept; the decoder learns again from nothing
+        if r.fresh_decoder:  # encoders, CTC head, projector and adapter kept; the decoder learns again from nothing,
+            # from PyTorch's default initialisation (embeddings N(0, 1)), as in the lookup probe (mm.eval.lookup)
             model.language_model = type(model.language_model)(model.config.text)
-            init_weights(model.language_model)
     else:
         model = FusionModel(model_config(r, tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eos_id))
         init_weights(model.language_model)

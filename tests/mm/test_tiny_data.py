@@ -200,7 +200,7 @@ def test_a_fresh_decoder_warmed_up_on_lookups(trained, tmp_path):
     for k, v in fresh.state_dict().items():
         if not k.startswith("language_model."):
             assert torch.equal(v, base.state_dict()[k]), k
-        else:  # Llama's initialisation: matrices N(0, 0.02) drawn anew, norms at one
+        else:  # drawn anew (PyTorch's default initialisation), norms at one
             assert torch.equal(v, torch.ones_like(v)) if v.dim() == 1 else not torch.equal(v, base.state_dict()[k]), k
     out = tmp_path / "warm"
     train_tiny(out, replace(recipe, steps=(0, 0, 3), agent_share=0.0, lookup_warmup="col_of_shape:2"), progress=False)
