@@ -202,6 +202,20 @@ class MultimodalProcessor:
                                      f"to hear ({e})") from e
             raise
 
+    def pad(self, rows: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(input_ids, attention_mask, labels) [B, T] of (ids, labels) rows, left-padded with the tokenizer's pad id
+        (else 0), mask 0 and IGNORE_INDEX."""
+        T = max(len(ids) for ids, _ in rows)
+        pad = self.tokenizer.pad_id if getattr(self.tokenizer, "pad_id", None) is not None else 0
+        input_ids = torch.full((len(rows), T), pad, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), T), dtype=torch.long)
+        labels = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)
+        for b, (ids, lab) in enumerate(rows):
+            input_ids[b, T - len(ids):] = torch.tensor(ids)
+            attention_mask[b, T - len(ids):] = 1
+            labels[b, T - len(ids):] = torch.tensor(lab)
+        return input_ids, attention_mask, labels
+
     def __call__(self, conversations, images=None, audios=None, add_generation_prompt: bool = True,
                  labels: bool = False) -> dict:
         """Model inputs for one conversation (messages, or raw text: BOS + text) or a batch, media as `gather` takes
@@ -219,16 +233,8 @@ class MultimodalProcessor:
         for c, auds in zip(flat, per_audios):
             encoded.append(self.encode(c, feature_lengths[at:at + len(auds)], add_generation_prompt))
             at += len(auds)
-        T = max(len(ids) for ids, _, _ in encoded)
-        pad = self.tokenizer.pad_id if getattr(self.tokenizer, "pad_id", None) is not None else 0
-        B = len(encoded)
-        out = {"input_ids": torch.full((B, T), pad, dtype=torch.long),
-               "attention_mask": torch.zeros((B, T), dtype=torch.long)}
-        label_ids = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
-        for b, (ids, lab, _) in enumerate(encoded):
-            out["input_ids"][b, T - len(ids):] = torch.tensor(ids)
-            out["attention_mask"][b, T - len(ids):] = 1
-            label_ids[b, T - len(ids):] = torch.tensor(lab)
+        input_ids, attention_mask, label_ids = self.pad([(ids, lab) for ids, lab, _ in encoded])
+        out = {"input_ids": input_ids, "attention_mask": attention_mask}
         out["pixel_values"] = self.image_processor(all_images) if all_images else None
         out["speech"] = torch.nn.utils.rnn.pad_sequence(waves, batch_first=True) if waves else None
         out["speech_lengths"] = torch.tensor([w.shape[0] for w in waves], dtype=torch.long) if waves else None

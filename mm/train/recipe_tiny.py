@@ -47,8 +47,8 @@ from mm.data.scenes import lookup_phases
 from mm.models.fusion import FusionModel
 from mm.train.grid_probe import GridHead, vit_grid_loss
 from mm.train.loop import adamw, plot_losses, save_atomic, schedule, weights_digest
-from mm.train.tiny_data import (TASK_CYCLE, TASKS, ctc_targets, lookup_rows, make_data, padded, padded_rows,
-                                sample_batch, scene_rows, transcribe_pool)
+from mm.train.tiny_data import (TASK_CYCLE, TASKS, ctc_targets, lookup_rows, make_data, padded, sample_batch,
+                                scene_rows, transcribe_pool)
 from mm.train.tiny_model import new_model, tokenizer_for, trainable
 
 
@@ -188,7 +188,7 @@ def joint_loss(r: TinyRecipe, model: FusionModel, ddp: torch.nn.Module, grid_hea
     of text-only rows, after the `lookup_warmup` steps of bare lookups), next-token loss + CTC (speech) + the grid
     probe (images)."""
     if stage == 2 and step < r.lookup_steps:
-        ids, labels, mask = padded_rows(lookup_rows(r, processor, step, 2 * r.batch[1], rng))
+        ids, mask, labels = processor.pad(lookup_rows(r, processor, step, 2 * r.batch[1], rng))
         o = ddp(ids.to(device), None, mask.to(device), labels=labels.to(device))
         row.update(task="lookup", lm_loss=o.lm_loss.item())
         return o.loss

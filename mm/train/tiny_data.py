@@ -189,14 +189,6 @@ def lookup_rows(r: TinyRecipe, processor, step: int, size: int, rng: random.Rand
     return rows
 
 
-def padded_rows(rows: list[tuple[list, list]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(ids, labels, attention mask) [B, L] of (ids, labels) rows, padded on the right (id 0, IGNORE_INDEX, 0)."""
-    L = max(len(ids) for ids, _ in rows)
-    ids = torch.tensor([i + [0] * (L - len(i)) for i, _ in rows])
-    labels = torch.tensor([lab + [IGNORE_INDEX] * (L - len(lab)) for _, lab in rows])
-    return ids, labels, (torch.arange(L)[None] < torch.tensor([len(i) for i, _ in rows])[:, None]).long()
-
-
 def padded(r: TinyRecipe, wave: torch.Tensor, rng: random.Random) -> torch.Tensor:
     """wave [S] with up to `r.pad_silence` seconds of quiet before and after it (each length uniform; digital silence
     or faint noise, half and half), as a recording's speech runs start and end; unchanged (no draw) when 0."""
